@@ -1,0 +1,121 @@
+"""One place that declares every op and picks its backend.
+
+Each op has a torch reference (always there, the readable specification and the default for any
+device), and may have a C++ implementation (``fedcompress._C``, CPU tensors) and a Triton
+implementation (``fedcompress.kernels``, CUDA tensors, or CPU tensors when ``TRITON_INTERPRET=1``).
+
+Choice: ``backend=`` argument, else ``FEDCOMPRESS_BACKEND=torch|cpp|triton``, else automatic
+(CPU: cpp if built, else torch; CUDA: triton if importable, else torch). An automatic choice falls
+back quietly; an explicit one that cannot be met raises BackendUnavailable saying what to do.
+Implementations are named as "module:function" and imported on first use, so ``import
+fedcompress`` stays cheap and never fails because an extension is missing.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+from functools import lru_cache
+
+import torch
+
+from .errors import BackendUnavailable
+
+BACKENDS = ("torch", "cpp", "triton")
+
+# op name -> backend -> "module:function". Every entry has "torch".
+_TABLE: dict[str, dict[str, str]] = {
+    "prequantize": {
+        "torch": "fedcompress.codecs.sz.quantize:prequantize_ref",
+        "cpp": "fedcompress.codecs.sz.quantize:prequantize_cpp",
+        "triton": "fedcompress.kernels.sz:prequantize_triton",
+    },
+}
+
+
+def native():
+    """The compiled extension module, or BackendUnavailable explaining how to build it."""
+    try:
+        from . import _C
+    except ImportError as e:
+        raise BackendUnavailable(
+            "the C++ extension fedcompress._C is not built; reinstall with `pip install -e .` "
+            f"(needs a C++17 compiler with OpenMP) [{e}]"
+        ) from e
+    return _C
+
+
+def triton_interpreted() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+@lru_cache(maxsize=None)
+def _load(op: str, backend: str):
+    """Import one implementation; return (fn, None) or (None, reason)."""
+    table = _TABLE.get(op)
+    if table is None:
+        raise KeyError(f"unknown op {op!r}; declared ops: {sorted(_TABLE)}")
+    target = table.get(backend)
+    if target is None:
+        return None, f"op {op!r} has no {backend} implementation (it has: {sorted(table)})"
+    if backend == "cpp":
+        try:
+            native()
+        except BackendUnavailable as e:
+            return None, str(e)
+    if backend == "triton":
+        try:
+            import triton  # noqa: F401
+        except ImportError as e:
+            return None, f"triton is not installed (pip install triton) [{e}]"
+    mod, fn = target.split(":")
+    try:
+        return getattr(importlib.import_module(mod), fn), None
+    except (ImportError, AttributeError) as e:
+        return None, f"{backend} implementation of {op!r} failed to load: {e}"
+
+
+def requested_backend(backend: str | None = None) -> str | None:
+    b = backend or os.environ.get("FEDCOMPRESS_BACKEND") or None
+    if b is not None and b not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {b!r} (FEDCOMPRESS_BACKEND?)")
+    return b
+
+
+def available(op: str, backend: str, device: torch.device | str = "cpu") -> tuple[bool, str | None]:
+    """Whether ``backend`` can run ``op`` on ``device`` now, and if not, why."""
+    fn, why = _load(op, backend)
+    if fn is None:
+        return False, why
+    dev = torch.device(device).type
+    if backend == "cpp" and dev != "cpu":
+        return False, "the C++ backend runs on CPU tensors only"
+    if backend == "triton" and dev != "cuda" and not triton_interpreted():
+        return False, "Triton needs a CUDA tensor (or TRITON_INTERPRET=1 for CPU tensors in tests)"
+    return True, None
+
+
+def choose(op: str, device: torch.device | str = "cpu", backend: str | None = None) -> str:
+    """The backend that will run ``op`` on ``device``."""
+    b = requested_backend(backend)
+    if b is not None:
+        ok, why = available(op, b, device)
+        if not ok:
+            raise BackendUnavailable(f"backend {b!r} requested for {op!r} but unavailable: {why}")
+        return b
+    dev = torch.device(device).type
+    order = ("triton", "torch") if dev == "cuda" else ("cpp", "torch")
+    for cand in order:
+        if available(op, cand, device)[0]:
+            return cand
+    return "torch"
+
+
+def get(op: str, device: torch.device | str = "cpu", backend: str | None = None):
+    """The implementation of ``op`` for ``device`` (see module docstring for the rules)."""
+    return _load(op, choose(op, device, backend))[0]
+
+
+def call(op: str, x: torch.Tensor, *args, backend: str | None = None, **kwargs):
+    """Run ``op`` with the backend chosen for ``x``'s device."""
+    return get(op, x.device, backend)(x, *args, **kwargs)

@@ -1,0 +1,273 @@
+"""The compressor API: Compressor base class, RoundContext, registry and spec strings.
+
+A spec is ``name`` or ``name:key=value,key=value`` (e.g. ``"sz:rel=1e-2"``, ``"mask:keep=0.125"``).
+Each compressor declares its keys once in ``PARAMS``; parsing, validation and error messages (which
+always name the valid choices) come from that declaration.
+"""
+
+from __future__ import annotations
+
+import importlib
+import math
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+Tensor = torch.Tensor
+StateDict = dict[str, Tensor]
+
+
+@dataclass
+class RoundContext:
+    """Who is compressing what: the round, the client, the experiment seed, and local-training knobs.
+
+    ``seed``, ``round`` and ``client`` make every random choice reproducible (masks, shuffling,
+    FedSynth initialisation); the server uses the same context to decode.
+    """
+
+    round: int = 0
+    client: int = 0
+    seed: int = 0
+    epochs: int = 1
+    batch_size: int = 32
+    lr: float = 0.05
+    device: str = "cpu"
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def subseed(self, salt: int = 0) -> int:
+        """A 63-bit seed derived from (seed, round, client, salt) by a fixed mix (splitmix64)."""
+        return mix_seed(self.seed, self.round, self.client, salt)
+
+    def generator(self, salt: int = 0) -> torch.Generator:
+        g = torch.Generator()
+        g.manual_seed(self.subseed(salt))
+        return g
+
+
+_M64 = (1 << 64) - 1
+
+
+def _splitmix64(x: int) -> int:
+    x = (x + 0x9E3779B97F4A7C15) & _M64
+    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & _M64
+    x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & _M64
+    return x ^ (x >> 31)
+
+
+def mix_seed(*parts: int) -> int:
+    """Stable (across runs and platforms) 63-bit hash of integers; Python's hash() is salted."""
+    h = 0x6A09E667F3BCC909
+    for p in parts:
+        h = _splitmix64(h ^ (int(p) & _M64))
+    return h >> 1
+
+
+# ---------------------------------------------------------------------------------------------
+# Spec parameters
+
+
+@dataclass(frozen=True)
+class Param:
+    """One spec key: its type, default, and a validity check described in words."""
+
+    type: Callable[[str], Any]
+    default: Any
+    check: Callable[[Any], bool] | None = None
+    valid: str = ""  # e.g. "in (0, 1]" or "one of fp32, fp16"
+
+    def parse(self, key: str, raw: Any) -> Any:
+        try:
+            v = self.type(raw) if isinstance(raw, str) else raw
+            if self.type is float:
+                v = float(v)
+            elif self.type is int:
+                if isinstance(v, float) and not v.is_integer():
+                    raise ValueError
+                v = int(v)
+        except (TypeError, ValueError):
+            raise ValueError(f"{key}={raw!r} is not a valid {self.type.__name__}; expected {self.valid}") from None
+        if self.check is not None and not self.check(v):
+            raise ValueError(f"{key}={raw!r} out of range; expected {self.valid}")
+        return v
+
+
+def boolean(s: str | bool | int) -> bool:
+    if isinstance(s, bool):
+        return s
+    m = {"1": True, "true": True, "yes": True, "0": False, "false": False, "no": False}
+    k = str(s).lower()
+    if k not in m:
+        raise ValueError(s)
+    return m[k]
+
+
+def choice(*options: str) -> Param:
+    return Param(str, options[0], lambda v: v in options, "one of " + ", ".join(options))
+
+
+def positive_float(default: float) -> Param:
+    return Param(float, default, lambda v: math.isfinite(v) and v > 0, "a finite number > 0")
+
+
+def positive_int(default: int) -> Param:
+    return Param(int, default, lambda v: v > 0, "an integer > 0")
+
+
+# ---------------------------------------------------------------------------------------------
+# Compressor base
+
+
+class Compressor:
+    """Base class of every state-dict compressor.
+
+    Subclasses set ``name`` and ``PARAMS`` and implement ``compress``/``decompress``. The default
+    ``client_update`` trains locally with SGD and compresses the delta (local − global);
+    ``server_update`` decodes it. Compressors that send something other than a delta (FedSynth,
+    SZ on weights) override those two.
+    """
+
+    name: str = ""
+    PARAMS: dict[str, Param] = {}
+
+    def __init__(self, **kwargs: Any) -> None:
+        unknown = set(kwargs) - set(self.PARAMS)
+        if unknown:
+            raise ValueError(
+                f"unknown key(s) {sorted(unknown)} for compressor {self.name!r}; "
+                f"valid keys: {sorted(self.PARAMS) or 'none'}"
+            )
+        self.params = {k: p.parse(k, kwargs[k]) if k in kwargs else p.default for k, p in self.PARAMS.items()}
+
+    @property
+    def spec(self) -> str:
+        """A spec string that rebuilds this compressor."""
+        if not self.params:
+            return self.name
+        return self.name + ":" + ",".join(f"{k}={v}" for k, v in self.params.items())
+
+    def __repr__(self) -> str:
+        return f"<{type(self).__name__} {self.spec}>"
+
+    # -- codec ---------------------------------------------------------------------------------
+    def compress(self, update: StateDict, ctx: RoundContext) -> bytes:
+        raise NotImplementedError
+
+    def decompress(self, payload: bytes, ctx: RoundContext) -> StateDict:
+        raise NotImplementedError
+
+    # -- federated round -----------------------------------------------------------------------
+    def client_update(self, model: torch.nn.Module, global_state: StateDict, data, ctx: RoundContext) -> bytes:
+        """Local SGD from ``global_state`` on ``data`` = (x, y), then compress the delta."""
+        local = local_sgd(model, global_state, data, ctx)
+        return self.compress(state_delta(local, global_state), ctx)
+
+    def server_update(self, payload: bytes, global_state: StateDict, ctx: RoundContext) -> StateDict:
+        """The client's delta, decoded from ``payload``."""
+        return self.decompress(payload, ctx)
+
+
+def state_delta(new: StateDict, old: StateDict) -> StateDict:
+    """new − old per tensor, in each tensor's own dtype (bool: xor)."""
+    out = {}
+    for k, v in new.items():
+        o = old[k]
+        out[k] = (v ^ o) if v.dtype == torch.bool else (v - o)
+    return out
+
+
+def apply_delta(state: StateDict, delta: StateDict) -> StateDict:
+    """state + delta per tensor, cast back to each tensor's dtype (ints rounded, bool: xor)."""
+    out = {}
+    for k, v in state.items():
+        d = delta[k].to(v.device)
+        if v.dtype == torch.bool:
+            out[k] = v ^ d.to(torch.bool)
+        elif v.is_floating_point():
+            out[k] = (v + d.to(v.dtype)).to(v.dtype)
+        else:
+            out[k] = v + torch.round(d.double()).to(v.dtype) if d.is_floating_point() else v + d.to(v.dtype)
+    return out
+
+
+def local_sgd(model: torch.nn.Module, global_state: StateDict, data, ctx: RoundContext) -> StateDict:
+    """Plain minibatch SGD for ``ctx.epochs`` epochs from ``global_state``; returns the new state.
+
+    Shuffling uses ``ctx.generator()``, so the same (seed, round, client) gives the same result.
+    """
+    x, y = data
+    model.load_state_dict(global_state)
+    model.train()
+    opt = torch.optim.SGD(model.parameters(), lr=ctx.lr)
+    g = ctx.generator(salt=1)
+    n = x.shape[0]
+    for _ in range(ctx.epochs):
+        order = torch.randperm(n, generator=g)
+        for i in range(0, n, ctx.batch_size):
+            idx = order[i : i + ctx.batch_size]
+            opt.zero_grad(set_to_none=True)
+            loss = torch.nn.functional.cross_entropy(model(x[idx]), y[idx])
+            loss.backward()
+            opt.step()
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+# ---------------------------------------------------------------------------------------------
+# Registry
+
+# name -> "module:Class" (imported on first use) or the class itself
+_REGISTRY: dict[str, str | type[Compressor]] = {
+    "none": "fedcompress.codecs.identity:NoneCompressor",
+    "fp16": "fedcompress.codecs.identity:FP16Compressor",
+    "sz": "fedcompress.codecs.sz.statedict:SZCompressor",
+    "mask": "fedcompress.codecs.mask:MaskCompressor",
+    "fedsynth": "fedcompress.codecs.fedsynth:FedSynthCompressor",
+}
+
+
+def register(name: str):
+    """Class decorator: make a Compressor subclass available to ``get_compressor(name...)``."""
+
+    def deco(cls: type[Compressor]) -> type[Compressor]:
+        cls.name = name
+        _REGISTRY[name] = cls
+        return cls
+
+    return deco
+
+
+def available_compressors() -> list[str]:
+    return sorted(_REGISTRY)
+
+
+def parse_spec(spec: str) -> tuple[str, dict[str, str]]:
+    """``"name:k=v,k=v"`` -> (name, {k: v}); raises ValueError naming what is wrong."""
+    if not isinstance(spec, str) or not spec.strip():
+        raise ValueError(f"compressor spec must be a non-empty string; valid names: {available_compressors()}")
+    name, _, rest = spec.strip().partition(":")
+    kwargs: dict[str, str] = {}
+    if rest:
+        for item in rest.split(","):
+            k, eq, v = item.partition("=")
+            if not eq or not k.strip():
+                raise ValueError(f"bad item {item!r} in spec {spec!r}; expected key=value")
+            kwargs[k.strip()] = v.strip()
+    return name.strip(), kwargs
+
+
+def compressor_class(name: str) -> type[Compressor]:
+    entry = _REGISTRY.get(name)
+    if entry is None:
+        raise ValueError(f"unknown compressor {name!r}; valid choices: {', '.join(available_compressors())}")
+    if isinstance(entry, str):
+        mod, cls = entry.split(":")
+        entry = getattr(importlib.import_module(mod), cls)
+        _REGISTRY[name] = entry
+    return entry
+
+
+def get_compressor(spec: str) -> Compressor:
+    """Build a compressor from a spec string such as ``"sz:rel=1e-2"`` or ``"mask:keep=0.125"``."""
+    name, kwargs = parse_spec(spec)
+    return compressor_class(name)(**kwargs)

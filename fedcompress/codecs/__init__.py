@@ -1,0 +1,1 @@
+"""Codecs: tensor codecs (SZ, RandomMask) and the state-dict compressors built on them."""

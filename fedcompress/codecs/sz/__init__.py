@@ -1,0 +1,1 @@
+"""SZ-style error-bounded lossy codec: prequantize -> predict -> codes/outliers -> entropy -> lossless."""
