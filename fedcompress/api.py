@@ -245,7 +245,9 @@ def parse_spec(spec: str) -> tuple[str, dict[str, str]]:
     """``"name:k=v,k=v"`` -> (name, {k: v}); raises ValueError naming what is wrong."""
     if not isinstance(spec, str) or not spec.strip():
         raise ValueError(f"compressor spec must be a non-empty string; valid names: {available_compressors()}")
-    name, _, rest = spec.strip().partition(":")
+    name, colon, rest = spec.strip().partition(":")
+    if colon and not rest.strip():
+        raise ValueError(f"spec {spec!r} ends with ':'; expected name:key=value,...")
     kwargs: dict[str, str] = {}
     if rest:
         for item in rest.split(","):

@@ -1,0 +1,93 @@
+"""Backend dispatch (fedcompress/_ops.py), proven on the SZ pre-quantizer in all three backends."""
+
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import backend_or_skip
+from fedcompress import _ops
+from fedcompress.codecs.sz.quantize import UNQUANTIZED, inverse_step, prequantize_ref
+from fedcompress.errors import BackendUnavailable
+
+SIZES = [0, 1, 7, 2**16 + 3]
+
+
+def _numpy_prequantize(x: np.ndarray, eb: float) -> np.ndarray:
+    """Independent reference in numpy (float32 multiply, np.rint is half-to-even)."""
+    y = x.astype(np.float32) * np.float32(0.5 / eb)
+    with np.errstate(invalid="ignore"):
+        ok = np.abs(y) < 2.0**22
+    q = np.where(ok, np.rint(np.where(ok, y, 0)), 0).astype(np.int32)
+    return np.where(ok, q, np.int32(UNQUANTIZED))
+
+
+@pytest.mark.parametrize("n", SIZES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16])
+def test_prequantize_matches_numpy(backend, n, dtype):
+    backend_or_skip("prequantize", backend)
+    g = torch.Generator().manual_seed(n)
+    x = (torch.randn(n, generator=g) * 30).to(dtype)
+    if n >= 7:
+        x[:6] = torch.tensor([float("nan"), float("inf"), -float("inf"), 0.5, 1.5, 6e4]).to(dtype)
+    eb = 0.25  # inv = 2: x=0.5 -> y=1.0; x=0.25 multiples land exactly on .5 boundaries below
+    got = _ops.call("prequantize", x, inverse_step(eb), backend=backend)
+    want = _numpy_prequantize(x.to(torch.float32).numpy(), eb)
+    assert got.dtype == torch.int32
+    np.testing.assert_array_equal(got.numpy(), want)
+
+
+def test_prequantize_rounds_half_to_even_on_every_backend(backend):
+    backend_or_skip("prequantize", backend)
+    x = torch.tensor([0.5, 1.5, 2.5, -0.5, -1.5, -2.5, 4194303.5, 4194304.0])
+    got = _ops.call("prequantize", x, 1.0, backend=backend)
+    assert got.tolist() == [0, 2, 2, 0, -2, -2, 4194304, UNQUANTIZED]  # 4194303.5 -> even
+
+
+def test_backends_agree_bit_for_bit_on_non_contiguous_input(backend):
+    backend_or_skip("prequantize", backend)
+    x = (torch.randn(300, 301) * 7)[:, ::2]
+    inv = inverse_step(1e-3)
+    assert torch.equal(_ops.call("prequantize", x, inv, backend=backend), prequantize_ref(x, inv))
+
+
+def test_automatic_choice_prefers_cpp_on_cpu():
+    want = "cpp" if _ops.available("prequantize", "cpp")[0] else "torch"
+    assert _ops.choose("prequantize", "cpu") == want
+
+
+def test_env_var_forces_backend(monkeypatch):
+    monkeypatch.setenv("FEDCOMPRESS_BACKEND", "torch")
+    assert _ops.choose("prequantize") == "torch"
+    monkeypatch.setenv("FEDCOMPRESS_BACKEND", "fortran")
+    with pytest.raises(ValueError, match="one of"):
+        _ops.choose("prequantize")
+
+
+def test_explicit_unavailable_backend_raises(monkeypatch):
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    if torch.cuda.is_available():
+        pytest.skip("CUDA present: triton is available for CUDA tensors")
+    with pytest.raises(BackendUnavailable, match="CUDA"):
+        _ops.choose("prequantize", "cpu", backend="triton")
+    with pytest.raises(KeyError, match="unknown op"):
+        _ops.choose("no-such-op")
+
+
+def test_import_never_fails_without_the_extension():
+    # A fresh interpreter where fedcompress._C cannot be imported: import works, the op falls back to
+    # torch, and asking for cpp explicitly names what to build.
+    code = (
+        "import sys; sys.modules['fedcompress._C'] = None\n"
+        "import torch, fedcompress as fc\n"
+        "from fedcompress import _ops\n"
+        "assert _ops.choose('prequantize') == 'torch'\n"
+        "print(_ops.call('prequantize', torch.tensor([1.0, 3.0]), 1.0).tolist())\n"
+        "try:\n    _ops.choose('prequantize', backend='cpp')\n"
+        "except fc.BackendUnavailable as e:\n    print('UNAVAILABLE', 'pip install' in str(e))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == ["[1,", "3]", "UNAVAILABLE", "True"]
