@@ -30,6 +30,17 @@ _TABLE: dict[str, dict[str, str]] = {
         "cpp": "fedcompress.codecs.sz.quantize:prequantize_cpp",
         "triton": "fedcompress.kernels.sz:prequantize_triton",
     },
+    # SZ blocks section (fedcompress/codecs/sz/codec.py is the spec; same bytes on every backend)
+    "sz_encode": {
+        "torch": "fedcompress.codecs.sz.codec:encode_section_ref",
+        "cpp": "fedcompress.codecs.sz.codec:encode_section_cpp",
+        "triton": "fedcompress.kernels.sz:encode_section_triton",
+    },
+    "sz_decode": {
+        "torch": "fedcompress.codecs.sz.codec:decode_section_ref",
+        "cpp": "fedcompress.codecs.sz.codec:decode_section_cpp",
+        "triton": "fedcompress.kernels.sz:decode_section_triton",
+    },
 }
 
 

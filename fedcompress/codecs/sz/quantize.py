@@ -37,3 +37,38 @@ def prequantize_cpp(x: torch.Tensor, inv: float) -> torch.Tensor:
 
     xf = x.detach().reshape(-1).to(torch.float32).contiguous()
     return torch.from_numpy(native().prequantize(xf.numpy(), inv))
+
+
+def inverse_of_step(step: float) -> float:
+    """float32(1 / step): the multiplier every backend uses for ``q = round(x * inv)``."""
+    with np.errstate(over="ignore"):
+        inv = np.float32(1.0 / step)
+    return float(inv) if np.isfinite(inv) else 0.0  # step too small for float32: everything goes verbatim
+
+
+def reconstruct_ref(q: torch.Tensor, step: float, dtype: torch.dtype) -> torch.Tensor:
+    """Dequantize: ``dtype(float64(q) * step)``, going through float32 for float16/bfloat16.
+
+    The path is part of the format (C++ does the same roundings), so encoders on every backend
+    see exactly the value the decoder will produce and can re-check the bound on it.
+    """
+    r = q.to(torch.float64) * step
+    if dtype in (torch.float16, torch.bfloat16):
+        r = r.to(torch.float32)
+    return r.to(dtype)
+
+
+def quantize_ref(x: torch.Tensor, step: float, bound: float, q: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Stage 1 with its guarantee: given codes ``q`` of flat ``x``, return (q, outlier mask).
+
+    A value is an outlier (stored verbatim, bit-exact) when it is NaN/Inf, subnormal in its own
+    dtype, unquantizable, or when its reconstruction in its own dtype misses the bound:
+    ``|x - x_hat| > bound`` computed in float64. So the bound holds per value, whatever the rounding.
+    """
+    x = x.reshape(-1)
+    xd = x.to(torch.float64)
+    xh = reconstruct_ref(q, step, x.dtype).to(torch.float64)
+    tiny = torch.finfo(x.dtype).tiny
+    sub = (xd != 0) & (xd.abs() < tiny)
+    ok = torch.isfinite(xd) & ~sub & (q != UNQUANTIZED) & ((xd - xh).abs() <= bound)
+    return q, ~ok

@@ -1,0 +1,334 @@
+"""SZ codec: joins the stages (quantize -> predict -> tokens/entropy -> optional lossless).
+
+This file is also the readable specification of the format; the C++ (csrc/sz.cpp) and Triton
+(kernels/sz.py) backends produce and accept exactly these bytes.
+
+Stream (one tensor; the ``data`` of a wire record), little-endian::
+
+    u8  version (1)     u8 flags (bit0: blocks section is zstd-compressed)
+    f64 step            quantization step (2 eb for the quantizer; finite, > 0)
+    f64 bound           the promised |x - x_hat| bound (information; the encoder checked it)
+    u32 block_size      u32 n_blocks (= ceil(numel / block_size))
+    [u64 section_len    if zstd]
+    section:            u64 block_len * n_blocks, then the blocks
+
+Block (block_size values, the last one shorter)::
+
+    u8 flags            bit0 lorenzo, bit1 zero-run tokens, bit2 raw (the values verbatim; nothing else)
+    u8 pb               model precision (12..15 bits)
+    u32 n_tokens        u32 n_wide        u32 n_outliers
+    table               frequencies (entropy.write_table)
+    u32 state * 8       final rANS states
+    u32 n_words         u16 word * n_words
+    i32 wide * n_wide   residuals outside the radius
+    outliers            n_outliers values in the tensor's dtype, bit-exact
+
+Decoding a value: residual -> code (predictor inverse) -> ``dtype(float64(q) * step)`` (through
+float32 for 16-bit dtypes); outliers overwrite their positions in order.
+"""
+
+from __future__ import annotations
+
+import math
+import struct
+
+import numpy as np
+import torch
+
+from ... import _ops, wire
+from ...errors import FormatError
+from . import entropy as ent
+from . import lossless
+from .predict import PRED_LORENZO, choose_predictor, hold_outliers, lorenzo_inverse_ref
+from .quantize import inverse_of_step, prequantize_ref, quantize_ref, reconstruct_ref
+
+VERSION = 1
+DEFAULT_BLOCK = 1 << 18  # 1 MiB of float32: table + state overhead < 1% on weights, >= 2 blocks/thread from 4M values
+MAX_BLOCK = 1 << 24
+BLK_LORENZO = 1
+BLK_RUN = 2
+BLK_RAW = 4
+_HDR = struct.Struct("<BBddII")
+_NP = {torch.float32: np.float32, torch.float64: np.float64, torch.float16: np.float16, torch.bfloat16: None}
+MAX_EB = 1e300
+
+
+# ---------------------------------------------------------------------------------------------
+# Error bound -> (step, bound)
+
+
+def finite_range(x: torch.Tensor) -> tuple[float, float] | None:
+    """(min, max) of the finite values as float64, or None when there are none."""
+    xd = x.reshape(-1)
+    fin = torch.isfinite(xd)
+    if not bool(fin.all()):
+        xd = xd[fin]
+    if xd.numel() == 0:
+        return None
+    lo, hi = torch.aminmax(xd)
+    return float(lo.double()), float(hi.double())
+
+
+def quant_params(x: torch.Tensor, error_bound: float, mode: str) -> tuple[float, float]:
+    """(step, bound): bound is what we promise; step = 2 * eb_q is what we quantize with.
+
+    REL: bound = error_bound * (max - min) of the finite values (SZ's REL). A constant tensor has
+    bound 0 (it must come back exactly): we quantize with eb_q = |c| / 2, so q = +-1 and
+    q * step == c exactly; any value that still misses goes verbatim.
+    """
+    if mode == "abs":
+        bound = error_bound
+    else:
+        r = finite_range(x)
+        bound = 0.0 if r is None else error_bound * (r[1] - r[0])
+        if not math.isfinite(bound):
+            bound = MAX_EB
+        if bound == 0.0:
+            c = 0.0 if r is None else max(abs(r[0]), abs(r[1]))
+            eb_q = c / 2 if c > 0 else 1.0
+            return 2 * eb_q, 0.0
+    eb_q = min(bound, MAX_EB)
+    return 2 * eb_q, bound
+
+
+# ---------------------------------------------------------------------------------------------
+# Blocks section: torch/numpy reference
+
+
+def _raw_bytes(x: torch.Tensor) -> bytes:
+    return bytes(wire.tensor_bytes(x))
+
+
+def encode_block_ref(x: torch.Tensor, q: torch.Tensor, step: float, bound: float) -> bytes:
+    """One block (flat ``x`` in its dtype, its codes ``q``) -> block bytes."""
+    n = x.numel()
+    _, out_t = quantize_ref(x, step, bound, q)
+    outlier = out_t.numpy()
+    q_eff = hold_outliers(q.numpy().astype(np.int64), outlier)
+    pred, d = choose_predictor(q_eff, outlier)
+    tok_p, wide = ent.tokenize_ref(d, outlier, ent.MODE_PLAIN)
+    tok_r, _ = ent.tokenize_ref(d, outlier, ent.MODE_RUN)
+    h_p, h_r = ent.histogram_ref(tok_p), ent.histogram_ref(tok_r)
+    run = ent.estimate_cost(h_r) < ent.estimate_cost(h_p)
+    tok, hist = (tok_r, h_r) if run else (tok_p, h_p)
+    return _pack_block(x, pred, run, tok, hist, wide, outlier)
+
+
+def _pack_block(x, pred, run, tok, hist, wide, outlier) -> bytes:
+    n = x.numel()
+    raw = bytes([BLK_RAW]) + _raw_bytes(x)
+    nsym = int((hist > 0).sum())
+    if nsym > ent.MAX_SYMBOLS:
+        return raw
+    pb = ent.choose_pb(nsym)
+    freq = ent.normalize_ref(hist, pb)
+    states, words = ent.rans_encode_ref(tok, freq, pb)
+    flags = (BLK_LORENZO if pred == PRED_LORENZO else 0) | (BLK_RUN if run else 0)
+    n_out = int(outlier.sum())
+    parts = [
+        struct.pack("<BBIII", flags, pb, tok.shape[0], wide.shape[0], n_out),
+        ent.write_table(freq),
+        states.astype("<u4").tobytes(),
+        struct.pack("<I", words.shape[0]),
+        words.astype("<u2").tobytes(),
+        wide.astype("<i4").tobytes(),
+        _raw_bytes(x[torch.from_numpy(outlier)]) if n_out else b"",
+    ]
+    blk = b"".join(parts)
+    return raw if len(blk) >= len(raw) else blk
+
+
+def decode_block_ref(buf, n: int, dtype: torch.dtype, step: float) -> torch.Tensor:
+    """Block bytes -> ``n`` values of ``dtype``. FormatError on anything inconsistent."""
+    isz = wire.itemsize(dtype)
+    r = wire.Reader(buf, "sz block")
+    flags = r.u8()
+    if flags & ~(BLK_LORENZO | BLK_RUN | BLK_RAW) or (flags & BLK_RAW and flags != BLK_RAW):
+        raise FormatError(f"sz block: unknown flags {flags:#x}")
+    if flags & BLK_RAW:
+        out = wire.tensor_from_bytes(r.take(n * isz), dtype, (n,), "sz raw block")
+        r.expect_end()
+        return out
+    pb = r.u8()
+    if not ent.MIN_PB <= pb <= ent.MAX_PB:
+        raise FormatError(f"sz block: model precision {pb} outside [{ent.MIN_PB}, {ent.MAX_PB}]")
+    n_tok, n_wide, n_out = r.u32(), r.u32(), r.u32()
+    if n_tok > n or n_tok == 0 or n_wide > n or n_out > n or (not flags & BLK_RUN and n_tok != n):
+        raise FormatError("sz block: counts impossible for the block size")
+    buf = r.buf
+    freq, r.pos = ent.read_table(buf, r.pos, pb)
+    states = np.frombuffer(r.take(4 * ent.LANES), "<u4")
+    n_words = r.u32()
+    words = np.frombuffer(r.take(2 * n_words), "<u2")
+    wide = np.frombuffer(r.take(4 * n_wide), "<i4")
+    outl = wire.tensor_from_bytes(r.take(n_out * isz), dtype, (n_out,), "sz outliers")
+    r.expect_end()
+    tok = ent.rans_decode_ref(states, words, freq, pb, n_tok)
+    d, is_out = ent.detokenize_ref(tok, wide, n, ent.MODE_RUN if flags & BLK_RUN else ent.MODE_PLAIN)
+    if int(is_out.sum()) != n_out:
+        raise FormatError("sz block: outlier count mismatch")
+    q = lorenzo_inverse_ref(d) if flags & BLK_LORENZO else d
+    out = reconstruct_ref(torch.from_numpy(q.astype(np.int32)), step, dtype)
+    if n_out:
+        out[torch.from_numpy(is_out)] = outl
+    return out
+
+
+def encode_section_ref(x: torch.Tensor, step: float, bound: float, block_size: int, prequantize=None) -> bytes:
+    """Reference encoder of the blocks section (``prequantize`` is pluggable for the Triton path)."""
+    x = x.detach().reshape(-1).cpu()
+    q_all = (prequantize or prequantize_ref)(x, inverse_of_step(step)).cpu()
+    blocks = [
+        encode_block_ref(x[i : i + block_size], q_all[i : i + block_size], step, bound)
+        for i in range(0, x.numel(), block_size)
+    ]
+    return _join_blocks(blocks)
+
+
+def _join_blocks(blocks: list[bytes]) -> bytes:
+    return struct.pack(f"<{len(blocks)}Q", *map(len, blocks)) + b"".join(blocks)
+
+
+def split_section(section, n: int, block_size: int, n_blocks: int) -> list[memoryview]:
+    r = wire.Reader(section, "sz section")
+    lens = [r.u64() for _ in range(n_blocks)]
+    out = [r.take(k) for k in lens]
+    r.expect_end()
+    return out
+
+
+def decode_section_ref(section, dtype: torch.dtype, n: int, block_size: int, step: float) -> torch.Tensor:
+    n_blocks = -(-n // block_size)
+    blocks = split_section(section, n, block_size, n_blocks)
+    if not blocks:
+        return torch.empty(0, dtype=dtype)
+    parts = [decode_block_ref(b, min(block_size, n - i * block_size), dtype, step) for i, b in enumerate(blocks)]
+    return torch.cat(parts)
+
+
+def encode_section_cpp(x: torch.Tensor, step: float, bound: float, block_size: int) -> bytes:
+    xf = x.detach().reshape(-1).contiguous()
+    if xf.dtype == torch.bfloat16:
+        arr, code = xf.view(torch.int16).numpy(), 4
+    elif xf.dtype == torch.float16:
+        arr, code = xf.view(torch.int16).numpy(), 3
+    else:
+        arr, code = xf.numpy(), wire.DTYPE_CODES[xf.dtype]
+    return _ops.native().sz_encode(arr.view(np.uint8), code, xf.numel(), step, bound, block_size)
+
+
+def decode_section_cpp(section, dtype: torch.dtype, n: int, block_size: int, step: float) -> torch.Tensor:
+    out = torch.empty(n, dtype=dtype)
+    if n:
+        dst = out.view(torch.uint8) if dtype.itemsize == 1 else out.view(torch.int16 if dtype.itemsize == 2 else
+                                                                        torch.int32 if dtype.itemsize == 4 else torch.int64)
+        try:
+            _ops.native().sz_decode(
+                np.frombuffer(section, np.uint8), dst.numpy().view(np.uint8), wire.DTYPE_CODES[dtype], n, block_size, step
+            )
+        except ValueError as e:
+            raise FormatError(str(e)) from None
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Stream
+
+
+def encode_stream(x: torch.Tensor, error_bound: float, mode: str, *, block_size: int = DEFAULT_BLOCK,
+                  lossless_mode: int = lossless.LOSSLESS_NONE, backend: str | None = None) -> bytes:
+    x = x.detach()
+    step, bound = quant_params(x, error_bound, mode)
+    if x.numel() == 0:
+        section = b""
+    else:
+        section = _ops.get("sz_encode", x.device, backend)(x, step, bound, block_size)
+    n_blocks = -(-x.numel() // block_size)
+    hdr = _HDR.pack(VERSION, lossless_mode, step, bound, block_size, n_blocks)
+    if lossless_mode == lossless.LOSSLESS_ZSTD:
+        return hdr + struct.pack("<Q", len(section)) + lossless.zstd_compress(section)
+    return hdr + section
+
+
+def decode_stream(data, dtype: torch.dtype, shape: tuple[int, ...], backend: str | None = None) -> torch.Tensor:
+    if dtype not in wire.FLOAT_DTYPES:
+        raise FormatError(f"sz stream for a non-float dtype {dtype}")
+    n = math.prod(shape)
+    isz = wire.itemsize(dtype)
+    wire.check_alloc(n * isz, "sz tensor")
+    r = wire.Reader(data, "sz stream")
+    version, lmode, step, bound, block_size, n_blocks = _HDR.unpack(r.take(_HDR.size))
+    if version != VERSION:
+        raise FormatError(f"sz stream version {version}, this build reads {VERSION}")
+    if lmode not in (lossless.LOSSLESS_NONE, lossless.LOSSLESS_ZSTD):
+        raise FormatError(f"sz stream: unknown lossless stage {lmode}")
+    if not (math.isfinite(step) and step > 0):
+        raise FormatError(f"sz stream: quantization step {step} is not finite and positive")
+    if not 1 <= block_size <= MAX_BLOCK or n_blocks != -(-n // block_size):
+        raise FormatError("sz stream: block layout does not match the tensor size")
+    if lmode == lossless.LOSSLESS_ZSTD:
+        size = r.u64()
+        if size > 8 * n_blocks + n * isz + n_blocks:  # encoded blocks are never larger than raw ones
+            raise FormatError(f"sz stream: declared section size {size} impossible for {n} values")
+        section = lossless.zstd_decompress(r.take(r.remaining), size)
+    else:
+        section = bytes(r.take(r.remaining)) if backend != "cpp" else r.take(r.remaining)
+    if n == 0:
+        if len(section):
+            raise FormatError("sz stream: data for an empty tensor")
+        return torch.empty(shape, dtype=dtype)
+    out = _ops.get("sz_decode", "cpu", backend)(section, dtype, n, block_size, step)
+    return out.reshape(shape)
+
+
+# ---------------------------------------------------------------------------------------------
+# Public codec
+
+
+class SZ:
+    """Error-bounded lossy codec for float tensors (SZ-style; see the module docstring).
+
+    ``SZ(error_bound=1e-2, mode="rel")``: every finite value comes back within ``eb`` where
+    ``eb = error_bound`` (ABS) or ``error_bound * (max - min)`` of the finite values (REL);
+    NaN, +-Inf and subnormals come back bit-exact. ``encode(t) -> bytes``, ``decode(b) -> Tensor``
+    (same dtype and shape; CPU). ``lossless="zstd"`` adds a zstd pass; ``backend`` forces one of
+    torch / cpp / triton (default: automatic, see fedcompress._ops).
+    """
+
+    def __init__(self, error_bound: float = 1e-2, mode: str = "rel", *, lossless: str | None = None,
+                 block_size: int = DEFAULT_BLOCK, backend: str | None = None) -> None:
+        if isinstance(error_bound, bool) or not isinstance(error_bound, (int, float)):
+            raise ValueError(f"error_bound must be a finite number > 0, got {error_bound!r}")
+        if not (math.isfinite(error_bound) and error_bound > 0):
+            raise ValueError(f"error_bound must be a finite number > 0, got {error_bound!r}")
+        if mode not in ("rel", "abs"):
+            raise ValueError(f"mode must be one of 'rel', 'abs', got {mode!r}")
+        if lossless not in (None, "none", "zstd"):
+            raise ValueError(f"lossless must be one of None, 'zstd', got {lossless!r}")
+        if not isinstance(block_size, int) or not 1 <= block_size <= MAX_BLOCK:
+            raise ValueError(f"block_size must be an int in [1, {MAX_BLOCK}], got {block_size!r}")
+        self.error_bound = float(error_bound)
+        self.mode = mode
+        self.lossless = lossless if lossless == "zstd" else None
+        self.block_size = block_size
+        self.backend = _ops.requested_backend(backend) if backend else None
+
+    def __repr__(self) -> str:
+        return f"SZ(error_bound={self.error_bound}, mode={self.mode!r})"
+
+    def encode(self, t: torch.Tensor) -> bytes:
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"SZ.encode takes a torch.Tensor, got {type(t).__name__}")
+        if t.dtype not in wire.FLOAT_DTYPES:
+            raise TypeError(f"SZ.encode takes a float tensor (float32/64/16, bfloat16), got {t.dtype}")
+        lm = lossless.LOSSLESS_ZSTD if self.lossless else lossless.LOSSLESS_NONE
+        data = encode_stream(t, self.error_bound, self.mode, block_size=self.block_size, lossless_mode=lm,
+                             backend=self.backend)
+        return wire.pack(wire.CODEC_SZ_TENSOR, [wire.Record("", t.dtype, tuple(t.shape), data)])
+
+    def decode(self, blob) -> torch.Tensor:
+        _, records = wire.unpack(blob, wire.CODEC_SZ_TENSOR)
+        if len(records) != 1:
+            raise FormatError(f"sz tensor payload has {len(records)} records, expected 1")
+        rec = records[0]
+        return decode_stream(rec.data, rec.dtype, rec.shape, backend=self.backend)
