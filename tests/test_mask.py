@@ -1,0 +1,383 @@
+"""Random masking: Philox known answers, same bytes on every backend, payload size, statistics, bad input.
+
+Independent references: the Random123 known-answer vectors (Philox4x32-10), numpy indexing by hand
+for encode/decode/decode_mean, and the torch reference (itself checked against the vectors).
+"""
+
+import math
+import os
+import shutil
+import struct
+import subprocess
+import zlib
+
+import numpy as np
+import pytest
+import torch
+from conftest import backend_or_skip
+
+import fedcompress as fc
+from fedcompress import _ops, wire
+from fedcompress.codecs import mask as M
+
+# Random123 kat_vectors, philox4x32 10 rounds: counter (4 words), key (2 words: lo, hi) -> output
+KAT = [
+    ((0, 0, 0, 0), (0, 0), (0x6627E8D5, 0xE169C58D, 0xBC57AC4C, 0x9B00DBD8)),
+    ((0xFFFFFFFF,) * 4, (0xFFFFFFFF, 0xFFFFFFFF), (0x408F276D, 0x41C83B0E, 0xA20BC7C6, 0x6D5451FD)),
+    (
+        (0x243F6A88, 0x85A308D3, 0x13198A2E, 0x03707344),
+        (0xA4093822, 0x299F31D0),
+        (0xD16CFE09, 0x94FDCCEB, 0x5001E420, 0x24126EA1),
+    ),
+]
+SIZES = [0, 1, 7, 2**16 + 3]
+
+
+def _native():
+    try:
+        return _ops.native()
+    except fc.BackendUnavailable:
+        return None
+
+
+def _mask_by_hand(n: int, seed: int, keep: float) -> np.ndarray:
+    """Keep flags from the torch Philox (checked against KAT) and the threshold rule, in numpy."""
+    thr = max(math.floor(keep * 2**32), 1) - 1
+    return M.mask_words_ref(0, n, seed).numpy() <= thr
+
+
+# ---------------------------------------------------------------------------------------------
+# Philox
+
+
+@pytest.mark.parametrize("ctr,key,want", KAT)
+def test_philox_known_answers_torch(ctr, key, want):
+    c = [torch.tensor([v], dtype=torch.int64) for v in ctr]
+    got = M.philox4x32_ref(*c, key[0] | (key[1] << 32))
+    assert tuple(int(g) for g in got) == want
+
+
+@pytest.mark.parametrize("ctr,key,want", KAT)
+def test_philox_known_answers_cpp(ctr, key, want):
+    C = _native()
+    if C is None:
+        pytest.skip("extension not built")
+    assert C.philox4x32(*ctr, key[0] | (key[1] << 32)) == want
+
+
+def test_first_word_is_triton_randint_convention():
+    # tl.randint(seed=0, offset=0) is 0x6627e8d5 (notes/triton-interpreter.md); index 2^32 + 5 uses c1
+    assert int(M.mask_words_ref(0, 1, 0)[0]) == 0x6627E8D5
+    idx = (1 << 32) + 5
+    c = [torch.tensor([v]) for v in (5, 1, 0, 0)]
+    assert int(M.mask_words_ref(idx, 1, 99)[0]) == int(M.philox4x32_ref(*c, 99)[0])
+
+
+# ---------------------------------------------------------------------------------------------
+# Same bytes on every backend, against numpy by hand
+
+
+def _inputs():
+    g = torch.Generator().manual_seed(0)
+    out = [(f"n={n}", torch.randn(n, generator=g)) for n in SIZES]
+    base = torch.randn(300, 2 * 219 + 1, generator=g)
+    out.append(("noncontig", base[:, ::2]))  # 300 x 220, strided
+    out.append(("float64", torch.randn(4, 1001, generator=g, dtype=torch.float64)))
+    return out
+
+
+@pytest.mark.parametrize("keep,unbiased,values", [(0.1, False, "fp32"), (0.5, True, "fp16"), (1.0, False, "fp32")])
+def test_encode_decode_same_bytes_every_backend(backend, keep, unbiased, values):
+    backend_or_skip("mask_encode", backend)
+    seed = 2**63 + 12345  # high key word set
+    ref = M.RandomMask(keep, unbiased=unbiased, values=values, backend="torch")
+    rm = M.RandomMask(keep, unbiased=unbiased, values=values, backend=backend)
+    vdt = np.float32 if values == "fp32" else np.float16
+    for name, x in _inputs():
+        blob = rm.encode(x, seed=seed)
+        assert blob == ref.encode(x, seed=seed), name
+        flat = x.reshape(-1).to(torch.float32).numpy()
+        keep_mask = _mask_by_hand(flat.size, seed, keep)
+        kept = flat[keep_mask].astype(vdt)
+        _, recs = wire.unpack(blob, wire.CODEC_MASK_TENSOR)
+        assert bytes(recs[0].data) == kept.tobytes(), name
+        out = rm.decode(blob)
+        assert out.dtype == x.dtype and out.shape == x.shape
+        want = np.zeros(flat.size, dtype=np.float32)
+        scale = np.float32(2**32 / (M.keep_threshold(keep) + 1)) if unbiased else np.float32(1)
+        want[keep_mask] = kept.astype(np.float32) * scale
+        assert torch.equal(out, torch.from_numpy(want).to(x.dtype).reshape(x.shape)), name
+
+
+def test_decode_any_backend_reads_any_payload(backend):
+    backend_or_skip("mask_decode", backend)
+    x = torch.randn(2**16 + 3)
+    blob = M.RandomMask(0.3, backend="torch").encode(x, seed=5)
+    a = M.RandomMask(0.3, backend=backend).decode(blob)
+    b = M.RandomMask(0.3, backend="torch").decode(blob)
+    assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("n", [1, 7, 2**16 + 3])
+def test_decode_mean_matches_numpy(backend, n):
+    backend_or_skip("mask_decode", backend)
+    keep, C = 0.25, 5
+    g = torch.Generator().manual_seed(n)
+    xs = [torch.randn(n, generator=g) for _ in range(C)]
+    seeds = [11 * c + 3 for c in range(C)]
+    weights = [1.0, 2.0, 0.5, 3.0, 1.5]
+    rm = M.RandomMask(keep, unbiased=True, backend=backend)
+    blobs = [M.RandomMask(keep, unbiased=True, backend="torch").encode(x, seed=s) for x, s in zip(xs, seeds)]
+    got = rm.decode_mean(blobs, weights=weights)
+    scale = 2**32 / (M.keep_threshold(keep) + 1)
+    acc = np.zeros(n, dtype=np.float32)
+    for x, s, w in zip(xs, seeds, weights):
+        m = _mask_by_hand(n, s, keep)
+        acc[m] = acc[m] + x.numpy()[m] * np.float32(scale * w / sum(weights))
+    assert torch.equal(got, torch.from_numpy(acc))
+    eq = rm.decode_mean(blobs)  # equal weights
+    assert torch.allclose(eq, sum(rm.decode(b) for b in blobs) / C, rtol=1e-5, atol=1e-6)
+
+
+def test_cpp_same_bytes_one_and_two_threads():
+    C = _native()
+    if C is None:
+        pytest.skip("extension not built")
+    x = torch.randn(3 * 4096 * 7 + 5)
+    rm = M.RandomMask(0.2, backend="cpp")
+    old = C.max_threads()
+    try:
+        outs = []
+        for t in (1, 2):
+            C.set_threads(t)
+            blobs = [rm.encode(x * (i + 1), seed=i) for i in range(3)]
+            outs.append((blobs, rm.decode_mean(blobs).numpy().tobytes()))
+    finally:
+        C.set_threads(old)
+    assert outs[0] == outs[1]
+
+
+# ---------------------------------------------------------------------------------------------
+# Statistics and size
+
+
+def _fast_backend():
+    return "cpp" if _ops.available("mask_encode", "cpp")[0] else "torch"
+
+
+def test_kept_fraction_at_25M():
+    b = _fast_backend()
+    n = 25_000_000 if b == "cpp" else 1_000_000
+    keep = 0.1
+    values, counts = _ops.get("mask_encode", "cpu", b)([torch.zeros(n)], [424242], M.keep_threshold(keep))
+    assert abs(counts[0] / n - keep) < (5e-4 if n == 25_000_000 else 2e-3)
+
+
+def test_two_seeds_give_independent_masks():
+    b = _fast_backend()
+    n, keep = 1_000_000, 0.25
+    rm = M.RandomMask(keep, backend=b)
+    ones = torch.ones(n)
+    masks = [rm.decode(rm.encode(ones, seed=s)) != 0 for s in (7, 8, 2**40 + 7)]
+    for i in range(3):
+        assert abs(masks[i].float().mean().item() - keep) < 3e-3
+        for j in range(i + 1, 3):
+            overlap = (masks[i] & masks[j]).float().mean().item()
+            assert abs(overlap - keep**2) < 2e-3, (i, j, overlap)
+
+
+@pytest.mark.parametrize("shape", [(100_000,), (300, 333)])
+@pytest.mark.parametrize("values,size", [("fp32", 4), ("fp16", 2)])
+def test_payload_is_values_plus_small_header(shape, values, size):
+    rm = M.RandomMask(0.125, values=values, backend=_fast_backend())
+    blob = rm.encode(torch.randn(shape), seed=1)
+    kept = int((rm.decode(rm.encode(torch.ones(shape), seed=1)) != 0).sum())
+    assert size * kept < len(blob) <= size * kept + 64
+
+
+def test_keep_one_keeps_everything_and_tiny_keep_keeps_little():
+    x = torch.randn(5000)
+    assert torch.equal(M.RandomMask(1.0).decode(M.RandomMask(1.0).encode(x, 3)), x)
+    kept = (M.RandomMask(1e-12).decode(M.RandomMask(1e-12).encode(torch.ones(5000), 3)) != 0).sum()
+    assert kept <= 1
+
+
+# ---------------------------------------------------------------------------------------------
+# State-dict compressor
+
+
+def _state(seed=0):
+    torch.manual_seed(seed)
+    net = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3), torch.nn.BatchNorm2d(8), torch.nn.Flatten(), torch.nn.Linear(8 * 26 * 26, 10))
+    sd = {k: v.detach().clone() for k, v in net.state_dict().items()}
+    sd["1.num_batches_tracked"] = torch.tensor(seed + 3)
+    sd["half"] = torch.randn(33, dtype=torch.float16)
+    return sd
+
+
+def test_statedict_compressor_same_bytes_and_hand_reference(backend):
+    backend_or_skip("mask_encode", backend)
+    comp = fc.get_compressor("mask:keep=0.125,unbiased=true")
+    comp.backend = backend
+    ctx = fc.RoundContext(round=3, client=7, seed=42)
+    sd = _state()
+    blob = comp.compress(sd, ctx)
+    ref = fc.get_compressor("mask:keep=0.125,unbiased=true")
+    ref.backend = "torch"
+    assert blob == ref.compress(sd, ctx)
+    out = comp.decompress(blob, ctx)
+    assert list(out) == list(sd)
+    mid = ctx.subseed(M.MASK_SALT)
+    scale = np.float32(8.0)
+    for i, (k, v) in enumerate(sd.items()):
+        assert out[k].dtype == v.dtype and out[k].shape == v.shape
+        if not v.is_floating_point():
+            assert torch.equal(out[k], v)
+            continue
+        m = _mask_by_hand(v.numel(), M.mix_seed(mid, i), 0.125)
+        want = np.zeros(v.numel(), dtype=np.float32)
+        want[m] = v.reshape(-1).float().numpy()[m] * scale
+        assert torch.equal(out[k], torch.from_numpy(want).to(v.dtype).reshape(v.shape)), k
+
+
+def test_statedict_server_mean_matches_per_client_decode(backend):
+    backend_or_skip("mask_decode", backend)
+    comp = fc.get_compressor("mask:keep=0.25,values=fp16")
+    comp.backend = backend
+    ctxs = [fc.RoundContext(round=1, client=c, seed=9) for c in range(4)]
+    states = [_state(c) for c in range(4)]
+    blobs = [comp.compress(s, cx) for s, cx in zip(states, ctxs)]
+    weights = [10, 20, 30, 40]
+    mean = comp.server_mean(blobs, ctxs, weights)
+    dec = [comp.decompress(b, cx) for b, cx in zip(blobs, ctxs)]
+    for k, v in states[0].items():
+        if v.is_floating_point():
+            acc = torch.zeros(v.numel(), dtype=torch.float32)
+            for d, w in zip(dec, weights):
+                acc = acc + d[k].reshape(-1).float() * np.float32(w / 100)
+            assert torch.equal(mean[k], acc.to(v.dtype).reshape(v.shape)), k
+        else:
+            want = round(sum(int(s[k]) * w for s, w in zip(states, weights)) / 100)
+            assert int(mean[k]) == want
+    with pytest.raises(fc.FormatError):
+        comp.server_mean(blobs, ctxs[::-1], weights)
+
+
+def test_statedict_wrong_context_is_format_error():
+    comp = fc.get_compressor("mask:keep=0.5")
+    blob = comp.compress(_state(), fc.RoundContext(round=1, client=2, seed=3))
+    with pytest.raises(fc.FormatError):
+        comp.decompress(blob, fc.RoundContext(round=1, client=3, seed=3))
+
+
+def test_statedict_payload_overhead():
+    comp = fc.get_compressor("mask:keep=0.125")
+    sd = {"w": torch.randn(1000, 100), "b": torch.randn(100)}
+    blob = comp.compress(sd, fc.RoundContext())
+    kept = sum(int((d != 0).sum()) for d in comp.decompress(blob, fc.RoundContext()).values())
+    assert len(blob) <= 4 * kept + 64 * len(sd)
+
+
+# ---------------------------------------------------------------------------------------------
+# Bad arguments and bad bytes
+
+
+@pytest.mark.parametrize("keep", [0, -0.1, 1.5, float("nan"), float("inf"), "abc", None])
+def test_bad_keep_is_value_error(keep):
+    with pytest.raises(ValueError, match="keep"):
+        fc.RandomMask(keep)
+
+
+@pytest.mark.parametrize("spec", ["mask:keep=0", "mask:keep=1.01", "mask:values=bf16", "mask:unbiased=maybe"])
+def test_bad_spec_is_value_error(spec):
+    with pytest.raises(ValueError):
+        fc.get_compressor(spec)
+
+
+def test_bad_seed_and_input():
+    with pytest.raises(ValueError, match="seed"):
+        fc.RandomMask(0.5).encode(torch.ones(3), seed=-1)
+    with pytest.raises(ValueError, match="seed"):
+        fc.RandomMask(0.5).encode(torch.ones(3), seed=2**64)
+    with pytest.raises(ValueError):
+        fc.RandomMask(0.5).encode(torch.arange(3), seed=1)
+
+
+def _repack(blob, meta=None, data=None, shape=None, codec=wire.CODEC_MASK_TENSOR):
+    m, recs = wire.unpack(blob, codec)
+    r = recs[0]
+    rec = wire.Record(r.name, r.dtype, shape or r.shape, r.data if data is None else data)
+    return wire.pack(codec, [rec], bytes(m) if meta is None else meta)
+
+
+def test_truncated_and_altered_bytes_are_format_errors(backend):
+    backend_or_skip("mask_decode", backend)
+    rm = M.RandomMask(0.3, backend=backend)
+    blob = M.RandomMask(0.3).encode(torch.randn(20000), seed=77)
+    for cut in [0, 1, 4, 8, 20, len(blob) // 2, len(blob) - 5, len(blob) - 1]:
+        with pytest.raises(fc.FormatError):
+            rm.decode(blob[:cut])
+    for pos in [0, 5, 9, 14, 30, len(blob) // 2, len(blob) - 1]:
+        bad = bytearray(blob)
+        bad[pos] ^= 0x40
+        with pytest.raises(fc.FormatError):
+            rm.decode(bytes(bad))
+    # valid frame and checksum, but the content lies
+    m = bytearray(wire.unpack(blob, wire.CODEC_MASK_TENSOR)[0])
+    _, recs = wire.unpack(blob, wire.CODEC_MASK_TENSOR)
+    data = bytes(recs[0].data)
+    cases = [
+        _repack(blob, data=data[:-4]),  # one value short
+        _repack(blob, data=data + data[:4]),  # one value too many
+        _repack(blob, data=data[:-1]),  # not whole values
+        _repack(blob, meta=struct.pack("<QIBB", 78, *struct.unpack("<QIBB", m)[1:])),  # other seed
+        _repack(blob, meta=struct.pack("<QIBB", 77, 2**31, 0, 1)),  # other keep
+        _repack(blob, meta=bytes(m) + b"\0"),  # header length
+        _repack(blob, meta=struct.pack("<QIBB", 77, 2**31, 6, 1)),  # unknown flags
+        _repack(blob, meta=struct.pack("<QIBB", 77, 2**31, 0, 5)),  # values dtype int64
+        _repack(blob, shape=(10**15,)),  # hostile size
+    ]
+    for i, bad in enumerate(cases):
+        with pytest.raises(fc.FormatError):
+            rm.decode(bad)
+        with pytest.raises(fc.FormatError):
+            rm.decode_mean([blob, bad])
+    with pytest.raises(fc.FormatError):
+        rm.decode(wire.pack(wire.CODEC_MASK, []))
+    with pytest.raises(fc.FormatError):
+        rm.decode(torch.ones(3))
+
+
+def test_statedict_altered_counts_are_format_errors():
+    comp = fc.get_compressor("mask:keep=0.25")
+    ctx = fc.RoundContext(client=1)
+    blob = comp.compress({"a": torch.randn(5000), "b": torch.randn(7000)}, ctx)
+    meta, recs = wire.unpack(blob, wire.CODEC_MASK)
+    # move one value from tensor a to tensor b: total right, per-tensor counts wrong
+    a, b = bytes(recs[0].data), bytes(recs[1].data)
+    moved = [wire.Record("a", recs[0].dtype, recs[0].shape, a[:-4]), wire.Record("b", recs[1].dtype, recs[1].shape, a[-4:] + b)]
+    with pytest.raises(fc.FormatError):
+        comp.decompress(wire.pack(wire.CODEC_MASK, moved, bytes(meta)), ctx)
+    body = bytearray(blob)
+    body[-20] ^= 1
+    with pytest.raises(fc.FormatError):
+        comp.decompress(bytes(body), ctx)
+    crc_fixed = bytes(body[:-4]) + struct.pack("<I", zlib.crc32(bytes(body[:-4])))
+    comp.decompress(crc_fixed, ctx)  # a flipped value bit with a valid checksum decodes (lossy data)
+
+
+# ---------------------------------------------------------------------------------------------
+# CUDA source
+
+
+@pytest.mark.skipif(shutil.which("nvcc") is None, reason="nvcc not found")
+def test_cuda_source_compiles(tmp_path):
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    r = subprocess.run(
+        ["nvcc", "-c", "-std=c++17", "-Icsrc", "csrc/cuda/mask.cu", "-o", str(tmp_path / "mask.o")],
+        cwd=root,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert r.returncode == 0, r.stderr
