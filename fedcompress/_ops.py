@@ -30,6 +30,17 @@ _TABLE: dict[str, dict[str, str]] = {
         "cpp": "fedcompress.codecs.sz.quantize:prequantize_cpp",
         "triton": "fedcompress.kernels.sz:prequantize_triton",
     },
+    # Random mask (fedcompress/codecs/mask.py is the spec; same bytes on every backend)
+    "mask_encode": {
+        "torch": "fedcompress.codecs.mask:mask_encode_ref",
+        "cpp": "fedcompress.codecs.mask:mask_encode_cpp",
+        "triton": "fedcompress.kernels.mask:mask_encode_triton",
+    },
+    "mask_decode": {
+        "torch": "fedcompress.codecs.mask:mask_decode_ref",
+        "cpp": "fedcompress.codecs.mask:mask_decode_cpp",
+        "triton": "fedcompress.kernels.mask:mask_decode_triton",
+    },
     # SZ blocks section (fedcompress/codecs/sz/codec.py is the spec; same bytes on every backend)
     "sz_encode": {
         "torch": "fedcompress.codecs.sz.codec:encode_section_ref",
