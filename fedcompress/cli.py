@@ -1,0 +1,349 @@
+"""The ``fedcompress`` command line.
+
+    fedcompress run --dataset mnist5k --clients 10 --rounds 10 --compressor none --out runs/none
+    fedcompress compare --compressors none,fp16 --rounds 5 --out runs/cmp
+
+Subcommands live in ``SUBCOMMANDS`` (name -> ``"module:function"`` or a callable): the function
+takes the subparsers object and adds its parser, with ``set_defaults(handler=...)``; the handler
+takes the parsed args and returns an exit code. Adding ``bench`` = one function and one entry.
+Exit codes: 0 ok, 2 bad input (unknown dataset/model/partition/compressor, bad numbers, missing
+local data), 1 anything else.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import os
+import re
+import sys
+from collections.abc import Callable
+from typing import Any
+
+EXIT_BAD_INPUT = 2
+
+
+class BadInput(Exception):
+    """Raised by handlers for user errors; main() prints it and exits with code 2."""
+
+
+# ---------------------------------------------------------------------------------------------
+# Shared experiment arguments
+
+
+def _positive_int(s: str) -> int:
+    try:
+        v = int(s)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{s!r} is not an integer") from None
+    if v < 1:
+        raise argparse.ArgumentTypeError(f"{s} must be >= 1")
+    return v
+
+
+def _nonneg_int(s: str) -> int:
+    try:
+        v = int(s)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{s!r} is not an integer") from None
+    if v < 0:
+        raise argparse.ArgumentTypeError(f"{s} must be >= 0")
+    return v
+
+
+def _positive_float(s: str) -> float:
+    try:
+        v = float(s)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{s!r} is not a number") from None
+    if not (v > 0 and v < float("inf")):
+        raise argparse.ArgumentTypeError(f"{s} must be a finite number > 0")
+    return v
+
+
+def _fraction(s: str) -> float:
+    v = _positive_float(s)
+    if v > 1:
+        raise argparse.ArgumentTypeError(f"{s} must be in (0, 1]")
+    return v
+
+
+def add_experiment_args(p: argparse.ArgumentParser) -> None:
+    """The arguments of one FedAvg experiment (shared by run, compare and anyone else)."""
+    from .fedavg.data import DATASETS, PARTITIONS
+    from .fedavg.driver import DEFAULT_BATCH_SIZE, DEFAULT_EPOCHS, DEFAULT_LR, DEFAULT_MAX_CLIENTS_PER_ROUND
+    from .fedavg.models import MODELS
+
+    p.add_argument("--dataset", default="mnist5k", choices=DATASETS, help="default: %(default)s")
+    p.add_argument(
+        "--data-dir", default=None, help="local folder for --dataset mnist (IDX) or femnist (LEAF JSON)"
+    )
+    p.add_argument(
+        "--clients", type=_positive_int, default=10, help="number of clients (default: %(default)s)"
+    )
+    p.add_argument("--rounds", type=_positive_int, default=10, help="default: %(default)s")
+    p.add_argument("--partition", default="iid", choices=PARTITIONS, help="default: %(default)s")
+    p.add_argument(
+        "--alpha", type=_positive_float, default=0.5, help="Dirichlet concentration (default: %(default)s)"
+    )
+    p.add_argument("--model", default="cnn", choices=MODELS, help="default: %(default)s")
+    k = p.add_mutually_exclusive_group()
+    k.add_argument(
+        "--clients-per-round",
+        type=_positive_int,
+        default=None,
+        help=f"clients sampled per round (default: min(clients, {DEFAULT_MAX_CLIENTS_PER_ROUND}))",
+    )
+    k.add_argument(
+        "--fraction", type=_fraction, default=None, help="fraction of clients per round, in (0, 1]"
+    )
+    p.add_argument(
+        "--epochs", type=_positive_int, default=DEFAULT_EPOCHS, help="local epochs (default: %(default)s)"
+    )
+    p.add_argument(
+        "--batch-size", type=_positive_int, default=DEFAULT_BATCH_SIZE, help="default: %(default)s"
+    )
+    p.add_argument(
+        "--lr", type=_positive_float, default=DEFAULT_LR, help="local SGD lr (default: %(default)s)"
+    )
+    p.add_argument("--seed", type=_nonneg_int, default=0, help="default: %(default)s")
+    p.add_argument("--device", default="cpu", help="torch device (default: %(default)s)")
+    p.add_argument(
+        "--threads", type=_positive_int, default=None, help="torch.set_num_threads (default: torch's)"
+    )
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def config_from_args(args: argparse.Namespace, compressor: str):
+    from .fedavg.driver import ExperimentConfig
+
+    cfg = ExperimentConfig(
+        dataset=args.dataset,
+        clients=args.clients,
+        rounds=args.rounds,
+        compressor=compressor,
+        partition=args.partition,
+        alpha=args.alpha,
+        model=args.model,
+        clients_per_round=args.clients_per_round,
+        fraction=args.fraction,
+        epochs=args.epochs,
+        batch_size=args.batch_size,
+        lr=args.lr,
+        seed=args.seed,
+        data_dir=args.data_dir,
+        device=args.device,
+    )
+    try:
+        cfg.validate()
+    except ValueError as e:
+        raise BadInput(str(e)) from None
+    return cfg
+
+
+def check_compressor(spec: str) -> str:
+    """Build the compressor once so a bad spec fails before any data is loaded or trained."""
+    from .api import get_compressor
+
+    try:
+        return get_compressor(spec).spec
+    except ValueError as e:
+        raise BadInput(f"compressor {spec!r}: {e}") from None
+    except ImportError as e:  # registered, but its module is not there (yet)
+        raise BadInput(f"compressor {spec!r} is registered but cannot be imported: {e}") from None
+
+
+def load_data(cfg):
+    from .fedavg.data import load_dataset
+
+    try:
+        return load_dataset(cfg.dataset, cfg.clients, cfg.partition, cfg.alpha, cfg.seed, cfg.data_dir)
+    except (FileNotFoundError, ValueError) as e:  # FormatError is a ValueError
+        raise BadInput(str(e)) from None
+
+
+def _setup_torch(args) -> None:
+    if args.threads is not None:
+        import torch
+
+        torch.set_num_threads(args.threads)
+
+
+# ---------------------------------------------------------------------------------------------
+# run
+
+
+def add_run(sub) -> None:
+    p = sub.add_parser("run", help="run one FedAvg experiment", description="Run FedAvg with one compressor.")
+    add_experiment_args(p)
+    p.add_argument("--compressor", default="none", help="compressor spec, e.g. none, fp16, sz:rel=1e-2")
+    p.add_argument("--out", default=None, help="output folder (default: runs/<compressor>)")
+    p.set_defaults(handler=cmd_run)
+
+
+def _safe_name(spec: str) -> str:
+    return re.sub(r"[^A-Za-z0-9._=-]+", "_", spec).strip("_") or "run"
+
+
+def cmd_run(args) -> int:
+    from .fedavg.driver import final_line, run_experiment
+
+    check_compressor(args.compressor)
+    cfg = config_from_args(args, args.compressor)
+    _setup_torch(args)
+    data = load_data(cfg)
+    out = args.out or os.path.join("runs", _safe_name(args.compressor))
+    summary = run_experiment(cfg, out_dir=out, progress=not args.no_progress, data=data)
+    print(final_line(summary))
+    print(f"wrote {os.path.join(out, 'metrics.jsonl')}, summary.json, accuracy_vs_mb.png", file=sys.stderr)
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------
+# compare
+
+
+def add_compare(sub) -> None:
+    p = sub.add_parser(
+        "compare",
+        help="run several compressors on the same seed and split",
+        description="Run FedAvg once per compressor (same seed, split and model init); print one table.",
+    )
+    add_experiment_args(p)
+    p.add_argument("--compressors", required=True, help="comma-separated specs, e.g. none,fp16,mask:keep=0.1")
+    p.add_argument("--out", default=None, help="output folder (default: runs/compare)")
+    p.set_defaults(handler=cmd_compare)
+
+
+def split_specs(text: str) -> list[str]:
+    """Split on commas that start a new spec: "sz:rel=1e-2,mode=abs,none" -> 2 specs.
+
+    A piece containing "=" but no ":" continues the previous spec's key=value list.
+    """
+    specs: list[str] = []
+    for piece in (s.strip() for s in text.split(",")):
+        if not piece:
+            continue
+        if specs and "=" in piece and ":" not in piece:
+            specs[-1] += "," + piece
+        else:
+            specs.append(piece)
+    return specs
+
+
+def markdown_table(summaries: dict[str, dict[str, Any]]) -> str:
+    rows = [
+        "| compressor | final acc (%) | best acc (%) | upstream MB | dense MB | ratio | download MB "
+        "| seconds |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for spec, s in summaries.items():
+        rows.append(
+            f"| {spec} | {s['final_accuracy'] * 100:.2f} | {s['best_accuracy'] * 100:.2f} | "
+            f"{s['upstream_bytes'] / 1e6:.3f} | {s['dense_upstream_bytes'] / 1e6:.3f} | "
+            f"{s['compression_ratio']:.2f} | {s['download_bytes'] / 1e6:.3f} | {s['wall_seconds']:.1f} |"
+        )
+    return "\n".join(rows) + "\n"
+
+
+def cmd_compare(args) -> int:
+    from .fedavg.driver import final_line, run_experiment
+    from .fedavg.plots import plot_accuracy_vs_mb
+
+    specs = split_specs(args.compressors)
+    if not specs:
+        raise BadInput("--compressors is empty; give comma-separated specs such as none,fp16")
+    names = [check_compressor(s) for s in specs]  # every spec checked before any training
+    if len(set(names)) != len(names):
+        raise BadInput(f"--compressors lists the same compressor twice: {names}")
+    cfg = config_from_args(args, specs[0])
+    _setup_torch(args)
+    data = load_data(cfg)  # one split shared by every compressor
+    out = args.out or os.path.join("runs", "compare")
+    os.makedirs(out, exist_ok=True)
+    summaries: dict[str, dict[str, Any]] = {}
+    for spec, name in zip(specs, names, strict=True):
+        cfg.compressor = spec
+        s = run_experiment(
+            cfg, out_dir=os.path.join(out, _safe_name(name)), progress=not args.no_progress, data=data
+        )
+        print(final_line(s), file=sys.stderr)
+        summaries[name] = s
+    table = markdown_table(summaries)
+    head = (
+        f"FedAvg on {cfg.dataset} ({cfg.partition}), {cfg.clients} clients, {cfg.per_round()} per round, "
+        f"{cfg.rounds} rounds, model {cfg.model}, E={cfg.epochs} B={cfg.batch_size} lr={cfg.lr}, "
+        f"seed {cfg.seed}\n\n"
+    )
+    with open(os.path.join(out, "compare.md"), "w") as f:
+        f.write(head + table)
+    with open(os.path.join(out, "compare.json"), "w") as f:
+        json.dump(
+            {k: {kk: vv for kk, vv in v.items() if kk != "history"} for k, v in summaries.items()},
+            f,
+            indent=2,
+        )
+    plot_accuracy_vs_mb(
+        summaries, os.path.join(out, "compare.png"), title=f"{cfg.dataset}, {cfg.rounds} rounds"
+    )
+    print(table, end="")
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------
+# Subcommand registry and entry point
+
+# name -> "module:function" (imported lazily) or the function; the function adds a parser to the
+# subparsers object and sets `handler`. `bench` will go here, e.g. "bench": "fedcompress.bench:add_bench".
+SUBCOMMANDS: dict[str, str | Callable[[Any], None]] = {
+    "run": add_run,
+    "compare": add_compare,
+}
+
+
+def register_subcommand(name: str, adder: str | Callable[[Any], None]) -> None:
+    """Add a subcommand (``adder`` as in SUBCOMMANDS)."""
+    SUBCOMMANDS[name] = adder
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="fedcompress", description="Compression for federated learning: experiments and benchmarks."
+    )
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    sub.required = True
+    for name, adder in SUBCOMMANDS.items():
+        if isinstance(adder, str):
+            mod, fn = adder.split(":")
+            try:
+                adder = getattr(importlib.import_module(mod), fn)
+            except (ImportError, AttributeError) as e:  # a broken optional subcommand must not break the rest
+                sub.add_parser(name, help=f"(unavailable: {e})").set_defaults(handler=_unavailable(name, e))
+                continue
+        adder(sub)
+    return parser
+
+
+def _unavailable(name: str, err: Exception):
+    def handler(args) -> int:
+        raise BadInput(f"subcommand {name!r} is unavailable: {err}")
+
+    return handler
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)  # argparse exits with 2 and lists choices for bad choices
+    try:
+        return int(args.handler(args) or 0)
+    except BadInput as e:
+        print(f"fedcompress {args.command}: error: {e}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,158 @@
+"""The `fedcompress` command line: run, compare, and exit code 2 with the valid choices on bad input.
+
+In-process calls of ``cli.main`` (fast); one subprocess checks the installed console script.
+"""
+
+import json
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from fedcompress import cli
+
+TINY = [
+    "--dataset",
+    "digits",
+    "--model",
+    "mlp",
+    "--clients",
+    "3",
+    "--rounds",
+    "2",
+    "--epochs",
+    "1",
+    "--no-progress",
+]
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tiny runs: one torch thread is as fast idle and far faster on a busy 2-core machine."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def test_run_writes_outputs(tmp_path, capsys):
+    out = tmp_path / "r"
+    assert cli.main(["run", *TINY, "--compressor", "fp16", "--out", str(out)]) == 0
+    stdout = capsys.readouterr().out
+    rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["round"] for r in rows] == [1, 2]
+    s = json.loads((out / "summary.json").read_text())
+    assert s["rounds"] == 2 and s["config"]["dataset"] == "digits" and s["config"]["compressor"] == "fp16"
+    assert s["upstream_bytes"] == rows[-1]["upstream_bytes"] == sum(r["round_upstream_bytes"] for r in rows)
+    assert 1.9 < s["compression_ratio"] < 2.0
+    assert (out / "accuracy_vs_mb.png").read_bytes()[:4] == b"\x89PNG"
+    # Final line: accuracy, MB sent up, ratio.
+    assert f"{s['final_accuracy'] * 100:.2f}%" in stdout
+    assert f"{s['upstream_bytes'] / 1e6:.3f} MB sent up" in stdout
+    assert f"ratio {s['compression_ratio']:.2f}x" in stdout
+
+
+def test_run_progress_bar_on_stderr(tmp_path, capsys):
+    args = [a for a in TINY if a != "--no-progress"]
+    assert cli.main(["run", *args, "--rounds", "1", "--out", str(tmp_path)]) == 0
+    cap = capsys.readouterr()
+    assert "1/1" in cap.err and "round" in cap.err
+    assert "1/1" not in cap.out
+
+
+def test_compare_table_and_plot(tmp_path, capsys):
+    out = tmp_path / "c"
+    assert cli.main(["compare", *TINY, "--compressors", "none,fp16", "--out", str(out)]) == 0
+    stdout = capsys.readouterr().out
+    lines = [x for x in stdout.splitlines() if x.startswith("|")]
+    assert len(lines) == 4 and lines[2].startswith("| none |") and lines[3].startswith("| fp16 |")
+    assert (out / "compare.png").read_bytes()[:4] == b"\x89PNG"
+    assert "| fp16 |" in (out / "compare.md").read_text()
+    none = json.loads((out / "none" / "summary.json").read_text())
+    fp16 = json.loads((out / "fp16" / "summary.json").read_text())
+    # Same seed, split and init: same dense bytes, same sampled clients; fp16 sends half the floats.
+    assert none["dense_upstream_bytes"] == fp16["dense_upstream_bytes"]
+    assert none["initial_accuracy"] == fp16["initial_accuracy"]
+    assert abs(none["final_accuracy"] - fp16["final_accuracy"]) < 0.05
+
+
+@pytest.mark.parametrize(
+    "args,expect",
+    [
+        (["run", "--dataset", "cifar"], ["mnist5k", "digits", "femnist"]),
+        (["run", "--model", "resnet"], ["cnn", "mlp"]),
+        (["run", "--partition", "shards"], ["iid", "dirichlet", "natural"]),
+        (["run", "--compressor", "zip9"], ["none", "fp16"]),
+        (["run", "--compressor", "fp16:level=3"], ["valid keys"]),
+        (["compare", "--compressors", "none,bogus"], ["none", "fp16"]),
+        (["run", "--clients", "0"], ["clients"]),
+        (["run", "--lr", "nan"], ["lr"]),
+        (["run", "--fraction", "2"], ["fraction"]),
+        (["run", "--partition", "natural"], ["femnist"]),
+        (["run", "--clients", "5", "--clients-per-round", "6"], ["clients_per_round"]),
+        (["run", "--dataset", "mnist"], ["train-images-idx3-ubyte", "t10k-labels-idx1-ubyte"]),
+        (["run", "--dataset", "femnist", "--data-dir", "/nonexistent/leaf"], ["train/*.json"]),
+        (["frobnicate"], ["run", "compare"]),
+    ],
+)
+def test_bad_input_exit_2(args, expect, capsys):
+    try:
+        code = cli.main(args)
+    except SystemExit as e:  # argparse's own errors
+        code = e.code
+    assert code == 2
+    err = capsys.readouterr().err
+    for word in expect:
+        assert word in err, (word, err)
+
+
+def test_missing_idx_file_named(tmp_path, capsys):
+    (tmp_path / "train-images-idx3-ubyte").write_bytes(b"")
+    assert cli.main(["run", "--dataset", "mnist", "--data-dir", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert "train-labels-idx1-ubyte" in err and "lacks" in err
+
+
+def test_split_specs():
+    assert cli.split_specs("none,fp16") == ["none", "fp16"]
+    assert cli.split_specs("sz:rel=1e-2,mode=abs,mask:keep=0.1,none") == [
+        "sz:rel=1e-2,mode=abs",
+        "mask:keep=0.1",
+        "none",
+    ]
+    assert cli.split_specs(" , ") == []
+
+
+def test_subcommand_registry(capsys):
+    called = {}
+
+    def add_hello(sub):
+        p = sub.add_parser("hello")
+        p.add_argument("--n", type=int, default=1)
+        p.set_defaults(handler=lambda a: called.setdefault("n", a.n) and 0)
+
+    cli.register_subcommand("hello", add_hello)
+    cli.register_subcommand("broken", "fedcompress.no_such_module:add")
+    try:
+        assert cli.main(["hello", "--n", "3"]) == 0 and called["n"] == 3
+        assert cli.main(["broken"]) == 2
+        assert "unavailable" in capsys.readouterr().err
+    finally:
+        cli.SUBCOMMANDS.pop("hello", None)
+        cli.SUBCOMMANDS.pop("broken", None)
+
+
+@pytest.mark.skipif(
+    shutil.which("fedcompress") is None, reason="console script not installed (pip install -e .)"
+)
+def test_console_script():
+    r = subprocess.run(
+        ["fedcompress", "run", "--dataset", "nope"], capture_output=True, text=True, timeout=120, check=False
+    )
+    assert r.returncode == 2 and "mnist5k" in r.stderr
+    r = subprocess.run(
+        [sys.executable, "-m", "fedcompress.cli", "--help"], capture_output=True, text=True, timeout=120
+    )
+    assert r.returncode == 0 and "compare" in r.stdout
