@@ -52,6 +52,24 @@ _TABLE: dict[str, dict[str, str]] = {
         "cpp": "fedcompress.codecs.sz.codec:decode_section_cpp",
         "triton": "fedcompress.kernels.sz:decode_section_triton",
     },
+    # FedSynth hypergradient engine (fedcompress/synth/ops.py, kernels/synth.py); no C++: on CPU
+    # these are a few vectorised torch calls on b x C logits or one flat axpy, nothing to win.
+    "synth_soft_ce": {
+        "torch": "fedcompress.synth.ops:soft_ce_ref",
+        "triton": "fedcompress.kernels.synth:soft_ce_triton",
+    },
+    "synth_soft_ce_jvp": {
+        "torch": "fedcompress.synth.ops:soft_ce_jvp_ref",
+        "triton": "fedcompress.kernels.synth:soft_ce_jvp_triton",
+    },
+    "synth_sgd_step": {
+        "torch": "fedcompress.synth.ops:sgd_step_ref",
+        "triton": "fedcompress.kernels.synth:sgd_step_triton",
+    },
+    "synth_reverse_step": {
+        "torch": "fedcompress.synth.ops:reverse_step_ref",
+        "triton": "fedcompress.kernels.synth:reverse_step_triton",
+    },
 }
 
 
