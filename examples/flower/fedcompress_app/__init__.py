@@ -1,0 +1,1 @@
+"""Flower app: FedAvg on mnist5k with fedcompress upstream compression."""

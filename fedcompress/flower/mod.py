@@ -1,0 +1,113 @@
+"""Client side: a Flower Mod that sends the compressed update instead of the local weights."""
+
+from __future__ import annotations
+
+from logging import DEBUG, ERROR
+
+from flwr.app import ArrayRecord, ConfigRecord, Context, Error, Message, MessageType, MetricRecord
+from flwr.clientapp.typing import ClientAppCallable, Mod
+from flwr.common.constant import ErrorCode
+from flwr.supercore import log
+
+from ..api import get_compressor, state_delta
+from .common import (
+    CLIENT_KEY,
+    PARTITION_KEY,
+    PAYLOAD_KEY,
+    SEED_KEY,
+    SPEC_KEY,
+    is_payload_record,
+    payload_array,
+    payload_bytes,
+    round_context,
+    state_from_record,
+)
+
+_INT63 = (1 << 63) - 1
+
+
+def client_id(ctxt: Context) -> int:
+    """The client id of this node: ``partition-id`` from its node config, else its node id.
+
+    The id goes into the RoundContext (mask seeds depend on it) and is sent back with the reply,
+    so the server decodes with the same context.
+    """
+    pid = ctxt.node_config.get(PARTITION_KEY)
+    if isinstance(pid, int) and not isinstance(pid, bool) and pid >= 0:
+        return pid
+    return int(ctxt.node_id) & _INT63
+
+
+def compression_mod(spec: str) -> Mod:
+    """A client Mod compressing every train reply with compressor ``spec`` (e.g. ``"sz:rel=1e-2"``).
+
+    The wrapped ClientApp trains as usual and returns its local weights in one ArrayRecord; the Mod
+    replaces that record by ``{"fedcompress": Array(stype="fedcompress.payload")}`` holding
+    ``compress(local − received global, RoundContext(server-round, client, seed))`` and adds the
+    client id to the reply's MetricRecord. Other message types pass through untouched.
+    Pair it with :class:`fedcompress.flower.CompressedFedAvg` on the server (same spec): a train
+    message without the server's spec, or with a different one, gets an error reply.
+    Raises ValueError at construction for an unknown or invalid spec.
+    """
+    comp = get_compressor(spec)
+    canonical = comp.spec
+
+    def fedcompress_mod(msg: Message, ctxt: Context, call_next: ClientAppCallable) -> Message:
+        if msg.metadata.message_type.split(".")[0] != MessageType.TRAIN:
+            return call_next(msg, ctxt)
+        arrays = list(msg.content.array_records.values())
+        configs = list(msg.content.config_records.values())
+        if len(arrays) != 1 or len(configs) != 1:
+            return _error(
+                msg, f"expects one ArrayRecord and one ConfigRecord, got {len(arrays)} and {len(configs)}"
+            )
+        config: ConfigRecord = configs[0]
+        server_spec = config.get(SPEC_KEY)
+        if server_spec is None:
+            return _error(msg, f"the server sent no {SPEC_KEY!r}: use fedcompress.flower.CompressedFedAvg")
+        if server_spec != canonical:
+            return _error(msg, f"server compressor {server_spec!r} differs from this client's {canonical!r}")
+        seed, rnd = config.get(SEED_KEY, 0), config.get("server-round", 0)
+        global_state = state_from_record(arrays[0])
+
+        out = call_next(msg, ctxt)
+        if out.has_error():
+            return out
+        replies = list(out.content.array_records.items())
+        if len(replies) != 1:
+            return _error(msg, f"expects the ClientApp to reply with one ArrayRecord, got {len(replies)}")
+        key, record = replies[0]
+        cid = client_id(ctxt)
+        if is_payload_record(record):
+            # Already a payload: the compressor ran its own client_update (FedSynth); pass it on.
+            payload = payload_bytes(record)
+        else:
+            local = state_from_record(record)
+            if list(local) != list(global_state) or any(
+                local[k].shape != v.shape for k, v in global_state.items()
+            ):
+                return _error(msg, "the reply's arrays do not match the received model (names or shapes)")
+            payload = comp.compress(state_delta(local, global_state), round_context(int(rnd), cid, int(seed)))
+            out.content.array_records[key] = ArrayRecord({PAYLOAD_KEY: payload_array(payload)})
+        metrics = list(out.content.metric_records.values())
+        if metrics:
+            metrics[0][CLIENT_KEY] = cid
+        else:
+            out.content["metrics"] = MetricRecord({CLIENT_KEY: cid})
+        log(
+            DEBUG,
+            "fedcompress_mod: round %s client %s sends %d bytes (%s)",
+            rnd,
+            cid,
+            len(payload),
+            canonical,
+        )
+        return out
+
+    return fedcompress_mod
+
+
+def _error(msg: Message, reason: str) -> Message:
+    reason = "fedcompress_mod: " + reason
+    log(ERROR, reason)
+    return Message(Error(code=ErrorCode.MOD_FAILED_PRECONDITION, reason=reason), reply_to=msg)

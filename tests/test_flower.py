@@ -1,0 +1,622 @@
+"""Flower integration: the example app on Flower's own runtimes must match the in-process driver.
+
+(a) deployment: ``flower-superlink --insecure`` and two ``flower-supernode`` processes on
+127.0.0.1 (free ports), ``flwr run examples/flower`` for every compressor that exists; the final
+global weights must equal ``fedcompress.fedavg.run_experiment``'s on the same seeds, split, client
+order and local training, and the upstream bytes per round must equal the driver's (so they shrink by
+the compressor's ratio). (b) the same app through ``flwr.simulation.run_simulation`` (Ray).
+Plus the Mod and the Strategy alone: corrupt replies are dropped and counted, bad specs raise.
+
+All Flower state lives in tmp dirs (FLWR_HOME, HOME, RAY_TMPDIR); every process started here is
+stopped (SIGTERM SuperNodes, then the SuperLink; SIGKILL after a timeout), also on failure.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+import torch
+
+pytestmark = pytest.mark.flower
+flwr = pytest.importorskip("flwr", reason="flwr is not installed: pip install 'fedcompress[flower]'")
+
+import fedcompress as fc  # noqa: E402
+from fedcompress.fedavg import driver as fedavg_driver  # noqa: E402
+from fedcompress.fedavg.data import load_dataset  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+EXAMPLE = ROOT / "examples" / "flower"
+ROUNDS = 2
+SAMPLES_PER_CLIENT = 100  # 5 local steps of 20: the weights move, the test stays quick
+RUN_CONFIG = {
+    "num-server-rounds": ROUNDS,
+    "seed": 0,
+    "dataset": "mnist5k",
+    "model": "cnn",
+    "partition": "iid",
+    "epochs": 1,
+    "batch-size": 20,
+    "lr": 0.05,
+    "samples-per-client": SAMPLES_PER_CLIENT,
+    "torch-threads": 1,  # same thread count as the driver run below: same float results
+    "min-nodes": 2,
+}
+# spec -> (smallest, largest) acceptable dense/compressed ratio of the upstream bytes
+SPECS = {"none": (1.0, 1.0), "sz:rel=1e-2": (3.0, 1e9), "mask:keep=0.125": (7.0, 9.0)}
+
+
+def _missing(spec: str) -> str | None:
+    """None if ``spec`` builds, else why not (its module is missing: the compressor has not landed)."""
+    try:
+        fc.get_compressor(spec)
+    except ImportError as e:
+        return f"compressor {spec!r} not available: {e}"
+    return None
+
+
+def _spec_param(spec: str):
+    why = _missing(spec)
+    return pytest.param(spec, marks=pytest.mark.skip(reason=why)) if why else spec
+
+
+SPEC_PARAMS = [_spec_param(s) for s in SPECS]
+
+
+# ---------------------------------------------------------------------------------------------
+# Reference: the in-process driver on the same config
+
+
+_driver_cache: dict[str, tuple[dict, dict, dict]] = {}
+
+
+def driver_reference(spec: str) -> tuple[dict[str, torch.Tensor], dict, dict[str, torch.Tensor]]:
+    """(final global state, summary, initial state) of run_experiment with RUN_CONFIG and ``spec``."""
+    if spec in _driver_cache:
+        return _driver_cache[spec]
+    cfg = fedavg_driver.ExperimentConfig(
+        dataset="mnist5k",
+        clients=2,
+        rounds=ROUNDS,
+        compressor=spec,
+        model="cnn",
+        epochs=1,
+        batch_size=20,
+        lr=0.05,
+        seed=0,
+    )
+    data = load_dataset("mnist5k", 2, "iid", 0.5, 0)
+    data.partitions = [p[:SAMPLES_PER_CLIENT] for p in data.partitions]
+    models = []
+    real_build = fedavg_driver.build_model
+
+    def capture(*a, **k):  # the driver's model ends each round loaded with the global state
+        m = real_build(*a, **k)
+        models.append(m)
+        return m
+
+    threads = torch.get_num_threads()
+    fedavg_driver.build_model = capture
+    torch.set_num_threads(1)
+    try:
+        summary = fedavg_driver.run_experiment(cfg, data=data)
+    finally:
+        fedavg_driver.build_model = real_build
+        torch.set_num_threads(threads)
+    assert len(models) == 1
+    torch.manual_seed(fc.api.mix_seed(0, 0x30DE1))
+    init = real_build("cnn", data.info).state_dict()
+    final = {k: v.detach().clone() for k, v in models[0].state_dict().items()}
+    _driver_cache[spec] = (final, summary, init)
+    return _driver_cache[spec]
+
+
+def check_against_driver(spec: str, out_dir: Path) -> dict:
+    """Flower's final weights and per-round bytes equal the driver's; returns Flower's metrics."""
+    metrics = json.loads((out_dir / "metrics.json").read_text())
+    state = fc.get_compressor("none").decompress(
+        (out_dir / "final_weights.fcmp").read_bytes(), fc.RoundContext()
+    )
+    final, summary, init = driver_reference(spec)
+    assert list(state) == list(final)
+    assert any(not torch.equal(final[k], init[k]) for k in final), "training did not move the weights"
+    for k in final:
+        torch.testing.assert_close(
+            state[k], final[k], rtol=1e-5, atol=1e-6, msg=lambda m, k=k: f"{spec} {k}: {m}"
+        )
+    rounds = metrics["rounds"]
+    assert [r["round"] for r in rounds] == list(range(1, ROUNDS + 1))
+    for r, d in zip(rounds, summary["history"], strict=True):
+        assert r["replies-accepted"] == 2 and r["replies-dropped"] == 0 and r["replies-failed"] == 0
+        assert r["upstream-bytes"] == d["round_upstream_bytes"]
+        assert r["dense-upstream-bytes"] == d["round_dense_bytes"]
+        assert r["accuracy"] == pytest.approx(d["accuracy"], abs=1e-3)
+    lo, hi = SPECS[spec]
+    ratio = metrics["dense_upstream_bytes"] / metrics["upstream_bytes"]
+    assert lo <= ratio <= hi, f"{spec}: upstream ratio {ratio:.3f} outside [{lo}, {hi}]"
+    assert ratio == pytest.approx(summary["compression_ratio"], rel=1e-9)
+    return metrics
+
+
+# ---------------------------------------------------------------------------------------------
+# (a) Deployment runtime: SuperLink + 2 SuperNodes on loopback
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _flower_env(base: Path) -> dict[str, str]:
+    env = dict(os.environ)
+    for d in ("home", "flwr", "ray"):
+        (base / d).mkdir(parents=True, exist_ok=True)
+    bindir = os.path.dirname(sys.executable)  # SuperLink/SuperNode start flower-superexec by name
+    env.update(
+        HOME=str(base / "home"),
+        FLWR_HOME=str(base / "flwr"),
+        RAY_TMPDIR=str(base / "ray"),
+        FLWR_TELEMETRY_ENABLED="0",
+        FLWR_DISABLE_UPDATE_CHECK="1",
+        # Each ClientApp process caches its data partition here (examples/flower task.py).
+        FEDCOMPRESS_EXAMPLE_CACHE=str(base / "cache"),
+        PATH=bindir + os.pathsep + env.get("PATH", ""),
+    )
+    return env
+
+
+def _healthy(port: int) -> bool:
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2) as r:
+            return r.status == 200
+    except OSError:
+        return False
+
+
+class Deployment:
+    """A SuperLink and SuperNodes started as subprocesses; ``stop`` ends every one of them."""
+
+    def __init__(self, base: Path, n_nodes: int = 2) -> None:
+        self.base = base
+        self.env = _flower_env(base)
+        self.procs: list[tuple[str, subprocess.Popen, Path]] = []
+        self.port = _free_port()
+        self.n_nodes = n_nodes
+
+    def _start(self, name: str, cmd: list[str]) -> subprocess.Popen:
+        log = self.base / f"{name}.log"
+        f = open(log, "wb")
+        # Own session: stop() signals the process group, which also holds the flower-superexec and
+        # flwr-clientapp/serverapp children these processes start.
+        p = subprocess.Popen(cmd, env=self.env, stdout=f, stderr=subprocess.STDOUT, start_new_session=True)
+        f.close()
+        self.procs.append((name, p, log))
+        return p
+
+    def logs(self) -> str:
+        out = []
+        for name, _, log in self.procs:
+            text = log.read_text(errors="replace") if log.exists() else ""
+            out.append(f"--- {name} (last 3000 chars) ---\n{text[-3000:]}")
+        return "\n".join(out)
+
+    def _wait(self, what: str, ok, timeout: float) -> None:
+        t_end = time.monotonic() + timeout
+        while time.monotonic() < t_end:
+            for name, p, _ in self.procs:
+                if p.poll() is not None:
+                    raise RuntimeError(
+                        f"{name} exited with {p.returncode} while waiting for {what}\n{self.logs()}"
+                    )
+            if ok():
+                return
+            time.sleep(0.5)
+        raise TimeoutError(f"timed out after {timeout:.0f} s waiting for {what}\n{self.logs()}")
+
+    def start(self) -> None:
+        self._start(
+            "superlink",
+            ["flower-superlink", "--insecure", "--host", "127.0.0.1", "--port", str(self.port),
+             "--disable-runtime-dependency-installation"],
+        )  # fmt: skip
+        self._wait("the SuperLink", lambda: _healthy(self.port), 90)
+        node_ports = []
+        for i in range(self.n_nodes):
+            q = _free_port()
+            node_ports.append(q)
+            self._start(
+                f"supernode{i}",
+                ["flower-supernode", "--insecure", "--superlink", f"127.0.0.1:{self.port}",
+                 "--host", "127.0.0.1", "--port", str(q),
+                 "--node-config", f"partition-id={i} num-partitions={self.n_nodes}"],
+            )  # fmt: skip
+        self._wait("the SuperNodes", lambda: all(_healthy(q) for q in node_ports), 90)
+        (self.base / "flwr" / "config.toml").write_text(
+            '[superlink]\ndefault = "local-deployment"\n\n[superlink.local-deployment]\n'
+            f'address = "127.0.0.1:{self.port}"\ninsecure = true\n'
+        )
+        self._wait("both SuperNodes online", self._nodes_online, 90)
+
+    def flwr(self, *args: str, timeout: float = 120) -> dict:
+        r = subprocess.run(
+            ["flwr", *args, "--format", "json"], env=self.env, capture_output=True, text=True, timeout=timeout
+        )
+        try:
+            return json.loads(r.stdout)
+        except json.JSONDecodeError:
+            raise RuntimeError(
+                f"flwr {' '.join(args)} gave no JSON (rc {r.returncode}):\n{r.stdout}\n{r.stderr}"
+            ) from None
+
+    def _nodes_online(self) -> bool:
+        nodes = self.flwr("supernode", "ls", "local-deployment").get("nodes", [])
+        return sum(n.get("status") == "online" for n in nodes) >= self.n_nodes
+
+    def submit(self, run_config: dict) -> str:
+        """``flwr run`` the example with ``run_config`` (written as a TOML file); returns the run id."""
+        path = self.base / f"run-{len(list(self.base.glob('run-*.toml')))}.toml"
+        path.write_text("".join(f"{k} = {json.dumps(v)}\n" for k, v in run_config.items()))
+        out = self.flwr("run", str(EXAMPLE), "local-deployment", "--run-config", str(path))
+        assert out.get("success"), out
+        return str(out["run-id"])
+
+    def wait_run(self, run_id: str, timeout: float) -> None:
+        # flwr run's exit code does not tell failure; poll the run's status instead.
+        t_end = time.monotonic() + timeout
+        status = ""
+        while time.monotonic() < t_end:
+            runs = self.flwr("ls", "local-deployment", "--run-id", run_id).get("runs", [])
+            status = runs[0]["status"] if runs else ""
+            if status.startswith("finished"):
+                if status != "finished:completed":
+                    log = subprocess.run(
+                        ["flwr", "log", run_id, "local-deployment", "--show"],
+                        env=self.env, capture_output=True, text=True, timeout=60,
+                    ).stdout  # fmt: skip
+                    raise AssertionError(
+                        f"run {run_id} {status}: {runs[0].get('status-details')}\n{log[-6000:]}"
+                    )
+                return
+            time.sleep(2)
+        raise TimeoutError(f"run {run_id} still {status!r} after {timeout:.0f} s\n{self.logs()}")
+
+    def stop(self) -> None:
+        # SuperNodes first, then the SuperLink; SIGKILL whatever is left after 15 s.
+        order = [p for p in self.procs if p[0] != "superlink"] + [
+            p for p in self.procs if p[0] == "superlink"
+        ]
+        for _, p, _ in order:
+            _signal_group(p, signal.SIGTERM)
+            try:
+                p.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                pass
+            _signal_group(p, signal.SIGKILL)
+            p.wait(timeout=15)
+
+
+def _signal_group(p: subprocess.Popen, sig: int) -> None:
+    try:
+        os.killpg(p.pid, sig)  # the group we created with start_new_session (pgid == pid)
+    except ProcessLookupError:
+        pass
+
+
+@pytest.fixture(scope="module")
+def deployment_runs(tmp_path_factory):
+    """Start the deployment, submit one run per available compressor at once, wait for all.
+
+    Concurrent runs overlap Flower's fixed polling waits (~5 s a round). Yields
+    {spec: (out_dir, None) or (None, error text)}; every process is stopped afterwards.
+    """
+    path = os.path.dirname(sys.executable) + os.pathsep + os.environ["PATH"]
+    if shutil.which("flower-superlink", path=path) is None:
+        pytest.skip("flower-superlink is not on PATH")
+    base = tmp_path_factory.mktemp("flower-deployment")
+    dep = Deployment(base)
+    try:
+        dep.start()
+        runs = {}
+        for spec in SPECS:
+            if _missing(spec) is None:
+                out = base / ("out-" + spec.replace(":", "_").replace("=", "_"))
+                runs[spec] = (dep.submit({**RUN_CONFIG, "compressor": spec, "out-dir": str(out)}), out)
+        results = {}
+        t_end = time.monotonic() + 420
+        for spec, (run_id, out) in runs.items():
+            try:
+                dep.wait_run(run_id, timeout=max(1.0, t_end - time.monotonic()))
+                results[spec] = (out, None)
+            except (AssertionError, TimeoutError, RuntimeError) as e:
+                results[spec] = (None, str(e))
+        yield results
+    finally:
+        dep.stop()
+
+
+@pytest.mark.parametrize("spec", SPEC_PARAMS)
+def test_deployment_matches_driver(deployment_runs, spec):
+    out, error = deployment_runs[spec]
+    assert error is None, error
+    check_against_driver(spec, out)
+
+
+# ---------------------------------------------------------------------------------------------
+# (b) Simulation runtime (Ray)
+
+
+def test_simulation_matches_driver(tmp_path, monkeypatch):
+    pytest.importorskip("ray", reason="run_simulation needs Ray: pip install 'flwr[simulation]==1.41.0'")
+    from flwr.simulation import run_simulation
+
+    sys.path.insert(0, str(EXAMPLE))
+    try:
+        from fedcompress_app.client_app import build_client_app
+        from fedcompress_app.server_app import build_server_app
+    finally:
+        sys.path.remove(str(EXAMPLE))
+    for k, v in _flower_env(tmp_path).items():
+        monkeypatch.setenv(k, v)
+    spec = "none" if _missing("mask:keep=0.125") else "mask:keep=0.125"
+    out = tmp_path / "out"
+    overrides = {**RUN_CONFIG, "compressor": spec, "out-dir": str(out)}
+    threads = torch.get_num_threads()
+    try:
+        run_simulation(
+            build_server_app(overrides),
+            build_client_app(overrides),
+            num_supernodes=2,
+            backend_config={
+                "client_resources": {"num_cpus": 1, "num_gpus": 0.0},
+                "init_args": {"num_cpus": 2, "include_dashboard": False},
+            },
+        )
+    finally:
+        torch.set_num_threads(threads)
+    assert (out / "metrics.json").exists(), "the simulated ServerApp did not finish"
+    check_against_driver(spec, out)
+
+
+# ---------------------------------------------------------------------------------------------
+# The Mod and the Strategy alone (no processes): plumbing, bad replies, bad specs
+
+from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MessageType, MetricRecord, RecordDict  # noqa: E402
+from flwr.supercore.task_identity import TaskIdentity  # noqa: E402
+
+from fedcompress.flower import CLIENT_KEY, PAYLOAD_KEY, CompressedFedAvg, compression_mod  # noqa: E402
+
+NODES = {11: 0, 12: 1}  # node id -> partition id
+EXAMPLES = {0: 30, 1: 90}
+
+
+@pytest.fixture
+def task_identity():
+    # Messages need the identity flwr's runtimes set in their processes.
+    saved = (TaskIdentity._task_id, TaskIdentity._run_id, TaskIdentity._node_id)
+    TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = 1, 1, 0
+    yield
+    TaskIdentity._task_id, TaskIdentity._run_id, TaskIdentity._node_id = saved
+
+
+class StubGrid:
+    def __init__(self):
+        self.calls = 0
+
+    def get_node_ids(self):
+        self.calls += 1
+        return list(NODES)
+
+
+def small_state(seed: int) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return {
+        "fc1.weight": torch.randn(40, 37, generator=g),
+        "fc1.bias": torch.randn(40, generator=g),
+        "head.weight": torch.randn(3, 40, generator=g, dtype=torch.float64),
+        "steps": torch.tensor([seed], dtype=torch.int64),
+    }
+
+
+def local_of(glob, cid):
+    # What "training" produced on client cid: a fixed, client-specific update.
+    d = small_state(100 + cid)
+    return {k: glob[k] + (d[k] * 0.01).to(glob[k].dtype) if glob[k].is_floating_point() else glob[k] + cid + 1
+            for k in glob}  # fmt: skip
+
+
+def node_context(node: int) -> Context:
+    return Context(
+        run_id=1, node_id=node, node_config={"partition-id": NODES[node]}, state=RecordDict(), run_config={}
+    )
+
+
+def fake_train(msg: Message, ctxt: Context) -> Message:
+    glob = {k: torch.from_numpy(v.numpy().copy()) for k, v in msg.content["arrays"].items()}
+    cid = ctxt.node_config["partition-id"]
+    arrays = ArrayRecord({k: Array(v.numpy()) for k, v in local_of(glob, cid).items()})
+    metrics = MetricRecord({"num-examples": EXAMPLES[cid], "train-loss": float(cid)})
+    return Message(content=RecordDict({"arrays": arrays, "metrics": metrics}), reply_to=msg)
+
+
+def one_round(spec: str, seed: int = 5, mod_spec: str | None = None):
+    strategy = CompressedFedAvg(spec, seed=seed)
+    glob = small_state(0)
+    msgs = list(strategy.configure_train(1, ArrayRecord({k: Array(v.numpy()) for k, v in glob.items()}),
+                                         ConfigRecord(), StubGrid()))  # fmt: skip
+    mod = compression_mod(mod_spec or spec)
+    replies = [mod(m, node_context(m.metadata.dst_node_id), fake_train) for m in msgs]
+    return strategy, glob, replies
+
+
+def expected_average(spec: str, glob, seed: int, clients=(0, 1)):
+    """glob + sum_i n_i decode(encode(delta_i)) / sum_i n_i, computed here in float64."""
+    comp = fc.get_compressor(spec)
+    total = sum(EXAMPLES[c] for c in clients)
+    out = {}
+    decoded = {}
+    for c in clients:
+        delta = {k: local_of(glob, c)[k] - glob[k] for k in glob}
+        decoded[c] = comp.decompress(comp.compress(delta, fc.RoundContext(round=1, client=c, seed=seed)),
+                                     fc.RoundContext(round=1, client=c, seed=seed))  # fmt: skip
+    for k, v in glob.items():
+        avg = sum(decoded[c][k].double() * EXAMPLES[c] for c in clients) / total
+        out[k] = (v.double() + avg).to(v.dtype) if v.is_floating_point() else v + torch.round(avg).to(v.dtype)
+    return out
+
+
+def state_of(arrays: ArrayRecord):
+    return {k: torch.from_numpy(v.numpy().copy()) for k, v in arrays.items()}
+
+
+@pytest.mark.parametrize("spec", ["none", "fp16", pytest.param("mask:keep=0.25", marks=pytest.mark.skipif(
+    _missing("mask:keep=0.25") is not None, reason=str(_missing("mask:keep=0.25"))))])  # fmt: skip
+def test_mod_and_strategy_round(task_identity, spec):
+    strategy, glob, replies = one_round(spec)
+    for r in replies:
+        assert not r.has_error(), r.error
+        (rec,) = r.content.array_records.values()
+        assert list(rec) == [PAYLOAD_KEY] and rec[PAYLOAD_KEY].stype == "fedcompress.payload"
+        with pytest.raises(TypeError):  # a plain FedAvg cannot mistake it for weights
+            rec[PAYLOAD_KEY].numpy()
+    assert sorted(r.content["metrics"][CLIENT_KEY] for r in replies) == [0, 1]
+    arrays, metrics = strategy.aggregate_train(1, list(reversed(replies)))
+    got, want = state_of(arrays), expected_average(spec, glob, seed=5)
+    assert list(got) == list(glob)
+    for k in want:
+        assert got[k].dtype == glob[k].dtype
+        torch.testing.assert_close(got[k], want[k], rtol=1e-6, atol=1e-7)
+    up = sum(len(r.content.array_records["arrays"][PAYLOAD_KEY].data) for r in replies)
+    assert metrics["upstream-bytes"] == up
+    assert metrics["dense-upstream-bytes"] == 2 * fedavg_driver.dense_payload_bytes(glob)
+    assert metrics["replies-accepted"] == 2 and metrics["replies-dropped"] == 0
+    assert metrics["train-loss"] == pytest.approx(90 / 120)  # FedAvg's weighted client metric survives
+    assert CLIENT_KEY not in metrics
+    if spec == "none":
+        assert metrics["compression-ratio"] == 1.0
+    assert strategy.history[-1]["upstream-bytes"] == up
+
+
+def test_context_reaches_the_decoder(task_identity):
+    # The mask depends on (seed, round, client): decoding with another seed must give other values,
+    # so equality above proves the server rebuilt each client's RoundContext.
+    if _missing("mask:keep=0.25"):
+        pytest.skip(_missing("mask:keep=0.25"))
+    strategy, glob, replies = one_round("mask:keep=0.25", seed=5)
+    arrays, _ = strategy.aggregate_train(1, replies)
+    wrong = expected_average("mask:keep=0.25", glob, seed=6)
+    assert not torch.allclose(state_of(arrays)["fc1.weight"], wrong["fc1.weight"])
+
+
+def _corrupt(reply: Message, how: str) -> None:
+    rec = reply.content.array_records["arrays"]
+    arr = rec[PAYLOAD_KEY]
+    data = bytearray(arr.data)
+    if how == "flip":
+        data[len(data) // 2] ^= 0x40
+        rec[PAYLOAD_KEY] = Array(dtype="uint8", shape=(len(data),), stype=arr.stype, data=bytes(data))
+    elif how == "truncate":
+        rec[PAYLOAD_KEY] = Array(dtype="uint8", shape=(10,), stype=arr.stype, data=bytes(data[:10]))
+    elif how == "stype":
+        rec[PAYLOAD_KEY] = Array(dtype="uint8", shape=(len(data),), stype="numpy.ndarray", data=bytes(data))
+    elif how == "codec":
+        other = fc.get_compressor("fp16").compress({"x": torch.ones(3)}, fc.RoundContext())
+        rec[PAYLOAD_KEY] = Array(dtype="uint8", shape=(len(other),), stype=arr.stype, data=other)
+    elif how == "names":
+        other = fc.get_compressor("none").compress({"x": torch.ones(3)}, fc.RoundContext())
+        rec[PAYLOAD_KEY] = Array(dtype="uint8", shape=(len(other),), stype=arr.stype, data=other)
+    elif how == "client":
+        del reply.content["metrics"][CLIENT_KEY]
+    elif how == "weight":
+        reply.content["metrics"]["num-examples"] = -1
+    elif how == "extra-key":
+        rec["more"] = Array(torch.ones(2).numpy())
+
+
+@pytest.mark.parametrize(
+    "how", ["flip", "truncate", "stype", "codec", "names", "client", "weight", "extra-key"]
+)
+def test_bad_reply_is_dropped_and_counted(task_identity, how, caplog):
+    strategy, glob, replies = one_round("none")
+    bad = next(r for r in replies if r.content["metrics"][CLIENT_KEY] == 1)
+    _corrupt(bad, how)
+    arrays, metrics = strategy.aggregate_train(1, replies)
+    assert metrics["replies-dropped"] == 1 and metrics["replies-accepted"] == 1
+    got, want = state_of(arrays), expected_average("none", glob, seed=5, clients=(0,))
+    for k in want:
+        torch.testing.assert_close(got[k], want[k], rtol=0, atol=0)
+
+
+def test_all_replies_bad_keeps_the_model(task_identity):
+    strategy, glob, replies = one_round("none")
+    for r in replies:
+        _corrupt(r, "flip")
+    arrays, metrics = strategy.aggregate_train(1, replies)
+    assert arrays is None  # Strategy.start keeps the previous global model
+    assert metrics["replies-dropped"] == 2 and metrics["replies-accepted"] == 0
+
+
+def test_error_reply_is_counted(task_identity):
+    strategy, glob, replies = one_round("none")
+    from flwr.app import Error
+
+    replies[0] = Message(Error(code=2, reason="boom"), reply_to=Message(
+        content=RecordDict(), message_type=MessageType.TRAIN, dst_node_id=11))  # fmt: skip
+    _, metrics = strategy.aggregate_train(1, replies)
+    assert metrics["replies-failed"] == 1 and metrics["replies-accepted"] == 1
+
+
+def test_mod_refuses_a_server_with_another_spec(task_identity):
+    _, _, replies = one_round("none", mod_spec="fp16")
+    assert all(r.has_error() and "differs" in r.error.reason for r in replies)
+
+
+def test_mod_refuses_a_plain_fedavg_server(task_identity):
+    msg = Message(content=RecordDict({"arrays": ArrayRecord({"w": Array(torch.ones(2).numpy())}),
+                                      "config": ConfigRecord({"server-round": 1})}),
+                  message_type=MessageType.TRAIN, dst_node_id=11)  # fmt: skip
+    r = compression_mod("none")(msg, node_context(11), fake_train)
+    assert r.has_error() and "CompressedFedAvg" in r.error.reason
+
+
+def test_mod_passes_other_messages_through(task_identity):
+    msg = Message(content=RecordDict({"config": ConfigRecord({"x": 1})}), message_type=MessageType.EVALUATE,
+                  dst_node_id=11)  # fmt: skip
+    sentinel = Message(content=RecordDict({"metrics": MetricRecord({"acc": 0.5})}), reply_to=msg)
+    assert compression_mod("none")(msg, node_context(11), lambda m, c: sentinel) is sentinel
+
+
+@pytest.mark.parametrize("spec, word", [("bogus", "valid choices"), ("none:x=1", "valid keys"),
+                                        ("fp16:", "ends with")])  # fmt: skip
+def test_bad_spec_fails_at_construction(spec, word):
+    with pytest.raises(ValueError, match=word):
+        CompressedFedAvg(spec)
+    with pytest.raises(ValueError, match=word):
+        compression_mod(spec)
+
+
+def test_bad_seed_fails_at_construction():
+    with pytest.raises(ValueError, match="seed"):
+        CompressedFedAvg("none", seed=-1)
+
+
+def test_server_app_with_bad_spec_contacts_no_node(task_identity):
+    sys.path.insert(0, str(EXAMPLE))
+    try:
+        from fedcompress_app.server_app import build_server_app
+    finally:
+        sys.path.remove(str(EXAMPLE))
+    grid = StubGrid()
+    ctx = Context(run_id=1, node_id=0, node_config={}, state=RecordDict(), run_config={"compressor": "bogus"})
+    with pytest.raises(ValueError, match="unknown compressor"):
+        build_server_app()(grid, ctx)
+    assert grid.calls == 0
