@@ -23,6 +23,14 @@ from typing import Any
 
 EXIT_BAD_INPUT = 2
 
+# One torch thread by default, for two measured reasons: (1) on a 2-core machine shared with other
+# jobs (load average 6-8), local SGD of the CNN on 400 images (E=2, B=20) took a median 1.38 s with
+# 1 thread vs 11.0 s with 2 (OpenMP workers wait on descheduled peers), and the full 10-round
+# mnist5k run took 139 s with 1 thread vs 549 s with 2 (separate runs, similar load); (2) float
+# reductions depend on the thread count, so a fixed count keeps "same seed, same run" true whatever
+# the machine's load. On an idle machine try --threads 2.
+DEFAULT_THREADS = 1
+
 
 class BadInput(Exception):
     """Raised by handlers for user errors; main() prints it and exits with code 2."""
@@ -110,7 +118,10 @@ def add_experiment_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=_nonneg_int, default=0, help="default: %(default)s")
     p.add_argument("--device", default="cpu", help="torch device (default: %(default)s)")
     p.add_argument(
-        "--threads", type=_positive_int, default=None, help="torch.set_num_threads (default: torch's)"
+        "--threads",
+        type=_positive_int,
+        default=DEFAULT_THREADS,
+        help="torch.set_num_threads (default: %(default)s; results depend slightly on the count)",
     )
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
@@ -164,10 +175,9 @@ def load_data(cfg):
 
 
 def _setup_torch(args) -> None:
-    if args.threads is not None:
-        import torch
+    import torch
 
-        torch.set_num_threads(args.threads)
+    torch.set_num_threads(args.threads)
 
 
 # ---------------------------------------------------------------------------------------------
