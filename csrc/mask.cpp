@@ -1,5 +1,5 @@
-// Random masking on CPU: keep coordinate i of a tensor iff Philox4x32-10(counter = i, key = seed) word 0
-// <= thr_m1 (csrc/philox.h). Layers: mask bits (SIMD, one version per ISA) -> encode (compaction) /
+// Random masking on CPU: keep coordinate i of a tensor iff word i % 4 of Philox4x32-10(counter = i / 4,
+// key = seed) <= thr_m1 (csrc/philox.h). Layers: mask bits (SIMD, one version per ISA) -> encode (compaction) /
 // decode (scatter, many clients fused) on contiguous work units with OpenMP -> bindings at the end.
 //
 // Work is cut into units of kUnit elements of one tensor ("segment"); each thread takes a contiguous
@@ -30,54 +30,52 @@ constexpr int64_t kUnit = 4096;           // elements per work unit (64 mask wor
 constexpr int64_t kWords = kUnit / 64;
 
 // ---- Mask bits ------------------------------------------------------------------------------
-// mask_words(seed, start, nwords, thr_m1, bits): bits[w] bit j = keep(start + 64 w + j); start is a
-// multiple of 64, so all lanes of a word share the counter's high word.
+// mask_words(seed, start, nwords, thr_m1, bits): bits[w] bit b = keep(start + 64 w + b); start is a
+// multiple of 64, so a word covers 16 whole Philox counters that share the counter's high word.
 //
 // Why intrinsics and function multiversioning rather than target_clones on plain C++: GCC 12
-// vectorises the 32x32->64 multiply of plain code as a full 64x64 multiply (3 vpmuludq + shifts), or
-// with lane shuffles, measured at 120-170 Melem/s per core; holding each 32-bit lane in a 64-bit lane
-// lets one vpmuludq do the whole product with no masking (it reads only the low halves), 6 ops per 8
-// lanes per round. One build still runs everywhere: GCC dispatches on the CPU at load time (ifunc).
+// vectorises the 32x32->64 multiply of plain code as a full 64x64 multiply (3 vpmuludq + shifts) or
+// with lane shuffles, measured at 120-170 Melem/s per core for one call per element; holding each
+// 32-bit word in a 64-bit lane lets one vpmuludq do the whole product with no masking (it reads only
+// the low halves): 6 ops per 8 counters per round. One build still runs everywhere: GCC picks the
+// version for the CPU once, at first use (set_isa below can force a lower one, for tests).
 
-// Round constants as 64-bit lanes.
-#define FC_PHILOX_PREP(SET1)                                                                 \
-  const uint32_t k0 = static_cast<uint32_t>(seed), k1 = static_cast<uint32_t>(seed >> 32); \
-  const uint32_t chi = static_cast<uint32_t>(start >> 32);
+// Element 4j + q of a group draws word q of counter j: spread the per-word compare masks (bit j)
+// to bit 4j + q.
+#define FC_PHILOX_KEYS(SET1, VEC)                                                             \
+  const uint32_t k0 = static_cast<uint32_t>(seed), k1 = static_cast<uint32_t>(seed >> 32);   \
+  const uint32_t chi = static_cast<uint32_t>((start >> 2) >> 32);                            \
+  VEC rk0[philox::kRounds], rk1[philox::kRounds];                                            \
+  for (int r = 0; r < philox::kRounds; ++r) {                                                \
+    rk0[r] = SET1(static_cast<uint32_t>(k0 + r * philox::kBump0));                           \
+    rk1[r] = SET1(static_cast<uint32_t>(k1 + r * philox::kBump1));                           \
+  }                                                                                          \
+  /* round 1 has c1 = chi, c2 = c3 = 0, so c0' = chi ^ k0 for every lane and round 2's first \
+     product is a scalar constant */                                                         \
+  const uint64_t p0r2 = static_cast<uint64_t>(philox::kMul0) * (chi ^ k0);                   \
+  const VEC c3r2 = SET1(static_cast<uint32_t>(p0r2));                                        \
+  const VEC hi0r2 = SET1((p0r2 >> 32) ^ static_cast<uint32_t>(k1 + philox::kBump1));
 
-__attribute__((target("avx512f"))) void mask_words(uint64_t seed, uint64_t start, int64_t nwords,
-                                                    uint32_t thr_m1, uint64_t* bits) {
-  FC_PHILOX_PREP()
+__attribute__((target("avx512f,bmi2"))) void mask_words_avx512(uint64_t seed, uint64_t start, int64_t nwords,
+                                                         uint32_t thr_m1, uint64_t* bits) {
+  FC_PHILOX_KEYS(_mm512_set1_epi64, __m512i)
   const __m512i m0 = _mm512_set1_epi64(philox::kMul0), m1 = _mm512_set1_epi64(philox::kMul1);
   const __m512i lo32 = _mm512_set1_epi64(0xFFFFFFFFull), thr = _mm512_set1_epi64(thr_m1);
-  __m512i rk0[philox::kRounds], rk1[philox::kRounds];
-  for (int r = 0; r < philox::kRounds; ++r) {
-    rk0[r] = _mm512_set1_epi64(static_cast<uint32_t>(k0 + r * philox::kBump0));
-    rk1[r] = _mm512_set1_epi64(static_cast<uint32_t>(k1 + r * philox::kBump1));
-  }
-  // Round 1 with c1 = chi, c2 = c3 = 0: c0' = chi ^ k0 for every lane, so round 2's first product is
-  // a scalar constant.
-  const uint32_t a1 = chi ^ k0;
-  const uint64_t p0r2 = static_cast<uint64_t>(philox::kMul0) * a1;
-  const __m512i c3r2 = _mm512_set1_epi64(static_cast<uint32_t>(p0r2));
-  const __m512i hi0r2 = _mm512_set1_epi64((p0r2 >> 32) ^ static_cast<uint32_t>(k1 + philox::kBump1));
   const __m512i step = _mm512_set_epi64(7, 6, 5, 4, 3, 2, 1, 0);
   for (int64_t w = 0; w < nwords; ++w) {
-    const uint32_t base_lo = static_cast<uint32_t>(start) + static_cast<uint32_t>(w * 64);
+    const uint32_t ctr_lo = static_cast<uint32_t>((start >> 2) + w * 16);
     uint64_t word = 0;
-    for (int v = 0; v < 8; ++v) {
-      __m512i c0 = _mm512_add_epi64(_mm512_set1_epi64(base_lo + v * 8), step);  // low 32 bits matter
-      // round 1
-      __m512i p0 = _mm512_mul_epu32(c0, m0);
+    for (int v = 0; v < 2; ++v) {  // 2 x 8 counters = 64 elements
+      __m512i c0 = _mm512_add_epi64(_mm512_set1_epi64(ctr_lo + v * 8), step);  // low 32 bits matter
+      __m512i p0 = _mm512_mul_epu32(c0, m0);                                    // round 1
       __m512i c2 = _mm512_xor_si512(_mm512_srli_epi64(p0, 32), rk1[0]);
       __m512i c3 = p0;
-      // round 2: c0 = a1 (constant), c1 = 0
-      __m512i p1 = _mm512_mul_epu32(c2, m1);
+      __m512i p1 = _mm512_mul_epu32(c2, m1);  // round 2: c0 = chi ^ k0, c1 = 0
       c0 = _mm512_xor_si512(_mm512_srli_epi64(p1, 32), rk0[1]);
       __m512i c1 = p1;
       c2 = _mm512_xor_si512(hi0r2, c3);
       c3 = c3r2;
-      // rounds 3..9
-      for (int r = 2; r < philox::kRounds - 1; ++r) {
+      for (int r = 2; r < philox::kRounds; ++r) {
         p0 = _mm512_mul_epu32(c0, m0);
         p1 = _mm512_mul_epu32(c2, m1);
         c0 = _mm512_ternarylogic_epi64(_mm512_srli_epi64(p1, 32), c1, rk0[r], 0x96);  // a ^ b ^ c
@@ -85,36 +83,33 @@ __attribute__((target("avx512f"))) void mask_words(uint64_t seed, uint64_t start
         c1 = p1;
         c3 = p0;
       }
-      // round 10: only word 0
-      p1 = _mm512_mul_epu32(c2, m1);
-      c0 = _mm512_ternarylogic_epi64(_mm512_srli_epi64(p1, 32), c1, rk0[philox::kRounds - 1], 0x96);
-      const __mmask8 keep = _mm512_cmple_epu64_mask(_mm512_and_si512(c0, lo32), thr);
-      word |= static_cast<uint64_t>(keep) << (v * 8);
+      const uint64_t q0 = _mm512_cmple_epu64_mask(_mm512_and_si512(c0, lo32), thr);
+      const uint64_t q1 = _mm512_cmple_epu64_mask(_mm512_and_si512(c1, lo32), thr);
+      const uint64_t q2 = _mm512_cmple_epu64_mask(_mm512_and_si512(c2, lo32), thr);
+      const uint64_t q3 = _mm512_cmple_epu64_mask(_mm512_and_si512(c3, lo32), thr);
+      const uint64_t g = _pdep_u64(q0, 0x11111111ull) | _pdep_u64(q1, 0x22222222ull) |
+                         _pdep_u64(q2, 0x44444444ull) | _pdep_u64(q3, 0x88888888ull);
+      word |= g << (v * 32);
     }
     bits[w] = word;
   }
 }
 
-__attribute__((target("avx2"))) void mask_words(uint64_t seed, uint64_t start, int64_t nwords,
-                                                 uint32_t thr_m1, uint64_t* bits) {
-  FC_PHILOX_PREP()
+__attribute__((target("avx2,bmi2"))) void mask_words_avx2(uint64_t seed, uint64_t start, int64_t nwords,
+                                                      uint32_t thr_m1, uint64_t* bits) {
+  FC_PHILOX_KEYS(_mm256_set1_epi64x, __m256i)
   const __m256i m0 = _mm256_set1_epi64x(philox::kMul0), m1 = _mm256_set1_epi64x(philox::kMul1);
   const __m256i lo32 = _mm256_set1_epi64x(0xFFFFFFFFll), thr = _mm256_set1_epi64x(thr_m1);
-  __m256i rk0[philox::kRounds], rk1[philox::kRounds];
-  for (int r = 0; r < philox::kRounds; ++r) {
-    rk0[r] = _mm256_set1_epi64x(static_cast<uint32_t>(k0 + r * philox::kBump0));
-    rk1[r] = _mm256_set1_epi64x(static_cast<uint32_t>(k1 + r * philox::kBump1));
-  }
-  const uint32_t a1 = chi ^ k0;
-  const uint64_t p0r2 = static_cast<uint64_t>(philox::kMul0) * a1;
-  const __m256i c3r2 = _mm256_set1_epi64x(static_cast<uint32_t>(p0r2));
-  const __m256i hi0r2 = _mm256_set1_epi64x((p0r2 >> 32) ^ static_cast<uint32_t>(k1 + philox::kBump1));
   const __m256i step = _mm256_set_epi64x(3, 2, 1, 0);
+  // words are < 2^32 after masking, so the signed 64-bit compare is exact
+#define FC_KEEP4(c)                                                                                      \
+  (~static_cast<uint64_t>(_mm256_movemask_pd(_mm256_castsi256_pd(_mm256_cmpgt_epi64(_mm256_and_si256(c, lo32), thr)))) & \
+   0xFull)
   for (int64_t w = 0; w < nwords; ++w) {
-    const uint32_t base_lo = static_cast<uint32_t>(start) + static_cast<uint32_t>(w * 64);
+    const uint32_t ctr_lo = static_cast<uint32_t>((start >> 2) + w * 16);
     uint64_t word = 0;
-    for (int v = 0; v < 16; ++v) {
-      __m256i c0 = _mm256_add_epi64(_mm256_set1_epi64x(base_lo + v * 4), step);
+    for (int v = 0; v < 4; ++v) {  // 4 x 4 counters = 64 elements
+      __m256i c0 = _mm256_add_epi64(_mm256_set1_epi64x(ctr_lo + v * 4), step);
       __m256i p0 = _mm256_mul_epu32(c0, m0);
       __m256i c2 = _mm256_xor_si256(_mm256_srli_epi64(p0, 32), rk1[0]);
       __m256i c3 = p0;
@@ -123,7 +118,7 @@ __attribute__((target("avx2"))) void mask_words(uint64_t seed, uint64_t start, i
       __m256i c1 = p1;
       c2 = _mm256_xor_si256(hi0r2, c3);
       c3 = c3r2;
-      for (int r = 2; r < philox::kRounds - 1; ++r) {
+      for (int r = 2; r < philox::kRounds; ++r) {
         p0 = _mm256_mul_epu32(c0, m0);
         p1 = _mm256_mul_epu32(c2, m1);
         c0 = _mm256_xor_si256(_mm256_xor_si256(_mm256_srli_epi64(p1, 32), c1), rk0[r]);
@@ -131,42 +126,44 @@ __attribute__((target("avx2"))) void mask_words(uint64_t seed, uint64_t start, i
         c1 = p1;
         c3 = p0;
       }
-      p1 = _mm256_mul_epu32(c2, m1);
-      c0 = _mm256_xor_si256(_mm256_xor_si256(_mm256_srli_epi64(p1, 32), c1), rk0[philox::kRounds - 1]);
-      // values are < 2^32 after masking, so the signed 64-bit compare is exact
-      const __m256i drop = _mm256_cmpgt_epi64(_mm256_and_si256(c0, lo32), thr);
-      const uint64_t keep = ~static_cast<unsigned>(_mm256_movemask_pd(_mm256_castsi256_pd(drop))) & 0xFu;
-      word |= keep << (v * 4);
+      const uint64_t g = _pdep_u64(FC_KEEP4(c0), 0x1111ull) | _pdep_u64(FC_KEEP4(c1), 0x2222ull) |
+                         _pdep_u64(FC_KEEP4(c2), 0x4444ull) | _pdep_u64(FC_KEEP4(c3), 0x8888ull);
+      word |= g << (v * 16);
     }
     bits[w] = word;
   }
 }
 
-__attribute__((target("default"))) void mask_words(uint64_t seed, uint64_t start, int64_t nwords,
+void mask_words_scalar(uint64_t seed, uint64_t start, int64_t nwords,
                                                     uint32_t thr_m1, uint64_t* bits) {
   for (int64_t w = 0; w < nwords; ++w) {
     uint64_t word = 0;
-    for (int j = 0; j < 64; ++j)
-      word |= static_cast<uint64_t>(philox::keep(start + w * 64 + j, seed, thr_m1)) << j;
+    for (int j = 0; j < 16; ++j) {
+      const uint64_t ctr = (start >> 2) + w * 16 + j;
+      uint32_t c[4] = {static_cast<uint32_t>(ctr), static_cast<uint32_t>(ctr >> 32), 0u, 0u};
+      philox::philox4x32_10(c, static_cast<uint32_t>(seed), static_cast<uint32_t>(seed >> 32));
+      for (int q = 0; q < 4; ++q) word |= static_cast<uint64_t>(c[q] <= thr_m1) << (4 * j + q);
+    }
     bits[w] = word;
   }
 }
-#undef FC_PHILOX_PREP
-
-// Bits of elements [start, start + n) of one unit; bits past n cleared. Returns the kept count.
-static inline int64_t unit_bits(uint64_t seed, uint64_t start, int64_t n, uint32_t thr_m1, uint64_t* bits) {
-  const int64_t nw = (n + 63) / 64;
-  mask_words(seed, start, nw, thr_m1, bits);
-  if (n % 64) bits[nw - 1] &= (uint64_t{1} << (n % 64)) - 1;
-  int64_t c = 0;
-  for (int64_t w = 0; w < nw; ++w) c += __builtin_popcountll(bits[w]);
-  return c;
-}
+#undef FC_KEEP4
+#undef FC_PHILOX_KEYS
 
 // ---- Compaction and scatter (per unit) ------------------------------------------------------
-__attribute__((target_clones("avx512f", "avx2", "default"))) void compact_unit(const uint64_t* bits,
-                                                                                int64_t n, const float* x,
-                                                                                float* out) {
+// AVX-512 has the two instructions this wants: vcompressps (encode: kept values packed in order) and
+// vexpandps (decode: packed values spread to the kept lanes); elsewhere a ctz loop over the set bits.
+
+__attribute__((target("avx512f"))) void compact_unit_avx512(const uint64_t* bits, int64_t n, const float* x, float* out) {
+  for (int64_t j = 0; j < n; j += 16) {
+    const __mmask16 m = static_cast<__mmask16>(bits[j >> 6] >> (j & 63));
+    if (!m) continue;
+    _mm512_mask_compressstoreu_ps(out, m, _mm512_maskz_loadu_ps(m, x + j));  // masked: no read past n
+    out += __builtin_popcount(m);
+  }
+}
+
+void compact_unit_scalar(const uint64_t* bits, int64_t n, const float* x, float* out) {
   const int64_t nw = (n + 63) / 64;
   for (int64_t w = 0; w < nw; ++w) {
     uint64_t b = bits[w];
@@ -178,21 +175,87 @@ __attribute__((target_clones("avx512f", "avx2", "default"))) void compact_unit(c
   }
 }
 
-template <bool kAccumulate>
-static inline void scatter_unit(const uint64_t* bits, int64_t n, const float* v, float wgt, float* out) {
+// accumulate=false: out[0, n) = v * wgt at kept positions, 0 elsewhere (every element written).
+// accumulate=true:  out[i] += v * wgt at kept positions only (float32 multiply, then add; no FMA).
+__attribute__((target("avx512f"))) void scatter_unit_avx512(const uint64_t* bits, int64_t n, const float* v, float wgt,
+                                                     float* out, bool accumulate) {
+  const __m512 w = _mm512_set1_ps(wgt);
+  for (int64_t j = 0; j < n; j += 16) {
+    const __mmask16 m = static_cast<__mmask16>(bits[j >> 6] >> (j & 63));
+    const __mmask16 valid = n - j >= 16 ? __mmask16(0xFFFF) : static_cast<__mmask16>((1u << (n - j)) - 1);
+    if (accumulate) {
+      if (!m) continue;
+      const __m512 add = _mm512_mul_ps(_mm512_maskz_expandloadu_ps(m, v), w);
+      const __m512 o = _mm512_maskz_loadu_ps(valid, out + j);
+      _mm512_mask_storeu_ps(out + j, valid, _mm512_mask_add_ps(o, m, o, add));
+    } else {
+      _mm512_mask_storeu_ps(out + j, valid, _mm512_maskz_mul_ps(m, _mm512_maskz_expandloadu_ps(m, v), w));
+    }
+    v += __builtin_popcount(m);
+  }
+}
+
+void scatter_unit_scalar(const uint64_t* bits, int64_t n, const float* v, float wgt,
+                                                     float* out, bool accumulate) {
+  if (!accumulate) std::memset(out, 0, sizeof(float) * n);
   const int64_t nw = (n + 63) / 64;
   for (int64_t w = 0; w < nw; ++w) {
     uint64_t b = bits[w];
     float* ow = out + w * 64;
     while (b) {
       const int j = __builtin_ctzll(b);
-      if (kAccumulate)
-        ow[j] += *v++ * wgt;
+      const float add = *v++ * wgt;
+      if (accumulate)
+        ow[j] += add;
       else
-        ow[j] = *v++ * wgt;
+        ow[j] = add;
       b &= b - 1;
     }
   }
+}
+
+// ---- Dispatch ---------------------------------------------------------------------------------
+enum Isa { kScalar = 0, kAvx2 = 1, kAvx512 = 2 };
+
+static int best_isa() {
+  __builtin_cpu_init();
+  if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("bmi2")) return kAvx512;
+  if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("bmi2")) return kAvx2;
+  return kScalar;
+}
+
+static int& isa() {
+  static int level = best_isa();
+  return level;
+}
+
+static inline void mask_words(uint64_t seed, uint64_t start, int64_t nwords, uint32_t thr_m1, uint64_t* bits) {
+  switch (isa()) {
+    case kAvx512: return mask_words_avx512(seed, start, nwords, thr_m1, bits);
+    case kAvx2: return mask_words_avx2(seed, start, nwords, thr_m1, bits);
+    default: return mask_words_scalar(seed, start, nwords, thr_m1, bits);
+  }
+}
+
+static inline void compact_unit(const uint64_t* bits, int64_t n, const float* x, float* out) {
+  if (isa() == kAvx512) return compact_unit_avx512(bits, n, x, out);
+  compact_unit_scalar(bits, n, x, out);
+}
+
+static inline void scatter_unit(const uint64_t* bits, int64_t n, const float* v, float wgt, float* out,
+                                bool accumulate) {
+  if (isa() == kAvx512) return scatter_unit_avx512(bits, n, v, wgt, out, accumulate);
+  scatter_unit_scalar(bits, n, v, wgt, out, accumulate);
+}
+
+// Bits of elements [start, start + n) of one unit; bits past n cleared. Returns the kept count.
+static inline int64_t unit_bits(uint64_t seed, uint64_t start, int64_t n, uint32_t thr_m1, uint64_t* bits) {
+  const int64_t nw = (n + 63) / 64;
+  mask_words(seed, start, nw, thr_m1, bits);
+  if (n % 64) bits[nw - 1] &= (uint64_t{1} << (n % 64)) - 1;
+  int64_t c = 0;
+  for (int64_t w = 0; w < nw; ++w) c += __builtin_popcountll(bits[w]);
+  return c;
 }
 
 struct Unit {
@@ -331,15 +394,10 @@ static py::tuple mask_decode_py(const std::vector<py::array_t<float, py::array::
 #pragma omp parallel for schedule(static)
       for (int64_t u = 0; u < nu; ++u) {
         float* o = op + seg_off[units[u].seg] + units[u].start;
-        std::memset(o, 0, sizeof(float) * units[u].len);
-        for (int64_t c = 0; c < C; ++c) {
-          const uint64_t* b = bits.data() + (c * nu + u) * kWords;
-          const float* v = vptr[c] + offs[c * nu + u];
-          if (accumulate)
-            scatter_unit<true>(b, units[u].len, v, wp[c], o);
-          else
-            scatter_unit<false>(b, units[u].len, v, wp[c], o);
-        }
+        if (accumulate) std::memset(o, 0, sizeof(float) * units[u].len);
+        for (int64_t c = 0; c < C; ++c)
+          scatter_unit(bits.data() + (c * nu + u) * kWords, units[u].len, vptr[c] + offs[c * nu + u], wp[c], o,
+                       accumulate);
       }
     }
   }
@@ -359,6 +417,14 @@ FC_BIND([](py::module_& m) {
   m.def("mask_decode", &mask_decode_py, py::arg("vals"), py::arg("expected"), py::arg("seeds"), py::arg("lens"),
         py::arg("weights"), py::arg("thr_m1"), py::arg("accumulate"), py::arg("out"),
         "Random mask decode / fused weighted sum over clients; returns (bad index or -1, regenerated count)");
+  m.def("mask_isa", []() { return std::string(mask_detail::isa() == 2 ? "avx512" : mask_detail::isa() == 1 ? "avx2" : "scalar"); },
+        "SIMD level the mask kernels use");
+  m.def("mask_set_isa", [](const std::string& name) {
+    const int want = name == "avx512" ? 2 : name == "avx2" ? 1 : name == "scalar" ? 0 : -1;
+    if (want < 0) throw py::value_error("isa must be one of avx512, avx2, scalar");
+    if (want > mask_detail::best_isa()) throw py::value_error("this CPU does not support isa " + name);
+    mask_detail::isa() = want;
+  }, py::arg("isa"), "Force the mask kernels' SIMD level (tests); at most what the CPU supports");
   m.def("philox4x32", &philox4x32_py, py::arg("c0"), py::arg("c1"), py::arg("c2"), py::arg("c3"), py::arg("key"),
         "Philox4x32-10 output words for counter (c0..c3) and key (lo, hi) = (key & 0xFFFFFFFF, key >> 32)");
 });

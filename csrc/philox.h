@@ -1,12 +1,14 @@
 // Philox4x32-10 (Salmon et al., SC'11; the Random123 generator), as pure functions shared by the
 // C++ kernels (csrc/mask.cpp) and the CUDA kernel (csrc/cuda/mask.cu).
 //
-// Convention (the one Triton's tl.randint uses, so a Triton kernel can call it directly):
+// Convention (Triton's tl.randint4x, so a Triton kernel can call it directly):
 //   key     = (seed & 0xFFFFFFFF, seed >> 32)
-//   counter = (index & 0xFFFFFFFF, index >> 32, 0, 0)
-//   element `index` gets word 0 of the output.
-// Known answer (Random123 kat_vectors): key 0, counter 0 -> 6627e8d5 e169c58d bc57ac4c 9b00dbd8.
-// A coordinate is kept iff that word <= thr_m1 (an integer decision, so every backend agrees).
+//   counter = (j & 0xFFFFFFFF, j >> 32, 0, 0) with j = index / 4
+//   element `index` gets output word index % 4: one Philox call serves 4 consecutive elements (4x
+//   less work than one call per element: the mask kernels are bound by these multiplies).
+// Known answer (Random123 kat_vectors): key 0, counter 0 -> 6627e8d5 e169c58d bc57ac4c 9b00dbd8,
+// so with seed 0 elements 0..3 draw those four words.
+// A coordinate is kept iff its word <= thr_m1 (an integer decision, so every backend agrees).
 #pragma once
 #include <stdint.h>
 
@@ -37,9 +39,12 @@ FC_HD void round(uint32_t& c0, uint32_t& c1, uint32_t& c2, uint32_t& c3, uint32_
   c2 = n2;
 }
 
-// The full generator: ctr is overwritten by the 4 output words (used by the known-answer tests).
+// The full generator: ctr is overwritten by the 4 output words.
 FC_HD void philox4x32_10(uint32_t ctr[4], uint32_t k0, uint32_t k1) {
   uint32_t c0 = ctr[0], c1 = ctr[1], c2 = ctr[2], c3 = ctr[3];
+#if defined(__CUDACC__)
+#pragma unroll
+#endif
   for (int r = 0; r < kRounds; ++r) {
     round(c0, c1, c2, c3, k0, k1);
     k0 += kBump0;
@@ -51,24 +56,16 @@ FC_HD void philox4x32_10(uint32_t ctr[4], uint32_t k0, uint32_t k1) {
   ctr[3] = c3;
 }
 
-// Word 0 of Philox4x32-10 for counter (index_lo, index_hi, 0, 0), key = seed. Written out with
-// constants so a compiler can fold round 1 (c2 = c3 = 0) and drop the unused words of round 10.
-FC_HD uint32_t first_word(uint64_t index, uint64_t seed) {
-  uint32_t c0 = static_cast<uint32_t>(index), c1 = static_cast<uint32_t>(index >> 32), c2 = 0, c3 = 0;
-  uint32_t k0 = static_cast<uint32_t>(seed), k1 = static_cast<uint32_t>(seed >> 32);
-#if defined(__CUDACC__)
-#pragma unroll
-#endif
-  for (int r = 0; r < kRounds; ++r) {
-    round(c0, c1, c2, c3, k0, k1);
-    k0 += kBump0;
-    k1 += kBump1;
-  }
-  return c0;
+// The 32-bit word element `index` draws.
+FC_HD uint32_t mask_word(uint64_t index, uint64_t seed) {
+  const uint64_t j = index >> 2;
+  uint32_t ctr[4] = {static_cast<uint32_t>(j), static_cast<uint32_t>(j >> 32), 0u, 0u};
+  philox4x32_10(ctr, static_cast<uint32_t>(seed), static_cast<uint32_t>(seed >> 32));
+  return ctr[index & 3];
 }
 
 // Keep decision for one coordinate.
-FC_HD bool keep(uint64_t index, uint64_t seed, uint32_t thr_m1) { return first_word(index, seed) <= thr_m1; }
+FC_HD bool keep(uint64_t index, uint64_t seed, uint32_t thr_m1) { return mask_word(index, seed) <= thr_m1; }
 
 }  // namespace philox
 }  // namespace fc

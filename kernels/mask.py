@@ -1,8 +1,9 @@
 """Random-mask kernels in Triton. Reference: fedcompress/codecs/mask.py (mask_encode_ref, mask_decode_ref).
 
-The keep decision is ``tl.randint(seed, i) <= thr_m1``: tl.randint is word 0 of Philox4x32-10 with key
-(seed lo, seed hi) and counter (i lo, i hi, 0, 0), the convention of the reference and csrc/philox.h,
-so the same bits come out of every backend.
+The keep decision is ``word <= thr_m1`` where element i draws word i % 4 of ``tl.randint4x(seed, i // 4)``
+(Philox4x32-10, key (seed lo, seed hi), counter (i//4 lo, i//4 hi, 0, 0)): the convention of the
+reference and csrc/philox.h, so the same bits come out of every backend. One Philox call per four
+elements; tl.interleave puts the four words back in element order.
 
 Work is cut into units of BLOCK elements of one tensor ("segment"); unit tables are built on the host
 with a few torch ops. Encode: count kernel (kept per unit) -> exclusive cumsum -> compact kernel
@@ -25,10 +26,12 @@ _M64 = (1 << 64) - 1
 @triton.jit
 def _keep_block(seed, start, n_valid, thr_m1, BLOCK: tl.constexpr):
     """Kept flags of elements start .. start + BLOCK - 1 (False past n_valid), and the local lane ids."""
+    # start is a multiple of BLOCK (a multiple of 4): counters start/4 .. start/4 + BLOCK/4 - 1
+    ctr = start // 4 + tl.arange(0, BLOCK // 4).to(tl.int64)
+    w0, w1, w2, w3 = tl.randint4x(seed, ctr)
+    word = tl.interleave(tl.interleave(w0, w2), tl.interleave(w1, w3))  # w0[j] w1[j] w2[j] w3[j] ...
     lane = tl.arange(0, BLOCK)
-    idx = start + lane.to(tl.int64)
-    word = tl.randint(seed, idx).to(tl.uint32, bitcast=True).to(tl.int64)
-    keep = (word <= thr_m1) & (lane < n_valid)
+    keep = (word.to(tl.uint32, bitcast=True).to(tl.int64) <= thr_m1) & (lane < n_valid)
     return keep, lane
 
 

@@ -65,12 +65,46 @@ def test_philox_known_answers_cpp(ctr, key, want):
     assert C.philox4x32(*ctr, key[0] | (key[1] << 32)) == want
 
 
-def test_first_word_is_triton_randint_convention():
-    # tl.randint(seed=0, offset=0) is 0x6627e8d5 (notes/triton-interpreter.md); index 2^32 + 5 uses c1
-    assert int(M.mask_words_ref(0, 1, 0)[0]) == 0x6627E8D5
-    idx = (1 << 32) + 5
+def test_element_words_follow_triton_randint4x_convention():
+    # element i draws word i % 4 of Philox(counter i // 4): with seed 0, elements 0..3 are the KAT words
+    # (tl.randint(0, 0) = 0x6627e8d5, notes/triton-interpreter.md); counter 2^32 + 5 sets c1
+    assert tuple(int(w) for w in M.mask_words_ref(0, 4, 0)) == KAT[0][2]
+    assert tuple(int(w) for w in M.mask_words_ref(3, 2, 0))[0] == KAT[0][2][3]
+    j = (1 << 32) + 5
     c = [torch.tensor([v]) for v in (5, 1, 0, 0)]
-    assert int(M.mask_words_ref(idx, 1, 99)[0]) == int(M.philox4x32_ref(*c, 99)[0])
+    want = [int(w) for w in M.philox4x32_ref(*c, 99)]
+    assert [int(w) for w in M.mask_words_ref(4 * j, 4, 99)] == want
+    assert int(M.mask_words_ref(4 * j + 2, 1, 99)[0]) == want[2]
+
+
+@pytest.mark.parametrize("isa", ["scalar", "avx2", "avx512"])
+def test_cpp_simd_levels_agree_with_reference(isa):
+    C = _native()
+    if C is None:
+        pytest.skip("extension not built")
+    old = C.mask_isa()
+    try:
+        C.mask_set_isa(isa)
+    except ValueError as e:
+        pytest.skip(str(e))
+    try:
+        for n, seed in [(1, 0), (7, 3), (64 * 5 + 13, 2**64 - 1), (4096 * 3 + 100, 2**40 + 1)]:
+            for keep in (0.05, 0.5, 1.0):
+                x = torch.randn(n)
+                thr = M.keep_threshold(keep)
+                vals, counts = M.mask_encode_cpp([x], [seed], thr)
+                m = _mask_by_hand(n, seed, keep)
+                assert torch.equal(vals, x[torch.from_numpy(m)]), (isa, n, seed, keep)
+                dec = M.mask_decode_cpp([vals], [[counts[0]]], [[seed]], [n], [2.0], thr, False)
+                want = np.zeros(n, dtype=np.float32)
+                want[m] = x.numpy()[m] * 2
+                assert torch.equal(dec, torch.from_numpy(want))
+                acc = M.mask_decode_cpp([vals, vals], [[counts[0]]] * 2, [[seed]] * 2, [n], [0.5, 0.25], thr, True)
+                want2 = np.zeros(n, dtype=np.float32)
+                want2[m] = x.numpy()[m] * np.float32(0.5) + x.numpy()[m] * np.float32(0.25)
+                assert torch.equal(acc, torch.from_numpy(want2))
+    finally:
+        C.mask_set_isa(old)
 
 
 # ---------------------------------------------------------------------------------------------

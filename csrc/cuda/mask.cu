@@ -2,7 +2,9 @@
 // the torch reference and kernels/mask.py. Not built by setup.py on machines without a CUDA torch and
 // nvcc; tests/test_mask.py compiles it with `nvcc -c -std=c++17 -Icsrc csrc/cuda/mask.cu`.
 //
-// One tensor per launch; a tile of kTile = 4096 elements per block (the C++ unit). Encode is two
+// One tensor per launch; a tile of kTile = 4096 elements per block (the C++ unit). Each thread calls
+// philox::keep per element (one Philox per element, 4x the minimum since a call yields 4 elements'
+// words): simple, and compute is cheap next to memory on a GPU; the Triton kernel shares calls. Encode is two
 // launches around an exclusive scan of the per-tile counts (done by the caller, e.g. torch.cumsum):
 //   mask_count  -> counts[tile]          (kept per tile)
 //   mask_compact-> out[offsets[tile] + rank] = x[i] for kept i, in index order

@@ -1,0 +1,159 @@
+"""Random mask benchmarks: fedcompress backends beside naive torch masking, on the same inputs.
+
+    python -m pytest bench/bench_mask.py --benchmark-only --benchmark-columns=min,median,max,rounds
+
+Groups:
+  encode-25M   25M float32, keep=0.1: fedcompress C++ (kernel op; full RandomMask.encode to bytes),
+               naive torch ``x[torch.rand(n) < p]``, ``randperm`` + indices, and memcpy (x.clone()).
+  decode_mean-100x1M   100 clients x 1M float32, keep=0.1: fedcompress C++ fused decode_mean (from
+               bytes), naive per-client torch loop regenerating the mask with torch.rand, and a
+               per-client index_add_ loop with sent indices (the randperm + indices peers).
+Triton rows appear only with a CUDA device (interpreter timings are not speed). GB/s of input floats
+is in extra_info (``--benchmark-json``); docs/mask.md has the table.
+"""
+
+import pytest
+import torch
+
+import fedcompress as fc
+from fedcompress import _ops
+from fedcompress.codecs import mask as M
+
+N_ENCODE = 25_000_000
+N_CLIENT, CLIENTS = 1_000_000, 100
+KEEP = 0.1
+THR = M.keep_threshold(KEEP)
+
+
+def _has(backend: str, device: str = "cpu") -> bool:
+    return _ops.available("mask_encode", backend, device)[0] and not (
+        backend == "triton" and device == "cpu"
+    )
+
+
+def _run(benchmark, fn, nbytes, rounds=7):
+    benchmark.extra_info["input_GB"] = nbytes / 1e9
+    out = benchmark.pedantic(fn, rounds=rounds, iterations=1, warmup_rounds=1)
+    benchmark.extra_info["GB/s (median)"] = nbytes / 1e9 / benchmark.stats.stats.median
+    return out
+
+
+@pytest.fixture(scope="module")
+def x25():
+    return torch.randn(N_ENCODE, generator=torch.Generator().manual_seed(0))
+
+
+# ---------------------------------------------------------------------------------------------
+# encode
+
+
+@pytest.mark.benchmark(group="encode-25M")
+def test_encode_fedcompress_cpp_op(benchmark, x25):
+    if not _has("cpp"):
+        pytest.skip("extension not built")
+    fn = _ops.get("mask_encode", "cpu", "cpp")
+    _run(benchmark, lambda: fn([x25], [1234], THR), x25.numel() * 4)
+
+
+@pytest.mark.benchmark(group="encode-25M")
+def test_encode_fedcompress_cpp_bytes(benchmark, x25):
+    if not _has("cpp"):
+        pytest.skip("extension not built")
+    rm = fc.RandomMask(KEEP, backend="cpp")
+    blob = _run(benchmark, lambda: rm.encode(x25, seed=1234), x25.numel() * 4)
+    benchmark.extra_info["payload_bytes"] = len(blob)
+
+
+@pytest.mark.benchmark(group="encode-25M")
+def test_encode_fedcompress_triton_cuda(benchmark, x25):
+    if not torch.cuda.is_available() or not _ops.available("mask_encode", "triton", "cuda")[0]:
+        pytest.skip("no CUDA")
+    xc = x25.cuda()
+    fn = _ops.get("mask_encode", "cuda", "triton")
+
+    def run():
+        out = fn([xc], [1234], THR)
+        torch.cuda.synchronize()
+        return out
+
+    _run(benchmark, run, x25.numel() * 4)
+
+
+@pytest.mark.benchmark(group="encode-25M")
+def test_encode_naive_torch_rand(benchmark, x25):
+    g = torch.Generator().manual_seed(1234)
+    _run(benchmark, lambda: x25[torch.rand(x25.numel(), generator=g) < KEEP], x25.numel() * 4)
+
+
+@pytest.mark.benchmark(group="encode-25M")
+def test_encode_naive_torch_randperm_indices(benchmark, x25):
+    g = torch.Generator().manual_seed(1234)
+    k = int(KEEP * x25.numel())
+
+    def run():
+        idx = torch.randperm(x25.numel(), generator=g)[:k]
+        return idx, x25[idx]
+
+    _run(benchmark, run, x25.numel() * 4, rounds=3)
+
+
+@pytest.mark.benchmark(group="encode-25M")
+def test_encode_memcpy(benchmark, x25):
+    _run(benchmark, lambda: x25.clone(), x25.numel() * 4)
+
+
+# ---------------------------------------------------------------------------------------------
+# server side: decode_mean of 100 clients x 1M
+
+
+@pytest.fixture(scope="module")
+def clients():
+    g = torch.Generator().manual_seed(1)
+    xs = [torch.randn(N_CLIENT, generator=g) for _ in range(CLIENTS)]
+    seeds = [1000 + c for c in range(CLIENTS)]
+    rm = fc.RandomMask(KEEP, backend="cpp" if _has("cpp") else "torch")
+    blobs = [rm.encode(x, seed=s) for x, s in zip(xs, seeds)]
+    # what the naive torch client would send: values under its own torch.rand mask / randperm indices
+    naive_vals, naive_idx = [], []
+    for x, s in zip(xs, seeds):
+        gg = torch.Generator().manual_seed(s)
+        naive_vals.append(x[torch.rand(N_CLIENT, generator=gg) < KEEP])
+        idx = torch.randperm(N_CLIENT, generator=gg)[: int(KEEP * N_CLIENT)]
+        naive_idx.append((idx, x[idx]))
+    return blobs, seeds, naive_vals, naive_idx
+
+
+@pytest.mark.benchmark(group="decode_mean-100x1M")
+def test_decode_mean_fedcompress_cpp(benchmark, clients):
+    if not _has("cpp"):
+        pytest.skip("extension not built")
+    rm = fc.RandomMask(KEEP, backend="cpp")
+    _run(benchmark, lambda: rm.decode_mean(clients[0]), CLIENTS * N_CLIENT * 4, rounds=5)
+
+
+@pytest.mark.benchmark(group="decode_mean-100x1M")
+def test_decode_mean_naive_torch_loop(benchmark, clients):
+    _, seeds, naive_vals, _ = clients
+
+    def run():
+        acc = torch.zeros(N_CLIENT)
+        for s, v in zip(seeds, naive_vals):
+            g = torch.Generator().manual_seed(s)
+            m = torch.rand(N_CLIENT, generator=g) < KEEP
+            acc[m] += v
+        return acc / CLIENTS
+
+    _run(benchmark, run, CLIENTS * N_CLIENT * 4, rounds=3)
+
+
+@pytest.mark.benchmark(group="decode_mean-100x1M")
+def test_decode_mean_naive_torch_indices(benchmark, clients):
+    _, _, _, naive_idx = clients
+
+    def run():
+        acc = torch.zeros(N_CLIENT)
+        for idx, v in naive_idx:
+            acc.index_add_(0, idx, v)
+        return acc / CLIENTS
+
+    _run(benchmark, run, CLIENTS * N_CLIENT * 4, rounds=3)
