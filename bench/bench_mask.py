@@ -140,7 +140,7 @@ def test_decode_mean_naive_torch_loop(benchmark, clients):
         for s, v in zip(seeds, naive_vals):
             g = torch.Generator().manual_seed(s)
             m = torch.rand(N_CLIENT, generator=g) < KEEP
-            acc[m] += v
+            acc.index_put_((m,), v, accumulate=True)  # ~10x faster here than the idiomatic acc[m] += v
         return acc / CLIENTS
 
     _run(benchmark, run, CLIENTS * N_CLIENT * 4, rounds=3)

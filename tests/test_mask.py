@@ -415,3 +415,40 @@ def test_cuda_source_compiles(tmp_path):
         timeout=300,
     )
     assert r.returncode == 0, r.stderr
+
+
+# ---------------------------------------------------------------------------------------------
+# Properties (hypothesis)
+
+from hypothesis import given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    n=st.integers(0, 3000),
+    keep=st.floats(1e-3, 1.0),
+    seed=st.integers(0, 2**64 - 1),
+    values=st.sampled_from(["fp32", "fp16"]),
+)
+def test_round_trip_keeps_exact_values(n, keep, seed, values):
+    x = torch.randn(n, generator=torch.Generator().manual_seed(n))
+    rm = M.RandomMask(keep, values=values, backend=_fast_backend())
+    out = rm.decode(rm.encode(x, seed=seed))
+    m = torch.from_numpy(_mask_by_hand(n, seed, keep))
+    sent = x.half().float() if values == "fp16" else x
+    assert torch.equal(out[m], sent[m]) and not out[~m].any()
+
+
+@settings(max_examples=60, deadline=None)
+@given(blob=st.binary(max_size=200), cut=st.integers(0, 200), flip=st.integers(0, 10**6))
+def test_garbage_and_mutations_raise_format_error(blob, cut, flip):
+    rm = M.RandomMask(0.5)
+    with pytest.raises(fc.FormatError):
+        rm.decode(blob)
+    good = rm.encode(torch.randn(50), seed=1)
+    bad = bytearray(good[: max(cut, 1)] if cut < len(good) else good)
+    if len(bad) == len(good):
+        bad[flip % len(bad)] ^= 1 + flip % 255
+    with pytest.raises(fc.FormatError):
+        rm.decode(bytes(bad))
