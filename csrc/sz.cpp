@@ -1,8 +1,15 @@
 // SZ kernels on CPU. Layers: plain functions on pointers -> OpenMP launchers -> bindings at the end.
+// FP comparisons must if-convert for the quantize kernel to vectorise; we never rely on FP traps.
+#pragma GCC optimize("no-trapping-math")
 #include <pybind11/numpy.h>
 
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <cstring>
+#include <stdexcept>
+#include <string>
+#include <vector>
 
 #include "registry.h"
 
@@ -37,7 +44,778 @@ static py::array_t<int32_t> prequantize_py(py::array_t<float, py::array::c_style
   return q;
 }
 
+
+// =============================================================================================
+// SZ codec blocks section (spec: fedcompress/codecs/sz/codec.py; same bytes as the reference).
+// Layers: value/dtype helpers -> block encoder/decoder on pointers -> OpenMP over blocks -> bindings.
+
+namespace sz {
+
+constexpr int kLanes = 8;
+constexpr uint32_t kRansL = 1u << 15;
+constexpr int kMinPb = 12, kMaxPb = 15;
+constexpr int kMaxSymbols = 8192;
+constexpr int kTokens = 65536;
+constexpr uint32_t kEscVal = 0, kEscWide = 1, kRunA = 2, kRunB = 3, kTokenBase = 4;
+constexpr uint64_t kMaxZigzag = 65535 - kTokenBase;
+constexpr uint8_t kBlkLorenzo = 1, kBlkRun = 2, kBlkRaw = 4;
+constexpr int64_t kEstStride = 8;     // the predictor estimate samples every 8th value
+constexpr uint64_t kRunConsider = 8;  // run mode is considered when token 4 is >= 1/8 of a block
+constexpr uint32_t kSubRange = 1024;  // tokens below this get 4 sub-histograms (no store-forwarding stalls)
+
+// 256 * log2(1 + i/256), rounded (same table as entropy._LOG_FRAC)
+static const int16_t kLogFrac[256] = {0,1,3,4,6,7,9,10,11,13,14,16,17,18,20,21,22,24,25,26,28,29,30,32,33,34,36,37,38,40,41,42,44,45,46,47,49,50,51,52,54,55,56,57,59,60,61,62,63,65,66,67,68,69,71,72,73,74,75,77,78,79,80,81,82,84,85,86,87,88,89,90,92,93,94,95,96,97,98,99,100,102,103,104,105,106,107,108,109,110,111,112,113,114,116,117,118,119,120,121,122,123,124,125,126,127,128,129,130,131,132,133,134,135,136,137,138,139,140,141,142,143,144,145,146,147,148,149,150,151,152,153,154,155,155,156,157,158,159,160,161,162,163,164,165,166,167,168,169,169,170,171,172,173,174,175,176,177,178,178,179,180,181,182,183,184,185,185,186,187,188,189,190,191,192,192,193,194,195,196,197,198,198,199,200,201,202,203,203,204,205,206,207,208,208,209,210,211,212,212,213,214,215,216,216,217,218,219,220,220,221,222,223,224,224,225,226,227,228,228,229,230,231,231,232,233,234,234,235,236,237,238,238,239,240,241,241,242,243,244,244,245,246,247,247,248,249,249,250,251,252,252,253,254,255,255};
+
+struct FormatError : std::runtime_error {
+  using std::runtime_error::runtime_error;
+};
+
+// ---- dtype helpers: F32 / F64 / F16 / BF16 storage, conversions with round-to-nearest-even ----
+static inline float f16_to_f32(uint16_t h) {
+  uint32_t sign = uint32_t(h & 0x8000) << 16, e = (h >> 10) & 0x1f, m = h & 0x3ff, bits;
+  if (e == 0) {
+    float v = float(m) * 5.9604644775390625e-08f;  // m * 2^-24, exact
+    return sign ? -v : v;
+  }
+  bits = e == 31 ? (sign | 0x7f800000u | (m << 13)) : (sign | ((e + 112) << 23) | (m << 13));
+  float f;
+  std::memcpy(&f, &bits, 4);
+  return f;
+}
+static inline uint16_t f32_to_f16(float f) {
+  uint32_t x;
+  std::memcpy(&x, &f, 4);
+  uint32_t sign = (x >> 16) & 0x8000, ax = x & 0x7fffffffu;
+  if (ax >= 0x7f800000u) return uint16_t(sign | (ax > 0x7f800000u ? 0x7e00 : 0x7c00));
+  if (ax >= 0x477ff000u) return uint16_t(sign | 0x7c00);  // >= 65520 rounds to infinity
+  if (ax < 0x38800000u) {                                // below 2^-14: subnormal half; the FPU rounds
+    float a;
+    std::memcpy(&a, &ax, 4);
+    a += 0.5f;
+    uint32_t b;
+    std::memcpy(&b, &a, 4);
+    return uint16_t(sign | (b - 0x3f000000u));
+  }
+  ax += 0xc8000fffu + ((ax >> 13) & 1);  // rebias exponent, round half to even
+  return uint16_t(sign | (ax >> 13));
+}
+static inline float bf16_to_f32(uint16_t h) {
+  uint32_t b = uint32_t(h) << 16;
+  float f;
+  std::memcpy(&f, &b, 4);
+  return f;
+}
+static inline uint16_t f32_to_bf16(float f) {  // finite inputs only (reconstructions)
+  uint32_t u;
+  std::memcpy(&u, &f, 4);
+  u += 0x7fffu + ((u >> 16) & 1);
+  return uint16_t(u >> 16);
+}
+
+struct F32 {
+  using T = float;
+  static constexpr double tiny = 1.1754943508222875e-38;
+  static float to_f(T v) { return v; }
+  static double to_d(T v) { return v; }
+  static T recon(int32_t q, double step) { return float(double(q) * step); }
+};
+struct F64 {
+  using T = double;
+  static constexpr double tiny = 2.2250738585072014e-308;
+  static float to_f(T v) { return float(v); }
+  static double to_d(T v) { return v; }
+  static T recon(int32_t q, double step) { return double(q) * step; }
+};
+struct F16 {
+  using T = uint16_t;
+  static constexpr double tiny = 6.103515625e-05;
+  static float to_f(T v) { return f16_to_f32(v); }
+  static double to_d(T v) { return f16_to_f32(v); }
+  static T recon(int32_t q, double step) { return f32_to_f16(float(double(q) * step)); }
+};
+struct BF16 {
+  using T = uint16_t;
+  static constexpr double tiny = 1.1754943508222875e-38;
+  static float to_f(T v) { return bf16_to_f32(v); }
+  static double to_d(T v) { return bf16_to_f32(v); }
+  static T recon(int32_t q, double step) { return f32_to_bf16(float(double(q) * step)); }
+};
+
+static inline uint64_t zigzag(int64_t d) { return (uint64_t(d) << 1) ^ uint64_t(d >> 63); }  // branch-free
+static inline int64_t unzigzag(uint64_t z) { return (z & 1) ? -int64_t((z + 1) >> 1) : int64_t(z >> 1); }
+static inline int bit_length(uint64_t v) { return v ? 64 - __builtin_clzll(v) : 0; }
+
+static inline int64_t fixed_log2(uint64_t v) {
+  int e = bit_length(v) - 1;
+  uint64_t frac = (e >= 8 ? (v >> (e - 8)) : (v << (8 - e))) & 255;
+  return int64_t(e) * 256 + kLogFrac[frac];
+}
+
+static int64_t estimate_cost(const std::vector<uint32_t>& hist, const std::vector<uint16_t>& present) {
+  uint64_t n = 0;
+  for (uint16_t t : present) n += hist[t];
+  if (!n) return 0;
+  int64_t ln = fixed_log2(n), cost = 0;
+  for (uint16_t t : present) cost += int64_t(hist[t]) * (ln - fixed_log2(hist[t]));
+  return cost + 256 * 16 * int64_t(present.size());
+}
+
+static int choose_pb(size_t nsym) {
+  int pb = bit_length(uint64_t(nsym) - 1) + 4;
+  return std::min(kMaxPb, std::max(kMinPb, pb));
+}
+
+// counts -> frequencies summing to 2^pb (entropy.normalize_ref, integer-only, deterministic);
+// freq[k] belongs to present[k] (ascending tokens)
+static void normalize(const std::vector<uint32_t>& hist, const std::vector<uint16_t>& present, int pb,
+                      std::vector<uint32_t>& freq) {
+  const int64_t m = int64_t(1) << pb;
+  const size_t ns = present.size();
+  uint64_t n = 0;
+  for (uint16_t t : present) n += hist[t];
+  std::vector<uint32_t> order(ns);
+  for (size_t k = 0; k < ns; ++k) order[k] = uint32_t(k);
+  std::stable_sort(order.begin(), order.end(), [&](uint32_t a, uint32_t b) {
+    const uint32_t ca = hist[present[a]], cb = hist[present[b]];
+    return ca != cb ? ca > cb : a < b;
+  });
+  int64_t sum = 0;
+  freq.assign(ns, 0);
+  for (size_t k = 0; k < ns; ++k) {
+    int64_t f = int64_t((uint64_t(hist[present[k]]) * uint64_t(m)) / n);
+    freq[k] = uint32_t(std::max<int64_t>(1, f));
+    sum += freq[k];
+  }
+  int64_t diff = m - sum;
+  if (diff > 0) freq[order[0]] += uint32_t(diff);
+  while (diff < 0) {
+    for (uint32_t k : order) {
+      if (diff == 0) break;
+      if (freq[k] > 1) {
+        --freq[k];
+        ++diff;
+      }
+    }
+  }
+}
+
+struct Out {
+  std::string s;
+  void u8(uint8_t v) { s.push_back(char(v)); }
+  void u16(uint16_t v) { s.append(reinterpret_cast<const char*>(&v), 2); }
+  void u32(uint32_t v) { s.append(reinterpret_cast<const char*>(&v), 4); }
+  void raw(const void* p, size_t n) { s.append(static_cast<const char*>(p), n); }
+  void varint(uint32_t v) {
+    while (v >= 0x80) {
+      s.push_back(char((v & 0x7f) | 0x80));
+      v >>= 7;
+    }
+    s.push_back(char(v));
+  }
+};
+
+// Per-thread scratch, reused across blocks (the 64K-entry arrays are cleared via `present` only).
+struct EncScratch {
+  std::vector<int32_t> qeff;
+  std::vector<uint8_t> outlier;
+  std::vector<uint16_t> tok, tok_r, words;
+  std::vector<int32_t> wide;
+  std::vector<uint32_t> hist;
+  std::vector<uint32_t> sub;  // 4 interleaved sub-histograms of the tokens < kSubRange
+  struct Sym {
+    uint64_t rcp;  // floor(2^(31+l) / f) + 1: exact x / f for x < 2^31 (Granlund-Montgomery)
+    uint32_t xmax, cum, cmpl;
+    uint32_t shift;
+  };
+  std::vector<Sym> sym;
+  EncScratch() : hist(kTokens), sub(4 * kSubRange), sym(kTokens) {}
+};
+
+// Stage 1 for one block, branch-free so it vectorises: codes, the outlier test, reconstructions
+// checked in the tensor's own dtype. Returns the number of outliers.
+template <class D>
+__attribute__((always_inline)) inline int64_t quantize_kernel(const typename D::T* __restrict x, int64_t n, float inv,
+                                                              double step, double bound, int32_t* __restrict q,
+                                                              uint8_t* __restrict bad) {
+  int64_t nbad = 0;
+  for (int64_t i = 0; i < n; ++i) {
+    const typename D::T v = x[i];
+    const float y = D::to_f(v) * inv;
+    const float ay = __builtin_fabsf(y);
+    const float ys = ay < kMaxQuant ? y : 0.0f;                // NaN compares false
+    const float rr = (ys + 12582912.0f) - 12582912.0f;         // round half to even (|ys| < 2^22)
+    const int32_t qi = int32_t(rr);
+    const double xd = D::to_d(v);
+    const double xh = D::to_d(D::recon(qi, step));
+    const double ax = __builtin_fabs(xd);
+    const double err = __builtin_fabs(xd - xh);
+    int32_t good = ay < kMaxQuant ? 1 : 0;
+    good &= ax <= 1.7976931348623157e308 ? 1 : 0;             // finite
+    good &= (ax >= D::tiny ? 1 : 0) | (xd == 0.0 ? 1 : 0);     // not subnormal
+    good &= err <= bound ? 1 : 0;                              // the promise, re-checked in the dtype
+    q[i] = qi;
+    bad[i] = uint8_t(1 - good);
+    nbad += 1 - good;
+  }
+  return nbad;
+}
+
+// The quantize kernel vectorises; an AVX2 clone (chosen at run time) runs it 4-8 values wide
+// while the default build stays portable (no -march=native).
+template <class D>
+__attribute__((target("avx2"))) int64_t quantize_avx2(const typename D::T* x, int64_t n, float inv, double step,
+                                                      double bound, int32_t* q, uint8_t* bad) {
+  return quantize_kernel<D>(x, n, inv, step, bound, q, bad);
+}
+template <class D>
+int64_t quantize_default(const typename D::T* x, int64_t n, float inv, double step, double bound, int32_t* q,
+                         uint8_t* bad) {
+  return quantize_kernel<D>(x, n, inv, step, bound, q, bad);
+}
+static const bool kHasAvx2 = __builtin_cpu_supports("avx2");
+template <class D>
+static int64_t quantize_block(const typename D::T* x, int64_t n, float inv, double step, double bound, int32_t* q,
+                              uint8_t* bad) {
+  return kHasAvx2 ? quantize_avx2<D>(x, n, inv, step, bound, q, bad)
+                  : quantize_default<D>(x, n, inv, step, bound, q, bad);
+}
+
+template <class D>
+static std::string encode_block(const typename D::T* x, int64_t n, float inv, double step, double bound,
+                                EncScratch& S) {
+  using T = typename D::T;
+  const size_t isz = sizeof(T);
+  S.qeff.resize(n);
+  S.outlier.resize(n);
+  int32_t* q = S.qeff.data();
+  const uint8_t* bad = S.outlier.data();
+  const int64_t n_out = quantize_block<D>(x, n, inv, step, bound, q, S.outlier.data());
+  std::string outl;
+  if (n_out) {  // outliers hold the previous code (q_eff); their values go verbatim, in order
+    outl.reserve(size_t(n_out) * isz);
+    for (int64_t i = 0; i < n; ++i)
+      if (bad[i]) {
+        q[i] = i ? q[i - 1] : 0;
+        outl.append(reinterpret_cast<const char*>(x + i), isz);
+      }
+  }
+  // Stage 2: predictor chosen from the summed bit length of zigzag residuals over the non-outliers
+  // at every kEstStride-th position (a sample: the estimate costs ~1/8 of a pass)
+  int64_t est_none = 0, est_lor = 0;
+  for (int64_t i = 0; i < n; i += kEstStride) {
+    const int32_t qi = q[i];
+    const int64_t keep = !bad[i];
+    est_none += keep * bit_length(zigzag(qi));
+    est_lor += keep * bit_length(zigzag(int64_t(qi) - (i ? q[i - 1] : 0)));
+  }
+  const bool lor = est_lor < est_none;
+  // Stage 3: plain-mode tokens + histogram; run statistics give the run-mode histogram for free
+  S.tok.resize(n);
+  S.wide.clear();
+  uint16_t* tok = S.tok.data();
+  uint32_t* sub = S.sub.data();
+  {
+    int32_t prev = 0;
+    for (int64_t i = 0; i < n; ++i) {
+      const int32_t qi = q[i];
+      const int64_t d = lor ? int64_t(qi) - prev : int64_t(qi);
+      prev = qi;
+      const uint64_t z = zigzag(d);
+      uint32_t t = z <= kMaxZigzag ? uint32_t(z + kTokenBase) : kEscWide;
+      t = bad[i] ? kEscVal : t;
+      tok[i] = uint16_t(t);
+      if (t < kSubRange) ++sub[(i & 3) * kSubRange + t];
+      else ++S.hist[t];
+      if (t == kEscWide) S.wide.push_back(int32_t(d));
+    }
+  }
+  std::vector<uint16_t> pres_p, pres_r;
+  for (uint32_t t = 0; t < kSubRange; ++t) {
+    S.hist[t] += sub[t] + sub[kSubRange + t] + sub[2 * kSubRange + t] + sub[3 * kSubRange + t];
+    sub[t] = sub[kSubRange + t] = sub[2 * kSubRange + t] = sub[3 * kSubRange + t] = 0;
+  }
+  for (uint32_t t = 0; t < kTokens; ++t)
+    if (S.hist[t]) pres_p.push_back(uint16_t(t));
+  // run-mode histogram: token 4 disappears, digits appear. Considered only when zeros are common
+  // (>= 1/16 of the tokens), so noise-like blocks skip the extra pass.
+  std::vector<uint32_t>& hist = S.hist;
+  const uint32_t h4 = hist[kTokenBase];
+  int64_t cost_p = estimate_cost(hist, pres_p), cost_r = cost_p;
+  uint64_t runs_a = 0, runs_b = 0;
+  if (uint64_t(h4) * kRunConsider >= uint64_t(n)) {
+    auto count = [&](uint64_t r) {
+      const uint64_t v = r + 1;
+      const int nd = bit_length(v) - 1, nb = __builtin_popcountll(v) - 1;
+      runs_b += nb;
+      runs_a += nd - nb;
+    };
+    // zero runs from 64-token bitmasks (work per run, not per token: no mispredicted branch per value)
+    uint64_t run = 0;
+    for (int64_t base = 0; base < n; base += 64) {
+      const int64_t len = std::min<int64_t>(64, n - base);
+      uint64_t m = 0;
+      for (int64_t k = 0; k < len; ++k) m |= uint64_t(tok[base + k] == kTokenBase) << k;
+      int64_t pos = 0;
+      while (pos < len) {
+        if (m & 1) {
+          const int64_t ones = m == ~uint64_t(0) ? 64 : __builtin_ctzll(~m);
+          const int64_t take = std::min<int64_t>(ones, len - pos);
+          run += uint64_t(take);
+          pos += take;
+          m = take >= 64 ? 0 : m >> take;
+        } else {
+          if (run) {
+            count(run);
+            run = 0;
+          }
+          if (!m) break;
+          const int64_t z = __builtin_ctzll(m);
+          pos += z;
+          m >>= z;
+        }
+      }
+      if (pos < len && run) {  // the chunk ended in non-zero tokens after a run
+        count(run);
+        run = 0;
+      }
+    }
+    if (run) count(run);
+    hist[kTokenBase] = 0;
+    hist[kRunA] += uint32_t(runs_a);
+    hist[kRunB] += uint32_t(runs_b);
+    for (uint16_t t : pres_p)
+      if (t != kTokenBase && t != kRunA && t != kRunB) pres_r.push_back(t);
+    // keep ascending order: tokens 2, 3 come before every token >= 4
+    std::vector<uint16_t> tmp;
+    tmp.reserve(pres_r.size() + 2);
+    for (uint16_t t : pres_r)
+      if (t < kRunA) tmp.push_back(t);
+    if (hist[kRunA]) tmp.push_back(kRunA);
+    if (hist[kRunB]) tmp.push_back(kRunB);
+    for (uint16_t t : pres_r)
+      if (t > kRunB) tmp.push_back(t);
+    pres_r.swap(tmp);
+    cost_r = estimate_cost(hist, pres_r);
+  }
+  const bool use_run = cost_r < cost_p;
+  if (!use_run) {
+    hist[kRunA] -= uint32_t(runs_a);
+    hist[kRunB] -= uint32_t(runs_b);
+    hist[kTokenBase] = h4;
+  }
+  std::vector<uint16_t>& present = use_run ? pres_r : pres_p;
+  int64_t ntok = n;
+  if (use_run) {  // rewrite the tokens in place: a run of token 4 becomes its digits (never longer)
+    int64_t o = 0;
+    uint64_t r = 0;
+    for (int64_t i = 0; i < n; ++i) {
+      const uint16_t t = tok[i];
+      if (t == kTokenBase) {
+        ++r;
+        continue;
+      }
+      if (r) {
+        const uint64_t v = r + 1;
+        const int nd = bit_length(v) - 1;
+        for (int k = 0; k < nd; ++k) tok[o++] = uint16_t(kRunA + ((v >> k) & 1));
+        r = 0;
+      }
+      tok[o++] = t;
+    }
+    if (r) {
+      const uint64_t v = r + 1;
+      const int nd = bit_length(v) - 1;
+      for (int k = 0; k < nd; ++k) tok[o++] = uint16_t(kRunA + ((v >> k) & 1));
+    }
+    ntok = o;
+  }
+
+  auto make_raw = [&]() {
+    std::string r(1, char(kBlkRaw));
+    r.append(reinterpret_cast<const char*>(x), size_t(n) * isz);
+    return r;
+  };
+  std::string result;
+  std::vector<uint32_t> freq(present.size());
+  if (present.size() > size_t(kMaxSymbols)) {
+    result = make_raw();
+  } else {
+    const int pb = choose_pb(present.size());
+    const uint32_t M = 1u << pb;
+    normalize(hist, present, pb, freq);
+    uint32_t c = 0;
+    for (size_t k = 0; k < present.size(); ++k) {
+      const uint32_t f = freq[k];
+      auto& s = S.sym[present[k]];
+      const int l = bit_length(f - 1);  // ceil(log2 f)
+      s.rcp = ((uint64_t(1) << (31 + l)) / f) + 1;
+      s.shift = uint32_t(31 + l);
+      s.xmax = f << (31 - pb);
+      s.cum = c;
+      s.cmpl = M - f;
+      c += f;
+    }
+    // rANS: encode backwards, lanes W-1..0 within a step; words come out reversed
+    uint32_t st[kLanes];
+    for (int l = 0; l < kLanes; ++l) st[l] = kRansL;
+    S.words.resize(ntok + kLanes);
+    uint16_t* wp = S.words.data();
+    int64_t nw = 0;
+    const EncScratch::Sym* sym = S.sym.data();
+    auto enc = [&](int l, uint32_t t) {
+      const EncScratch::Sym& s = sym[t];
+      uint32_t xs = st[l];
+      const bool emit = xs >= s.xmax;
+      wp[nw] = uint16_t(xs);
+      nw += emit;
+      xs = emit ? xs >> 16 : xs;
+      const uint32_t qq = uint32_t((uint64_t(xs) * s.rcp) >> s.shift);
+      st[l] = xs + s.cum + qq * s.cmpl;
+    };
+    const int64_t full = ntok / kLanes;
+    for (int64_t i = ntok - 1; i >= full * kLanes; --i) enc(int(i % kLanes), tok[i]);
+    for (int64_t s = full - 1; s >= 0; --s) {
+      const uint16_t* tp = tok + s * kLanes;
+      for (int l = kLanes - 1; l >= 0; --l) enc(l, tp[l]);
+    }
+    Out o;
+    o.s.reserve(32 + 3 * present.size() + 2 * size_t(nw) + 4 * S.wide.size() + outl.size());
+    o.u8(uint8_t((lor ? kBlkLorenzo : 0) | (use_run ? kBlkRun : 0)));
+    o.u8(uint8_t(pb));
+    o.u32(uint32_t(ntok));
+    o.u32(uint32_t(S.wide.size()));
+    o.u32(uint32_t(n_out));
+    o.u16(uint16_t(present.size()));
+    int prev_t = -1;
+    for (size_t k = 0; k < present.size(); ++k) {
+      o.varint(uint32_t(present[k] - prev_t - 1));
+      o.varint(freq[k] - 1);
+      prev_t = present[k];
+    }
+    o.raw(st, sizeof(st));
+    o.u32(uint32_t(nw));
+    std::reverse(wp, wp + nw);
+    o.raw(wp, 2 * size_t(nw));
+    o.raw(S.wide.data(), 4 * S.wide.size());
+    o.raw(outl.data(), outl.size());
+    result = o.s.size() >= 1 + size_t(n) * isz ? make_raw() : std::move(o.s);
+  }
+  for (uint16_t t : pres_p) hist[t] = 0;
+  for (uint16_t t : pres_r) hist[t] = 0;
+  return result;
+}
+
+// ---- decoder: every read bounds-checked; tables validated; loops bounded by the header counts ----
+struct In {
+  const uint8_t* p;
+  size_t n, pos = 0;
+  In(const uint8_t* p_, size_t n_) : p(p_), n(n_) {}
+  const uint8_t* take(size_t k) {
+    if (k > n - pos) throw FormatError("sz block: truncated");
+    const uint8_t* r = p + pos;
+    pos += k;
+    return r;
+  }
+  template <class V>
+  V get() {
+    V v;
+    std::memcpy(&v, take(sizeof(V)), sizeof(V));
+    return v;
+  }
+  uint32_t varint() {
+    uint32_t v = 0;
+    for (int shift = 0; shift < 21; shift += 7) {
+      uint8_t b = get<uint8_t>();
+      v |= uint32_t(b & 0x7f) << shift;
+      if (!(b & 0x80)) return v;
+    }
+    throw FormatError("sz block: varint too long in the frequency table");
+  }
+};
+
+struct DecEntry {
+  uint16_t tok, freq, bias, pad;
+};
+
+template <class T>
+struct DecScratch {
+  std::vector<DecEntry> table;
+  std::vector<T> lut;        // token -> reconstructed value (predictor none)
+  std::vector<int32_t> dlut;  // token -> residual (lorenzo)
+  DecScratch() : lut(kTokens), dlut(kTokens) {}
+};
+
+template <class D>
+static void decode_block(const uint8_t* buf, size_t len, typename D::T* out, int64_t n, double step,
+                         DecScratch<typename D::T>& S) {
+  using T = typename D::T;
+  const size_t isz = sizeof(T);
+  In r(buf, len);
+  const uint8_t flags = r.get<uint8_t>();
+  if ((flags & ~(kBlkLorenzo | kBlkRun | kBlkRaw)) || ((flags & kBlkRaw) && flags != kBlkRaw))
+    throw FormatError("sz block: unknown flags");
+  if (flags & kBlkRaw) {
+    std::memcpy(out, r.take(size_t(n) * isz), size_t(n) * isz);
+    if (r.pos != len) throw FormatError("sz block: trailing bytes");
+    return;
+  }
+  const int pb = r.get<uint8_t>();
+  if (pb < kMinPb || pb > kMaxPb) throw FormatError("sz block: model precision out of range");
+  const uint32_t ntok = r.get<uint32_t>(), nwide = r.get<uint32_t>(), nout = r.get<uint32_t>();
+  const bool runmode = flags & kBlkRun, lor = flags & kBlkLorenzo;
+  if (ntok == 0 || ntok > uint64_t(n) || nwide > uint64_t(n) || nout > uint64_t(n) || (!runmode && ntok != uint64_t(n)))
+    throw FormatError("sz block: counts impossible for the block size");
+  const uint32_t m = 1u << pb;
+  const uint32_t nsym = r.get<uint16_t>();
+  if (nsym == 0 || nsym > m) throw FormatError("sz block: bad symbol count");
+  S.table.resize(m);
+  int64_t t = -1;
+  uint32_t total = 0;
+  for (uint32_t k = 0; k < nsym; ++k) {
+    t += int64_t(r.varint()) + 1;
+    uint32_t f = r.varint() + 1;
+    if (t >= kTokens) throw FormatError("sz block: token out of range in the frequency table");
+    if (f > m - total) throw FormatError("sz block: frequencies exceed the model total");
+    for (uint32_t j = 0; j < f; ++j) S.table[total + j] = DecEntry{uint16_t(t), uint16_t(f), uint16_t(j), 0};
+    if (t >= int64_t(kTokenBase)) {
+      const int64_t d = unzigzag(uint64_t(t - kTokenBase));
+      S.dlut[t] = int32_t(d);
+      S.lut[t] = D::recon(int32_t(d), step);
+    }
+    total += f;
+  }
+  if (total != m) throw FormatError("sz block: frequencies do not sum to the model total");
+  uint32_t st[kLanes];
+  std::memcpy(st, r.take(sizeof(st)), sizeof(st));
+  for (int l = 0; l < kLanes; ++l)
+    if (st[l] < kRansL || st[l] >= (kRansL << 16)) throw FormatError("sz block: rANS state out of range");
+  const uint32_t nwords = r.get<uint32_t>();
+  const uint8_t* wbytes = r.take(size_t(nwords) * 2);
+  const uint8_t* widep = r.take(size_t(nwide) * 4);
+  const uint8_t* outp = r.take(size_t(nout) * isz);
+  if (r.pos != len) throw FormatError("sz block: trailing bytes");
+
+  const DecEntry* tab = S.table.data();
+  const T* lut = S.lut.data();
+  const int32_t* dlut = S.dlut.data();
+  const uint32_t mask = m - 1;
+  size_t ptr = 0;
+  auto word = [&](size_t k) {
+    uint16_t v;
+    std::memcpy(&v, wbytes + 2 * k, 2);
+    return uint32_t(v);
+  };
+  int64_t pos = 0;
+  uint32_t qprev = 0, iw = 0, io = 0;
+  uint64_t runlen = 0;
+  int runk = 0;
+  auto flush = [&]() {
+    if (runlen > uint64_t(n - pos)) throw FormatError("sz block: zero run past the block end");
+    const T v = D::recon(lor ? int32_t(qprev) : 0, step);
+    std::fill(out + pos, out + pos + runlen, v);
+    pos += int64_t(runlen);
+    runlen = 0;
+    runk = 0;
+  };
+  // one token, any kind (the slow path: escapes, runs, block edges)
+  auto handle = [&](uint32_t tv) {
+    if (tv == kRunA || tv == kRunB) {
+      if (!runmode) throw FormatError("sz block: run token in a plain-mode block");
+      if (runk > 31) throw FormatError("sz block: zero run longer than 2^32");
+      runlen += uint64_t(tv - 1) << runk;
+      ++runk;
+      return;
+    }
+    if (runk) flush();
+    if (pos >= n) throw FormatError("sz block: more values than the block holds");
+    if (tv == kEscVal) {
+      if (io >= nout) throw FormatError("sz block: outlier count mismatch");
+      std::memcpy(out + pos, outp + size_t(io) * isz, isz);
+      ++io;
+      ++pos;
+      return;
+    }
+    int64_t d;
+    if (tv == kEscWide) {
+      if (iw >= nwide) throw FormatError("sz block: wide-code count mismatch");
+      int32_t wv;
+      std::memcpy(&wv, widep + size_t(iw) * 4, 4);
+      ++iw;
+      d = wv;
+    } else {
+      d = dlut[tv];
+    }
+    const uint32_t q = lor ? qprev + uint32_t(d) : uint32_t(d);
+    qprev = q;
+    out[pos++] = (!lor && tv >= kTokenBase) ? lut[tv] : D::recon(int32_t(q), step);
+  };
+  // rANS decode, fused with reconstruction. Fast path: a full step of kLanes ordinary tokens with
+  // kLanes words and kLanes output slots left needs no per-token checks.
+  int64_t i = 0;
+  uint16_t tk[kLanes];
+  for (; i + kLanes <= int64_t(ntok) && ptr + kLanes <= nwords; i += kLanes) {
+    uint32_t special = 0;
+    for (int l = 0; l < kLanes; ++l) {
+      uint32_t xs = st[l];
+      const DecEntry e = tab[xs & mask];
+      tk[l] = e.tok;
+      special |= uint32_t(e.tok < kTokenBase);
+      xs = uint32_t(e.freq) * (xs >> pb) + e.bias;
+      const bool need = xs < kRansL;
+      const uint32_t wv = word(ptr);
+      xs = need ? ((xs << 16) | wv) : xs;
+      ptr += need;
+      st[l] = xs;
+    }
+    if (!special && !runk && pos + kLanes <= n) {
+      if (lor) {
+        for (int l = 0; l < kLanes; ++l) {
+          qprev += uint32_t(dlut[tk[l]]);
+          out[pos + l] = D::recon(int32_t(qprev), step);
+        }
+      } else {
+        for (int l = 0; l < kLanes; ++l) out[pos + l] = lut[tk[l]];
+      }
+      pos += kLanes;
+    } else {
+      for (int l = 0; l < kLanes; ++l) handle(tk[l]);
+    }
+  }
+  for (; i < int64_t(ntok); ++i) {
+    const int l = int(i % kLanes);
+    uint32_t xs = st[l];
+    const DecEntry e = tab[xs & mask];
+    xs = uint32_t(e.freq) * (xs >> pb) + e.bias;
+    if (xs < kRansL) {
+      if (ptr >= nwords) throw FormatError("sz block: rANS stream truncated");
+      xs = (xs << 16) | word(ptr++);
+    }
+    st[l] = xs;
+    handle(e.tok);
+  }
+  if (runk) flush();
+  if (ptr != nwords) throw FormatError("sz block: rANS stream length mismatch");
+  for (int l = 0; l < kLanes; ++l)
+    if (st[l] != kRansL) throw FormatError("sz block: rANS final state mismatch (corrupt stream)");
+  if (pos != n) throw FormatError("sz block: run lengths do not add up to the value count");
+  if (io != nout) throw FormatError("sz block: outlier count mismatch");
+  if (iw != nwide) throw FormatError("sz block: wide-code count mismatch");
+}
+
+
+// ---- launchers: OpenMP over blocks ----
+template <class D>
+static std::string encode_section(const typename D::T* x, int64_t n, double step, double bound, int64_t bs) {
+  double r = 1.0 / step;
+  float inv = float(r);
+  if (!std::isfinite(inv)) inv = 0.0f;
+  const int64_t nb = (n + bs - 1) / bs;
+  std::vector<std::string> blocks(nb);
+#pragma omp parallel
+  {
+    static thread_local EncScratch S;  // kept across calls: no page faults on every encode
+#pragma omp for schedule(dynamic, 1)
+    for (int64_t b = 0; b < nb; ++b) {
+      int64_t lo = b * bs, len = std::min(bs, n - lo);
+      blocks[b] = encode_block<D>(x + lo, len, inv, step, bound, S);
+    }
+  }
+  size_t total = 8 * size_t(nb);
+  for (auto& s : blocks) total += s.size();
+  std::string out;
+  out.reserve(total);
+  for (auto& s : blocks) {
+    uint64_t l = s.size();
+    out.append(reinterpret_cast<const char*>(&l), 8);
+  }
+  for (auto& s : blocks) out += s;
+  return out;
+}
+
+template <class D>
+static void decode_section(const uint8_t* sec, size_t len, typename D::T* out, int64_t n, int64_t bs, double step) {
+  const int64_t nb = (n + bs - 1) / bs;
+  if (len / 8 < size_t(nb)) throw FormatError("sz section: truncated block table");
+  std::vector<size_t> off(nb + 1);
+  off[0] = 8 * size_t(nb);
+  for (int64_t b = 0; b < nb; ++b) {
+    uint64_t l;
+    std::memcpy(&l, sec + 8 * b, 8);
+    if (l > len - off[b]) throw FormatError("sz section: block length past the end");
+    off[b + 1] = off[b] + l;
+  }
+  if (off[nb] != len) throw FormatError("sz section: trailing bytes");
+  std::vector<std::string> errors(nb);
+  bool failed = false;
+#pragma omp parallel
+  {
+    static thread_local DecScratch<typename D::T> S;
+#pragma omp for schedule(dynamic, 1) reduction(|| : failed)
+    for (int64_t b = 0; b < nb; ++b) {
+      int64_t lo = b * bs, cnt = std::min(bs, n - lo);
+      try {
+        decode_block<D>(sec + off[b], off[b + 1] - off[b], out + lo, cnt, step, S);
+      } catch (const std::exception& e) {
+        errors[b] = e.what();
+        failed = true;
+      }
+    }
+  }
+  if (failed)
+    for (auto& e : errors)
+      if (!e.empty()) throw FormatError(e);
+}
+
+}  // namespace sz
+
+static py::bytes sz_encode_py(py::array_t<uint8_t, py::array::c_style> x, int code, int64_t n, double step,
+                              double bound, int64_t block_size) {
+  if (block_size < 1) throw py::value_error("block_size must be >= 1");
+  if (!(std::isfinite(step) && step > 0)) throw py::value_error("step must be finite and > 0");
+  const size_t isz = code == 1 ? 4 : code == 2 ? 8 : (code == 3 || code == 4) ? 2 : 0;
+  if (!isz) throw py::value_error("dtype code must be 1 (f32), 2 (f64), 3 (f16) or 4 (bf16)");
+  if (n < 0 || size_t(x.size()) != size_t(n) * isz) throw py::value_error("x must hold n values of the dtype");
+  const void* p = x.data();
+  std::string s;
+  {
+    py::gil_scoped_release nogil;
+    if (code == 1) s = sz::encode_section<sz::F32>(static_cast<const float*>(p), n, step, bound, block_size);
+    else if (code == 2) s = sz::encode_section<sz::F64>(static_cast<const double*>(p), n, step, bound, block_size);
+    else if (code == 3) s = sz::encode_section<sz::F16>(static_cast<const uint16_t*>(p), n, step, bound, block_size);
+    else s = sz::encode_section<sz::BF16>(static_cast<const uint16_t*>(p), n, step, bound, block_size);
+  }
+  return py::bytes(s);
+}
+
+static void sz_decode_py(py::array_t<uint8_t, py::array::c_style> sec, py::array_t<uint8_t, py::array::c_style> out,
+                         int code, int64_t n, int64_t block_size, double step) {
+  if (block_size < 1) throw py::value_error("block_size must be >= 1");
+  const size_t isz = code == 1 ? 4 : code == 2 ? 8 : (code == 3 || code == 4) ? 2 : 0;
+  if (!isz) throw py::value_error("dtype code must be 1 (f32), 2 (f64), 3 (f16) or 4 (bf16)");
+  if (n < 0 || size_t(out.size()) != size_t(n) * isz) throw py::value_error("out must hold n values of the dtype");
+  const uint8_t* sp = sec.data();
+  size_t len = sec.size();
+  void* op = out.mutable_data();
+  std::string err;
+  {
+    py::gil_scoped_release nogil;
+    try {
+      if (code == 1) sz::decode_section<sz::F32>(sp, len, static_cast<float*>(op), n, block_size, step);
+      else if (code == 2) sz::decode_section<sz::F64>(sp, len, static_cast<double*>(op), n, block_size, step);
+      else if (code == 3) sz::decode_section<sz::F16>(sp, len, static_cast<uint16_t*>(op), n, block_size, step);
+      else sz::decode_section<sz::BF16>(sp, len, static_cast<uint16_t*>(op), n, block_size, step);
+    } catch (const std::exception& e) {
+      err = e.what();
+    }
+  }
+  if (!err.empty()) throw py::value_error(err);
+}
+
 FC_BIND([](py::module_& m) {
+  m.def("sz_encode", &sz_encode_py, py::arg("x"), py::arg("dtype_code"), py::arg("n"), py::arg("step"),
+        py::arg("bound"), py::arg("block_size"), "SZ blocks section of n values (raw bytes of dtype_code)");
+  m.def("sz_decode", &sz_decode_py, py::arg("section"), py::arg("out"), py::arg("dtype_code"), py::arg("n"),
+        py::arg("block_size"), py::arg("step"), "decode an SZ blocks section into out; ValueError if corrupt");
   m.def("prequantize", &prequantize_py, py::arg("x"), py::arg("inv"),
         "int32 codes round_half_even(x * inv) (float32); INT32_MIN where not finite or |x*inv| >= 2^22");
 });

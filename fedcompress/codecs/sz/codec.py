@@ -107,10 +107,13 @@ def encode_block_ref(x: torch.Tensor, q: torch.Tensor, step: float, bound: float
     q_eff = hold_outliers(q.numpy().astype(np.int64), outlier)
     pred, d = choose_predictor(q_eff, outlier)
     tok_p, wide = ent.tokenize_ref(d, outlier, ent.MODE_PLAIN)
-    tok_r, _ = ent.tokenize_ref(d, outlier, ent.MODE_RUN)
-    h_p, h_r = ent.histogram_ref(tok_p), ent.histogram_ref(tok_r)
-    run = ent.estimate_cost(h_r) < ent.estimate_cost(h_p)
-    tok, hist = (tok_r, h_r) if run else (tok_p, h_p)
+    h_p = ent.histogram_ref(tok_p)
+    tok, hist, run = tok_p, h_p, False
+    if h_p[ent.TOKEN_BASE] * ent.RUN_CONSIDER >= n:  # zero runs only pay when zeros are common
+        tok_r, _ = ent.tokenize_ref(d, outlier, ent.MODE_RUN)
+        h_r = ent.histogram_ref(tok_r)
+        if ent.estimate_cost(h_r) < ent.estimate_cost(h_p):
+            tok, hist, run = tok_r, h_r, True
     return _pack_block(x, pred, run, tok, hist, wide, outlier)
 
 

@@ -44,6 +44,7 @@ N_TOKENS = 65536
 
 MODE_PLAIN = 0
 MODE_RUN = 1
+RUN_CONSIDER = 8  # run mode is considered when d == 0 makes >= 1/8 of a block's tokens
 
 LANES = 8
 RANS_L = 1 << 15
