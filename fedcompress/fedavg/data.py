@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import gzip
 import json
+import math
 import os
 import struct
 from dataclasses import dataclass, field
@@ -236,7 +237,7 @@ def read_idx(path: str, ndim: int) -> np.ndarray:
     if nd != ndim:
         raise FormatError(f"{path}: has {nd} dimensions, expected {ndim}")
     dims = struct.unpack(">" + "I" * nd, data[4 : 4 + 4 * nd])
-    count = int(np.prod(dims, dtype=np.int64)) if dims else 1
+    count = math.prod(dims)  # Python ints: no overflow for hostile 2^32-sized dimensions
     body = len(data) - 4 - 4 * nd
     if count != body:
         raise FormatError(f"{path}: header says {dims} = {count} bytes of data, file has {body}")
