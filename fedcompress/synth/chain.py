@@ -79,10 +79,13 @@ class Conv2d:
     # batches stay NCHW, where the per-call reorders would cost more than they save.
     @staticmethod
     def _fmt(a, w):
-        return w.contiguous(memory_format=_CL) if a.shape[0] >= _CL_MIN_BATCH else w
+        cl = a.shape[0] >= _CL_MIN_BATCH or (a.is_contiguous(memory_format=_CL) and not a.is_contiguous())
+        return w.contiguous(memory_format=_CL) if cl else w
 
     def _conv(self, a, w, b):
-        return F.conv2d(a, self._fmt(a, w), b, self.stride, self.padding, self.dilation)
+        z = F.conv2d(a, self._fmt(a, w), b, self.stride, self.padding, self.dilation)
+        # with C_in = 1 mkldnn still answers NCHW; the pool after it is 5x slower on that
+        return z.contiguous(memory_format=_CL) if a.shape[0] >= _CL_MIN_BATCH else z
 
     def _bwd(self, d, a, w, mask):
         return _conv_bwd(d, a, self._fmt(a, w), self.bias_sizes if mask[2] else None, self.stride, self.padding,
@@ -207,6 +210,7 @@ class MaxPool2d:
     # CPU: max_pool2d_with_indices is ~7x faster on channels_last (vectorised over channels): 9 ms
     # vs 63 ms for [256, 32, 24, 24] on one core; the chain runs 4-d activations channels_last.
     def forward(self, a, P):
+        a = a.contiguous(memory_format=_CL)  # 0.05 ms (copy + pool) vs 0.21 ms NCHW, [2, 32, 24, 24]
         out, idx = F.max_pool2d(a, self.k, self.s, self.p, self.d, self.ceil, return_indices=True)
         return out, (idx, a)
 
@@ -226,6 +230,40 @@ class MaxPool2d:
 
     def tangent_backward(self, dd, d, saved, adot, P, L, need_input, sink):
         return self._bwd(dd, saved)
+
+
+class ReluMaxPool2d(MaxPool2d):
+    """relu then max-pool, computed as max-pool then relu: the same values, and the same gradient
+    (the window's argmax of z is the argmax of relu(z) whenever the max is > 0; otherwise the relu
+    mask is 0 either way), but the relu and its mask run on the pooled tensor, 4x smaller for
+    2x2 pooling: on the real batch that removes two passes over [256, 32, 24, 24]."""
+
+    def forward(self, a, P):
+        a = a.contiguous(memory_format=_CL)
+        pooled, idx = F.max_pool2d(a, self.k, self.s, self.p, self.d, self.ceil, return_indices=True)
+        out = F.relu(pooled)
+        return out, (idx, a, out)
+
+    def _bwd(self, d, saved):
+        idx, a, out = saved
+        return _pool_bwd(_threshold_bwd(d, out, 0), a, self.k, self.s, self.p, self.d, self.ceil, idx)
+
+    def tangent_forward(self, adot, saved, P, L):
+        if adot is None:
+            return None
+        return _threshold_bwd(super().tangent_forward(adot, saved, P, L), saved[2], 0)
+
+
+def _fuse(layers: list) -> list:
+    out: list = []
+    for layer in layers:
+        if type(layer) is MaxPool2d and out and type(out[-1]) is ReLU:
+            fused = ReluMaxPool2d.__new__(ReluMaxPool2d)
+            fused.__dict__.update(layer.__dict__)
+            out[-1] = fused
+        else:
+            out.append(layer)
+    return out
 
 
 class Flatten:
@@ -296,6 +334,7 @@ def _compile(model: nn.Module) -> list:
             raise Unsupported(f"node {n} is not a chain step")
         layers.append(_layer_for(n, mods, sizes))
         prev = n
+    layers = _fuse(layers)
     if not layers or not any(layer.has_params for layer in layers):
         raise Unsupported("no parameter layers")
     names = [p for layer in layers for p in layer.dense + layer.lowrank]
@@ -391,7 +430,17 @@ class Layout:
         self.numel = off
 
     def views(self, flat: Tensor) -> dict[str, Tensor]:
-        return {n: flat[a:b].view(self.shapes[n]) for n, (a, b) in self.offsets.items()}
+        return {n: self._view(flat[a:b], self.shapes[n]) for n, (a, b) in self.offsets.items()}
+
+    @staticmethod
+    def _view(seg: Tensor, shape) -> Tensor:
+        # conv weights are stored channels_last (O, kh, kw, I): the convolutions want that layout,
+        # and re-laying out [64, 32, 5, 5] costs 0.17 ms per call (4 calls per step). The flat
+        # buffers (w, grads, lam, hv) all share the layout, so the flat ops are unaffected.
+        if len(shape) == 4:
+            o, i, kh, kw = shape
+            return seg.view(o, kh, kw, i).permute(0, 3, 1, 2)
+        return seg.view(shape)
 
 
 class _StepSink:
