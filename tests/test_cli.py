@@ -156,3 +156,58 @@ def test_console_script():
         [sys.executable, "-m", "fedcompress.cli", "--help"], capture_output=True, text=True, timeout=120
     )
     assert r.returncode == 0 and "compare" in r.stdout
+
+
+def test_run_local_folders(tmp_path, capsys):
+    """End to end on tiny local folders written here: MNIST IDX (cnn) and LEAF FEMNIST (natural)."""
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    idx = tmp_path / "idx"
+    idx.mkdir()
+    for name, shape in [("train-images-idx3-ubyte", (12, 28, 28)), ("t10k-images-idx3-ubyte", (5, 28, 28))]:
+        a = rng.integers(0, 256, shape).astype(np.uint8)
+        (idx / name).write_bytes(
+            bytes([0, 0, 8, 3]) + b"".join(s.to_bytes(4, "big") for s in shape) + a.tobytes()
+        )
+    for name, n in [("train-labels-idx1-ubyte", 12), ("t10k-labels-idx1-ubyte", 5)]:
+        (idx / name).write_bytes(
+            bytes([0, 0, 8, 1]) + n.to_bytes(4, "big") + rng.integers(0, 10, n).astype(np.uint8).tobytes()
+        )
+    out = tmp_path / "o1"
+    args = ["--rounds", "1", "--epochs", "1", "--no-progress", "--out", str(out)]
+    assert cli.main(["run", "--dataset", "mnist", "--data-dir", str(idx), "--clients", "2", *args]) == 0
+    s = json.loads((out / "summary.json").read_text())
+    assert s["model_parameters"] == 582026 and s["train_samples"] == 12 and s["test_samples"] == 5
+
+    leaf = tmp_path / "leaf"
+    for split, users in [("train", {"w1": 3, "w2": 2, "w3": 4}), ("test", {"w1": 2, "w3": 1})]:
+        (leaf / split).mkdir(parents=True)
+        doc = {
+            "users": list(users),
+            "num_samples": list(users.values()),
+            "user_data": {
+                u: {"x": rng.random((n, 784)).tolist(), "y": rng.integers(0, 62, n).tolist()}
+                for u, n in users.items()
+            },
+        }
+        (leaf / split / "data.json").write_text(json.dumps(doc))
+    out = tmp_path / "o2"
+    args[-1] = str(out)
+    base = [
+        "run",
+        "--dataset",
+        "femnist",
+        "--data-dir",
+        str(leaf),
+        "--partition",
+        "natural",
+        "--model",
+        "mlp",
+    ]
+    assert cli.main([*base, "--clients", "3", *args]) == 0
+    s = json.loads((out / "summary.json").read_text())
+    assert s["train_samples"] == 9 and s["test_samples"] == 3 and s["clients_per_round"] == 3
+    assert s["model_parameters"] == 784 * 200 + 200 + 200 * 200 + 200 + 200 * 62 + 62
+    assert cli.main([*base, "--clients", "4", *args]) == 2
+    assert "only 3 writers" in capsys.readouterr().err
