@@ -205,6 +205,12 @@ def test_leaf_natural_partition(leaf_dir):
     assert len(two.partitions) == 2
     with pytest.raises(ValueError, match="only 3 writers"):
         D.load_dataset("femnist", clients=4, partition="natural", data_dir=folder)
+    # A writer without training samples never becomes an (empty) client.
+    w = torch.tensor([0, 0, 2, 2, 2])
+    parts = D.make_partitions(torch.zeros(5, dtype=torch.int64), 2, "natural", writers=w)
+    assert [p.tolist() for p in parts] == [[0, 1], [2, 3, 4]]
+    with pytest.raises(ValueError, match="only 2 writers"):
+        D.make_partitions(torch.zeros(5, dtype=torch.int64), 3, "natural", writers=w)
 
 
 def test_leaf_missing_and_corrupt(leaf_dir, tmp_path):

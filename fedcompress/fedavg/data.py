@@ -407,11 +407,13 @@ def make_partitions(
     if scheme == "natural":
         if writers is None:
             raise ValueError("partition 'natural' needs writer ids: only the femnist dataset has them")
-        n_writers = int(writers.max()) + 1 if writers.numel() else 0
-        if clients > n_writers:
-            raise ValueError(f"clients={clients} but the natural partition has only {n_writers} writers")
+        present = writers.unique()  # writers with at least one training sample
+        if clients > present.numel():
+            raise ValueError(
+                f"clients={clients} but the natural partition has only {present.numel()} writers"
+            )
         g = torch.Generator().manual_seed(seed)
-        chosen = torch.randperm(n_writers, generator=g)[:clients].sort().values
+        chosen = present[torch.randperm(present.numel(), generator=g)[:clients]].sort().values
         return [torch.nonzero(writers == w).flatten() for w in chosen.tolist()]
     if clients * min_size > n:
         raise ValueError(f"clients={clients} is more than the {n} training samples allow")
