@@ -163,7 +163,16 @@ def child(name: str, reps: int, out_npy: str | None, threads: int = 0) -> dict:
 
 def run_one(name: str, reps: int, out_npy: str | None, threads: int = 0) -> dict:
     env = dict(os.environ)
-    cmd = [sys.executable, os.path.abspath(__file__), "--child", name, "--reps", str(reps), "--threads", str(threads)]
+    cmd = [
+        sys.executable,
+        os.path.abspath(__file__),
+        "--child",
+        name,
+        "--reps",
+        str(reps),
+        "--threads",
+        str(threads),
+    ]
     if out_npy:
         cmd += ["--npy", out_npy]
     out = subprocess.run(cmd, env=env, capture_output=True, text=True, check=False)
@@ -209,8 +218,9 @@ def markdown(table: dict[str, dict]) -> str:
     ]
     for p, r in table.items():
         lines.append(
-            f"| {p} | {r['threads']} | {r['median_s']:.3f} | {fastest / r['median_s']:.2f}x | {r['cpu_s']:.3f} | "
-            f"{fastest_cpu / r['cpu_s']:.2f}x | {r['peak_extra_mb']:.1f} | {r['peak_extra_mb'] / leanest:.2f} | "
+            f"| {p} | {r['threads']} | {r['median_s']:.3f} | {fastest / r['median_s']:.2f}x | "
+            f"{r['cpu_s']:.3f} | {fastest_cpu / r['cpu_s']:.2f}x | {r['peak_extra_mb']:.1f} | "
+            f"{r['peak_extra_mb'] / leanest:.2f} | "
             f"{r['max_rel_err']:.1e} |"
         )
     return "\n".join(lines)
@@ -243,8 +253,11 @@ try:
         table = {}
         for p, r in _RESULTS.items():
             v = np.load(r["npy"])
-            table[p] = dict(r, max_rel_err=float(np.abs(v - ref).max() / np.abs(ref).max()),
-                            cpu_s=statistics.median(r["cpu_s"]))
+            table[p] = dict(
+                r,
+                max_rel_err=float(np.abs(v - ref).max() / np.abs(ref).max()),
+                cpu_s=statistics.median(r["cpu_s"]),
+            )
         print("\n" + markdown(table))
         assert table["engine"]["max_rel_err"] <= 1e-5
 except ImportError:  # pragma: no cover

@@ -18,8 +18,9 @@ FLAT_BLOCK = 16384  # >= 16K elements: the interpreter costs ~0.5 ms per program
 
 
 @triton.jit
-def _soft_ce_kernel(z_ptr, y_ptr, loss_ptr, p_ptr, d_ptr, n_rows, C, scale,
-                    ROWS: tl.constexpr, BLOCK_C: tl.constexpr):
+def _soft_ce_kernel(
+    z_ptr, y_ptr, loss_ptr, p_ptr, d_ptr, n_rows, C, scale, ROWS: tl.constexpr, BLOCK_C: tl.constexpr
+):
     pid = tl.program_id(0)
     rows = pid * ROWS + tl.arange(0, ROWS)
     cols = tl.arange(0, BLOCK_C)
@@ -44,8 +45,9 @@ def _soft_ce_kernel(z_ptr, y_ptr, loss_ptr, p_ptr, d_ptr, n_rows, C, scale,
 
 
 @triton.jit
-def _soft_ce_jvp_kernel(p_ptr, y_ptr, zd_ptr, dd_ptr, gy_ptr, n_rows, C, scale,
-                        ROWS: tl.constexpr, BLOCK_C: tl.constexpr):
+def _soft_ce_jvp_kernel(
+    p_ptr, y_ptr, zd_ptr, dd_ptr, gy_ptr, n_rows, C, scale, ROWS: tl.constexpr, BLOCK_C: tl.constexpr
+):
     pid = tl.program_id(0)
     rows = pid * ROWS + tl.arange(0, ROWS)
     cols = tl.arange(0, BLOCK_C)
@@ -115,7 +117,9 @@ def soft_ce_jvp_triton(p: torch.Tensor, y: torch.Tensor, zdot: torch.Tensor, sca
     gy = torch.empty_like(p2)
     if n and C:
         rows, bc = _rows_cfg(C)
-        _soft_ce_jvp_kernel[(triton.cdiv(n, rows),)](p2, y2, zd2, dd, gy, n, C, float(scale), ROWS=rows, BLOCK_C=bc)
+        _soft_ce_jvp_kernel[(triton.cdiv(n, rows),)](
+            p2, y2, zd2, dd, gy, n, C, float(scale), ROWS=rows, BLOCK_C=bc
+        )
     return dd.view(p.shape), gy.view(p.shape)
 
 
@@ -140,4 +144,6 @@ def reverse_step_triton(w, g, lam, hv, lr: float) -> None:
     wf = _flat(w, "w")
     gf = _flat(g, "g") if has_g else wf
     if n:
-        _reverse_step_kernel[(triton.cdiv(n, FLAT_BLOCK),)](wf, gf, lf, hf, n, float(lr), HAS_G=has_g, BLOCK=FLAT_BLOCK)
+        _reverse_step_kernel[(triton.cdiv(n, FLAT_BLOCK),)](
+            wf, gf, lf, hf, n, float(lr), HAS_G=has_g, BLOCK=FLAT_BLOCK
+        )

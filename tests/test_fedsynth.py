@@ -80,7 +80,9 @@ def test_server_replay_equals_client_w_syn_exactly(spec):
 
 
 def test_learning_lowers_real_loss_and_payload_size():
-    model, state, comp, ctx = _setup("fedsynth:batches=4,batch=2,outer_steps=25,labels=trainable,lr_x=0.05,lr_y=0.05")
+    model, state, comp, ctx = _setup(
+        "fedsynth:batches=4,batch=2,outer_steps=25,labels=trainable,lr_x=0.05,lr_y=0.05"
+    )
     x, y = _data()
     payload = comp.client_update(model, state, (x, y), ctx)
     # the initial set's loss (outer_steps=0 is not allowed, so: the same init, unrolled)
@@ -93,12 +95,18 @@ def test_learning_lowers_real_loss_and_payload_size():
     assert len(payload) <= 4 * 2 * 64 * 4 + 4 * 2 * 4 * 4 + 200
 
 
-@pytest.mark.parametrize("labels,dtype", [("fixed", "fp32"), ("fixed", "fp16"), ("trainable", "fp32"), ("trainable", "fp16")])
+@pytest.mark.parametrize(
+    "labels,dtype", [("fixed", "fp32"), ("fixed", "fp16"), ("trainable", "fp32"), ("trainable", "fp16")]
+)
 def test_compress_decompress_roundtrip(labels, dtype):
     comp = fc.get_compressor(f"fedsynth:batches=2,batch=3,labels={labels},dtype={dtype},inner_lr=0.125")
     g = torch.Generator().manual_seed(1)
     x = torch.randn(2, 3, 1, 5, 5, generator=g)
-    y = F.one_hot(torch.randint(0, 7, (2, 3), generator=g), 7).float() if labels == "fixed" else torch.randn(2, 3, 7, generator=g)
+    y = (
+        F.one_hot(torch.randint(0, 7, (2, 3), generator=g), 7).float()
+        if labels == "fixed"
+        else torch.randn(2, 3, 7, generator=g)
+    )
     d = comp.decompress(comp.compress({"x": x, "y": y}, RoundContext()), RoundContext())
     tdt = torch.float16 if dtype == "fp16" else torch.float32
     assert torch.equal(d["x"], x.to(tdt).float())
@@ -107,14 +115,24 @@ def test_compress_decompress_roundtrip(labels, dtype):
 
 
 def test_spec_validation():
-    for bad in ("fedsynth:batches=0", "fedsynth:batch=-1", "fedsynth:labels=soft", "fedsynth:dtype=int8",
-                "fedsynth:lr_x=0", "fedsynth:inner_lr=nan", "fedsynth:init=zeros", "fedsynth:outer_steps=1.5",
-                "fedsynth:colour=red"):
+    for bad in (
+        "fedsynth:batches=0",
+        "fedsynth:batch=-1",
+        "fedsynth:labels=soft",
+        "fedsynth:dtype=int8",
+        "fedsynth:lr_x=0",
+        "fedsynth:inner_lr=nan",
+        "fedsynth:init=zeros",
+        "fedsynth:outer_steps=1.5",
+        "fedsynth:colour=red",
+    ):
         name = bad.split(":")[1].split("=")[0]
         with pytest.raises(ValueError, match=name):
             fc.get_compressor(bad)
     c = fc.get_compressor("fedsynth:batches=10,batch=5,labels=trainable")
-    assert isinstance(c, FedSynthCompressor) and c.params["batches"] == 10 and c.params["labels"] == "trainable"
+    assert (
+        isinstance(c, FedSynthCompressor) and c.params["batches"] == 10 and c.params["labels"] == "trainable"
+    )
 
 
 def test_replay_without_model_says_what_to_do():
@@ -161,9 +179,12 @@ def test_bad_payloads():
         "empty": b"",
         "other codec": fc.get_compressor("none").compress({"a": torch.zeros(3)}, ctx),
         "fixed-label payload to a trainable server": fc.get_compressor("fedsynth:batches=2,batch=2").compress(
-            {"x": torch.randn(2, 2, 1, 8, 8), "y": F.one_hot(torch.zeros(2, 2, dtype=torch.long), 4).float()}, ctx),
-        "fp16 payload to an fp32 server": fc.get_compressor("fedsynth:batches=2,batch=2,labels=trainable,dtype=fp16")
-        .compress({"x": torch.randn(2, 2, 1, 8, 8), "y": torch.rand(2, 2, 4)}, ctx),
+            {"x": torch.randn(2, 2, 1, 8, 8), "y": F.one_hot(torch.zeros(2, 2, dtype=torch.long), 4).float()},
+            ctx,
+        ),
+        "fp16 payload to an fp32 server": fc.get_compressor(
+            "fedsynth:batches=2,batch=2,labels=trainable,dtype=fp16"
+        ).compress({"x": torch.randn(2, 2, 1, 8, 8), "y": torch.rand(2, 2, 4)}, ctx),
     }
     for what, blob in cases.items():
         with pytest.raises(fc.FormatError):
@@ -212,8 +233,14 @@ def test_hostile_headers():
 def test_driver_runs_fedsynth():
     """One short FedAvg run with fedsynth through the driver (if the driver is there)."""
     driver = pytest.importorskip("fedcompress.fedavg.driver")
-    cfg = driver.ExperimentConfig(dataset="digits", clients=4, rounds=1, clients_per_round=2, model="mlp",
-                                  compressor="fedsynth:batches=2,batch=2,outer_steps=2,labels=trainable")
+    cfg = driver.ExperimentConfig(
+        dataset="digits",
+        clients=4,
+        rounds=1,
+        clients_per_round=2,
+        model="mlp",
+        compressor="fedsynth:batches=2,batch=2,outer_steps=2,labels=trainable",
+    )
     s = driver.run_experiment(cfg)
     assert s["rounds"] == 1 and math.isfinite(s["final_accuracy"])
     assert s["compression_ratio"] > 1

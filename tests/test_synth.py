@@ -132,7 +132,7 @@ def _problem(model, in_shape, classes, m=3, b=2, n=9, seed=0, dtype=torch.float3
 
 
 def _check_equal(out, ref, tol=1e-5):
-    for a, b in zip(out, ref):
+    for a, b in zip(out, ref, strict=True):
         assert a.shape == b.shape and a.dtype == b.dtype
         assert _rel(a, b) <= tol, _rel(a, b)
 
@@ -251,7 +251,9 @@ def test_batched_over_clients():
     loss, gx, gy = fc.synth.hypergradient_batched(model, params, *stack[:2], 0.3, *stack[2:])
     assert loss.shape == (K,)
     for k in range(K):
-        ref = fc.synth.hypergradient_ref(model, params, stack[0][k], stack[1][k], 0.3, stack[2][k], stack[3][k])
+        ref = fc.synth.hypergradient_ref(
+            model, params, stack[0][k], stack[1][k], 0.3, stack[2][k], stack[3][k]
+        )
         _check_equal((loss[k], gx[k], gy[k]), ref)
 
 

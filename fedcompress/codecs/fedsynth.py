@@ -122,7 +122,8 @@ class FedSynthCompressor(Compressor):
         dt = _DTYPES[self.params["dtype"]]
         if xr.dtype != dt or len(xr.shape) < 3 or xr.shape[:2] != (m, b):
             raise FormatError(
-                f"fedsynth: x is {xr.dtype} {xr.shape}; expected {dt} [{m}, {b}, ...] (batches={m}, batch={b})"
+                f"fedsynth: x is {xr.dtype} {xr.shape}; expected {dt} [{m}, {b}, ...] "
+                f"(batches={m}, batch={b})"
             )
         if math.prod(xr.shape[2:]) > (1 << 26):
             raise FormatError(f"fedsynth: input shape {xr.shape[2:]} implausibly large")
@@ -131,7 +132,9 @@ class FedSynthCompressor(Compressor):
             raise FormatError("fedsynth: synthetic inputs contain non-finite values")
         if self.params["labels"] == "fixed":
             if yr.dtype != _label_dtype(C) or yr.shape != (m, b):
-                raise FormatError(f"fedsynth: y is {yr.dtype} {yr.shape}; expected {_label_dtype(C)} [{m}, {b}]")
+                raise FormatError(
+                    f"fedsynth: y is {yr.dtype} {yr.shape}; expected {_label_dtype(C)} [{m}, {b}]"
+                )
             cls = wire.lossless_tensor(yr).to(torch.int64)
             if cls.numel() and (int(cls.min()) < 0 or int(cls.max()) >= C):
                 raise FormatError(f"fedsynth: class labels out of range [0, {C})")
@@ -189,7 +192,9 @@ class FedSynthCompressor(Compressor):
         opt = torch.optim.Adam(groups)
         best = (math.inf, None, None)
         for _ in range(p["outer_steps"]):
-            loss, gx, gy = synth.hypergradient(model, params, x.detach(), y.detach(), p["inner_lr"], real_x, real_y)
+            loss, gx, gy = synth.hypergradient(
+                model, params, x.detach(), y.detach(), p["inner_lr"], real_x, real_y
+            )
             loss = float(loss)
             if not (math.isfinite(loss) and torch.isfinite(gx).all() and torch.isfinite(gy).all()):
                 break  # diverged (lr_x / lr_y too large): keep the best set so far

@@ -88,8 +88,19 @@ class Conv2d:
         return z.contiguous(memory_format=_CL) if a.shape[0] >= _CL_MIN_BATCH else z
 
     def _bwd(self, d, a, w, mask):
-        return _conv_bwd(d, a, self._fmt(a, w), self.bias_sizes if mask[2] else None, self.stride, self.padding,
-                         self.dilation, False, [0, 0], 1, list(mask))
+        return _conv_bwd(
+            d,
+            a,
+            self._fmt(a, w),
+            self.bias_sizes if mask[2] else None,
+            self.stride,
+            self.padding,
+            self.dilation,
+            False,
+            [0, 0],
+            1,
+            list(mask),
+        )
 
     def _input_grad(self, d, a, w):
         """W^T d (the conv's input gradient) for a small batch, by the cheapest route measured:
@@ -102,7 +113,13 @@ class Conv2d:
             return F.fold(cols, (H, W), w.shape[2:], self.dilation, self.padding, self.stride)
         k = w.shape[2:]
         outpad = [
-            (H, W)[i] - ((d.shape[2 + i] - 1) * self.stride[i] - 2 * self.padding[i] + self.dilation[i] * (k[i] - 1) + 1)
+            (H, W)[i]
+            - (
+                (d.shape[2 + i] - 1) * self.stride[i]
+                - 2 * self.padding[i]
+                + self.dilation[i] * (k[i] - 1)
+                + 1
+            )
             for i in range(2)
         ]
         return F.conv_transpose2d(d, w, None, self.stride, self.padding, outpad, 1, self.dilation)
@@ -130,7 +147,10 @@ class Conv2d:
         gi = None
         if need_input:
             if a.shape[0] >= _CL_MIN_BATCH:
-                gi = self._bwd(dd, a, P[self.w], (True, False, False))[0] + self._bwd(d, a, L[self.w], (True, False, False))[0]
+                gi = (
+                    self._bwd(dd, a, P[self.w], (True, False, False))[0]
+                    + self._bwd(d, a, L[self.w], (True, False, False))[0]
+                )
             else:
                 gi = self._input_grad(dd, a, P[self.w]) + self._input_grad(d, a, L[self.w])
         sink.dense(self.w, hw)
@@ -330,7 +350,11 @@ def _compile(model: nn.Module) -> list:
         if n.op == "call_function" and n.target is operator.getitem and n.args[0] in sizes and n.args[1] == 0:
             sizes.add(n)
             continue
-        if not tensor_args or tensor_args[0] is not prev or any(a is not prev and a not in sizes for a in tensor_args):
+        if (
+            not tensor_args
+            or tensor_args[0] is not prev
+            or any(a is not prev and a not in sizes for a in tensor_args)
+        ):
             raise Unsupported(f"node {n} is not a chain step")
         layers.append(_layer_for(n, mods, sizes))
         prev = n
@@ -365,7 +389,7 @@ def _layer_for(n, mods, sizes):
             return ReLU()
         if n.target in (F.max_pool2d, torch.max_pool2d):
             names = ("input", "kernel_size", "stride", "padding", "dilation", "ceil_mode", "return_indices")
-            kw = dict(zip(names, n.args))
+            kw = dict(zip(names, n.args, strict=False))
             kw.update(n.kwargs)
             if kw.get("return_indices"):
                 raise Unsupported("return_indices")
@@ -514,7 +538,8 @@ def _backward(layers, P, saved, delta, sink, need_input0):
 def check_logits(z: Tensor, y: Tensor) -> None:
     if z.dim() != 2 or z.shape != y.shape:
         raise ValueError(
-            f"syn_y has shape {tuple(y.shape)} per batch but the model gives logits of shape {tuple(z.shape)}; "
+            f"syn_y has shape {tuple(y.shape)} per batch but the model gives logits of shape "
+            f"{tuple(z.shape)}; "
             "syn_y must be [m, b, C] with C the model's number of outputs"
         )
 

@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call
 
-from . import chain, ops
+from . import chain
 
 Tensor = torch.Tensor
 
@@ -47,7 +47,9 @@ def check_args(model, params, syn_x, syn_y, inner_lr, real_x=None, real_y=None) 
     names = [k for k, _ in model.named_parameters()]
     if set(params) != set(names):
         missing, extra = sorted(set(names) - set(params)), sorted(set(params) - set(names))
-        raise ValueError(f"params must hold exactly the model's parameters; missing {missing}, unexpected {extra}")
+        raise ValueError(
+            f"params must hold exactly the model's parameters; missing {missing}, unexpected {extra}"
+        )
     mp = dict(model.named_parameters())
     for k in names:
         v = params[k]
@@ -59,7 +61,12 @@ def check_args(model, params, syn_x, syn_y, inner_lr, real_x=None, real_y=None) 
     m, b = syn_x.shape[:2]
     if m < 1 or b < 1:
         raise ValueError(f"syn_x must hold m >= 1 batches of b >= 1 inputs, got shape {tuple(syn_x.shape)}")
-    if not isinstance(syn_y, Tensor) or not syn_y.is_floating_point() or syn_y.dim() != 3 or syn_y.shape[:2] != (m, b):
+    if (
+        not isinstance(syn_y, Tensor)
+        or not syn_y.is_floating_point()
+        or syn_y.dim() != 3
+        or syn_y.shape[:2] != (m, b)
+    ):
         got = tuple(syn_y.shape) if isinstance(syn_y, Tensor) else type(syn_y).__name__
         raise ValueError(f"syn_y must be a floating tensor [m={m}, b={b}, C] of (soft) labels, got {got}")
     if syn_y.shape[2] < 1:
@@ -75,7 +82,10 @@ def check_args(model, params, syn_x, syn_y, inner_lr, real_x=None, real_y=None) 
     if real_x is not None:
         if not isinstance(real_x, Tensor) or real_x.shape[1:] != syn_x.shape[2:] or real_x.shape[0] < 1:
             got = tuple(real_x.shape) if isinstance(real_x, Tensor) else type(real_x).__name__
-            raise ValueError(f"real_x must be [n >= 1, {', '.join(map(str, syn_x.shape[2:]))}] like syn_x's inputs, got {got}")
+            raise ValueError(
+                f"real_x must be [n >= 1, {', '.join(map(str, syn_x.shape[2:]))}] like syn_x's inputs, "
+                f"got {got}"
+            )
         if real_x.dtype != syn_x.dtype:
             raise ValueError(f"real_x dtype {real_x.dtype} differs from syn_x dtype {syn_x.dtype}")
         if not isinstance(real_y, Tensor) or real_y.dtype != torch.int64 or real_y.shape != real_x.shape[:1]:
@@ -118,8 +128,10 @@ def hypergradient_ref(model, params, syn_x, syn_y, inner_lr, real_x, real_y):
     for j in range(x.shape[0]):
         z = _checked_forward(functional_call, model, {**w, **bufs}, (x[j],))
         chain.check_logits(z, y[j])
-        g = torch.autograd.grad(soft_cross_entropy(z, y[j]), list(w.values()), create_graph=True, materialize_grads=True)
-        w = {k: v - lr * gk for (k, v), gk in zip(w.items(), g)}
+        g = torch.autograd.grad(
+            soft_cross_entropy(z, y[j]), list(w.values()), create_graph=True, materialize_grads=True
+        )
+        w = {k: v - lr * gk for (k, v), gk in zip(w.items(), g, strict=True)}
     loss = F.cross_entropy(functional_call(model, {**w, **bufs}, (real_x,)), real_y)
     gx, gy = torch.autograd.grad(loss, (x, y), materialize_grads=True)
     return loss.detach(), gx, gy
@@ -132,8 +144,9 @@ def hypergradient_ref(model, params, syn_x, syn_y, inner_lr, real_x, real_y):
 def _step_grad(model, bufs, w, x, y, create_graph):
     z = functional_call(model, {**w, **bufs}, (x,))
     chain.check_logits(z, y)
-    return torch.autograd.grad(soft_cross_entropy(z, y), list(w.values()), create_graph=create_graph,
-                               materialize_grads=True)
+    return torch.autograd.grad(
+        soft_cross_entropy(z, y), list(w.values()), create_graph=create_graph, materialize_grads=True
+    )
 
 
 def unroll_generic(model, params, syn_x, syn_y, lr, keep=False):
@@ -146,7 +159,7 @@ def unroll_generic(model, params, syn_x, syn_y, lr, keep=False):
         wr = {k: v.detach().requires_grad_(True) for k, v in w.items()}
         with torch.enable_grad():
             g = _checked_forward(_step_grad, model, bufs, wr, syn_x[j], syn_y[j], False)
-        w = {k: v - lr * gk for (k, v), gk in zip(w.items(), g)}
+        w = {k: v - lr * gk for (k, v), gk in zip(w.items(), g, strict=True)}
     return w, hist
 
 
@@ -174,7 +187,7 @@ def hypergradient_generic(model, params, syn_x, syn_y, inner_lr, real_x, real_y)
         n = len(lam)
         torch.mul(out[n], -lr, out=gx[j])
         torch.mul(out[n + 1], -lr, out=gy[j])
-        for lk, hk in zip(lam, out[:n]):
+        for lk, hk in zip(lam, out[:n], strict=True):
             lk.sub_(hk, alpha=lr)
     return loss.detach(), gx, gy
 
@@ -192,8 +205,9 @@ def chain_plan(model: nn.Module):
     return _PLANS[model]
 
 
-def hypergradient(model, params, syn_x, syn_y, inner_lr, real_x, real_y, *, real_chunk: int = 64,
-                  backend: str | None = None):
+def hypergradient(
+    model, params, syn_x, syn_y, inner_lr, real_x, real_y, *, real_chunk: int = 64, backend: str | None = None
+):
     """(real_loss, grad_syn_x, grad_syn_y) of FedSynth's outer objective (see module docstring).
 
     model: any nn.Module (called through torch.func.functional_call; buffers are constants).
@@ -211,8 +225,18 @@ def hypergradient(model, params, syn_x, syn_y, inner_lr, real_x, real_y, *, real
     if plan is None:
         return hypergradient_generic(model, params, syn_x, syn_y, inner_lr, real_x, real_y)
     with torch.no_grad():
-        return _checked_forward(chain.hypergradient_chain, plan, params, syn_x.detach(), syn_y.detach(),
-                                float(inner_lr), real_x.detach(), real_y, real_chunk, backend)
+        return _checked_forward(
+            chain.hypergradient_chain,
+            plan,
+            params,
+            syn_x.detach(),
+            syn_y.detach(),
+            float(inner_lr),
+            real_x.detach(),
+            real_y,
+            real_chunk,
+            backend,
+        )
 
 
 def unroll(model, params, syn_x, syn_y, inner_lr, *, backend: str | None = None) -> dict[str, Tensor]:
@@ -227,8 +251,9 @@ def unroll(model, params, syn_x, syn_y, inner_lr, *, backend: str | None = None)
         if plan is None:
             w, _ = unroll_generic(model, params, syn_x.detach(), syn_y.detach(), float(inner_lr))
             return w
-        _, P, _, _ = _checked_forward(chain.unroll_chain, plan, params, syn_x.detach(), syn_y.detach(),
-                                      float(inner_lr), False, backend)
+        _, P, _, _ = _checked_forward(
+            chain.unroll_chain, plan, params, syn_x.detach(), syn_y.detach(), float(inner_lr), False, backend
+        )
         return {k: P[k].clone() for k in params}
 
 
