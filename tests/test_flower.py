@@ -20,6 +20,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.request
 from pathlib import Path
@@ -159,13 +160,12 @@ def _free_port() -> int:
 
 def _flower_env(base: Path) -> dict[str, str]:
     env = dict(os.environ)
-    for d in ("home", "flwr", "ray"):
+    for d in ("home", "flwr"):
         (base / d).mkdir(parents=True, exist_ok=True)
     bindir = os.path.dirname(sys.executable)  # SuperLink/SuperNode start flower-superexec by name
     env.update(
         HOME=str(base / "home"),
         FLWR_HOME=str(base / "flwr"),
-        RAY_TMPDIR=str(base / "ray"),
         FLWR_TELEMETRY_ENABLED="0",
         FLWR_DISABLE_UPDATE_CHECK="1",
         # Each ClientApp process caches its data partition here (examples/flower task.py).
@@ -355,36 +355,61 @@ def test_deployment_matches_driver(deployment_runs, spec):
 # (b) Simulation runtime (Ray)
 
 
-def test_simulation_matches_driver(tmp_path, monkeypatch):
+def test_simulation_matches_driver(tmp_path):
     pytest.importorskip("ray", reason="run_simulation needs Ray: pip install 'flwr[simulation]==1.41.0'")
-    from flwr.simulation import run_simulation
-
-    sys.path.insert(0, str(EXAMPLE))
-    try:
-        from fedcompress_app.client_app import build_client_app
-        from fedcompress_app.server_app import build_server_app
-    finally:
-        sys.path.remove(str(EXAMPLE))
-    for k, v in _flower_env(tmp_path).items():
-        monkeypatch.setenv(k, v)
     spec = "none" if _missing("mask:keep=0.125") else "mask:keep=0.125"
     out = tmp_path / "out"
     overrides = {**RUN_CONFIG, "compressor": spec, "out-dir": str(out)}
-    threads = torch.get_num_threads()
+    env = _flower_env(tmp_path)
+    # Ray puts AF_UNIX sockets under RAY_TMPDIR and refuses paths over 107 bytes (pytest's tmp_path
+    # is too deep): a short dir in /tmp. When ray.init fails, Flower's ServerApp thread waits for
+    # nodes forever, hence the timeout below.
+    ray_tmp = tempfile.mkdtemp(prefix="fcray-", dir="/tmp" if os.path.isdir("/tmp") else None)
+    env["RAY_TMPDIR"] = ray_tmp
+    # Ray workers unpickle the apps, so they must import fedcompress_app too.
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(EXAMPLE), env.get("PYTHONPATH")]))
+    # A child process: Ray's signal handlers, threads and log handlers stay out of pytest, and a
+    # hung simulation is killed (its whole process group) instead of hanging the test run.
+    log = tmp_path / "simulation.log"
+    with open(log, "wb") as f:
+        p = subprocess.Popen(
+            [sys.executable, "-c", SIMULATION_SCRIPT, json.dumps(overrides)],
+            env=env, stdout=f, stderr=subprocess.STDOUT, start_new_session=True,
+        )  # fmt: skip
     try:
-        run_simulation(
-            build_server_app(overrides),
-            build_client_app(overrides),
-            num_supernodes=2,
-            backend_config={
-                "client_resources": {"num_cpus": 1, "num_gpus": 0.0},
-                "init_args": {"num_cpus": 2, "include_dashboard": False},
-            },
-        )
+        rc = p.wait(timeout=300)
+    except subprocess.TimeoutExpired:
+        rc = None
     finally:
-        torch.set_num_threads(threads)
-    assert (out / "metrics.json").exists(), "the simulated ServerApp did not finish"
+        _signal_group(p, signal.SIGTERM)
+        try:
+            p.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            _signal_group(p, signal.SIGKILL)
+            p.wait(timeout=15)
+        shutil.rmtree(ray_tmp, ignore_errors=True)
+    text = log.read_text(errors="replace")[-6000:]
+    assert rc == 0, f"run_simulation {'timed out' if rc is None else f'exited with {rc}'}:\n{text}"
+    assert (out / "metrics.json").exists(), f"the simulated ServerApp wrote no results:\n{text}"
     check_against_driver(spec, out)
+
+
+SIMULATION_SCRIPT = """
+import json, sys
+from flwr.simulation import run_simulation
+from fedcompress_app.client_app import build_client_app
+from fedcompress_app.server_app import build_server_app
+overrides = json.loads(sys.argv[1])
+run_simulation(
+    build_server_app(overrides),
+    build_client_app(overrides),
+    num_supernodes=2,
+    backend_config={
+        "client_resources": {"num_cpus": 1, "num_gpus": 0.0},
+        "init_args": {"num_cpus": 2, "include_dashboard": False},
+    },
+)
+"""
 
 
 # ---------------------------------------------------------------------------------------------
