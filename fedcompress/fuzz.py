@@ -50,16 +50,56 @@ class Target:
     decode: Callable[[bytes], object]
 
 
-TARGETS: dict[str, Target] = {}
+# name -> factory returning (make, decode); built on first use so a target's imports stay lazy
+_FACTORIES: dict[str, Callable[[], tuple[Callable, Callable]]] = {}
+_BUILT: dict[str, Target] = {}
+
+
+class _Targets(dict):
+    """TARGETS[name] builds the target on first access."""
+
+    def __getitem__(self, name: str) -> Target:
+        if name not in _BUILT:
+            make, decode = _FACTORIES[name]()
+            _BUILT[name] = Target(name, make, decode)
+        return _BUILT[name]
+
+    def __contains__(self, name) -> bool:
+        return name in _FACTORIES
+
+    def __iter__(self):
+        return iter(_FACTORIES)
+
+    def __len__(self) -> int:
+        return len(_FACTORIES)
+
+    def keys(self):
+        return _FACTORIES.keys()
+
+    def values(self):
+        return [self[n] for n in _FACTORIES]
+
+
+TARGETS = _Targets()
 
 
 def target(name: str):
-    def deco(fn):
-        make, decode = fn()
-        TARGETS[name] = Target(name, make, decode)
-        return fn
+    def deco(factory):
+        _FACTORIES[name] = factory
+        return factory
 
     return deco
+
+
+def _rand_tensor(rng: random.Random) -> torch.Tensor:
+    g = torch.Generator().manual_seed(rng.randrange(2**31))
+    n = rng.choice([0, 1, 7, 300, 5000])
+    t = torch.randn(n, generator=g) * rng.choice([1e-3, 1.0, 1e3])
+    if n > 8 and rng.random() < 0.3:
+        t[: n // 3] = 0.0  # runs of exact zeros, as in real updates
+        t[3] = float("nan")
+        t[5] = float("inf")
+    return t.to(rng.choice([torch.float32, torch.float32, torch.float64, torch.float16, torch.bfloat16]))
 
 
 def _rand_state(rng: random.Random) -> dict[str, torch.Tensor]:
@@ -74,26 +114,87 @@ def _rand_state(rng: random.Random) -> dict[str, torch.Tensor]:
 
 
 def _statedict_target(spec: str):
-    def fn():
+    def factory():
         from .api import RoundContext, get_compressor
 
         comp = get_compressor(spec)
         ctx = RoundContext(round=1, client=2, seed=3)
         return (lambda rng: comp.compress(_rand_state(rng), ctx)), (lambda b: comp.decompress(b, ctx))
 
-    return fn
+    return factory
 
 
-target("none")(_statedict_target("none"))
-target("fp16")(_statedict_target("fp16"))
+for _spec in ("none", "fp16", "sz:rel=1e-2,min_lossy=256", "mask:keep=0.25"):
+    target(_spec.split(":")[0])(_statedict_target(_spec))
 
 
-def _optional_targets() -> None:
-    """Targets of codecs that may be absent from a partial build register themselves here."""
-    try:
-        from . import fuzz_targets  # noqa: F401  (codec-specific targets, see fuzz_targets.py)
-    except ImportError:
-        pass
+def _backend_targets(prefix: str, op: str, factory_for_backend) -> None:
+    from ._ops import _TABLE
+
+    for b in ("torch", "cpp", "triton"):
+        if b in _TABLE.get(op, {}):
+            target(f"{prefix}:{b}")(factory_for_backend(b))
+
+
+def _sz_tensor(backend: str):
+    def factory():
+        from .codecs.sz.codec import SZ
+
+        enc = SZ(1e-2, "rel")
+        dec = SZ(1e-2, "rel", backend=backend)
+        lossy = SZ(1e-3, "abs", lossless="zstd")
+        return (lambda rng: (lossy if rng.random() < 0.3 else enc).encode(_rand_tensor(rng))), dec.decode
+
+    return factory
+
+
+def _mask_tensor(backend: str):
+    def factory():
+        from .codecs.mask import RandomMask
+
+        enc = RandomMask(keep=0.3)
+        dec = RandomMask(keep=0.3, backend=backend)
+        return (lambda rng: enc.encode(_rand_tensor(rng), seed=rng.randrange(2**64))), dec.decode
+
+    return factory
+
+
+def _mask_mean(backend: str):
+    def factory():
+        from .codecs.mask import RandomMask
+
+        enc = RandomMask(keep=0.3, unbiased=True)
+        dec = RandomMask(keep=0.3, backend=backend)
+        good = enc.encode(torch.ones(300), seed=5)
+        return (lambda rng: enc.encode(torch.randn(300), seed=rng.randrange(2**64))), (
+            lambda b: dec.decode_mean([good, b])
+        )
+
+    return factory
+
+
+_backend_targets("sz-tensor", "sz_decode", _sz_tensor)
+_backend_targets("mask-tensor", "mask_decode", _mask_tensor)
+_backend_targets("mask-mean", "mask_decode", _mask_mean)
+
+
+@target("fedsynth")
+def _fedsynth():
+    # The server decodes AND replays SGD on the payload: both must reject hostile bytes cleanly.
+    from .api import RoundContext, get_compressor
+
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(12, 5), torch.nn.ReLU(), torch.nn.Linear(5, 3))
+    state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    comp = get_compressor("fedsynth:batches=2,batch=3,labels=trainable")
+    comp.set_model(model)
+    ctx = RoundContext()
+
+    def make(rng):
+        g = torch.Generator().manual_seed(rng.randrange(2**31))
+        return comp.compress({"x": torch.randn(2, 3, 3, 4, generator=g),
+                              "y": torch.softmax(torch.randn(2, 3, 3, generator=g), -1)}, ctx)
+
+    return make, (lambda b: comp.server_update(b, state, ctx))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -197,6 +298,8 @@ def run_cases(names: list[str], cases: int, seed: int, limit_mb: int, hang_secon
     counts: Counter = Counter()
     examples: dict[str, str] = {}
     pools = {n: [TARGETS[n].make(rng) for _ in range(4)] for n in names}
+    for n in names:  # warm-up (imports, Triton's first compile) is not a hang
+        TARGETS[n].decode(pools[n][0])
     rss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     done = 0
     for done in range(1, cases + 1):
@@ -236,7 +339,7 @@ def summarize(results: list[dict], limit_mb: int, crashes: int) -> dict:
         total.update(r["counts"])
     by_outcome = Counter()
     for k, v in total.items():
-        by_outcome[k.split(":")[1]] += v
+        by_outcome[k.rsplit(":", 1)[1]] += v
     over = sum(1 for r in results if r["rss_growth_mb"] > 2 * limit_mb + 256)
     return {
         "cases": sum(r["cases"] for r in results),
@@ -253,7 +356,6 @@ def summarize(results: list[dict], limit_mb: int, crashes: int) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    _optional_targets()
     p = argparse.ArgumentParser(prog="python -m fedcompress.fuzz", description=__doc__.split("\n")[0])
     p.add_argument("--cases", type=int, default=100_000, help="total cases across targets")
     p.add_argument("--targets", default="all", help=f"comma list of: {','.join(sorted(TARGETS))}")
@@ -285,6 +387,8 @@ def main(argv: list[str] | None = None) -> int:
                    str(a.seed * 1_000_003 + i), "--targets", ",".join(names), "--limit-mb", str(a.limit_mb),
                    "--hang-seconds", str(a.hang_seconds)] + (["--seconds", str(left)] if left else [])
             env = dict(os.environ, OMP_NUM_THREADS="1")
+            if not torch.cuda.is_available():
+                env.setdefault("TRITON_INTERPRET", "1")  # so Triton decoders can be attacked on CPU
             running.append((i, n, subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)))
         i, n, proc = running.pop(0)
         try:

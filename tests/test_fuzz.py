@@ -25,7 +25,6 @@ def test_mutations_hit_the_checksum_or_are_recrc():
 
 
 def test_bounded_fuzz_pass_finds_no_bug():
-    fuzz._optional_targets()
     out = subprocess.run(
         [sys.executable, "-m", "fedcompress.fuzz", "--cases", "200000", "--chunk", "100000", "--seconds",
          str(CI_SECONDS), "--json"],
@@ -42,7 +41,6 @@ def test_bounded_fuzz_pass_finds_no_bug():
 
 @pytest.mark.parametrize("payload", [b"", b"FCMP", b"\x00" * 100, b"FCMP\x01\x00\x01\x00" + b"\xff" * 64])
 def test_garbage_raises_format_error_for_every_target(payload):
-    fuzz._optional_targets()
     for t in fuzz.TARGETS.values():
         with pytest.raises(FormatError):
             t.decode(payload)
