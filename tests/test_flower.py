@@ -312,86 +312,114 @@ def _signal_group(p: subprocess.Popen, sig: int) -> None:
         pass
 
 
-@pytest.fixture(scope="module")
-def deployment_runs(tmp_path_factory):
-    """Start the deployment, submit one run per available compressor at once, wait for all.
+class Simulation:
+    """``run_simulation`` of the example in a child process (its own process group), with a timeout.
 
-    Concurrent runs overlap Flower's fixed polling waits (~5 s a round). Yields
-    {spec: (out_dir, None) or (None, error text)}; every process is stopped afterwards.
+    A child process keeps Ray's signal handlers, threads and log handlers out of pytest, and a hung
+    simulation is killed instead of hanging the test run: when ``ray.init`` fails, Flower's
+    ServerApp thread waits for nodes forever.
     """
+
+    def __init__(self, base: Path, overrides: dict) -> None:
+        self.env = _flower_env(base)
+        # Ray puts AF_UNIX sockets under RAY_TMPDIR and refuses paths over 107 bytes (pytest's
+        # tmp_path is too deep), so a short dir in /tmp.
+        self.ray_tmp = tempfile.mkdtemp(prefix="fcray-", dir="/tmp" if os.path.isdir("/tmp") else None)
+        self.env["RAY_TMPDIR"] = self.ray_tmp
+        # Ray workers unpickle the apps, so they must import fedcompress_app too.
+        self.env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(EXAMPLE), self.env.get("PYTHONPATH")]))
+        self.log = base / "simulation.log"
+        with open(self.log, "wb") as f:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-c", SIMULATION_SCRIPT, json.dumps(overrides)],
+                env=self.env, stdout=f, stderr=subprocess.STDOUT, start_new_session=True,
+            )  # fmt: skip
+
+    def wait(self, timeout: float) -> str | None:
+        """None on success, else what went wrong (with the log's tail)."""
+        try:
+            rc = self.proc.wait(timeout=max(1.0, timeout))
+        except subprocess.TimeoutExpired:
+            rc = None
+        if rc == 0:
+            return None
+        tail = self.log.read_text(errors="replace")[-6000:]
+        return f"run_simulation {'timed out' if rc is None else f'exited with {rc}'}:\n{tail}"
+
+    def stop(self) -> None:
+        _signal_group(self.proc, signal.SIGTERM)
+        try:
+            self.proc.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            _signal_group(self.proc, signal.SIGKILL)
+            self.proc.wait(timeout=15)
+        shutil.rmtree(self.ray_tmp, ignore_errors=True)
+
+
+SIMULATION_SPEC = "none" if _missing("mask:keep=0.125") else "mask:keep=0.125"
+
+
+@pytest.fixture(scope="module")
+def flower_runs(tmp_path_factory):
+    """Run everything at once: the simulation, and the deployment with one run per compressor.
+
+    Concurrent runs overlap Flower's fixed polling waits (~5 s a round) and Ray's start-up, and the
+    driver references are computed meanwhile. Yields {"deployment": {spec: (out_dir, error)},
+    "simulation": (out_dir, error)}, error None on success; every process is stopped afterwards.
+    """
+    base = tmp_path_factory.mktemp("flower")
     path = os.path.dirname(sys.executable) + os.pathsep + os.environ["PATH"]
     if shutil.which("flower-superlink", path=path) is None:
         pytest.skip("flower-superlink is not on PATH")
-    base = tmp_path_factory.mktemp("flower-deployment")
-    dep = Deployment(base)
+    specs = [s for s in SPECS if _missing(s) is None]
+    results: dict = {"deployment": {}, "simulation": (None, "Ray is not installed")}
+    sim = dep = None
     try:
+        t_end = time.monotonic() + 480
+        try:
+            import ray  # noqa: F401
+
+            sim_out = base / "sim-out"
+            sim = Simulation(base, {**RUN_CONFIG, "compressor": SIMULATION_SPEC, "out-dir": str(sim_out)})
+        except ImportError:
+            pass
+        dep = Deployment(base)
         dep.start()
         runs = {}
-        for spec in SPECS:
-            if _missing(spec) is None:
-                out = base / ("out-" + spec.replace(":", "_").replace("=", "_"))
-                runs[spec] = (dep.submit({**RUN_CONFIG, "compressor": spec, "out-dir": str(out)}), out)
-        results = {}
-        t_end = time.monotonic() + 420
+        for spec in specs:
+            out = base / ("out-" + spec.replace(":", "_").replace("=", "_"))
+            runs[spec] = (dep.submit({**RUN_CONFIG, "compressor": spec, "out-dir": str(out)}), out)
+        for spec in specs:
+            driver_reference(spec)
         for spec, (run_id, out) in runs.items():
             try:
                 dep.wait_run(run_id, timeout=max(1.0, t_end - time.monotonic()))
-                results[spec] = (out, None)
+                results["deployment"][spec] = (out, None)
             except (AssertionError, TimeoutError, RuntimeError) as e:
-                results[spec] = (None, str(e))
+                results["deployment"][spec] = (None, str(e))
+        if sim is not None:
+            err = sim.wait(t_end - time.monotonic())
+            results["simulation"] = (None if err else sim_out, err)
         yield results
     finally:
-        dep.stop()
+        if dep is not None:
+            dep.stop()
+        if sim is not None:
+            sim.stop()
 
 
 @pytest.mark.parametrize("spec", SPEC_PARAMS)
-def test_deployment_matches_driver(deployment_runs, spec):
-    out, error = deployment_runs[spec]
+def test_deployment_matches_driver(flower_runs, spec):
+    out, error = flower_runs["deployment"][spec]
     assert error is None, error
     check_against_driver(spec, out)
 
 
-# ---------------------------------------------------------------------------------------------
-# (b) Simulation runtime (Ray)
-
-
-def test_simulation_matches_driver(tmp_path):
+def test_simulation_matches_driver(flower_runs):
     pytest.importorskip("ray", reason="run_simulation needs Ray: pip install 'flwr[simulation]==1.41.0'")
-    spec = "none" if _missing("mask:keep=0.125") else "mask:keep=0.125"
-    out = tmp_path / "out"
-    overrides = {**RUN_CONFIG, "compressor": spec, "out-dir": str(out)}
-    env = _flower_env(tmp_path)
-    # Ray puts AF_UNIX sockets under RAY_TMPDIR and refuses paths over 107 bytes (pytest's tmp_path
-    # is too deep): a short dir in /tmp. When ray.init fails, Flower's ServerApp thread waits for
-    # nodes forever, hence the timeout below.
-    ray_tmp = tempfile.mkdtemp(prefix="fcray-", dir="/tmp" if os.path.isdir("/tmp") else None)
-    env["RAY_TMPDIR"] = ray_tmp
-    # Ray workers unpickle the apps, so they must import fedcompress_app too.
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(EXAMPLE), env.get("PYTHONPATH")]))
-    # A child process: Ray's signal handlers, threads and log handlers stay out of pytest, and a
-    # hung simulation is killed (its whole process group) instead of hanging the test run.
-    log = tmp_path / "simulation.log"
-    with open(log, "wb") as f:
-        p = subprocess.Popen(
-            [sys.executable, "-c", SIMULATION_SCRIPT, json.dumps(overrides)],
-            env=env, stdout=f, stderr=subprocess.STDOUT, start_new_session=True,
-        )  # fmt: skip
-    try:
-        rc = p.wait(timeout=300)
-    except subprocess.TimeoutExpired:
-        rc = None
-    finally:
-        _signal_group(p, signal.SIGTERM)
-        try:
-            p.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            _signal_group(p, signal.SIGKILL)
-            p.wait(timeout=15)
-        shutil.rmtree(ray_tmp, ignore_errors=True)
-    text = log.read_text(errors="replace")[-6000:]
-    assert rc == 0, f"run_simulation {'timed out' if rc is None else f'exited with {rc}'}:\n{text}"
-    assert (out / "metrics.json").exists(), f"the simulated ServerApp wrote no results:\n{text}"
-    check_against_driver(spec, out)
+    out, error = flower_runs["simulation"]
+    assert error is None, error
+    check_against_driver(SIMULATION_SPEC, out)
 
 
 SIMULATION_SCRIPT = """
