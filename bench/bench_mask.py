@@ -6,8 +6,9 @@ Groups:
   encode-25M   25M float32, keep=0.1: fedcompress C++ (kernel op; full RandomMask.encode to bytes),
                naive torch ``x[torch.rand(n) < p]``, ``randperm`` + indices, and memcpy (x.clone()).
   decode_mean-100x1M   100 clients x 1M float32, keep=0.1: fedcompress C++ fused decode_mean (from
-               bytes), naive per-client torch loop regenerating the mask with torch.rand, and a
-               per-client index_add_ loop with sent indices (the randperm + indices peers).
+               bytes), per-client torch loops regenerating the mask with torch.rand (index_put_
+               accumulate; masked_scatter_), and a per-client index_add_ loop with sent indices
+               (the randperm + indices peers: no regeneration, but 8-byte indices in the payload).
 Triton rows appear only with a CUDA device (interpreter timings are not speed). GB/s of input floats
 is in extra_info (``--benchmark-json``); docs/mask.md has the table.
 """
@@ -141,6 +142,21 @@ def test_decode_mean_naive_torch_loop(benchmark, clients):
             g = torch.Generator().manual_seed(s)
             m = torch.rand(N_CLIENT, generator=g) < KEEP
             acc.index_put_((m,), v, accumulate=True)  # ~10x faster here than the idiomatic acc[m] += v
+        return acc / CLIENTS
+
+    _run(benchmark, run, CLIENTS * N_CLIENT * 4, rounds=3)
+
+
+@pytest.mark.benchmark(group="decode_mean-100x1M")
+def test_decode_mean_naive_torch_loop_masked_scatter(benchmark, clients):
+    _, seeds, naive_vals, _ = clients
+
+    def run():
+        acc = torch.zeros(N_CLIENT)
+        for s, v in zip(seeds, naive_vals):
+            g = torch.Generator().manual_seed(s)
+            m = torch.rand(N_CLIENT, generator=g) < KEEP
+            acc += torch.zeros(N_CLIENT).masked_scatter_(m, v)  # the fastest torch form found
         return acc / CLIENTS
 
     _run(benchmark, run, CLIENTS * N_CLIENT * 4, rounds=3)

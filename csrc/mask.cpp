@@ -56,8 +56,9 @@ constexpr int64_t kWords = kUnit / 64;
   const VEC c3r2 = SET1(static_cast<uint32_t>(p0r2));                                        \
   const VEC hi0r2 = SET1((p0r2 >> 32) ^ static_cast<uint32_t>(k1 + philox::kBump1));
 
-__attribute__((target("avx512f,bmi2"))) void mask_words_avx512(uint64_t seed, uint64_t start, int64_t nwords,
-                                                         uint32_t thr_m1, uint64_t* bits) {
+// One word at a time (2 dependency chains): the tail of mask_words_avx512.
+__attribute__((target("avx512f,bmi2"))) static void mask_words_avx512_one(uint64_t seed, uint64_t start, int64_t nwords,
+                                                                      uint32_t thr_m1, uint64_t* bits) {
   FC_PHILOX_KEYS(_mm512_set1_epi64, __m512i)
   const __m512i m0 = _mm512_set1_epi64(philox::kMul0), m1 = _mm512_set1_epi64(philox::kMul1);
   const __m512i lo32 = _mm512_set1_epi64(0xFFFFFFFFull), thr = _mm512_set1_epi64(thr_m1);
@@ -93,6 +94,57 @@ __attribute__((target("avx512f,bmi2"))) void mask_words_avx512(uint64_t seed, ui
     }
     bits[w] = word;
   }
+}
+
+__attribute__((target("avx512f,bmi2"))) void mask_words_avx512(uint64_t seed, uint64_t start, int64_t nwords,
+                                                         uint32_t thr_m1, uint64_t* bits) {
+  FC_PHILOX_KEYS(_mm512_set1_epi64, __m512i)
+  const __m512i m0 = _mm512_set1_epi64(philox::kMul0), m1 = _mm512_set1_epi64(philox::kMul1);
+  const __m512i lo32 = _mm512_set1_epi64(0xFFFFFFFFull), thr = _mm512_set1_epi64(thr_m1);
+  const __m512i step = _mm512_set_epi64(7, 6, 5, 4, 3, 2, 1, 0);
+  // Two words at a time: 4 independent multiply chains keep the multiplier busy (measured 1.1 vs
+  // 0.85 Gelem/s per core with 2 chains).
+  constexpr int V = 4;
+  int64_t w = 0;
+  for (; w + 2 <= nwords; w += 2) {
+    const uint32_t ctr_lo = static_cast<uint32_t>((start >> 2) + w * 16);
+    __m512i c0[V], c1[V], c2[V], c3[V], p0[V], p1[V];
+#pragma GCC unroll 4
+    for (int v = 0; v < V; ++v) {
+      c0[v] = _mm512_add_epi64(_mm512_set1_epi64(ctr_lo + v * 8), step);
+      p0[v] = _mm512_mul_epu32(c0[v], m0);
+      c2[v] = _mm512_xor_si512(_mm512_srli_epi64(p0[v], 32), rk1[0]);
+      c3[v] = p0[v];
+      p1[v] = _mm512_mul_epu32(c2[v], m1);
+      c0[v] = _mm512_xor_si512(_mm512_srli_epi64(p1[v], 32), rk0[1]);
+      c1[v] = p1[v];
+      c2[v] = _mm512_xor_si512(hi0r2, c3[v]);
+      c3[v] = c3r2;
+    }
+#pragma GCC unroll 8
+    for (int r = 2; r < philox::kRounds; ++r) {
+#pragma GCC unroll 4
+      for (int v = 0; v < V; ++v) {
+        p0[v] = _mm512_mul_epu32(c0[v], m0);
+        p1[v] = _mm512_mul_epu32(c2[v], m1);
+        c0[v] = _mm512_ternarylogic_epi64(_mm512_srli_epi64(p1[v], 32), c1[v], rk0[r], 0x96);
+        c2[v] = _mm512_ternarylogic_epi64(_mm512_srli_epi64(p0[v], 32), c3[v], rk1[r], 0x96);
+        c1[v] = p1[v];
+        c3[v] = p0[v];
+      }
+    }
+#pragma GCC unroll 4
+    for (int v = 0; v < V; ++v) {
+      const uint64_t q0 = _mm512_cmple_epu64_mask(_mm512_and_si512(c0[v], lo32), thr);
+      const uint64_t q1 = _mm512_cmple_epu64_mask(_mm512_and_si512(c1[v], lo32), thr);
+      const uint64_t q2 = _mm512_cmple_epu64_mask(_mm512_and_si512(c2[v], lo32), thr);
+      const uint64_t q3 = _mm512_cmple_epu64_mask(_mm512_and_si512(c3[v], lo32), thr);
+      const uint64_t g = _pdep_u64(q0, 0x11111111ull) | _pdep_u64(q1, 0x22222222ull) |
+                         _pdep_u64(q2, 0x44444444ull) | _pdep_u64(q3, 0x88888888ull);
+      if (v & 1) bits[w + v / 2] |= g << 32; else bits[w + v / 2] = g;
+    }
+  }
+  if (w < nwords) mask_words_avx512_one(seed, start + w * 64, nwords - w, thr_m1, bits + w);
 }
 
 __attribute__((target("avx2,bmi2"))) void mask_words_avx2(uint64_t seed, uint64_t start, int64_t nwords,
