@@ -39,7 +39,7 @@ from ... import _ops, wire
 from ...errors import FormatError
 from . import entropy as ent
 from . import lossless
-from .predict import PRED_LORENZO, choose_predictor, hold_outliers, lorenzo_inverse_ref
+from .predict import PRED_LORENZO, choose_predictor, hold_outliers, lorenzo_inverse_ref, lorenzo_ref
 from .quantize import inverse_of_step, prequantize_ref, quantize_ref, reconstruct_ref
 
 VERSION = 1
@@ -99,15 +99,31 @@ def _raw_bytes(x: torch.Tensor) -> bytes:
     return bytes(wire.tensor_bytes(x))
 
 
-def encode_block_ref(x: torch.Tensor, q: torch.Tensor, step: float, bound: float) -> bytes:
-    """One block (flat ``x`` in its dtype, its codes ``q``) -> block bytes."""
+def quantize_all_ref(x: torch.Tensor, step: float, bound: float, prequantize=None) -> tuple[np.ndarray, np.ndarray]:
+    """Stage 1 over the whole flat tensor: (codes int64, outlier mask)."""
+    q = (prequantize or prequantize_ref)(x, inverse_of_step(step)).cpu()
+    _, out = quantize_ref(x, step, bound, q)
+    return q.numpy().astype(np.int64), out.numpy()
+
+
+def plain_tokens_ref(q_eff: np.ndarray, outlier: np.ndarray, lorenzo: bool) -> tuple[np.ndarray, np.ndarray]:
+    """One block's plain-mode tokens and their histogram (the Triton backend computes these on the device)."""
+    d = lorenzo_ref(q_eff) if lorenzo else q_eff
+    tok, _ = ent.tokenize_ref(d, outlier, ent.MODE_PLAIN)
+    return tok, ent.histogram_ref(tok)
+
+
+def encode_block_ref(x: torch.Tensor, q: np.ndarray, outlier: np.ndarray, step: float, bound: float,
+                     tokens=None) -> bytes:
+    """One block (flat ``x`` in its dtype, its codes ``q`` and outlier mask) -> block bytes.
+
+    ``tokens(q_eff, outlier, lorenzo) -> (plain tokens, histogram)`` is pluggable (Triton).
+    """
     n = x.numel()
-    _, out_t = quantize_ref(x, step, bound, q)
-    outlier = out_t.numpy()
-    q_eff = hold_outliers(q.numpy().astype(np.int64), outlier)
+    q_eff = hold_outliers(q, outlier)
     pred, d = choose_predictor(q_eff, outlier)
-    tok_p, wide = ent.tokenize_ref(d, outlier, ent.MODE_PLAIN)
-    h_p = ent.histogram_ref(tok_p)
+    tok_p, h_p = (tokens or plain_tokens_ref)(q_eff, outlier, pred == PRED_LORENZO)
+    wide = d[tok_p == ent.ESC_WIDE].astype(np.int32)
     tok, hist, run = tok_p, h_p, False
     if h_p[ent.TOKEN_BASE] * ent.RUN_CONSIDER >= n:  # zero runs only pay when zeros are common
         tok_r, _ = ent.tokenize_ref(d, outlier, ent.MODE_RUN)
@@ -141,7 +157,7 @@ def _pack_block(x, pred, run, tok, hist, wide, outlier) -> bytes:
     return raw if len(blk) >= len(raw) else blk
 
 
-def decode_block_ref(buf, n: int, dtype: torch.dtype, step: float) -> torch.Tensor:
+def decode_block_ref(buf, n: int, dtype: torch.dtype, step: float, reconstruct=None) -> torch.Tensor:
     """Block bytes -> ``n`` values of ``dtype``. FormatError on anything inconsistent."""
     isz = wire.itemsize(dtype)
     r = wire.Reader(buf, "sz block")
@@ -171,18 +187,24 @@ def decode_block_ref(buf, n: int, dtype: torch.dtype, step: float) -> torch.Tens
     if int(is_out.sum()) != n_out:
         raise FormatError("sz block: outlier count mismatch")
     q = lorenzo_inverse_ref(d) if flags & BLK_LORENZO else d
-    out = reconstruct_ref(torch.from_numpy(q.astype(np.int32)), step, dtype)
+    out = (reconstruct or reconstruct_ref)(torch.from_numpy(q.astype(np.int32)), step, dtype)
     if n_out:
         out[torch.from_numpy(is_out)] = outl
     return out
 
 
-def encode_section_ref(x: torch.Tensor, step: float, bound: float, block_size: int, prequantize=None) -> bytes:
-    """Reference encoder of the blocks section (``prequantize`` is pluggable for the Triton path)."""
-    x = x.detach().reshape(-1).cpu()
-    q_all = (prequantize or prequantize_ref)(x, inverse_of_step(step)).cpu()
+def encode_section_ref(x: torch.Tensor, step: float, bound: float, block_size: int, prequantize=None,
+                       quantize=None, tokens=None) -> bytes:
+    """Reference encoder of the blocks section. ``quantize``/``tokens`` are pluggable stages (Triton)."""
+    x = x.detach().reshape(-1)
+    if quantize is not None:
+        q_all, out_all = quantize(x, step, bound)
+    else:
+        q_all, out_all = quantize_all_ref(x.cpu(), step, bound, prequantize)
+    x = x.cpu()
     blocks = [
-        encode_block_ref(x[i : i + block_size], q_all[i : i + block_size], step, bound)
+        encode_block_ref(x[i : i + block_size], q_all[i : i + block_size], out_all[i : i + block_size], step, bound,
+                         tokens)
         for i in range(0, x.numel(), block_size)
     ]
     return _join_blocks(blocks)
@@ -200,12 +222,14 @@ def split_section(section, n: int, block_size: int, n_blocks: int) -> list[memor
     return out
 
 
-def decode_section_ref(section, dtype: torch.dtype, n: int, block_size: int, step: float) -> torch.Tensor:
+def decode_section_ref(section, dtype: torch.dtype, n: int, block_size: int, step: float,
+                       reconstruct=None) -> torch.Tensor:
     n_blocks = -(-n // block_size)
     blocks = split_section(section, n, block_size, n_blocks)
     if not blocks:
         return torch.empty(0, dtype=dtype)
-    parts = [decode_block_ref(b, min(block_size, n - i * block_size), dtype, step) for i, b in enumerate(blocks)]
+    parts = [decode_block_ref(b, min(block_size, n - i * block_size), dtype, step, reconstruct)
+             for i, b in enumerate(blocks)]
     return torch.cat(parts)
 
 
