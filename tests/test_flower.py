@@ -270,24 +270,30 @@ class Deployment:
         assert out.get("success"), out
         return str(out["run-id"])
 
-    def wait_run(self, run_id: str, timeout: float) -> None:
-        # flwr run's exit code does not tell failure; poll the run's status instead.
+    def wait_run(self, run_id: str, timeout: float, done_file: Path | None = None) -> None:
+        """Wait until the run is ``finished:completed``; raise with its log if it failed.
+
+        ``flwr run``'s exit code does not tell failure, so poll the run's status. Each ``flwr ls``
+        is a fresh Python process (1-3 s of CPU on a busy box), so while ``done_file`` (written by
+        the ServerApp at its end) is missing we ask only every 10 s, to catch a failed run.
+        """
         t_end = time.monotonic() + timeout
-        status = ""
+        status, last_ask = "", 0.0
         while time.monotonic() < t_end:
-            runs = self.flwr("ls", "local-deployment", "--run-id", run_id).get("runs", [])
-            status = runs[0]["status"] if runs else ""
-            if status.startswith("finished"):
-                if status != "finished:completed":
-                    log = subprocess.run(
-                        ["flwr", "log", run_id, "local-deployment", "--show"],
-                        env=self.env, capture_output=True, text=True, timeout=60,
-                    ).stdout  # fmt: skip
-                    raise AssertionError(
-                        f"run {run_id} {status}: {runs[0].get('status-details')}\n{log[-6000:]}"
-                    )
-                return
-            time.sleep(2)
+            if done_file is None or done_file.exists() or time.monotonic() - last_ask > 10:
+                last_ask = time.monotonic()
+                runs = self.flwr("ls", "local-deployment", "--run-id", run_id).get("runs", [])
+                status = runs[0]["status"] if runs else ""
+                if status.startswith("finished"):
+                    if status != "finished:completed":
+                        log = subprocess.run(
+                            ["flwr", "log", run_id, "local-deployment", "--show"],
+                            env=self.env, capture_output=True, text=True, timeout=60,
+                        ).stdout  # fmt: skip
+                        why = runs[0].get("status-details")
+                        raise AssertionError(f"run {run_id} {status}: {why}\n{log[-6000:]}")
+                    return
+            time.sleep(0.5)
         raise TimeoutError(f"run {run_id} still {status!r} after {timeout:.0f} s\n{self.logs()}")
 
     def stop(self) -> None:
@@ -389,14 +395,20 @@ def flower_runs(tmp_path_factory):
         for spec in specs:
             out = base / ("out-" + spec.replace(":", "_").replace("=", "_"))
             runs[spec] = (dep.submit({**RUN_CONFIG, "compressor": spec, "out-dir": str(out)}), out)
+        bad_run = dep.submit({**RUN_CONFIG, "compressor": "bogus:keep=2"})
         for spec in specs:
             driver_reference(spec)
         for spec, (run_id, out) in runs.items():
             try:
-                dep.wait_run(run_id, timeout=max(1.0, t_end - time.monotonic()))
+                dep.wait_run(run_id, max(1.0, t_end - time.monotonic()), out / "final_weights.fcmp")
                 results["deployment"][spec] = (out, None)
             except (AssertionError, TimeoutError, RuntimeError) as e:
                 results["deployment"][spec] = (None, str(e))
+        try:
+            dep.wait_run(bad_run, max(1.0, t_end - time.monotonic()))
+            results["bad-spec"] = None
+        except AssertionError as e:
+            results["bad-spec"] = str(e)
         if sim is not None:
             err = sim.wait(t_end - time.monotonic())
             results["simulation"] = (None if err else sim_out, err)
@@ -413,6 +425,12 @@ def test_deployment_matches_driver(flower_runs, spec):
     out, error = flower_runs["deployment"][spec]
     assert error is None, error
     check_against_driver(spec, out)
+
+
+def test_deployment_unknown_spec_fails_the_run(flower_runs):
+    error = flower_runs["bad-spec"]
+    assert error is not None, "a run with an unknown compressor completed"
+    assert "finished:failed" in error and "unknown compressor 'bogus'" in error, error
 
 
 def test_simulation_matches_driver(flower_runs):
