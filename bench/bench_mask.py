@@ -27,9 +27,7 @@ THR = M.keep_threshold(KEEP)
 
 
 def _has(backend: str, device: str = "cpu") -> bool:
-    return _ops.available("mask_encode", backend, device)[0] and not (
-        backend == "triton" and device == "cpu"
-    )
+    return _ops.available("mask_encode", backend, device)[0] and not (backend == "triton" and device == "cpu")
 
 
 def _run(benchmark, fn, nbytes, rounds=7):
@@ -113,10 +111,10 @@ def clients():
     xs = [torch.randn(N_CLIENT, generator=g) for _ in range(CLIENTS)]
     seeds = [1000 + c for c in range(CLIENTS)]
     rm = fc.RandomMask(KEEP, backend="cpp" if _has("cpp") else "torch")
-    blobs = [rm.encode(x, seed=s) for x, s in zip(xs, seeds)]
+    blobs = [rm.encode(x, seed=s) for x, s in zip(xs, seeds, strict=False)]
     # what the naive torch client would send: values under its own torch.rand mask / randperm indices
     naive_vals, naive_idx = [], []
-    for x, s in zip(xs, seeds):
+    for x, s in zip(xs, seeds, strict=False):
         gg = torch.Generator().manual_seed(s)
         naive_vals.append(x[torch.rand(N_CLIENT, generator=gg) < KEEP])
         idx = torch.randperm(N_CLIENT, generator=gg)[: int(KEEP * N_CLIENT)]
@@ -138,7 +136,7 @@ def test_decode_mean_naive_torch_loop(benchmark, clients):
 
     def run():
         acc = torch.zeros(N_CLIENT)
-        for s, v in zip(seeds, naive_vals):
+        for s, v in zip(seeds, naive_vals, strict=False):
             g = torch.Generator().manual_seed(s)
             m = torch.rand(N_CLIENT, generator=g) < KEEP
             acc.index_put_((m,), v, accumulate=True)  # ~10x faster here than the idiomatic acc[m] += v
@@ -153,7 +151,7 @@ def test_decode_mean_naive_torch_loop_masked_scatter(benchmark, clients):
 
     def run():
         acc = torch.zeros(N_CLIENT)
-        for s, v in zip(seeds, naive_vals):
+        for s, v in zip(seeds, naive_vals, strict=False):
             g = torch.Generator().manual_seed(s)
             m = torch.rand(N_CLIENT, generator=g) < KEEP
             acc += torch.zeros(N_CLIENT).masked_scatter_(m, v)  # the fastest torch form found

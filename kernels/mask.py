@@ -36,8 +36,9 @@ def _keep_block(seed, start, n_valid, thr_m1, BLOCK: tl.constexpr):
 
 
 @triton.jit
-def _count_kernel(seeds_ptr, useg_ptr, ustart_ptr, ulen_ptr, counts_ptr, thr_m1, n_units, n_segs,
-                  BLOCK: tl.constexpr):
+def _count_kernel(
+    seeds_ptr, useg_ptr, ustart_ptr, ulen_ptr, counts_ptr, thr_m1, n_units, n_segs, BLOCK: tl.constexpr
+):
     u = tl.program_id(0)
     c = tl.program_id(1)
     seg = tl.load(useg_ptr + u)
@@ -47,8 +48,9 @@ def _count_kernel(seeds_ptr, useg_ptr, ustart_ptr, ulen_ptr, counts_ptr, thr_m1,
 
 
 @triton.jit
-def _compact_kernel(x_ptr, out_ptr, seeds_ptr, useg_ptr, ustart_ptr, ulen_ptr, uin_ptr, uout_ptr, thr_m1,
-                    BLOCK: tl.constexpr):
+def _compact_kernel(
+    x_ptr, out_ptr, seeds_ptr, useg_ptr, ustart_ptr, ulen_ptr, uin_ptr, uout_ptr, thr_m1, BLOCK: tl.constexpr
+):
     u = tl.program_id(0)
     seed = tl.load(seeds_ptr + tl.load(useg_ptr + u))
     keep, lane = _keep_block(seed, tl.load(ustart_ptr + u), tl.load(ulen_ptr + u), thr_m1, BLOCK)
@@ -58,9 +60,23 @@ def _compact_kernel(x_ptr, out_ptr, seeds_ptr, useg_ptr, ustart_ptr, ulen_ptr, u
 
 
 @triton.jit
-def _scatter_kernel(vals_ptr, out_ptr, seeds_ptr, weights_ptr, useg_ptr, ustart_ptr, ulen_ptr, uout_ptr,
-                    voff_ptr, thr_m1, n_units, n_segs, n_clients, ACCUMULATE: tl.constexpr,
-                    BLOCK: tl.constexpr):
+def _scatter_kernel(
+    vals_ptr,
+    out_ptr,
+    seeds_ptr,
+    weights_ptr,
+    useg_ptr,
+    ustart_ptr,
+    ulen_ptr,
+    uout_ptr,
+    voff_ptr,
+    thr_m1,
+    n_units,
+    n_segs,
+    n_clients,
+    ACCUMULATE: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
     u = tl.program_id(0)
     seg = tl.load(useg_ptr + u)
     start = tl.load(ustart_ptr + u)
@@ -88,7 +104,10 @@ def _units(lens: list[int], device) -> tuple[torch.Tensor, ...]:
     start = (np.arange(len(seg), dtype=np.int64) - first) * BLOCK
     length = np.minimum(np.asarray(lens, dtype=np.int64)[seg] - start, BLOCK) if len(seg) else start
     flat = np.concatenate([[0], np.cumsum(lens)])[:-1].astype(np.int64)[seg] + start if len(seg) else start
-    return tuple(torch.from_numpy(np.ascontiguousarray(a, dtype=np.int64)).to(device) for a in (seg, start, length, flat))
+    return tuple(
+        torch.from_numpy(np.ascontiguousarray(a, dtype=np.int64)).to(device)
+        for a in (seg, start, length, flat)
+    )
 
 
 def _seed_tensor(seeds, device) -> torch.Tensor:
@@ -136,7 +155,9 @@ def mask_decode_triton(vals, expected, seeds, lens, weights, thr_m1: int, accumu
             if int(per_seg[c, s]) != int(exp[c, s]):
                 raise FormatError(_count_message(c, s, int(exp[c, s]), int(per_seg[c, s])))
         if int(per_seg[c].sum()) != vals[c].numel():
-            raise FormatError(f"client {c}: {vals[c].numel()} values sent but the masks keep {int(per_seg[c].sum())}")
+            raise FormatError(
+                f"client {c}: {vals[c].numel()} values sent but the masks keep {int(per_seg[c].sum())}"
+            )
     base = torch.tensor([0] + [v.numel() for v in vals], dtype=torch.int64).cumsum(0)[:-1].to(device)
     voff = (torch.cumsum(counts, 1) - counts + base[:, None]).reshape(-1).contiguous()
     flat_vals = torch.cat([v.reshape(-1).to(torch.float32) for v in vals]) if vals else torch.empty(0)
@@ -145,6 +166,21 @@ def mask_decode_triton(vals, expected, seeds, lens, weights, thr_m1: int, accumu
     out = torch.zeros(int(sum(lens)), dtype=torch.float32, device=device)
     w = torch.tensor(weights, dtype=torch.float32, device=device)
     if U and C:
-        _scatter_kernel[(U,)](flat_vals, out, sd, w, useg, ustart, ulen, uflat, voff, thr_m1, U, S, C,
-                              ACCUMULATE=bool(accumulate), BLOCK=BLOCK)
+        _scatter_kernel[(U,)](
+            flat_vals,
+            out,
+            sd,
+            w,
+            useg,
+            ustart,
+            ulen,
+            uflat,
+            voff,
+            thr_m1,
+            U,
+            S,
+            C,
+            ACCUMULATE=bool(accumulate),
+            BLOCK=BLOCK,
+        )
     return out

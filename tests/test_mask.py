@@ -99,7 +99,9 @@ def test_cpp_simd_levels_agree_with_reference(isa):
                 want = np.zeros(n, dtype=np.float32)
                 want[m] = x.numpy()[m] * 2
                 assert torch.equal(dec, torch.from_numpy(want))
-                acc = M.mask_decode_cpp([vals, vals], [[counts[0]]] * 2, [[seed]] * 2, [n], [0.5, 0.25], thr, True)
+                acc = M.mask_decode_cpp(
+                    [vals, vals], [[counts[0]]] * 2, [[seed]] * 2, [n], [0.5, 0.25], thr, True
+                )
                 want2 = np.zeros(n, dtype=np.float32)
                 want2[m] = x.numpy()[m] * np.float32(0.5) + x.numpy()[m] * np.float32(0.25)
                 assert torch.equal(acc, torch.from_numpy(want2))
@@ -120,7 +122,9 @@ def _inputs():
     return out
 
 
-@pytest.mark.parametrize("keep,unbiased,values", [(0.1, False, "fp32"), (0.5, True, "fp16"), (1.0, False, "fp32")])
+@pytest.mark.parametrize(
+    "keep,unbiased,values", [(0.1, False, "fp32"), (0.5, True, "fp16"), (1.0, False, "fp32")]
+)
 def test_encode_decode_same_bytes_every_backend(backend, keep, unbiased, values):
     backend_or_skip("mask_encode", backend)
     seed = 2**63 + 12345  # high key word set
@@ -161,11 +165,14 @@ def test_decode_mean_matches_numpy(backend, n):
     seeds = [11 * c + 3 for c in range(C)]
     weights = [1.0, 2.0, 0.5, 3.0, 1.5]
     rm = M.RandomMask(keep, unbiased=True, backend=backend)
-    blobs = [M.RandomMask(keep, unbiased=True, backend="torch").encode(x, seed=s) for x, s in zip(xs, seeds)]
+    blobs = [
+        M.RandomMask(keep, unbiased=True, backend="torch").encode(x, seed=s)
+        for x, s in zip(xs, seeds, strict=False)
+    ]
     got = rm.decode_mean(blobs, weights=weights)
     scale = 2**32 / (M.keep_threshold(keep) + 1)
     acc = np.zeros(n, dtype=np.float32)
-    for x, s, w in zip(xs, seeds, weights):
+    for x, s, w in zip(xs, seeds, weights, strict=False):
         m = _mask_by_hand(n, s, keep)
         acc[m] = acc[m] + x.numpy()[m] * np.float32(scale * w / sum(weights))
     assert torch.equal(got, torch.from_numpy(acc))
@@ -242,7 +249,12 @@ def test_keep_one_keeps_everything_and_tiny_keep_keeps_little():
 
 def _state(seed=0):
     torch.manual_seed(seed)
-    net = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3), torch.nn.BatchNorm2d(8), torch.nn.Flatten(), torch.nn.Linear(8 * 26 * 26, 10))
+    net = torch.nn.Sequential(
+        torch.nn.Conv2d(3, 8, 3),
+        torch.nn.BatchNorm2d(8),
+        torch.nn.Flatten(),
+        torch.nn.Linear(8 * 26 * 26, 10),
+    )
     sd = {k: v.detach().clone() for k, v in net.state_dict().items()}
     sd["1.num_batches_tracked"] = torch.tensor(seed + 3)
     sd["half"] = torch.randn(33, dtype=torch.float16)
@@ -280,18 +292,18 @@ def test_statedict_server_mean_matches_per_client_decode(backend):
     comp.backend = backend
     ctxs = [fc.RoundContext(round=1, client=c, seed=9) for c in range(4)]
     states = [_state(c) for c in range(4)]
-    blobs = [comp.compress(s, cx) for s, cx in zip(states, ctxs)]
+    blobs = [comp.compress(s, cx) for s, cx in zip(states, ctxs, strict=False)]
     weights = [10, 20, 30, 40]
     mean = comp.server_mean(blobs, ctxs, weights)
-    dec = [comp.decompress(b, cx) for b, cx in zip(blobs, ctxs)]
+    dec = [comp.decompress(b, cx) for b, cx in zip(blobs, ctxs, strict=False)]
     for k, v in states[0].items():
         if v.is_floating_point():
             acc = torch.zeros(v.numel(), dtype=torch.float32)
-            for d, w in zip(dec, weights):
+            for d, w in zip(dec, weights, strict=False):
                 acc = acc + d[k].reshape(-1).float() * np.float32(w / 100)
             assert torch.equal(mean[k], acc.to(v.dtype).reshape(v.shape)), k
         else:
-            want = round(sum(int(s[k]) * w for s, w in zip(states, weights)) / 100)
+            want = round(sum(int(s[k]) * w for s, w in zip(states, weights, strict=False)) / 100)
             assert int(mean[k]) == want
     with pytest.raises(fc.FormatError):
         comp.server_mean(blobs, ctxs[::-1], weights)
@@ -371,7 +383,7 @@ def test_truncated_and_altered_bytes_are_format_errors(backend):
         _repack(blob, meta=struct.pack("<QIBB", 77, 2**31, 0, 5)),  # values dtype int64
         _repack(blob, shape=(10**15,)),  # hostile size
     ]
-    for i, bad in enumerate(cases):
+    for _i, bad in enumerate(cases):
         with pytest.raises(fc.FormatError):
             rm.decode(bad)
         with pytest.raises(fc.FormatError):
@@ -389,7 +401,10 @@ def test_statedict_altered_counts_are_format_errors():
     meta, recs = wire.unpack(blob, wire.CODEC_MASK)
     # move one value from tensor a to tensor b: total right, per-tensor counts wrong
     a, b = bytes(recs[0].data), bytes(recs[1].data)
-    moved = [wire.Record("a", recs[0].dtype, recs[0].shape, a[:-4]), wire.Record("b", recs[1].dtype, recs[1].shape, a[-4:] + b)]
+    moved = [
+        wire.Record("a", recs[0].dtype, recs[0].shape, a[:-4]),
+        wire.Record("b", recs[1].dtype, recs[1].shape, a[-4:] + b),
+    ]
     with pytest.raises(fc.FormatError):
         comp.decompress(wire.pack(wire.CODEC_MASK, moved, bytes(meta)), ctx)
     body = bytearray(blob)

@@ -7,17 +7,18 @@ The mask (the specification every backend follows bit for bit)::
     thr_m1        = max(floor(keep * 2^32), 1) - 1
     kept(i)       = word(i, seed) <= thr_m1                            (integers only: no float rounding)
 
-``i`` is the element index in the flattened (C-order) tensor. One Philox call serves four consecutive
-elements (4x less work than one call per element with tl.randint; the kernels are bound by it). The payload is a small header and the
-kept values in index order (float32, or float16 with ``values="fp16"``): no bitmap, no indices; the
-decoder regenerates the mask from the 8-byte seed and checks that the kept count agrees with the
-number of values sent. ``unbiased=True`` multiplies decoded values by ``scale = float32(2^32 /
-(thr_m1 + 1))`` (1 / the exact keep probability). ``decode_mean`` of C payloads is, per element,
+``i`` is the element index in the flattened (C-order) tensor. One Philox call serves four
+consecutive elements (4x less work than one call per element with tl.randint; the kernels are bound
+by it). The payload is a small header and the kept values in index order (float32, or float16 with
+``values="fp16"``): no bitmap, no indices; the decoder regenerates the mask from the 8-byte seed and
+checks that the kept count agrees with the number of values sent. ``unbiased=True`` multiplies
+decoded values by ``scale = float32(2^32 / (thr_m1 + 1))`` (1 / the exact keep probability).
+``decode_mean`` of C payloads is, per element,
 ``sum over c in order of float32(v_c * w_c)`` accumulated in float32 from +0, with
 ``w_c = float32(scale * weight_c / sum(weights))`` (equal weights by default).
 
 Backends (``fedcompress._ops``): ``mask_encode`` / ``mask_decode`` in torch (the reference below,
-Philox on int64 tensors), C++ (csrc/mask.cpp, SIMD + OpenMP) and Triton (kernels/mask.py, tl.randint).
+Philox on int64 tensors), C++ (csrc/mask.cpp, SIMD + OpenMP) and Triton (kernels/mask.py, tl.randint4x).
 
 State dicts (``get_compressor("mask:keep=0.125")``): tensor ``k`` (dict order) is keyed by
 ``mix_seed(mask_id, k)`` with ``mask_id = ctx.subseed(MASK_SALT)``; float tensors are masked, all in
@@ -123,7 +124,7 @@ def mask_keep_ref(n: int, seed: int, thr_m1: int, device="cpu", chunk: int = 1 <
 def mask_encode_ref(xs: list[torch.Tensor], seeds: list[int], thr_m1: int) -> tuple[torch.Tensor, list[int]]:
     """Reference encode: kept float32 values of every flat tensor in order, and the count per tensor."""
     vals, counts = [], []
-    for x, seed in zip(xs, seeds):
+    for x, seed in zip(xs, seeds, strict=False):
         keep = mask_keep_ref(x.numel(), seed, thr_m1, x.device)
         v = x.reshape(-1).to(torch.float32)[keep]
         vals.append(v)
@@ -232,7 +233,9 @@ def _unpack_meta(meta) -> tuple[int, int, bool, torch.dtype]:
 def _values_from(rec: wire.Record, vdtype: torch.dtype) -> torch.Tensor:
     size = wire.itemsize(vdtype)
     if len(rec.data) % size:
-        raise FormatError(f"record {rec.name!r}: {len(rec.data)} bytes is not a whole number of {vdtype} values")
+        raise FormatError(
+            f"record {rec.name!r}: {len(rec.data)} bytes is not a whole number of {vdtype} values"
+        )
     k = len(rec.data) // size
     if k > rec.numel:
         raise FormatError(f"record {rec.name!r}: {k} kept values for {rec.numel} elements")
@@ -263,7 +266,9 @@ class RandomMask:
     decode uses the keep/unbiased settings written by the encoder.
     """
 
-    def __init__(self, keep: float = 0.1, unbiased: bool = False, values: str = "fp32", backend: str | None = None):
+    def __init__(
+        self, keep: float = 0.1, unbiased: bool = False, values: str = "fp32", backend: str | None = None
+    ):
         self.keep = check_keep(keep)
         if not isinstance(unbiased, (bool, np.bool_)):
             raise ValueError(f"unbiased={unbiased!r} must be True or False")
@@ -403,7 +408,8 @@ class MaskCompressor(Compressor):
         mid, thr_m1, unbiased, vdtype = _unpack_meta(meta)
         if ctx is not None and mid != self.mask_id(ctx):
             raise FormatError(
-                f"mask payload was made for another (seed, round, client) than {ctx.seed, ctx.round, ctx.client}"
+                "mask payload was made for another (seed, round, client) than "
+                f"{ctx.seed, ctx.round, ctx.client}"
             )
         if len({r.name for r in records}) != len(records):
             raise FormatError("payload names the same tensor twice")
@@ -462,7 +468,7 @@ class MaskCompressor(Compressor):
             fn = _ops.get("mask_decode", "cpu", self.backend)
             flat = fn(vals, expected, seeds, lens, weights, thr_m1, accumulate)
             pos = 0
-            for s, n in zip(float_idx, lens):
+            for s, n in zip(float_idx, lens, strict=False):
                 r = records0[s]
                 out[r.name] = flat[pos : pos + n].to(r.dtype).reshape(r.shape)
                 pos += n
