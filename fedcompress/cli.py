@@ -309,6 +309,8 @@ def cmd_compare(args) -> int:
 SUBCOMMANDS: dict[str, str | Callable[[Any], None]] = {
     "run": add_run,
     "compare": add_compare,
+    "results": "fedcompress.results:add_results",
+    "bench": "fedcompress.results:add_bench",
 }
 
 
