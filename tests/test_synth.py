@@ -293,3 +293,25 @@ def test_bad_arguments():
         H(model, params, sx, sy, 0.1, rx, ry, real_chunk=0)
     with pytest.raises(ValueError, match="model"):
         H(lambda x: x, params, sx, sy, 0.1, rx, ry)
+
+
+class LinearOn3d(nn.Module):
+    """A Linear on a 3-d input and a reduction: not a chain, so the generic path runs."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(4, 3)
+
+    def forward(self, x):
+        return self.fc(x).sum(1)
+
+
+def test_linear_on_3d_input_uses_generic_path():
+    torch.manual_seed(9)
+    model = LinearOn3d()
+    params, sx, sy, rx, ry = _problem(model, (5, 4), 3, m=2, b=2)
+    assert fc.synth.chain_plan(model) is None
+    ref = fc.synth.hypergradient_ref(model, params, sx, sy, 0.3, rx, ry)
+    _check_equal(fc.synth.hypergradient(model, params, sx, sy, 0.3, rx, ry), ref)
+    w = fc.synth.unroll(model, params, sx, sy, 0.3)
+    assert set(w) == set(params)

@@ -96,6 +96,16 @@ def check_args(model, params, syn_x, syn_y, inner_lr, real_x=None, real_y=None) 
     return {k: params[k] for k in names}
 
 
+def _checked_chain(fn, *args):
+    """Like _checked_forward, but chain.Unsupported passes through (the caller falls back)."""
+    try:
+        return fn(*args)
+    except chain.Unsupported:
+        raise
+    except RuntimeError as e:
+        raise ValueError(f"syn_x's input shape does not fit the model: {e}") from e
+
+
 def _checked_forward(fn, *args):
     """Run a first forward; shape errors inside the model become ValueError naming syn_x."""
     try:
@@ -222,21 +232,24 @@ def hypergradient(
     if not isinstance(real_chunk, int) or real_chunk < 1:
         raise ValueError(f"real_chunk must be an integer >= 1, got {real_chunk!r}")
     plan = chain_plan(model)
-    if plan is None:
-        return hypergradient_generic(model, params, syn_x, syn_y, inner_lr, real_x, real_y)
-    with torch.no_grad():
-        return _checked_forward(
-            chain.hypergradient_chain,
-            plan,
-            params,
-            syn_x.detach(),
-            syn_y.detach(),
-            float(inner_lr),
-            real_x.detach(),
-            real_y,
-            real_chunk,
-            backend,
-        )
+    if plan is not None:
+        try:
+            with torch.no_grad():
+                return _checked_chain(
+                    chain.hypergradient_chain,
+                    plan,
+                    params,
+                    syn_x.detach(),
+                    syn_y.detach(),
+                    float(inner_lr),
+                    real_x.detach(),
+                    real_y,
+                    real_chunk,
+                    backend,
+                )
+        except chain.Unsupported:  # found out only at run time (e.g. Linear on a 3-d input)
+            _PLANS[model] = None
+    return hypergradient_generic(model, params, syn_x, syn_y, inner_lr, real_x, real_y)
 
 
 def unroll(model, params, syn_x, syn_y, inner_lr, *, backend: str | None = None) -> dict[str, Tensor]:
@@ -248,13 +261,23 @@ def unroll(model, params, syn_x, syn_y, inner_lr, *, backend: str | None = None)
     params = check_args(model, params, syn_x, syn_y, inner_lr)
     plan = chain_plan(model)
     with torch.no_grad():
-        if plan is None:
-            w, _ = unroll_generic(model, params, syn_x.detach(), syn_y.detach(), float(inner_lr))
-            return w
-        _, P, _, _ = _checked_forward(
-            chain.unroll_chain, plan, params, syn_x.detach(), syn_y.detach(), float(inner_lr), False, backend
-        )
-        return {k: P[k].clone() for k in params}
+        if plan is not None:
+            try:
+                _, P, _, _ = _checked_chain(
+                    chain.unroll_chain,
+                    plan,
+                    params,
+                    syn_x.detach(),
+                    syn_y.detach(),
+                    float(inner_lr),
+                    False,
+                    backend,
+                )
+                return {k: P[k].clone() for k in params}
+            except chain.Unsupported:
+                _PLANS[model] = None
+        w, _ = unroll_generic(model, params, syn_x.detach(), syn_y.detach(), float(inner_lr))
+        return w
 
 
 def real_loss(model, params, real_x, real_y, chunk: int = 256) -> float:
