@@ -4,6 +4,7 @@ Independent references: the Random123 known-answer vectors (Philox4x32-10), nump
 for encode/decode/decode_mean, and the torch reference (itself checked against the vectors).
 """
 
+import functools
 import math
 import os
 import shutil
@@ -40,10 +41,13 @@ def _native():
         return None
 
 
+@functools.lru_cache(maxsize=64)
 def _mask_by_hand(n: int, seed: int, keep: float) -> np.ndarray:
     """Keep flags from the torch Philox (checked against KAT) and the threshold rule, in numpy."""
     thr = max(math.floor(keep * 2**32), 1) - 1
-    return M.mask_words_ref(0, n, seed).numpy() <= thr
+    m = M.mask_words_ref(0, n, seed).numpy() <= thr
+    m.flags.writeable = False  # cached: shared between tests
+    return m
 
 
 # ---------------------------------------------------------------------------------------------
@@ -128,12 +132,10 @@ def _inputs():
 def test_encode_decode_same_bytes_every_backend(backend, keep, unbiased, values):
     backend_or_skip("mask_encode", backend)
     seed = 2**63 + 12345  # high key word set
-    ref = M.RandomMask(keep, unbiased=unbiased, values=values, backend="torch")
     rm = M.RandomMask(keep, unbiased=unbiased, values=values, backend=backend)
     vdt = np.float32 if values == "fp32" else np.float16
     for name, x in _inputs():
-        blob = rm.encode(x, seed=seed)
-        assert blob == ref.encode(x, seed=seed), name
+        blob = rm.encode(x, seed=seed)  # equal to numpy by hand below, so equal across backends
         flat = x.reshape(-1).to(torch.float32).numpy()
         keep_mask = _mask_by_hand(flat.size, seed, keep)
         kept = flat[keep_mask].astype(vdt)
@@ -289,13 +291,14 @@ def test_statedict_compressor_same_bytes_and_hand_reference(backend):
 def test_statedict_server_mean_matches_per_client_decode(backend):
     backend_or_skip("mask_decode", backend)
     comp = fc.get_compressor("mask:keep=0.25,values=fp16")
-    comp.backend = backend
+    comp.backend = _fast_backend()  # clients encode on the fast backend; the server under test
     ctxs = [fc.RoundContext(round=1, client=c, seed=9) for c in range(4)]
     states = [_state(c) for c in range(4)]
     blobs = [comp.compress(s, cx) for s, cx in zip(states, ctxs, strict=False)]
+    dec = [comp.decompress(b, cx) for b, cx in zip(blobs, ctxs, strict=False)]
+    comp.backend = backend
     weights = [10, 20, 30, 40]
     mean = comp.server_mean(blobs, ctxs, weights)
-    dec = [comp.decompress(b, cx) for b, cx in zip(blobs, ctxs, strict=False)]
     for k, v in states[0].items():
         if v.is_floating_point():
             acc = torch.zeros(v.numel(), dtype=torch.float32)
