@@ -3,7 +3,8 @@
     python -m fedcompress.fuzz --cases 1000000            # the long pass (all targets, all backends)
     python -m fedcompress.fuzz --cases 20000 --seconds 90 # what CI runs (tests/test_fuzz.py)
 
-Each case feeds one (possibly mutated) payload to one decoder and classifies the outcome:
+Targets share each worker's time equally (so slow interpreted-Triton decoders get fewer cases). Each
+case feeds one (possibly mutated) payload to one decoder and classifies the outcome:
 
 - ``ok``: decoded. Allowed only when the bytes still carry a valid checksum (unmutated, or mutated and
   re-checksummed on purpose to reach the codec's own parsing); a payload corrupted *without* fixing the
@@ -302,8 +303,10 @@ def run_cases(names: list[str], cases: int, seed: int, limit_mb: int, hang_secon
         TARGETS[n].decode(pools[n][0])
     rss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     done = 0
+    spent = dict.fromkeys(names, 0.0)
     for done in range(1, cases + 1):
-        name = names[done % len(names)]
+        # equal time per target rather than equal cases: interpreted Triton decoders are ~100x slower
+        name = min(names, key=spent.__getitem__)
         t = TARGETS[name]
         pool = pools[name]
         good = rng.choice(pool)
@@ -319,7 +322,9 @@ def run_cases(names: list[str], cases: int, seed: int, limit_mb: int, hang_secon
         except Exception as e:  # noqa: BLE001 - classifying every failure is the point
             outcome = "other_error"
             examples.setdefault(f"{name}:other_error", f"{type(e).__name__}: {e}"[:300])
-        if time.perf_counter() - t0 > hang_seconds:
+        took = time.perf_counter() - t0
+        spent[name] += took
+        if took > hang_seconds:
             counts[f"{name}:hang"] += 1
         counts[f"{name}:{outcome}"] += 1
         if outcome == "undetected":
