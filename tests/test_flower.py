@@ -17,12 +17,10 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
 import time
-import urllib.request
 from pathlib import Path
 
 import pytest
@@ -37,6 +35,9 @@ from fedcompress.fedavg.data import load_dataset  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLE = ROOT / "examples" / "flower"
+sys.path.insert(0, str(EXAMPLE))  # the example app and its local_deployment helper
+from local_deployment import Deployment, flower_env, signal_group  # noqa: E402
+
 ROUNDS = 2
 SAMPLES_PER_CLIENT = 100  # 5 local steps of 20: the weights move, the test stays quick
 RUN_CONFIG = {
@@ -53,7 +54,13 @@ RUN_CONFIG = {
     "min-nodes": 2,
 }
 # spec -> (smallest, largest) acceptable dense/compressed ratio of the upstream bytes
-SPECS = {"none": (1.0, 1.0), "sz:rel=1e-2": (3.0, 1e9), "mask:keep=0.125": (7.0, 9.0)}
+SPECS = {
+    "none": (1.0, 1.0),
+    "sz:rel=1e-2": (5.0, 1e9),  # 20.3 measured on this config
+    "mask:keep=0.125": (7.0, 9.0),
+    # FedSynth sends synthetic data and the server replays training on its model (74 measured).
+    "fedsynth:batches=2,batch=5,outer_steps=2": (20.0, 1e9),
+}
 
 
 def _missing(spec: str) -> str | None:
@@ -152,172 +159,6 @@ def check_against_driver(spec: str, out_dir: Path) -> dict:
 # (a) Deployment runtime: SuperLink + 2 SuperNodes on loopback
 
 
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _flower_env(base: Path) -> dict[str, str]:
-    env = dict(os.environ)
-    for d in ("home", "flwr"):
-        (base / d).mkdir(parents=True, exist_ok=True)
-    bindir = os.path.dirname(sys.executable)  # SuperLink/SuperNode start flower-superexec by name
-    env.update(
-        HOME=str(base / "home"),
-        FLWR_HOME=str(base / "flwr"),
-        FLWR_TELEMETRY_ENABLED="0",
-        FLWR_DISABLE_UPDATE_CHECK="1",
-        # Each ClientApp process caches its data partition here (examples/flower task.py).
-        FEDCOMPRESS_EXAMPLE_CACHE=str(base / "cache"),
-        PATH=bindir + os.pathsep + env.get("PATH", ""),
-    )
-    return env
-
-
-def _healthy(port: int) -> bool:
-    try:
-        with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2) as r:
-            return r.status == 200
-    except OSError:
-        return False
-
-
-class Deployment:
-    """A SuperLink and SuperNodes started as subprocesses; ``stop`` ends every one of them."""
-
-    def __init__(self, base: Path, n_nodes: int = 2) -> None:
-        self.base = base
-        self.env = _flower_env(base)
-        self.procs: list[tuple[str, subprocess.Popen, Path]] = []
-        self.port = _free_port()
-        self.n_nodes = n_nodes
-
-    def _start(self, name: str, cmd: list[str]) -> subprocess.Popen:
-        log = self.base / f"{name}.log"
-        f = open(log, "wb")
-        # Own session: stop() signals the process group, which also holds the flower-superexec and
-        # flwr-clientapp/serverapp children these processes start.
-        p = subprocess.Popen(cmd, env=self.env, stdout=f, stderr=subprocess.STDOUT, start_new_session=True)
-        f.close()
-        self.procs.append((name, p, log))
-        return p
-
-    def logs(self) -> str:
-        out = []
-        for name, _, log in self.procs:
-            text = log.read_text(errors="replace") if log.exists() else ""
-            out.append(f"--- {name} (last 3000 chars) ---\n{text[-3000:]}")
-        return "\n".join(out)
-
-    def _wait(self, what: str, ok, timeout: float) -> None:
-        t_end = time.monotonic() + timeout
-        while time.monotonic() < t_end:
-            for name, p, _ in self.procs:
-                if p.poll() is not None:
-                    raise RuntimeError(
-                        f"{name} exited with {p.returncode} while waiting for {what}\n{self.logs()}"
-                    )
-            if ok():
-                return
-            time.sleep(0.5)
-        raise TimeoutError(f"timed out after {timeout:.0f} s waiting for {what}\n{self.logs()}")
-
-    def start(self) -> None:
-        self._start(
-            "superlink",
-            ["flower-superlink", "--insecure", "--host", "127.0.0.1", "--port", str(self.port),
-             "--disable-runtime-dependency-installation"],
-        )  # fmt: skip
-        self._wait("the SuperLink", lambda: _healthy(self.port), 90)
-        node_ports = []
-        for i in range(self.n_nodes):
-            q = _free_port()
-            node_ports.append(q)
-            self._start(
-                f"supernode{i}",
-                ["flower-supernode", "--insecure", "--superlink", f"127.0.0.1:{self.port}",
-                 "--host", "127.0.0.1", "--port", str(q),
-                 "--node-config", f"partition-id={i} num-partitions={self.n_nodes}"],
-            )  # fmt: skip
-        self._wait("the SuperNodes", lambda: all(_healthy(q) for q in node_ports), 90)
-        (self.base / "flwr" / "config.toml").write_text(
-            '[superlink]\ndefault = "local-deployment"\n\n[superlink.local-deployment]\n'
-            f'address = "127.0.0.1:{self.port}"\ninsecure = true\n'
-        )
-        self._wait("both SuperNodes online", self._nodes_online, 90)
-
-    def flwr(self, *args: str, timeout: float = 120) -> dict:
-        r = subprocess.run(
-            ["flwr", *args, "--format", "json"], env=self.env, capture_output=True, text=True, timeout=timeout
-        )
-        try:
-            return json.loads(r.stdout)
-        except json.JSONDecodeError:
-            raise RuntimeError(
-                f"flwr {' '.join(args)} gave no JSON (rc {r.returncode}):\n{r.stdout}\n{r.stderr}"
-            ) from None
-
-    def _nodes_online(self) -> bool:
-        nodes = self.flwr("supernode", "ls", "local-deployment").get("nodes", [])
-        return sum(n.get("status") == "online" for n in nodes) >= self.n_nodes
-
-    def submit(self, run_config: dict) -> str:
-        """``flwr run`` the example with ``run_config`` (written as a TOML file); returns the run id."""
-        path = self.base / f"run-{len(list(self.base.glob('run-*.toml')))}.toml"
-        path.write_text("".join(f"{k} = {json.dumps(v)}\n" for k, v in run_config.items()))
-        out = self.flwr("run", str(EXAMPLE), "local-deployment", "--run-config", str(path))
-        assert out.get("success"), out
-        return str(out["run-id"])
-
-    def wait_run(self, run_id: str, timeout: float, done_file: Path | None = None) -> None:
-        """Wait until the run is ``finished:completed``; raise with its log if it failed.
-
-        ``flwr run``'s exit code does not tell failure, so poll the run's status. Each ``flwr ls``
-        is a fresh Python process (1-3 s of CPU on a busy box), so while ``done_file`` (written by
-        the ServerApp at its end) is missing we ask only every 10 s, to catch a failed run.
-        """
-        t_end = time.monotonic() + timeout
-        status, last_ask = "", 0.0
-        while time.monotonic() < t_end:
-            if done_file is None or done_file.exists() or time.monotonic() - last_ask > 10:
-                last_ask = time.monotonic()
-                runs = self.flwr("ls", "local-deployment", "--run-id", run_id).get("runs", [])
-                status = runs[0]["status"] if runs else ""
-                if status.startswith("finished"):
-                    if status != "finished:completed":
-                        log = subprocess.run(
-                            ["flwr", "log", run_id, "local-deployment", "--show"],
-                            env=self.env, capture_output=True, text=True, timeout=60,
-                        ).stdout  # fmt: skip
-                        why = runs[0].get("status-details")
-                        raise AssertionError(f"run {run_id} {status}: {why}\n{log[-6000:]}")
-                    return
-            time.sleep(0.5)
-        raise TimeoutError(f"run {run_id} still {status!r} after {timeout:.0f} s\n{self.logs()}")
-
-    def stop(self) -> None:
-        # SuperNodes first, then the SuperLink; SIGKILL whatever is left after 15 s.
-        order = [p for p in self.procs if p[0] != "superlink"] + [
-            p for p in self.procs if p[0] == "superlink"
-        ]
-        for _, p, _ in order:
-            _signal_group(p, signal.SIGTERM)
-            try:
-                p.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                pass
-            _signal_group(p, signal.SIGKILL)
-            p.wait(timeout=15)
-
-
-def _signal_group(p: subprocess.Popen, sig: int) -> None:
-    try:
-        os.killpg(p.pid, sig)  # the group we created with start_new_session (pgid == pid)
-    except ProcessLookupError:
-        pass
-
-
 class Simulation:
     """``run_simulation`` of the example in a child process (its own process group), with a timeout.
 
@@ -327,7 +168,7 @@ class Simulation:
     """
 
     def __init__(self, base: Path, overrides: dict) -> None:
-        self.env = _flower_env(base)
+        self.env = flower_env(base)
         # Ray puts AF_UNIX sockets under RAY_TMPDIR and refuses paths over 107 bytes (pytest's
         # tmp_path is too deep), so a short dir in /tmp.
         self.ray_tmp = tempfile.mkdtemp(prefix="fcray-", dir="/tmp" if os.path.isdir("/tmp") else None)
@@ -353,11 +194,11 @@ class Simulation:
         return f"run_simulation {'timed out' if rc is None else f'exited with {rc}'}:\n{tail}"
 
     def stop(self) -> None:
-        _signal_group(self.proc, signal.SIGTERM)
+        signal_group(self.proc, signal.SIGTERM)
         try:
             self.proc.wait(timeout=15)
         except subprocess.TimeoutExpired:
-            _signal_group(self.proc, signal.SIGKILL)
+            signal_group(self.proc, signal.SIGKILL)
             self.proc.wait(timeout=15)
         shutil.rmtree(self.ray_tmp, ignore_errors=True)
 
@@ -675,17 +516,22 @@ def test_bad_spec_fails_at_construction(spec, word):
         compression_mod(spec)
 
 
+def test_replaying_compressor_needs_a_model():
+    if _missing("fedsynth"):
+        pytest.skip(_missing("fedsynth"))
+    with pytest.raises(ValueError, match="model"):
+        CompressedFedAvg("fedsynth")
+    CompressedFedAvg("fedsynth", model=torch.nn.Linear(2, 2))
+
+
 def test_bad_seed_fails_at_construction():
     with pytest.raises(ValueError, match="seed"):
         CompressedFedAvg("none", seed=-1)
 
 
 def test_server_app_with_bad_spec_contacts_no_node(task_identity):
-    sys.path.insert(0, str(EXAMPLE))
-    try:
-        from fedcompress_app.server_app import build_server_app
-    finally:
-        sys.path.remove(str(EXAMPLE))
+    from fedcompress_app.server_app import build_server_app
+
     grid = StubGrid()
     ctx = Context(run_id=1, node_id=0, node_config={}, state=RecordDict(), run_config={"compressor": "bogus"})
     with pytest.raises(ValueError, match="unknown compressor"):

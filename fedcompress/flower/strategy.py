@@ -43,14 +43,25 @@ class CompressedFedAvg(FedAvg):
     ``replies-accepted``, ``replies-dropped`` and ``replies-failed`` (error replies) to FedAvg's
     averaged client metrics; ``self.history`` keeps the same per round as dicts.
 
-    ``spec`` is checked at construction (ValueError naming the valid choices), before any client is
-    contacted. Other keyword arguments go to :class:`flwr.serverapp.strategy.FedAvg`.
+    ``model``: a torch module with the global model's architecture, for compressors that replay
+    training on the server (FedSynth: ``compressor.set_model``); required for those, ignored by the
+    others. ``spec`` is checked at construction (ValueError naming the valid choices), before any
+    client is contacted. Other keyword arguments go to :class:`flwr.serverapp.strategy.FedAvg`.
     """
 
-    def __init__(self, spec: str, seed: int = 0, **fedavg_kwargs: Any) -> None:
+    def __init__(
+        self, spec: str, seed: int = 0, model: torch.nn.Module | None = None, **fedavg_kwargs: Any
+    ) -> None:
         self.compressor = get_compressor(spec)
         if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**63:
             raise ValueError(f"seed must be an integer in [0, 2**63), got {seed!r}")
+        if hasattr(self.compressor, "set_model"):
+            if not isinstance(model, torch.nn.Module):
+                raise ValueError(
+                    f"model must be a torch.nn.Module with the global model's architecture: compressor "
+                    f"{self.compressor.name!r} replays client training on the server"
+                )
+            self.compressor.set_model(model)
         super().__init__(**fedavg_kwargs)
         self.spec = self.compressor.spec
         self.seed = seed

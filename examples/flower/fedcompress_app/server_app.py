@@ -34,6 +34,7 @@ def build_server_app(overrides: dict[str, Any] | None = None) -> ServerApp:
         strategy = CompressedFedAvg(
             cfg["compressor"],
             seed=cfg["seed"],
+            model=new_model(cfg),  # FedSynth replays the clients' training on it
             fraction_evaluate=0.0,  # central evaluation only
             min_train_nodes=cfg["min-nodes"],
             min_available_nodes=cfg["min-nodes"],
