@@ -730,7 +730,7 @@ static std::string encode_section(const typename D::T* x, int64_t n, double step
   if (!std::isfinite(inv)) inv = 0.0f;
   const int64_t nb = (n + bs - 1) / bs;
   std::vector<std::string> blocks(nb);
-#pragma omp parallel
+#pragma omp parallel if (nb > 1)
   {
     static thread_local EncScratch S;  // kept across calls: no page faults on every encode
 #pragma omp for schedule(dynamic, 1)
@@ -766,7 +766,7 @@ static void decode_section(const uint8_t* sec, size_t len, typename D::T* out, i
   if (off[nb] != len) throw FormatError("sz section: trailing bytes");
   std::vector<std::string> errors(nb);
   bool failed = false;
-#pragma omp parallel
+#pragma omp parallel if (nb > 1)
   {
     static thread_local DecScratch<typename D::T> S;
 #pragma omp for schedule(dynamic, 1) reduction(|| : failed)
@@ -785,7 +785,40 @@ static void decode_section(const uint8_t* sec, size_t len, typename D::T* out, i
       if (!e.empty()) throw FormatError(e);
 }
 
+
+// min and max of the finite values (REL mode's range), OpenMP; count = how many were finite
+template <class D>
+static void finite_minmax(const typename D::T* x, int64_t n, double& lo, double& hi, int64_t& cnt) {
+  double l = INFINITY, h = -INFINITY;
+  int64_t c = 0;
+#pragma omp parallel for if (n > (1 << 20)) reduction(min : l) reduction(max : h) reduction(+ : c)
+  for (int64_t i = 0; i < n; ++i) {
+    const double v = D::to_d(x[i]);
+    const bool f = __builtin_fabs(v) <= 1.7976931348623157e308;
+    l = f && v < l ? v : l;
+    h = f && v > h ? v : h;
+    c += f;
+  }
+  lo = l, hi = h, cnt = c;
+}
 }  // namespace sz
+
+static py::tuple sz_finite_range_py(py::array_t<uint8_t, py::array::c_style> x, int code, int64_t n) {
+  const size_t isz = code == 1 ? 4 : code == 2 ? 8 : (code == 3 || code == 4) ? 2 : 0;
+  if (!isz) throw py::value_error("dtype code must be 1 (f32), 2 (f64), 3 (f16) or 4 (bf16)");
+  if (n < 0 || size_t(x.size()) != size_t(n) * isz) throw py::value_error("x must hold n values of the dtype");
+  const void* p = x.data();
+  double lo, hi;
+  int64_t cnt;
+  {
+    py::gil_scoped_release nogil;
+    if (code == 1) sz::finite_minmax<sz::F32>(static_cast<const float*>(p), n, lo, hi, cnt);
+    else if (code == 2) sz::finite_minmax<sz::F64>(static_cast<const double*>(p), n, lo, hi, cnt);
+    else if (code == 3) sz::finite_minmax<sz::F16>(static_cast<const uint16_t*>(p), n, lo, hi, cnt);
+    else sz::finite_minmax<sz::BF16>(static_cast<const uint16_t*>(p), n, lo, hi, cnt);
+  }
+  return py::make_tuple(lo, hi, cnt);
+}
 
 static py::bytes sz_encode_py(py::array_t<uint8_t, py::array::c_style> x, int code, int64_t n, double step,
                               double bound, int64_t block_size) {
@@ -831,6 +864,8 @@ static void sz_decode_py(py::array_t<uint8_t, py::array::c_style> sec, py::array
 }
 
 FC_BIND([](py::module_& m) {
+  m.def("sz_finite_range", &sz_finite_range_py, py::arg("x"), py::arg("dtype_code"), py::arg("n"),
+        "(min, max, count) of the finite values");
   m.def("sz_encode", &sz_encode_py, py::arg("x"), py::arg("dtype_code"), py::arg("n"), py::arg("step"),
         py::arg("bound"), py::arg("block_size"), "SZ blocks section of n values (raw bytes of dtype_code)");
   m.def("sz_decode", &sz_decode_py, py::arg("section"), py::arg("out"), py::arg("dtype_code"), py::arg("n"),

