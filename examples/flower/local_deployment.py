@@ -231,19 +231,19 @@ def main(argv: list[str] | None = None) -> int:
             }
             runs[spec] = (dep.submit(cfg), out)
         t_end = time.monotonic() + args.timeout
-        print(
-            f"{'compressor':<42} {'upstream B':>12} {'dense B':>12} {'ratio':>7} {'accuracy':>8} {'run s':>7}"
-        )
+        # upstream B: payload bytes the Strategy received; flower in B: the bytes Flower itself
+        # counted arriving at the SuperLink for the run (payloads + message overhead).
+        head = ("compressor", "upstream B", "dense B", "ratio", "flower in B", "accuracy", "run s")
+        print("{:<42} {:>11} {:>11} {:>7} {:>11} {:>8} {:>6}".format(*head))
         for spec, (run_id, out) in runs.items():
             dep.wait_run(run_id, max(1.0, t_end - time.monotonic()), out / "final_weights.fcmp")
             m = json.loads((out / "metrics.json").read_text())
-            elapsed = dep.flwr("ls", "local-deployment", "--run-id", run_id)["runs"][0].get(
-                "elapsed", float("nan")
-            )
+            info = dep.flwr("ls", "local-deployment", "--run-id", run_id)["runs"][0]
+            inbound = info.get("network-traffic", {}).get("inbound-bytes", -1)
             ratio = m["dense_upstream_bytes"] / m["upstream_bytes"]
             print(
-                f"{spec:<42} {m['upstream_bytes']:>12} {m['dense_upstream_bytes']:>12} {ratio:>7.2f} "
-                f"{m['final_accuracy']:>8.4f} {float(elapsed):>7.1f}"
+                f"{spec:<42} {m['upstream_bytes']:>11} {m['dense_upstream_bytes']:>11} {ratio:>7.2f} "
+                f"{inbound:>11} {m['final_accuracy']:>8.4f} {float(info.get('elapsed', 'nan')):>6.1f}"
             )
     finally:
         dep.stop()

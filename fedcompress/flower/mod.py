@@ -44,7 +44,9 @@ def compression_mod(spec: str) -> Mod:
     The wrapped ClientApp trains as usual and returns its local weights in one ArrayRecord; the Mod
     replaces that record by ``{"fedcompress": Array(stype="fedcompress.payload")}`` holding
     ``compress(local − received global, RoundContext(server-round, client, seed))`` and adds the
-    client id to the reply's MetricRecord. Other message types pass through untouched.
+    client id to the reply's MetricRecord. A ClientApp whose compressor owns local training
+    (FedSynth: ``compressor.client_update``) may reply with that payload record itself; the Mod then
+    only adds the client id. Other message types pass through untouched.
     Pair it with :class:`fedcompress.flower.CompressedFedAvg` on the server (same spec): a train
     message without the server's spec, or with a different one, gets an error reply.
     Raises ValueError at construction for an unknown or invalid spec.
