@@ -9,6 +9,7 @@ Groups:
                bytes), per-client torch loops regenerating the mask with torch.rand (index_put_
                accumulate; masked_scatter_), and a per-client index_add_ loop with sent indices
                (the randperm + indices peers: no regeneration, but 8-byte indices in the payload).
+``python bench/bench_mask.py`` prints single-thread CPU times of the same comparisons (see the end).
 Triton rows appear only with a CUDA device (interpreter timings are not speed). GB/s of input floats
 is in extra_info (``--benchmark-json``); docs/mask.md has the table.
 """
@@ -171,3 +172,74 @@ def test_decode_mean_naive_torch_indices(benchmark, clients):
         return acc / CLIENTS
 
     _run(benchmark, run, CLIENTS * N_CLIENT * 4, rounds=3)
+
+
+# ---------------------------------------------------------------------------------------------
+# CPU time (not wall time), one thread: ``python bench/bench_mask.py`` prints it. On a shared machine
+# wall-clock timings swing with other people's load; process CPU time of a single-threaded run does
+# much less (it still shares caches and memory bandwidth).
+
+
+def cpu_time_table() -> None:
+    import time
+
+    import numpy as np
+
+    from fedcompress import _C
+
+    torch.set_num_threads(1)
+    _C.set_threads(1)
+
+    def cpu(f, r=5):
+        ts = []
+        for _ in range(r):
+            a = time.process_time()
+            f()
+            ts.append(time.process_time() - a)
+        return float(np.median(ts))
+
+    n = 25_000_000
+    x = torch.randn(n, generator=torch.Generator().manual_seed(0))
+    thr = M.keep_threshold(0.1)
+    g = torch.Generator().manual_seed(1)
+    rows = {
+        "fedcompress cpp mask_encode (op)": cpu(lambda: M.mask_encode_cpp([x], [1234], thr)),
+        "fedcompress RandomMask.encode -> bytes": cpu(
+            lambda: fc.RandomMask(0.1, backend="cpp").encode(x, 1234)
+        ),
+        "naive x[torch.rand(n) < p]": cpu(lambda: x[torch.rand(n, generator=g) < 0.1]),
+        "memcpy x.clone()": cpu(lambda: x.clone()),
+    }
+    for k, v in rows.items():
+        print(f"encode-25M 1 thread | {k:42s} | {v * 1e3:8.1f} ms CPU | {n * 4 / v / 1e9:5.2f} GB/s per core")
+    N, C = 1_000_000, 100
+    rm = fc.RandomMask(0.1, backend="cpp")
+    gg = torch.Generator().manual_seed(1)
+    xs = [torch.randn(N, generator=gg) for _ in range(C)]
+    blobs = [rm.encode(v, seed=1000 + c) for c, v in enumerate(xs)]
+    nv = []
+    for c, v in enumerate(xs):
+        g2 = torch.Generator().manual_seed(1000 + c)
+        nv.append(v[torch.rand(N, generator=g2) < 0.1])
+
+    def naive():
+        acc = torch.zeros(N)
+        for c, v in enumerate(nv):
+            g2 = torch.Generator().manual_seed(1000 + c)
+            m = torch.rand(N, generator=g2) < 0.1
+            acc += torch.zeros(N).masked_scatter_(m, v)
+        return acc / C
+
+    rows = {
+        "fedcompress RandomMask.decode_mean (bytes)": cpu(lambda: rm.decode_mean(blobs), 3),
+        "torch loop: rand mask + masked_scatter_": cpu(naive, 3),
+    }
+    for k, v in rows.items():
+        print(
+            f"decode_mean-100x1M 1 thread | {k:42s} | {v * 1e3:8.1f} ms CPU "
+            f"| {C * N * 4 / v / 1e9:5.2f} GB/s per core"
+        )
+
+
+if __name__ == "__main__":
+    cpu_time_table()
