@@ -180,6 +180,7 @@ def test_bench_rows_by_hand():
     assert cpp["MB/s"] == pytest.approx(100e6 / 1e6 / 0.05)  # 2000 MB/s from size / median
     assert cpp["ratio"] == pytest.approx(10.0)
     assert naive["MB/s"] == pytest.approx(500.0)  # the bench's own GB/s wins
+    assert naive["vs_peers"] == {}
     assert cpp["vs_peers"] == {"naive_torch_rand": pytest.approx(4.0)}
     assert eng["median_s"] == 2.0 and eng["op"] == "synth:hypergradient"
     assert eng["vs_peers"] == {"torchopt": pytest.approx(4.0)}
