@@ -150,14 +150,16 @@ def mask_decode_triton(vals, expected, seeds, lens, weights, thr_m1: int, accumu
     counts = counts.reshape(C, U)
     per_seg = torch.zeros(C, S, dtype=torch.int64, device=device).index_add_(1, useg, counts)
     exp = torch.as_tensor(np.asarray(expected, dtype=np.int64).reshape(C, S), device=device)
-    for c in range(C):
-        for s in range(S):
-            if int(per_seg[c, s]) != int(exp[c, s]):
-                raise FormatError(_count_message(c, s, int(exp[c, s]), int(per_seg[c, s])))
-        if int(per_seg[c].sum()) != vals[c].numel():
-            raise FormatError(
-                f"client {c}: {vals[c].numel()} values sent but the masks keep {int(per_seg[c].sum())}"
-            )
+    bad = (per_seg != exp).nonzero()  # one sync, not one per (client, tensor)
+    if bad.numel():
+        c, s = (int(v) for v in bad[0])
+        raise FormatError(_count_message(c, s, int(exp[c, s]), int(per_seg[c, s])))
+    sent = torch.tensor([v.numel() for v in vals], dtype=torch.int64, device=device)
+    if C and not torch.equal(per_seg.sum(1), sent):
+        c = int((per_seg.sum(1) != sent).nonzero()[0])
+        raise FormatError(
+            f"client {c}: {vals[c].numel()} values sent but the masks keep {int(per_seg[c].sum())}"
+        )
     base = torch.tensor([0] + [v.numel() for v in vals], dtype=torch.int64).cumsum(0)[:-1].to(device)
     voff = (torch.cumsum(counts, 1) - counts + base[:, None]).reshape(-1).contiguous()
     flat_vals = torch.cat([v.reshape(-1).to(torch.float32) for v in vals]) if vals else torch.empty(0)
