@@ -649,6 +649,11 @@ def bench_rows(data: dict) -> list[dict]:
         op = b.get("group") or file.replace("bench_", "")
         if op == file.replace("bench_", "") or not b.get("group"):
             op = file.replace("bench_", "") + ":" + re.sub(r"^test_|\[.*$", "", b["name"])
+        params = {k: v for k, v in (b.get("params") or {}).items() if k != "provider"}
+        if params:  # e.g. bench_sz's array and error bound: peers are compared on the same input only
+            op += " " + ",".join(
+                f"{k}={v:g}" if isinstance(v, float) else f"{k}={v}" for k, v in params.items()
+            )
         med = _median_s(b)
         nbytes = _input_bytes(ex)
         mbs = ex.get("MB/s")
@@ -678,7 +683,7 @@ def bench_rows(data: dict) -> list[dict]:
         r["is_peer"] = any(w in r["provider"] for w in PEER_WORDS)
     for r in rows:
         if r["is_peer"]:  # peers are the yardstick; speed-ups are given for fedcompress rows
-            r["vs_peers"] = {}
+            r["vs_peers"] = r["ratio_vs_peers"] = {}
             continue
         peers = [
             p
@@ -686,6 +691,9 @@ def bench_rows(data: dict) -> list[dict]:
             if p["op"] == r["op"] and p is not r and any(w in p["provider"] for w in PEER_WORDS)
         ]
         r["vs_peers"] = {p["provider"]: p["median_s"] / r["median_s"] for p in peers if r["median_s"] > 0}
+        r["ratio_vs_peers"] = {
+            p["provider"]: r["ratio"] / p["ratio"] for p in peers if r["ratio"] and p["ratio"]
+        }
     return rows
 
 
@@ -695,26 +703,32 @@ def _fmt(v, f="{:.1f}") -> str:
 
 def bench_table(rows: list[dict]) -> str:
     lines = [
-        "| op | provider | input | median (s) | MB/s | ratio | speed vs peers (peer time / this time) |",
-        "|---|---|---:|---:|---:|---:|---|",
+        "| op | provider | input | median (s) | MB/s | ratio | speed vs peers (peer time / this time) "
+        "| ratio vs peers (this ratio / peer's) |",
+        "|---|---|---:|---:|---:|---:|---|---|",
     ]
     for r in rows:
         size = "—" if r["input_bytes"] is None else f"{r['input_bytes'] / 1e6:.1f} MB"
+        rv = ", ".join(f"{k} {v:.2f}x" for k, v in r.get("ratio_vs_peers", {}).items()) or "—"
         vs = ", ".join(f"{k} {v:.2f}x" for k, v in r["vs_peers"].items()) or (
             "(peer)" if r.get("is_peer") else "—"
         )
         lines.append(
             f"| {r['op']} | {r['provider']} | {size} | {r['median_s']:.4f} | {_fmt(r['MB/s'])} | "
-            f"{_fmt(r['ratio'], '{:.2f}')} | {vs} |"
+            f"{_fmt(r['ratio'], '{:.2f}')} | {vs} | {rv} |"
         )
     return "\n".join(lines) + "\n"
 
 
 # --quick: the bench files fix their own rounds (benchmark.pedantic), so speed comes from the
-# selection: mask encode against naive torch and memcpy (25M floats), and bench_sz if present. The
+# selection: mask encode against naive torch and memcpy (25M floats), and bench_sz on the real
+# client update at REL 1e-2 (every provider but the slow torch reference). The
 # FedSynth hypergradient (one child process per provider, several minutes in all on the shared 2-core
 # machine) and the 100-client decode_mean groups run only without --quick.
-QUICK_K = "(bench_mask and encode and not randperm and not triton) or bench_sz"
+QUICK_K = (
+    "(bench_mask and encode and not randperm and not triton) or "
+    "(bench_sz and update and not fc-torch and not 0.001)"
+)
 
 
 def run_bench(

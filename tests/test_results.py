@@ -181,6 +181,7 @@ def test_bench_rows_by_hand():
     assert cpp["ratio"] == pytest.approx(10.0)
     assert naive["MB/s"] == pytest.approx(500.0)  # the bench's own GB/s wins
     assert naive["vs_peers"] == {}
+    assert cpp["ratio_vs_peers"] == {}  # the naive peer records no ratio
     assert cpp["vs_peers"] == {"naive_torch_rand": pytest.approx(4.0)}
     assert eng["median_s"] == 2.0 and eng["op"] == "synth:hypergradient"
     assert eng["vs_peers"] == {"torchopt": pytest.approx(4.0)}
@@ -205,3 +206,30 @@ def test_find_bench_dir_in_checkout():
 def test_results_cli_bad_rows(capsys):
     assert cli.main(["results", "--quick", "--rows", "none,zip"]) == cli.EXIT_BAD_INPUT
     assert "rows" in capsys.readouterr().err
+
+
+def test_bench_rows_peers_only_on_same_params():
+    def b(provider, array, median, ratio):
+        return {
+            "name": f"test_encode[{array}-0.01-{provider}]",
+            "group": None,
+            "fullname": f"bench/bench_sz.py::test_encode[{array}-0.01-{provider}]",
+            "params": {"name": array, "rel": 0.01, "provider": provider},
+            "stats": {"median": median},
+            "extra_info": {"nbytes": 4_000_000, "ratio": ratio},
+        }
+
+    rows = R.bench_rows(
+        {
+            "benchmarks": [
+                b("fc-cpp", "update", 0.1, 24.0),
+                b("pysz-default", "update", 0.2, 12.0),
+                b("pysz-default", "kaiming", 0.01, 2.0),
+            ]
+        }
+    )
+    fc_row = rows[0]
+    assert fc_row["op"] == "sz:encode name=update,rel=0.01"
+    assert fc_row["vs_peers"] == {"pysz-default": pytest.approx(2.0)}  # not the kaiming row
+    assert fc_row["ratio_vs_peers"] == {"pysz-default": pytest.approx(2.0)}
+    assert fc_row["MB/s"] == pytest.approx(40.0)
