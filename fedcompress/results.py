@@ -68,7 +68,7 @@ class Plan:
     parts: tuple[str, ...] = ("iid", "sweep", "dirichlet")
     rows: tuple[str, ...] = ("none", "mask", "mask-unbiased", "sz", "fedsynth-fixed", "fedsynth-trainable")
     # FedSynth rows on the non-iid split only on request (--noniid-rows), for the same cost reason
-    noniid_rows: tuple[str, ...] = ("none", "mask", "sz")
+    noniid_rows: tuple[str, ...] = ("none", "mask", "mask-unbiased", "sz")
     extra: dict[str, Any] = field(default_factory=dict)
 
     @classmethod
