@@ -238,7 +238,10 @@ try:
     @pytest.mark.parametrize("provider", PROVIDERS)
     def test_hypergradient(benchmark, provider, tmp_path):
         npy = str(tmp_path / f"{provider}.npy")
-        r = benchmark.pedantic(run_one, args=(provider, 5, npy), rounds=1, iterations=1)
+        # 1 torch thread by default: on the shared 2-core machine 2 threads made every provider
+        # 10-50x slower (OpenMP threads waiting for a core); BENCH_SYNTH_THREADS=2 on an idle one
+        threads = int(os.environ.get("BENCH_SYNTH_THREADS", "1"))
+        r = benchmark.pedantic(run_one, args=(provider, 5, npy, threads), rounds=1, iterations=1)
         benchmark.extra_info.update(r)
         _RESULTS[provider] = dict(r, npy=npy)
 
