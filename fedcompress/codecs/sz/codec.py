@@ -89,7 +89,8 @@ def quant_params(x: torch.Tensor, error_bound: float, mode: str) -> tuple[float,
             bound = MAX_EB
         if bound == 0.0:
             c = 0.0 if r is None else max(abs(r[0]), abs(r[1]))
-            eb_q = c / 2 if c > 0 else 1.0
+            # a subnormal constant halves to 0: quantize with any step, the values then go verbatim
+            eb_q = c / 2 if c / 2 > 0 else 1.0
             return 2 * eb_q, 0.0
     eb_q = min(bound, MAX_EB)
     return 2 * eb_q, bound
