@@ -14,21 +14,23 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 # the C++ tests to run under the sanitizers (each file's cpp-backend cases)
-SANITIZED_TESTS = ["tests/test_ops.py", "tests/test_sz.py", "tests/test_mask.py"]
+SANITIZED_TESTS = ["tests/test_ops.py", "tests/test_sz.py", "tests/test_mask.py", "tests/test_properties.py"]
+# the C++ decoders the fuzz pass under the sanitizers attacks
+FUZZ_TARGETS = "sz,mask,sz-tensor:cpp,mask-tensor:cpp,mask-mean:cpp"
 
 
-def _libasan() -> str | None:
+def _gcc_lib(name: str) -> str | None:
     cxx = shutil.which("g++") or shutil.which("c++")
     if cxx is None:
         return None
-    p = subprocess.run([cxx, "-print-file-name=libasan.so"], capture_output=True, text=True).stdout.strip()
+    p = subprocess.run([cxx, f"-print-file-name={name}"], capture_output=True, text=True).stdout.strip()
     return p if os.path.isabs(p) and os.path.exists(p) else None
 
 
 @pytest.mark.skipif(os.environ.get("FEDCOMPRESS_SKIP_SANITIZERS") == "1", reason="FEDCOMPRESS_SKIP_SANITIZERS=1")
 def test_cpp_ops_under_asan_and_ubsan(tmp_path):
-    asan = _libasan()
-    if asan is None:
+    asan, stdcxx = _gcc_lib("libasan.so"), _gcc_lib("libstdc++.so")
+    if asan is None or stdcxx is None:
         pytest.skip("no g++ with libasan on this machine")
     src = tmp_path / "src"
     shutil.copytree(ROOT / "fedcompress", src / "fedcompress", ignore=shutil.ignore_patterns("*.so", "__pycache__"))
@@ -45,7 +47,9 @@ def test_cpp_ops_under_asan_and_ubsan(tmp_path):
     env = dict(
         os.environ,
         PYTHONPATH=str(src),
-        LD_PRELOAD=asan,
+        # libstdc++ too: python does not link it, and ASan's __cxa_throw interceptor must find it at
+        # start-up (else the first C++ exception aborts with "real___cxa_throw != 0")
+        LD_PRELOAD=f"{asan} {stdcxx}",
         # torch and CPython are not ASan-built: leaks and their own allocator quirks are not our reports
         ASAN_OPTIONS="detect_leaks=0:abort_on_error=1:allow_user_segv_handler=1:detect_odr_violation=0",
         UBSAN_OPTIONS="print_stacktrace=1:halt_on_error=1",
@@ -53,7 +57,7 @@ def test_cpp_ops_under_asan_and_ubsan(tmp_path):
     )
     code = (
         "import fedcompress._C as C, sys; assert C.__file__.startswith(sys.argv[1]), C.__file__;"
-        "import pytest; sys.exit(pytest.main(['-q', '-x', '-p', 'no:cacheprovider', '-k', 'not triton',"
+        "import pytest; sys.exit(pytest.main(['-q', '-x', '-p', 'no:cacheprovider', '-k', 'not triton and not cuda_source',"
         " '--rootdir', sys.argv[2]] + sys.argv[3:]))"
     )
     r = subprocess.run([sys.executable, "-c", code, str(src), str(ROOT)] + tests, cwd=tmp_path, env=env,
@@ -61,3 +65,10 @@ def test_cpp_ops_under_asan_and_ubsan(tmp_path):
     out = r.stdout[-4000:] + r.stderr[-4000:]
     assert "runtime error" not in out and "AddressSanitizer" not in out, out
     assert r.returncode == 0, out
+    # and a short fuzz pass of the C++ decoders under the same sanitizers
+    r = subprocess.run([sys.executable, "-m", "fedcompress.fuzz", "--targets", FUZZ_TARGETS, "--cases", "20000",
+                        "--chunk", "10000", "--seconds", "40", "--hang-seconds", "10"], cwd=tmp_path, env=env,
+                       capture_output=True, text=True, timeout=600)
+    out = r.stdout[-4000:] + r.stderr[-4000:]
+    assert "runtime error" not in out and "AddressSanitizer" not in out, out
+    assert r.returncode == 0 and "crashes 0, hangs 0, other errors 0, undetected corruptions 0" in out, out
