@@ -17,7 +17,7 @@ from __future__ import annotations
 import json
 import math
 import sys
-from functools import lru_cache
+from functools import cache
 
 import numpy as np
 import pytest
@@ -28,7 +28,7 @@ ARRAYS = ["minilm", "update", "kaiming"]
 PROVIDERS = ["fc-cpp", "fc-torch", "pysz-default", "pysz-NOPRED", "pysz-LORENZO_REG", "zfpy", "zstd", "quant+zstd"]
 
 
-@lru_cache(maxsize=None)
+@cache
 def array(name: str) -> np.ndarray:
     if name == "minilm":
         import importlib.resources as ir

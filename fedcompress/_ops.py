@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import importlib
 import os
-from functools import lru_cache
+from functools import cache
 
 import torch
 
@@ -89,7 +89,7 @@ def triton_interpreted() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
-@lru_cache(maxsize=None)
+@cache
 def _load(op: str, backend: str):
     """Import one implementation; return (fn, None) or (None, reason)."""
     table = _TABLE.get(op)

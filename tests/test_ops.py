@@ -6,8 +6,8 @@ import sys
 import numpy as np
 import pytest
 import torch
-
 from conftest import backend_or_skip
+
 from fedcompress import _ops
 from fedcompress.codecs.sz.quantize import UNQUANTIZED, inverse_step, prequantize_ref
 from fedcompress.errors import BackendUnavailable

@@ -10,11 +10,11 @@
 import numpy as np
 import pytest
 import torch
+from conftest import backend_or_skip
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import fedcompress as fc
-from conftest import backend_or_skip
 from fedcompress import wire
 
 FLOAT_DTYPES = [torch.float32, torch.float64, torch.float16, torch.bfloat16]

@@ -6,7 +6,6 @@ Independent references: float64 numpy for the bound and the REL range, hand-comp
 (the readable spec) for the C++ and Triton bytes.
 """
 
-import math
 import random
 
 import numpy as np

@@ -25,8 +25,11 @@ def _sample(dtype, shape, seed=0):
 
 
 def _bit_equal(a, b):
-    return a.dtype == b.dtype and a.shape == b.shape and torch.equal(a.reshape(-1).view(torch.uint8)
-                                                                     if a.numel() else a, b.reshape(-1).view(torch.uint8) if b.numel() else b)
+    if a.dtype != b.dtype or a.shape != b.shape:
+        return False
+    if a.numel() == 0:
+        return True
+    return torch.equal(a.reshape(-1).view(torch.uint8), b.reshape(-1).view(torch.uint8))
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)

@@ -139,7 +139,6 @@ def encode_block_ref(x: torch.Tensor, q: np.ndarray, outlier: np.ndarray, step: 
 
 
 def _pack_block(x, pred, run, tok, hist, wide, outlier) -> bytes:
-    n = x.numel()
     raw = bytes([BLK_RAW]) + _raw_bytes(x)
     nsym = int((hist > 0).sum())
     if nsym > ent.MAX_SYMBOLS:

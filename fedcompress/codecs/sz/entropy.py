@@ -68,7 +68,6 @@ def tokenize_ref(d: np.ndarray, outlier: np.ndarray, mode: int) -> tuple[np.ndar
     wide = d[~outlier & ~fits].astype(np.int32)
     if mode == MODE_PLAIN:
         return tok.astype(np.uint16), wide
-    n = d.shape[0]
     zero = (d == 0) & ~outlier
     prev = np.concatenate(([False], zero[:-1]))
     start = zero & ~prev  # first position of each zero run
