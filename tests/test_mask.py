@@ -470,3 +470,22 @@ def test_garbage_and_mutations_raise_format_error(blob, cut, flip):
         bad[flip % len(bad)] ^= 1 + flip % 255
     with pytest.raises(fc.FormatError):
         rm.decode(bytes(bad))
+
+
+def test_forged_huge_shape_is_refused_before_regenerating():
+    # 1,500 values claiming 2^24 elements at keep=0.3: implausible count, refused without O(n) work.
+    import struct
+    import time
+    import zlib
+
+    from fedcompress import wire
+
+    rm = fc.RandomMask(keep=0.3, backend="torch")
+    blob = bytearray(rm.encode(torch.randn(5000), seed=9))
+    meta, (rec,) = wire.unpack(bytes(blob), wire.CODEC_MASK_TENSOR)
+    forged = wire.pack(wire.CODEC_MASK_TENSOR, [wire.Record("", rec.dtype, (1 << 24,), rec.data)], bytes(meta))
+    t0 = time.perf_counter()
+    with pytest.raises(fc.FormatError, match="implausible"):
+        rm.decode(forged)
+    assert time.perf_counter() - t0 < 0.5
+    assert struct.unpack("<I", forged[-4:])[0] == zlib.crc32(forged[:-4])  # the checksum was valid

@@ -230,7 +230,20 @@ def _unpack_meta(meta) -> tuple[int, int, bool, torch.dtype]:
     return seed, thr_m1, bool(flags & 1), vdtype
 
 
-def _values_from(rec: wire.Record, vdtype: torch.dtype) -> torch.Tensor:
+def _check_count_plausible(k: int, n: int, thr_m1: int, name: str) -> None:
+    """Reject a kept count more than 10 standard deviations (+16) from n * keep before regenerating.
+
+    A genuine payload's count is Binomial(n, keep): off by 10 sigma with probability < 1e-22. A forged
+    shape (say 2^24 elements for 5,000 values) is thus refused without spending O(n) regenerating its
+    mask (fuzzing found such payloads costing > 1 s on the torch reference).
+    """
+    p = (thr_m1 + 1) / 2**32
+    mean = n * p
+    if abs(k - mean) > 10.0 * math.sqrt(n * p * (1.0 - p)) + 16:
+        raise FormatError(f"record {name!r}: {k} kept values for {n} elements at keep={p:.6g} is implausible")
+
+
+def _values_from(rec: wire.Record, vdtype: torch.dtype, thr_m1: int) -> torch.Tensor:
     size = wire.itemsize(vdtype)
     if len(rec.data) % size:
         raise FormatError(
@@ -239,6 +252,7 @@ def _values_from(rec: wire.Record, vdtype: torch.dtype) -> torch.Tensor:
     k = len(rec.data) // size
     if k > rec.numel:
         raise FormatError(f"record {rec.name!r}: {k} kept values for {rec.numel} elements")
+    _check_count_plausible(k, rec.numel, thr_m1, rec.name)
     return wire.tensor_from_bytes(rec.data, vdtype, (k,), f"record {rec.name!r}").to(torch.float32)
 
 
@@ -308,7 +322,7 @@ class RandomMask:
 
     def decode(self, blob) -> torch.Tensor:
         seed, thr_m1, unbiased, vdtype, rec = self._parse(blob)
-        values = _values_from(rec, vdtype)
+        values = _values_from(rec, vdtype, thr_m1)
         _check_alloc_bits(1, rec.numel)
         w = unbiased_scale(thr_m1) if unbiased else 1.0
         fn = _ops.get("mask_decode", "cpu", self.backend)
@@ -326,7 +340,7 @@ class RandomMask:
                 raise FormatError("decode_mean payloads differ in keep, unbiased, dtype or shape")
         ws = _client_weights(weights, len(blobs), unbiased_scale(thr_m1) if unbiased else 1.0)
         _check_alloc_bits(len(blobs), rec0.numel)
-        vals = [_values_from(r, vd) for _, _, _, vd, r in parsed]
+        vals = [_values_from(r, vd, thr_m1) for _, _, _, vd, r in parsed]
         fn = _ops.get("mask_decode", "cpu", self.backend)
         flat = fn(vals, [[v.numel()] for v in vals], [[p[0]] for p in parsed], [rec0.numel], ws, thr_m1, True)
         return flat.to(rec0.dtype).reshape(rec0.shape)
@@ -459,7 +473,7 @@ class MaskCompressor(Compressor):
         _check_alloc_bits(len(clients), sum(lens))
         vals, expected, seeds = [], [], []
         for mid, vdtype, recs in clients:
-            vs = [_values_from(recs[s], vdtype) for s in float_idx]
+            vs = [_values_from(recs[s], vdtype, thr_m1) for s in float_idx]
             expected.append([v.numel() for v in vs])
             seeds.append([self.tensor_seed(mid, s) for s in float_idx])
             vals.append(torch.cat(vs) if vs else torch.empty(0, dtype=torch.float32))
