@@ -388,3 +388,22 @@ def test_statedict_error_feedback_accumulates():
     # with error feedback the accumulated transmission tracks the accumulated update
     assert (sent_ef - total).abs().max() < 0.5 * (sent - total).abs().max()
     assert (sent_ef - total).abs().max() <= 0.2 * 2 * 1.01  # the residual stays within one bound
+
+
+def test_zstd_section_with_forged_content_size_is_refused():
+    # python-zstandard's one-shot decompress() allocates a frame's declared content size (2^62 here:
+    # MemoryError) whatever max_output_size says; ours must answer FormatError without allocating.
+    import struct
+
+    import zstandard
+
+    from fedcompress.codecs.sz.lossless import zstd_decompress
+
+    good = zstandard.ZstdCompressor().compress(b"a" * 1000)
+    assert zstd_decompress(good, 1000) == b"a" * 1000
+    forged = bytes([0x28, 0xB5, 0x2F, 0xFD, 0b11100000]) + struct.pack("<Q", 2**62) + good[7:]
+    with pytest.raises(fc.FormatError):
+        zstd_decompress(forged, 100)
+    for n in (999, 1001):
+        with pytest.raises(fc.FormatError):
+            zstd_decompress(good, n)

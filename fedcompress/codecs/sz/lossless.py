@@ -21,8 +21,12 @@ def zstd_compress(data: bytes, level: int = 3) -> bytes:
 
 def zstd_decompress(data, size: int) -> bytes:
     """Decompress to exactly ``size`` bytes (the caller has bounded ``size``)."""
+    # Not ZstdDecompressor().decompress(): it allocates the frame header's declared content size
+    # (a forged header asked for 2^62 bytes: MemoryError, found by fuzzing) whatever max_output_size
+    # says. A stream reader never produces more than we read.
     try:
-        out = zstandard.ZstdDecompressor().decompress(bytes(data), max_output_size=size)
+        with zstandard.ZstdDecompressor().stream_reader(memoryview(data)) as reader:
+            out = reader.read(size + 1)
     except zstandard.ZstdError as e:
         raise FormatError(f"sz: corrupt zstd section ({e})") from e
     if len(out) != size:
