@@ -17,6 +17,13 @@ if not _has_cuda:
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import pytest  # noqa: E402
+from hypothesis import settings as _hyp_settings  # noqa: E402
+
+# CI runs the property tests derandomized (the same examples every run, so a landing is never decided
+# by luck); HYPOTHESIS_PROFILE=explore searches new examples (how the bfloat16 NaN bug was found).
+_hyp_settings.register_profile("ci", derandomize=True)
+_hyp_settings.register_profile("explore", derandomize=False)
+_hyp_settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 
 from fedcompress import _ops  # noqa: E402
 

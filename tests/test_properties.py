@@ -111,3 +111,17 @@ def test_mask_bytes_identical_across_backends(backend):
         assert fc.RandomMask(keep, values=values, backend=backend).encode(x, seed=seed) == ref
 
     check()
+
+
+def test_sz_nan_payload_bits_survive_on_every_backend(backend):
+    # regression: the reference decoder's bool-index assignment canonicalised bfloat16 NaNs (0xFFFF ->
+    # 0x7FC0) from 64 elements up
+    backend_or_skip("sz_encode", backend)
+    for dtype in FLOAT_DTYPES:
+        x = torch.full((110,), 1e-7, dtype=torch.float64).to(dtype)
+        bits = x.view({2: torch.int16, 4: torch.int32, 8: torch.int64}[x.element_size()])
+        bits[0] = -1
+        bits[77] = -1
+        codec = fc.SZ(1e-7, "rel", backend=backend)
+        y = codec.decode(codec.encode(x))
+        assert np.array_equal(_bits(y), _bits(x)), dtype

@@ -193,7 +193,10 @@ def decode_block_ref(buf, n: int, dtype: torch.dtype, step: float, reconstruct=N
     q = lorenzo_inverse_ref(d) if flags & BLK_LORENZO else d
     out = (reconstruct or reconstruct_ref)(torch.from_numpy(q.astype(np.int32)), step, dtype)
     if n_out:
-        out[torch.from_numpy(is_out)] = outl
+        # through an integer view: index_put on bfloat16 goes via float and canonicalises NaN payloads
+        # (0xFFFF came back as 0x7FC0 from 64 elements up; found by the property tests)
+        iv = {2: torch.int16, 4: torch.int32, 8: torch.int64}[isz]
+        out.view(iv)[torch.from_numpy(is_out)] = outl.view(iv)
     return out
 
 
