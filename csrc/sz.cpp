@@ -3,6 +3,8 @@
 #pragma GCC optimize("no-trapping-math")
 #include <pybind11/numpy.h>
 
+#include <immintrin.h>
+
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
@@ -52,6 +54,7 @@ static py::array_t<int32_t> prequantize_py(py::array_t<float, py::array::c_style
 namespace sz {
 
 constexpr int kLanes = 8;
+constexpr int64_t kRunSlack = 256;  // > 8 tokens x (16 speculative run values + 1) + 16
 constexpr uint32_t kRansL = 1u << 15;
 constexpr int kMinPb = 12, kMaxPb = 15;
 constexpr int kMaxSymbols = 8192;
@@ -227,6 +230,7 @@ struct EncScratch {
   std::vector<uint16_t> tok, tok_r, words;
   std::vector<int32_t> wide;
   std::vector<uint32_t> hist;
+  std::vector<uint64_t> zmask;  // bit per token: is it token 4 (a zero residual)
   std::vector<uint32_t> sub;  // 4 interleaved sub-histograms of the tokens < kSubRange
   struct Sym {
     uint64_t rcp;  // floor(2^(31+l) / f) + 1: exact x / f for x < 2^31 (Granlund-Montgomery)
@@ -286,6 +290,103 @@ static int64_t quantize_block(const typename D::T* x, int64_t n, float inv, doub
                   : quantize_default<D>(x, n, inv, step, bound, q, bad);
 }
 
+static inline int popcount64(uint64_t v) {  // SWAR: the portable build has no popcnt instruction
+  v = v - ((v >> 1) & 0x5555555555555555ull);
+  v = (v & 0x3333333333333333ull) + ((v >> 2) & 0x3333333333333333ull);
+  v = (v + (v >> 4)) & 0x0f0f0f0f0f0f0f0full;
+  return int((v * 0x0101010101010101ull) >> 56);
+}
+static inline int bit_length_nb(uint64_t v) { return 63 - __builtin_clzll(v | 1) + (v != 0); }  // no branch
+
+// Plain-mode tokens: 4 + zigzag(d) within the radius, ESC_WIDE beyond it, ESC_VAL for outliers.
+// Written so it vectorises (int32 lanes; |d| < 2^23 since |q| <= 2^22).
+__attribute__((always_inline)) inline void tokens_kernel(const int32_t* __restrict q, const uint8_t* __restrict bad,
+                                                         int64_t n, bool lor, uint16_t* __restrict tok) {
+  if (n <= 0) return;
+  auto one = [&](int32_t d, uint8_t b) {
+    const uint32_t z = (uint32_t(d) << 1) ^ uint32_t(d >> 31);
+    uint32_t t = z <= uint32_t(kMaxZigzag) ? z + kTokenBase : kEscWide;
+    return uint16_t(b ? kEscVal : t);
+  };
+  if (lor) {
+    tok[0] = one(q[0], bad[0]);
+    for (int64_t i = 1; i < n; ++i) tok[i] = one(q[i] - q[i - 1], bad[i]);
+  } else {
+    for (int64_t i = 0; i < n; ++i) tok[i] = one(q[i], bad[i]);
+  }
+}
+__attribute__((target("avx2"))) void tokens_avx2(const int32_t* q, const uint8_t* bad, int64_t n, bool lor,
+                                                 uint16_t* tok) {
+  tokens_kernel(q, bad, n, lor, tok);
+}
+void tokens_default(const int32_t* q, const uint8_t* bad, int64_t n, bool lor, uint16_t* tok) {
+  tokens_kernel(q, bad, n, lor, tok);
+}
+static void tokens_block(const int32_t* q, const uint8_t* bad, int64_t n, bool lor, uint16_t* tok) {
+  kHasAvx2 ? tokens_avx2(q, bad, n, lor, tok) : tokens_default(q, bad, n, lor, tok);
+}
+
+// zm[j] bit k = (tok[64 j + k] == token 4, the zero residual); bits past n are 0.
+__attribute__((always_inline)) inline void zero_masks_kernel(const uint16_t* __restrict tok, int64_t n,
+                                                             uint64_t* __restrict zm) {
+  const int64_t full = n / 64;
+  for (int64_t j = 0; j < full; ++j) {
+    uint64_t m = 0;
+    const uint16_t* t = tok + 64 * j;
+    for (int k = 0; k < 64; ++k) m |= uint64_t(t[k] == kTokenBase) << k;
+    zm[j] = m;
+  }
+  if (n % 64) {
+    uint64_t m = 0;
+    for (int64_t k = 0; k < n % 64; ++k) m |= uint64_t(tok[64 * full + k] == kTokenBase) << k;
+    zm[full] = m;
+  }
+}
+__attribute__((target("avx2"))) void zero_masks_avx2(const uint16_t* tok, int64_t n, uint64_t* zm) {
+  const int64_t full = n / 64;
+  const __m256i four = _mm256_set1_epi16(short(kTokenBase));
+  for (int64_t j = 0; j < full; ++j) {
+    const __m256i* t = reinterpret_cast<const __m256i*>(tok + 64 * j);
+    uint64_t m = 0;
+    for (int h = 0; h < 2; ++h) {  // 32 tokens -> 32 mask bits: compare, pack to bytes, fix lane order
+      const __m256i a = _mm256_cmpeq_epi16(_mm256_loadu_si256(t + 2 * h), four);
+      const __m256i b = _mm256_cmpeq_epi16(_mm256_loadu_si256(t + 2 * h + 1), four);
+      const __m256i p = _mm256_permute4x64_epi64(_mm256_packs_epi16(a, b), 0xD8);
+      m |= uint64_t(uint32_t(_mm256_movemask_epi8(p))) << (32 * h);
+    }
+    zm[j] = m;
+  }
+  if (n % 64) zero_masks_kernel(tok + 64 * full, n % 64, zm + full);
+}
+static void zero_masks(const uint16_t* tok, int64_t n, uint64_t* zm) {
+  kHasAvx2 ? zero_masks_avx2(tok, n, zm) : zero_masks_kernel(tok, n, zm);
+}
+
+// Calls f(zero, start, len) for the maximal segments of zero / non-zero tokens, in order, from the
+// masks: the work is per segment, so there is no mispredicted branch per token.
+template <class F>
+static inline void for_each_segment(const uint64_t* zm, int64_t n, F&& f) {
+  int64_t start = 0;
+  bool zero = n > 0 && (zm[0] & 1);
+  int64_t i = 0;
+  while (i < n) {
+    const int64_t j = i >> 6, b = i & 63;
+    const int64_t lim = std::min<int64_t>(64, n - (j << 6));
+    // bits of the current kind, from position b on; find the first bit of the other kind
+    const uint64_t w = (zero ? ~zm[j] : zm[j]) >> b;
+    const int64_t len = w ? __builtin_ctzll(w) : 64 - b;
+    if (b + len < lim) {
+      i += len;
+      f(zero, start, i - start);
+      start = i;
+      zero = !zero;
+    } else {
+      i = (j << 6) + lim;
+    }
+  }
+  if (n > start) f(zero, start, n - start);
+}
+
 template <class D>
 static std::string encode_block(const typename D::T* x, int64_t n, float inv, double step, double bound,
                                 EncScratch& S) {
@@ -311,34 +412,40 @@ static std::string encode_block(const typename D::T* x, int64_t n, float inv, do
   for (int64_t i = 0; i < n; i += kEstStride) {
     const int32_t qi = q[i];
     const int64_t keep = !bad[i];
-    est_none += keep * bit_length(zigzag(qi));
-    est_lor += keep * bit_length(zigzag(int64_t(qi) - (i ? q[i - 1] : 0)));
+    est_none += keep * bit_length_nb(zigzag(qi));
+    est_lor += keep * bit_length_nb(zigzag(int64_t(qi) - (i ? q[i - 1] : 0)));
   }
   const bool lor = est_lor < est_none;
-  // Stage 3: plain-mode tokens + histogram; run statistics give the run-mode histogram for free
-  S.tok.resize(n);
+  // Stage 3: plain-mode tokens (a vectorised pass), then their histogram and the zero-token masks
+  S.tok.resize(n + 64);
   S.wide.clear();
   uint16_t* tok = S.tok.data();
   uint32_t* sub = S.sub.data();
-  {
-    int32_t prev = 0;
-    for (int64_t i = 0; i < n; ++i) {
-      const int32_t qi = q[i];
-      const int64_t d = lor ? int64_t(qi) - prev : int64_t(qi);
-      prev = qi;
-      const uint64_t z = zigzag(d);
-      uint32_t t = z <= kMaxZigzag ? uint32_t(z + kTokenBase) : kEscWide;
-      t = bad[i] ? kEscVal : t;
-      tok[i] = uint16_t(t);
-      if (t < kSubRange) ++sub[(i & 3) * kSubRange + t];
+  tokens_block(q, bad, n, lor, tok);
+  const int64_t nmask = (n + 63) / 64;
+  S.zmask.resize(nmask);
+  uint64_t* zm = S.zmask.data();
+  zero_masks(tok, n, zm);
+  for (int64_t i = 0; i + 4 <= n; i += 4) {  // 4 interleaved sub-histograms: no store-forwarding chains
+    for (int k = 0; k < 4; ++k) {
+      const uint32_t t = tok[i + k];
+      if (t < kSubRange) ++sub[k * kSubRange + t];
       else ++S.hist[t];
-      if (t == kEscWide) S.wide.push_back(int32_t(d));
     }
   }
+  for (int64_t i = n & ~int64_t(3); i < n; ++i) ++S.hist[tok[i]];
   std::vector<uint16_t> pres_p, pres_r;
   for (uint32_t t = 0; t < kSubRange; ++t) {
     S.hist[t] += sub[t] + sub[kSubRange + t] + sub[2 * kSubRange + t] + sub[3 * kSubRange + t];
     sub[t] = sub[kSubRange + t] = sub[2 * kSubRange + t] = sub[3 * kSubRange + t] = 0;
+  }
+  if (S.hist[kEscWide]) {  // rare: residuals beyond the radius, kept as int32 in order
+    int32_t prev = 0;
+    for (int64_t i = 0; i < n; ++i) {
+      const int32_t d = lor ? q[i] - prev : q[i];
+      prev = q[i];
+      if (tok[i] == kEscWide) S.wide.push_back(d);
+    }
   }
   for (uint32_t t = 0; t < kTokens; ++t)
     if (S.hist[t]) pres_p.push_back(uint16_t(t));
@@ -351,40 +458,19 @@ static std::string encode_block(const typename D::T* x, int64_t n, float inv, do
   if (uint64_t(h4) * kRunConsider >= uint64_t(n)) {
     auto count = [&](uint64_t r) {
       const uint64_t v = r + 1;
-      const int nd = bit_length(v) - 1, nb = __builtin_popcountll(v) - 1;
+      const int nd = bit_length(v) - 1, nb = popcount64(v) - 1;
       runs_b += nb;
       runs_a += nd - nb;
     };
-    // zero runs from 64-token bitmasks (work per run, not per token: no mispredicted branch per value)
+    // zero runs from the 64-token masks (work per run, not per token)
     uint64_t run = 0;
-    for (int64_t base = 0; base < n; base += 64) {
-      const int64_t len = std::min<int64_t>(64, n - base);
-      uint64_t m = 0;
-      for (int64_t k = 0; k < len; ++k) m |= uint64_t(tok[base + k] == kTokenBase) << k;
-      int64_t pos = 0;
-      while (pos < len) {
-        if (m & 1) {
-          const int64_t ones = m == ~uint64_t(0) ? 64 : __builtin_ctzll(~m);
-          const int64_t take = std::min<int64_t>(ones, len - pos);
-          run += uint64_t(take);
-          pos += take;
-          m = take >= 64 ? 0 : m >> take;
-        } else {
-          if (run) {
-            count(run);
-            run = 0;
-          }
-          if (!m) break;
-          const int64_t z = __builtin_ctzll(m);
-          pos += z;
-          m >>= z;
-        }
-      }
-      if (pos < len && run) {  // the chunk ended in non-zero tokens after a run
+    for_each_segment(zm, n, [&](bool zero, int64_t, int64_t len) {
+      if (zero) run += uint64_t(len);
+      else if (run) {
         count(run);
         run = 0;
       }
-    }
+    });
     if (run) count(run);
     hist[kTokenBase] = 0;
     hist[kRunA] += uint32_t(runs_a);
@@ -411,28 +497,30 @@ static std::string encode_block(const typename D::T* x, int64_t n, float inv, do
   }
   std::vector<uint16_t>& present = use_run ? pres_r : pres_p;
   int64_t ntok = n;
-  if (use_run) {  // rewrite the tokens in place: a run of token 4 becomes its digits (never longer)
+  if (use_run) {  // run-mode tokens into a second buffer: a run of token 4 becomes its digits
+    S.tok_r.resize(n + 64);
+    uint16_t* out = S.tok_r.data();
     int64_t o = 0;
     uint64_t r = 0;
-    for (int64_t i = 0; i < n; ++i) {
-      const uint16_t t = tok[i];
-      if (t == kTokenBase) {
-        ++r;
-        continue;
-      }
-      if (r) {
-        const uint64_t v = r + 1;
-        const int nd = bit_length(v) - 1;
-        for (int k = 0; k < nd; ++k) tok[o++] = uint16_t(kRunA + ((v >> k) & 1));
-        r = 0;
-      }
-      tok[o++] = t;
-    }
-    if (r) {
+    auto digits = [&]() {
       const uint64_t v = r + 1;
       const int nd = bit_length(v) - 1;
-      for (int k = 0; k < nd; ++k) tok[o++] = uint16_t(kRunA + ((v >> k) & 1));
-    }
+      for (int k = 0; k < nd; ++k) out[o++] = uint16_t(kRunA + ((v >> k) & 1));
+      r = 0;
+    };
+    for_each_segment(zm, n, [&](bool zero, int64_t at, int64_t len) {
+      if (zero) {
+        r += uint64_t(len);
+        return;
+      }
+      if (r) digits();
+      // 16-token copies may run past the segment: both buffers have 64 tokens of slack, and the
+      // next segment overwrites what ran over
+      for (int64_t k = 0; k < len; k += 16) std::memcpy(out + o + k, tok + at + k, 32);
+      o += len;
+    });
+    if (r) digits();
+    tok = out;
     ntok = o;
   }
 
@@ -480,9 +568,25 @@ static std::string encode_block(const typename D::T* x, int64_t n, float inv, do
     };
     const int64_t full = ntok / kLanes;
     for (int64_t i = ntok - 1; i >= full * kLanes; --i) enc(int(i % kLanes), tok[i]);
-    for (int64_t s = full - 1; s >= 0; --s) {
-      const uint16_t* tp = tok + s * kLanes;
-      for (int l = kLanes - 1; l >= 0; --l) enc(l, tp[l]);
+    {  // full steps with the eight states in registers (the lambda above keeps them in memory)
+      uint32_t s0 = st[0], s1 = st[1], s2 = st[2], s3 = st[3], s4 = st[4], s5 = st[5], s6 = st[6], s7 = st[7];
+#define FC_SZ_ENC(X, T)                                            \
+  {                                                                \
+    const EncScratch::Sym& sy = sym[T];                            \
+    const uint32_t emit = X >= sy.xmax;                            \
+    wp[nw] = uint16_t(X);                                          \
+    nw += emit;                                                    \
+    X >>= emit << 4;                                               \
+    const uint32_t qq = uint32_t((uint64_t(X) * sy.rcp) >> sy.shift); \
+    X = X + sy.cum + qq * sy.cmpl;                                 \
+  }
+      for (int64_t s = full - 1; s >= 0; --s) {
+        const uint16_t* tp = tok + s * kLanes;
+        FC_SZ_ENC(s7, tp[7]) FC_SZ_ENC(s6, tp[6]) FC_SZ_ENC(s5, tp[5]) FC_SZ_ENC(s4, tp[4])
+        FC_SZ_ENC(s3, tp[3]) FC_SZ_ENC(s2, tp[2]) FC_SZ_ENC(s1, tp[1]) FC_SZ_ENC(s0, tp[0])
+      }
+#undef FC_SZ_ENC
+      st[0] = s0, st[1] = s1, st[2] = s2, st[3] = s3, st[4] = s4, st[5] = s5, st[6] = s6, st[7] = s7;
     }
     Out o;
     o.s.reserve(32 + 3 * present.size() + 2 * size_t(nw) + 4 * S.wide.size() + outl.size());
@@ -547,7 +651,8 @@ template <class T>
 struct DecScratch {
   std::vector<DecEntry> table;
   std::vector<T> lut;        // token -> reconstructed value (predictor none)
-  std::vector<int32_t> dlut;  // token -> residual (lorenzo)
+  std::vector<int32_t> dlut;  // token -> residual (lorenzo); 0 for tokens 0-3
+  std::vector<T> buf;         // run-mode blocks decode here first (slack for speculative writes)
   DecScratch() : lut(kTokens), dlut(kTokens) {}
 };
 
@@ -611,14 +716,21 @@ static void decode_block(const uint8_t* buf, size_t len, typename D::T* out, int
     std::memcpy(&v, wbytes + 2 * k, 2);
     return uint32_t(v);
   };
+  // Run-mode blocks decode into a scratch buffer with kRunSlack values of slack, so the fast path
+  // can write a pending run speculatively (see below); plain blocks go straight to `out`.
+  T* dst = out;
+  if (runmode) {
+    S.buf.resize(size_t(n) + kRunSlack);
+    dst = S.buf.data();
+  }
   int64_t pos = 0;
   uint32_t qprev = 0, iw = 0, io = 0;
   uint64_t runlen = 0;
   int runk = 0;
   auto flush = [&]() {
-    if (runlen > uint64_t(n - pos)) throw FormatError("sz block: zero run past the block end");
+    if (pos > n || runlen > uint64_t(n - pos)) throw FormatError("sz block: zero run past the block end");
     const T v = D::recon(lor ? int32_t(qprev) : 0, step);
-    std::fill(out + pos, out + pos + runlen, v);
+    std::fill(dst + pos, dst + pos + runlen, v);
     pos += int64_t(runlen);
     runlen = 0;
     runk = 0;
@@ -636,7 +748,7 @@ static void decode_block(const uint8_t* buf, size_t len, typename D::T* out, int
     if (pos >= n) throw FormatError("sz block: more values than the block holds");
     if (tv == kEscVal) {
       if (io >= nout) throw FormatError("sz block: outlier count mismatch");
-      std::memcpy(out + pos, outp + size_t(io) * isz, isz);
+      std::memcpy(dst + pos, outp + size_t(io) * isz, isz);
       ++io;
       ++pos;
       return;
@@ -653,7 +765,7 @@ static void decode_block(const uint8_t* buf, size_t len, typename D::T* out, int
     }
     const uint32_t q = lor ? qprev + uint32_t(d) : uint32_t(d);
     qprev = q;
-    out[pos++] = (!lor && tv >= kTokenBase) ? lut[tv] : D::recon(int32_t(q), step);
+    dst[pos++] = (!lor && tv >= kTokenBase) ? lut[tv] : D::recon(int32_t(q), step);
   };
   // rANS decode, fused with reconstruction. Fast path: a full step of kLanes ordinary tokens with
   // kLanes words and kLanes output slots left needs no per-token checks.
@@ -679,7 +791,7 @@ static void decode_block(const uint8_t* buf, size_t len, typename D::T* out, int
     }                                                          \
   }
   // fast path: a full step of kLanes tokens with kLanes words and kLanes output slots left
-  for (; i + kLanes <= int64_t(ntok) && ptr + kLanes <= nwords && pos + kLanes <= n && !runk; i += kLanes) {
+  for (; !runmode && i + kLanes <= int64_t(ntok) && ptr + kLanes <= nwords && pos + kLanes <= n; i += kLanes) {
     uint32_t special = 0;
     uint32_t qs = qprev;
     FC_SZ_LANE(0, s0) FC_SZ_LANE(1, s1) FC_SZ_LANE(2, s2) FC_SZ_LANE(3, s3)
@@ -692,6 +804,69 @@ static void decode_block(const uint8_t* buf, size_t len, typename D::T* out, int
     }
   }
 #undef FC_SZ_LANE
+  // Run-mode fast path. A zero run arrives as digits and its length is known only at the next
+  // ordinary token, so every token is handled without a branch: digits add to the pending run;
+  // an ordinary token first writes the pending run's value at 16 positions speculatively (dst has
+  // slack; later writes overwrite what was not part of the run), takes a branch only for runs
+  // longer than 16, then writes its own value. Escapes, over-long digit strings and anything
+  // past the block end send the whole step back through `handle` from the saved state.
+  const T zero_value = D::recon(0, step);
+#define FC_SZ_RUN_LANE(L, X)                                                        \
+  {                                                                                 \
+    const DecEntry e = tab[X & mask];                                               \
+    const uint32_t tv = e.tok;                                                      \
+    tk[L] = uint16_t(tv);                                                           \
+    special |= uint32_t(tv < kRunA);                                                \
+    X = uint32_t(e.freq) * (X >> pb) + e.bias;                                      \
+    const uint32_t need = X < kRansL;                                               \
+    X = (X << (need << 4)) | (word(ptr) & (0u - need));                             \
+    ptr += need;                                                                    \
+    const uint64_t isr = uint32_t(tv - kRunA) < 2u;                                 \
+    runlen += (uint64_t(tv - 1) << runk) & (0 - isr);                               \
+    runk += int(isr);                                                               \
+    const T zv = lor ? D::recon(int32_t(qs), step) : zero_value;                    \
+    for (int k = 0; k < 16; ++k) dst[pos + k] = zv;                                 \
+    if (!isr && runlen > 16) {                                                      \
+      if (runlen > uint64_t(n - pos)) throw FormatError("sz block: zero run past the block end"); \
+      std::fill(dst + pos + 16, dst + pos + runlen, zv);                            \
+    }                                                                               \
+    pos += int64_t(isr ? 0 : runlen);                                               \
+    runlen = isr ? runlen : 0;                                                      \
+    runk = isr ? runk : 0;                                                          \
+    qs += uint32_t(dlut[tv]);                                                       \
+    dst[pos] = lor ? D::recon(int32_t(qs), step) : lut[tv];                         \
+    pos += int64_t(1 - isr);                                                        \
+  }
+  for (; runmode && i + kLanes <= int64_t(ntok) && ptr + kLanes <= nwords && pos <= n; i += kLanes) {
+    const int64_t pos0 = pos;
+    const uint64_t runlen0 = runlen;
+    const int runk0 = runk;
+    const size_t ptr0 = ptr;
+    uint32_t special = 0;
+    uint32_t qs = qprev;
+    const uint32_t x0 = s0, x1 = s1, x2 = s2, x3 = s3, x4 = s4, x5 = s5, x6 = s6, x7 = s7;
+    FC_SZ_RUN_LANE(0, s0) FC_SZ_RUN_LANE(1, s1) FC_SZ_RUN_LANE(2, s2) FC_SZ_RUN_LANE(3, s3)
+    FC_SZ_RUN_LANE(4, s4) FC_SZ_RUN_LANE(5, s5) FC_SZ_RUN_LANE(6, s6) FC_SZ_RUN_LANE(7, s7)
+    special |= uint32_t(runk > 31) | uint32_t(pos > n);
+    if (!special) {
+      qprev = qs;
+    } else {  // redo the step token by token from the saved state (the checked path)
+      pos = pos0, runlen = runlen0, runk = runk0, ptr = ptr0;
+      st[0] = x0, st[1] = x1, st[2] = x2, st[3] = x3, st[4] = x4, st[5] = x5, st[6] = x6, st[7] = x7;
+      for (int l = 0; l < kLanes; ++l) {
+        uint32_t xs = st[l];
+        const DecEntry e = tab[xs & mask];
+        xs = uint32_t(e.freq) * (xs >> pb) + e.bias;
+        const uint32_t need = xs < kRansL;
+        xs = (xs << (need << 4)) | (word(ptr) & (0u - need));
+        ptr += need;
+        st[l] = xs;
+        handle(e.tok);
+      }
+      s0 = st[0], s1 = st[1], s2 = st[2], s3 = st[3], s4 = st[4], s5 = st[5], s6 = st[6], s7 = st[7];
+    }
+  }
+#undef FC_SZ_RUN_LANE
   st[0] = s0, st[1] = s1, st[2] = s2, st[3] = s3, st[4] = s4, st[5] = s5, st[6] = s6, st[7] = s7;
   // a run may be pending after the fast path stopped; steps containing runs continue here
   for (; i + kLanes <= int64_t(ntok) && ptr + kLanes <= nwords; i += kLanes) {
@@ -725,6 +900,7 @@ static void decode_block(const uint8_t* buf, size_t len, typename D::T* out, int
   if (pos != n) throw FormatError("sz block: run lengths do not add up to the value count");
   if (io != nout) throw FormatError("sz block: outlier count mismatch");
   if (iw != nwide) throw FormatError("sz block: wide-code count mismatch");
+  if (dst != out) std::memcpy(out, dst, size_t(n) * isz);
 }
 
 
@@ -792,7 +968,43 @@ static void decode_section(const uint8_t* sec, size_t len, typename D::T* out, i
 }
 
 
-// min and max of the finite values (REL mode's range), OpenMP; count = how many were finite
+// min and max of the finite values (REL mode's range), OpenMP; count = how many were finite.
+// float32 (the common case) runs in float: exact for min/max, and it vectorises 8 wide with AVX2.
+__attribute__((always_inline)) inline void minmax_f32_kernel(const float* __restrict x, int64_t n, float& lo,
+                                                             float& hi, int64_t& cnt) {
+  float l = INFINITY, h = -INFINITY;
+  int32_t c = 0;  // per call n <= 2^31 (chunks below)
+  for (int64_t i = 0; i < n; ++i) {
+    const float v = x[i];
+    const bool f = __builtin_fabsf(v) <= 3.4028234663852886e38f;
+    l = std::min(l, f ? v : INFINITY);
+    h = std::max(h, f ? v : -INFINITY);
+    c += f;
+  }
+  lo = l, hi = h, cnt = c;
+}
+__attribute__((target("avx2"))) void minmax_f32_avx2(const float* x, int64_t n, float& lo, float& hi, int64_t& c) {
+  minmax_f32_kernel(x, n, lo, hi, c);
+}
+void minmax_f32_default(const float* x, int64_t n, float& lo, float& hi, int64_t& c) {
+  minmax_f32_kernel(x, n, lo, hi, c);
+}
+static void finite_minmax_f32(const float* x, int64_t n, double& lo, double& hi, int64_t& cnt) {
+  constexpr int64_t kChunk = 1 << 16;
+  const int64_t nc = (n + kChunk - 1) / kChunk;
+  float l = INFINITY, h = -INFINITY;
+  int64_t c = 0;
+#pragma omp parallel for if (n > (1 << 20)) reduction(min : l) reduction(max : h) reduction(+ : c)
+  for (int64_t k = 0; k < nc; ++k) {
+    float a, b;
+    int64_t m;
+    const int64_t len = std::min(kChunk, n - k * kChunk);
+    if (kHasAvx2) minmax_f32_avx2(x + k * kChunk, len, a, b, m);
+    else minmax_f32_default(x + k * kChunk, len, a, b, m);
+    l = std::min(l, a), h = std::max(h, b), c += m;
+  }
+  lo = l, hi = h, cnt = c;
+}
 template <class D>
 static void finite_minmax(const typename D::T* x, int64_t n, double& lo, double& hi, int64_t& cnt) {
   double l = INFINITY, h = -INFINITY;
@@ -818,7 +1030,7 @@ static py::tuple sz_finite_range_py(py::array_t<uint8_t, py::array::c_style> x, 
   int64_t cnt;
   {
     py::gil_scoped_release nogil;
-    if (code == 1) sz::finite_minmax<sz::F32>(static_cast<const float*>(p), n, lo, hi, cnt);
+    if (code == 1) sz::finite_minmax_f32(static_cast<const float*>(p), n, lo, hi, cnt);
     else if (code == 2) sz::finite_minmax<sz::F64>(static_cast<const double*>(p), n, lo, hi, cnt);
     else if (code == 3) sz::finite_minmax<sz::F16>(static_cast<const uint16_t*>(p), n, lo, hi, cnt);
     else sz::finite_minmax<sz::BF16>(static_cast<const uint16_t*>(p), n, lo, hi, cnt);
