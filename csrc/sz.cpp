@@ -163,25 +163,12 @@ static int64_t estimate_cost(const std::vector<uint32_t>& hist, const std::vecto
   return cost + 256 * 16 * int64_t(present.size());
 }
 
-static int choose_pb(size_t nsym) {  // ~64 slots per symbol: < 0.1% model loss (measured on Kaiming at REL 1e-3)
-  int pb = bit_length(uint64_t(nsym) - 1) + 6;
-  return std::min(kMaxPb, std::max(kMinPb, pb));
-}
-
 // counts -> frequencies summing to 2^pb (entropy.normalize_ref, integer-only, deterministic);
-// freq[k] belongs to present[k] (ascending tokens)
-static void normalize(const std::vector<uint32_t>& hist, const std::vector<uint16_t>& present, int pb,
-                      std::vector<uint32_t>& freq) {
+// freq[k] belongs to present[k] (ascending tokens); `order` = present indices by (count desc, index)
+static void normalize(const std::vector<uint32_t>& hist, const std::vector<uint16_t>& present,
+                      const std::vector<uint32_t>& order, uint64_t n, int pb, std::vector<uint32_t>& freq) {
   const int64_t m = int64_t(1) << pb;
   const size_t ns = present.size();
-  uint64_t n = 0;
-  for (uint16_t t : present) n += hist[t];
-  std::vector<uint32_t> order(ns);
-  for (size_t k = 0; k < ns; ++k) order[k] = uint32_t(k);
-  std::stable_sort(order.begin(), order.end(), [&](uint32_t a, uint32_t b) {
-    const uint32_t ca = hist[present[a]], cb = hist[present[b]];
-    return ca != cb ? ca > cb : a < b;
-  });
   int64_t sum = 0;
   freq.assign(ns, 0);
   for (size_t k = 0; k < ns; ++k) {
@@ -206,6 +193,38 @@ static void normalize(const std::vector<uint32_t>& hist, const std::vector<uint1
       }
     }
   }
+}
+
+static inline int64_t varint_len(uint32_t v) { return v < (1u << 7) ? 1 : v < (1u << 14) ? 2 : v < (1u << 21) ? 3 : 4; }
+
+// Model precision 12..15 with the smallest estimated block (entropy.choose_pb): coded bits from
+// the integer log table plus the frequency table's bytes. Returns pb; freq holds its frequencies.
+static int choose_model(const std::vector<uint32_t>& hist, const std::vector<uint16_t>& present,
+                        std::vector<uint32_t>& freq) {
+  const size_t ns = present.size();
+  uint64_t n = 0;
+  for (uint16_t t : present) n += hist[t];
+  std::vector<uint32_t> order(ns);
+  for (size_t k = 0; k < ns; ++k) order[k] = uint32_t(k);
+  std::stable_sort(order.begin(), order.end(), [&](uint32_t a, uint32_t b) {
+    const uint32_t ca = hist[present[a]], cb = hist[present[b]];
+    return ca != cb ? ca > cb : a < b;
+  });
+  std::vector<uint32_t> f;
+  int best_pb = -1;
+  int64_t best = 0;
+  for (int pb = kMinPb; pb <= kMaxPb; ++pb) {
+    if (ns > (size_t(1) << pb)) continue;
+    normalize(hist, present, order, n, pb, f);
+    int64_t cost = 0;
+    for (size_t k = 0; k < ns; ++k)
+      cost += int64_t(hist[present[k]]) * (256 * pb - fixed_log2(f[k])) + 8 * 256 * varint_len(f[k] - 1);
+    if (best_pb < 0 || cost < best) {
+      best = cost, best_pb = pb;
+      freq.swap(f);
+    }
+  }
+  return best_pb;
 }
 
 struct Out {
@@ -534,9 +553,8 @@ static std::string encode_block(const typename D::T* x, int64_t n, float inv, do
   if (present.size() > size_t(kMaxSymbols)) {
     result = make_raw();
   } else {
-    const int pb = choose_pb(present.size());
+    const int pb = choose_model(hist, present, freq);
     const uint32_t M = 1u << pb;
-    normalize(hist, present, pb, freq);
     uint32_t c = 0;
     for (size_t k = 0; k < present.size(); ++k) {
       const uint32_t f = freq[k];
@@ -809,7 +827,7 @@ static void decode_block(const uint8_t* buf, size_t len, typename D::T* out, int
   // an ordinary token first writes the pending run's value at 16 positions speculatively (dst has
   // slack; later writes overwrite what was not part of the run), takes a branch only for runs
   // longer than 16, then writes its own value. Escapes, over-long digit strings and anything
-  // past the block end send the whole step back through `handle` from the saved state.
+  // past the block end send the step's tokens back through `handle` from the saved state.
   const T zero_value = D::recon(0, step);
 #define FC_SZ_RUN_LANE(L, X)                                                        \
   {                                                                                 \
@@ -841,29 +859,17 @@ static void decode_block(const uint8_t* buf, size_t len, typename D::T* out, int
     const int64_t pos0 = pos;
     const uint64_t runlen0 = runlen;
     const int runk0 = runk;
-    const size_t ptr0 = ptr;
     uint32_t special = 0;
     uint32_t qs = qprev;
-    const uint32_t x0 = s0, x1 = s1, x2 = s2, x3 = s3, x4 = s4, x5 = s5, x6 = s6, x7 = s7;
     FC_SZ_RUN_LANE(0, s0) FC_SZ_RUN_LANE(1, s1) FC_SZ_RUN_LANE(2, s2) FC_SZ_RUN_LANE(3, s3)
     FC_SZ_RUN_LANE(4, s4) FC_SZ_RUN_LANE(5, s5) FC_SZ_RUN_LANE(6, s6) FC_SZ_RUN_LANE(7, s7)
     special |= uint32_t(runk > 31) | uint32_t(pos > n);
     if (!special) {
       qprev = qs;
-    } else {  // redo the step token by token from the saved state (the checked path)
-      pos = pos0, runlen = runlen0, runk = runk0, ptr = ptr0;
-      st[0] = x0, st[1] = x1, st[2] = x2, st[3] = x3, st[4] = x4, st[5] = x5, st[6] = x6, st[7] = x7;
-      for (int l = 0; l < kLanes; ++l) {
-        uint32_t xs = st[l];
-        const DecEntry e = tab[xs & mask];
-        xs = uint32_t(e.freq) * (xs >> pb) + e.bias;
-        const uint32_t need = xs < kRansL;
-        xs = (xs << (need << 4)) | (word(ptr) & (0u - need));
-        ptr += need;
-        st[l] = xs;
-        handle(e.tok);
-      }
-      s0 = st[0], s1 = st[1], s2 = st[2], s3 = st[3], s4 = st[4], s5 = st[5], s6 = st[6], s7 = st[7];
+    } else {  // redo the step's values token by token from the saved state (the checked path); the
+              // rANS states and the word pointer do not depend on what the tokens mean
+      pos = pos0, runlen = runlen0, runk = runk0;
+      for (int l = 0; l < kLanes; ++l) handle(tk[l]);
     }
   }
 #undef FC_SZ_RUN_LANE
@@ -912,7 +918,7 @@ static std::string encode_section(const typename D::T* x, int64_t n, double step
   if (!std::isfinite(inv)) inv = 0.0f;
   const int64_t nb = (n + bs - 1) / bs;
   std::vector<std::string> blocks(nb);
-#pragma omp parallel if (nb >= 4)  // fewer blocks: a thread wake-up costs more than it saves (measured 2x slower at 3 blocks on a busy 2-core box)
+#pragma omp parallel if (nb >= 2)  // small tensors get >= 4 blocks (codec.default_block_size)
   {
     static thread_local EncScratch S;  // kept across calls: no page faults on every encode
 #pragma omp for schedule(dynamic, 1)
@@ -948,7 +954,7 @@ static void decode_section(const uint8_t* sec, size_t len, typename D::T* out, i
   if (off[nb] != len) throw FormatError("sz section: trailing bytes");
   std::vector<std::string> errors(nb);
   bool failed = false;
-#pragma omp parallel if (nb >= 4)  // fewer blocks: a thread wake-up costs more than it saves (measured 2x slower at 3 blocks on a busy 2-core box)
+#pragma omp parallel if (nb >= 2)  // small tensors get >= 4 blocks (codec.default_block_size)
   {
     static thread_local DecScratch<typename D::T> S;
 #pragma omp for schedule(dynamic, 1) reduction(|| : failed)

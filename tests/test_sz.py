@@ -167,6 +167,32 @@ def _reference_case(dtype, kind):
     return _REF_CACHE[key]
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_run_blocks_with_escapes_identical_across_backends(dtype):
+    # run-mode blocks holding zero runs of every length around the decoder's 16-value speculative
+    # fill, with verbatim values (NaN, Inf) and wide codes (|d| > radius) inside them
+    backend_or_skip("sz_encode", "cpp")
+    rng = random.Random(5)
+    n = 40_000
+    x = torch.zeros(n, dtype=torch.float64)
+    pos = 0
+    while pos < n:
+        pos += rng.choice([1, 2, 3, 7, 8, 9, 15, 16, 17, 18, 33, 300])
+        if pos < n:
+            x[pos] = rng.gauss(0, 1) if rng.random() < 0.97 else rng.choice([float("nan"), float("inf"), 900.0])
+    x = x.to(dtype)
+    blobs = {b: fc.SZ(1e-3, "abs", backend=b, block_size=BLOCK).encode(x) for b in ("torch", "cpp")}
+    assert blobs["torch"] == blobs["cpp"]
+    flags = [blk[0] for blk in C.split_section(wire.unpack(blobs["cpp"], wire.CODEC_SZ_TENSOR)[1][0].data[C._HDR.size:],
+                                               n, BLOCK, -(-n // BLOCK))]
+    assert all(f & C.BLK_RUN for f in flags), flags
+    ys = {b: fc.SZ(1e-3, "abs", backend=b).decode(blobs["cpp"]) for b in ("torch", "cpp")}
+    assert np.array_equal(_bits(ys["torch"]), _bits(ys["cpp"]))
+    _check_bound(x, ys["cpp"], 1e-3, "abs")
+    special = ~torch.isfinite(x.double())
+    assert np.array_equal(_bits(x)[special.numpy()], _bits(ys["cpp"])[special.numpy()])
+
+
 def test_all_block_kinds_exercised():
     """The mixed data really produces lorenzo, zero-run and raw blocks (so the tests above cover them)."""
     seen = set()
@@ -186,13 +212,28 @@ def test_all_block_kinds_exercised():
 # Stages, exactly
 
 
+def test_choose_pb_is_near_the_smallest_real_block():
+    # the integer estimate picks the precision; check it against the real coded size of every choice
+    rng = np.random.default_rng(3)
+    for sigma in (3.0, 40.0, 300.0):
+        d = np.round(rng.normal(0, sigma, 1 << 16)).astype(np.int64)
+        tok = (E.zigzag(d) + E.TOKEN_BASE).astype(np.uint16)
+        hist = E.histogram_ref(tok)
+        real = {}
+        for pb in range(E.MIN_PB, E.MAX_PB + 1):
+            freq = E.normalize_ref(hist, pb)
+            _, words = E.rans_encode_ref(tok, freq, pb)
+            real[pb] = 2 * len(words) + len(E.write_table(freq))
+        pb, _ = E.choose_pb(hist)
+        assert real[pb] <= min(real.values()) * 1.002, (sigma, pb, real)
+
+
 def test_rans_roundtrip_exact():
     rng = np.random.default_rng(0)
     for n, nsym in ((1, 1), (7, 3), (1000, 1), (5000, 40), (20001, 900)):
         tok = rng.zipf(1.3, n).clip(max=nsym) .astype(np.uint16) + 3
         hist = E.histogram_ref(tok)
-        pb = E.choose_pb(int((hist > 0).sum()))
-        freq = E.normalize_ref(hist, pb)
+        pb, freq = E.choose_pb(hist)
         assert freq.sum() == 1 << pb and (freq[hist > 0] >= 1).all() and (freq[hist == 0] == 0).all()
         states, words = E.rans_encode_ref(tok, freq, pb)
         assert np.array_equal(E.rans_decode_ref(states, words, freq, pb, n), tok)
