@@ -76,6 +76,9 @@ def _fraction(s: str) -> float:
     return v
 
 
+DEFAULT_ROUNDS = 10
+
+
 def add_experiment_args(p: argparse.ArgumentParser) -> None:
     """The arguments of one FedAvg experiment (shared by run, compare and anyone else)."""
     from .fedavg.data import DATASETS, PARTITIONS
@@ -89,7 +92,7 @@ def add_experiment_args(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--clients", type=_positive_int, default=10, help="number of clients (default: %(default)s)"
     )
-    p.add_argument("--rounds", type=_positive_int, default=10, help="default: %(default)s")
+    p.add_argument("--rounds", type=_positive_int, default=DEFAULT_ROUNDS, help=f"default: {DEFAULT_ROUNDS}")
     p.add_argument("--partition", default="iid", choices=PARTITIONS, help="default: %(default)s")
     p.add_argument(
         "--alpha", type=_positive_float, default=0.5, help="Dirichlet concentration (default: %(default)s)"
@@ -214,15 +217,22 @@ def cmd_run(args) -> int:
 
 
 def add_compare(sub) -> None:
+    from .results import add_table_args
+
     p = sub.add_parser(
         "compare",
-        help="run several compressors on the same seed and split",
-        description="Run FedAvg once per compressor (same seed, split and model init); print one table.",
+        help="the papers' tables (docs/results.md), or several compressors side by side",
+        description="Without --compressors: FedSynth's Table 1 shape (none, mask, sz, fedsynth at matched "
+        "~8/16/64x on mnist5k, 60 clients), FedSZ's sz sweep and a non-iid table, written to "
+        "--report-dir/results.md with plots (its setup is fixed; --rounds, --clients-per-round and "
+        "--threads apply). With --compressors: FedAvg once per spec (same seed, split and model "
+        "init) and one table.",
     )
     add_experiment_args(p)
-    p.add_argument("--compressors", required=True, help="comma-separated specs, e.g. none,fp16,mask:keep=0.1")
-    p.add_argument("--out", default=None, help="output folder (default: runs/compare)")
-    p.set_defaults(handler=cmd_compare)
+    p.add_argument("--compressors", default=None, help="comma-separated specs, e.g. none,fp16,mask:keep=0.1")
+    p.add_argument("--out", default=None, help="output folder with --compressors (default: runs/compare)")
+    add_table_args(p, out_flag="--report-dir")
+    p.set_defaults(handler=cmd_compare, rounds=None)  # None: each mode's own default
 
 
 def split_specs(text: str) -> list[str]:
@@ -260,6 +270,12 @@ def cmd_compare(args) -> int:
     from .fedavg.driver import final_line, run_experiment
     from .fedavg.plots import plot_accuracy_vs_mb
 
+    if args.compressors is None:  # the papers' tables
+        from .results import cmd_results
+
+        return cmd_results(args)
+    if args.rounds is None:
+        args.rounds = DEFAULT_ROUNDS
     specs = split_specs(args.compressors)
     if not specs:
         raise BadInput("--compressors is empty; give comma-separated specs such as none,fp16")

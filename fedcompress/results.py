@@ -588,7 +588,7 @@ def run_results(
     # cheap rows first, FedSynth (the slowest, ~10x a plain run) last; the report is rewritten after
     # every run, so an interrupted invocation still leaves a report of what finished
     runs.sort(key=lambda r: (r.row.startswith("fedsynth"), r.part == "dirichlet"))
-    cmd = command or "fedcompress results"
+    cmd = command or "fedcompress compare"
     execute(
         plan,
         runs,
@@ -786,19 +786,15 @@ def run_bench(
 # CLI
 
 
-def add_results(sub) -> None:
-    p = sub.add_parser(
-        "results",
-        help="regenerate docs/results.md: FedSynth Table 1 shape and FedSZ's sweep",
-        description="Run the matched-ratio tables (none, mask, sz, fedsynth) and the sz REL sweep; write "
-        "OUT/results.md, results.json and PNG plots. Runs are cached under --runs and reused.",
-    )
+def add_table_args(p, out_flag: str = "--out") -> None:
+    """The report's options, shared by ``results`` and ``compare`` (without --compressors)."""
     p.add_argument(
         "--quick",
         action="store_true",
         help="digits, 12 clients, 2 rounds, ratio 16x only, sweep at 1e-2 (the test's mode)",
     )
-    p.add_argument("--out", default="docs", help="folder for results.md and plots (default: %(default)s)")
+    p.add_argument(out_flag, dest="report_dir", default="docs",
+                   help="folder for results.md and plots (default: %(default)s)")
     p.add_argument("--runs", default=None, help="run cache folder (default: runs/results[-quick])")
     p.add_argument("--no-reuse", action="store_true", help="re-run even where a cached run matches")
     p.add_argument(
@@ -806,13 +802,23 @@ def add_results(sub) -> None:
         action="store_true",
         help="train nothing: write the report from the runs already in --runs (missing rows say so)",
     )
-    p.add_argument("--rounds", type=int, default=None)
-    p.add_argument("--clients-per-round", type=int, default=None)
     p.add_argument("--parts", default=None, help="comma list of iid,sweep,dirichlet (default: all)")
     p.add_argument("--rows", default=None, help="iid rows, comma list of " + ",".join(ROW_LABELS))
     p.add_argument("--noniid-rows", default=None, help="dirichlet rows (same names)")
     p.add_argument("--ratios", default=None, help="comma list, default 8,16,64")
     p.add_argument("--fedsynth-outer-steps", type=int, default=None)
+
+
+def add_results(sub) -> None:
+    p = sub.add_parser(
+        "results",
+        help="regenerate docs/results.md (the same as `compare` without --compressors)",
+        description="Run the matched-ratio tables (none, mask, sz, fedsynth) and the sz REL sweep; write "
+        "OUT/results.md, results.json and PNG plots. Runs are cached under --runs and reused.",
+    )
+    add_table_args(p)
+    p.add_argument("--rounds", type=int, default=None)
+    p.add_argument("--clients-per-round", type=int, default=None)
     p.add_argument("--threads", type=int, default=1, help="torch threads (default: %(default)s)")
     p.set_defaults(handler=cmd_results)
 
@@ -851,8 +857,8 @@ def cmd_results(args) -> int:
     runs_dir = args.runs or os.path.join("runs", "results-quick" if args.quick else "results")
     command = (
         "fedcompress " + " ".join(a for a in sys.argv[1:])
-        if sys.argv[1:2] == ["results"]
-        else ("fedcompress results" + (" --quick" if args.quick else ""))
+        if sys.argv[1:2] in (["results"], ["compare"])
+        else ("fedcompress compare" + (" --quick" if args.quick else ""))
     )
 
     def log(msg):
@@ -860,7 +866,7 @@ def cmd_results(args) -> int:
 
     text = run_results(
         plan,
-        args.out,
+        args.report_dir,
         runs_dir,
         reuse=not args.no_reuse,
         cached_only=args.cached_only,
@@ -869,7 +875,7 @@ def cmd_results(args) -> int:
         incremental=not args.quick,
     )
     print(text)
-    log(f"[results] wrote {os.path.join(args.out, 'results.md')}")
+    log(f"[results] wrote {os.path.join(args.report_dir, 'results.md')}")
     return 0
 
 

@@ -233,3 +233,18 @@ def test_bench_rows_peers_only_on_same_params():
     assert fc_row["vs_peers"] == {"pysz-default": pytest.approx(2.0)}  # not the kaiming row
     assert fc_row["ratio_vs_peers"] == {"pysz-default": pytest.approx(2.0)}
     assert fc_row["MB/s"] == pytest.approx(40.0)
+
+
+def test_compare_without_compressors_writes_the_report(tmp_path, capsys):
+    # `fedcompress compare` (no --compressors) is the papers' tables; reuses the cache it just filled
+    from fedcompress import cli
+
+    args = ["compare", "--quick", "--runs", str(tmp_path / "runs"), "--report-dir", str(tmp_path / "docs"),
+            "--rows", "none,mask", "--parts", "iid", "--no-progress"]
+    assert cli.main(args) == 0
+    text = open(tmp_path / "docs" / "results.md").read()
+    assert text.startswith("# Results") and "| mask (keep=1/ratio) |" in text
+    assert "fedcompress compare --quick" in text
+    res = json.loads(open(tmp_path / "docs" / "results.json").read())
+    assert {r["row"] for r in res["runs"]} == {"none", "mask"}
+    assert res["plan"]["rounds"] == R.Plan.quick().rounds  # compare's own --rounds default does not leak in
