@@ -64,7 +64,8 @@ def limits(update: dict[str, torch.Tensor], rel: float = 1e-2) -> dict[str, floa
         bits["H0"] += x.size * entropy(np.unique(q, return_counts=True)[1])
         bits["H|prev"] += x.size * cond_entropy(q, prev)
         bits["H|prev2"] += x.size * cond_entropy(q, np.minimum(prev + magnitude_class(shifted(q, 2)), 8))
-        bits["H|max8"] += x.size * cond_entropy(q, magnitude_class(np.max([np.abs(shifted(q, k)) for k in range(1, 9)], 0)))
+        max8 = np.max([np.abs(shifted(q, k)) for k in range(1, 9)], 0)
+        bits["H|max8"] += x.size * cond_entropy(q, magnitude_class(max8))
         n += x.size
     return {k: 32 * n / (b + raw_bits) for k, b in bits.items()}
 
