@@ -52,8 +52,8 @@ _TABLE: dict[str, dict[str, str]] = {
         "cpp": "fedcompress.codecs.sz.codec:decode_section_cpp",
         "triton": "fedcompress.kernels.sz:decode_section_triton",
     },
-    # FedSynth hypergradient engine (fedcompress/synth/ops.py, kernels/synth.py); no C++: on CPU
-    # these are a few vectorised torch calls on b x C logits or one flat axpy, nothing to win.
+    # FedSynth hypergradient engine (fedcompress/synth/ops.py, kernels/synth.py). No C++ for the
+    # first four: on CPU they are a few vectorised torch calls on b x C logits or one flat axpy.
     "synth_soft_ce": {
         "torch": "fedcompress.synth.ops:soft_ce_ref",
         "triton": "fedcompress.kernels.synth:soft_ce_triton",
@@ -69,6 +69,23 @@ _TABLE: dict[str, dict[str, str]] = {
     "synth_reverse_step": {
         "torch": "fedcompress.synth.ops:reverse_step_ref",
         "triton": "fedcompress.kernels.synth:reverse_step_triton",
+    },
+    # fused small-C_in conv + relu + max-pool (csrc/synth.cpp); CUDA runs the reference
+    "synth_conv_pool": {
+        "torch": "fedcompress.synth.ops:conv_pool_ref",
+        "cpp": "fedcompress.synth.ops:conv_pool_cpp",
+    },
+    "synth_conv_at": {
+        "torch": "fedcompress.synth.ops:conv_at_ref",
+        "cpp": "fedcompress.synth.ops:conv_at_cpp",
+    },
+    "synth_conv_at_bwd": {
+        "torch": "fedcompress.synth.ops:conv_at_bwd_ref",
+        "cpp": "fedcompress.synth.ops:conv_at_bwd_cpp",
+    },
+    "synth_col2im": {
+        "torch": "fedcompress.synth.ops:col2im_ref",
+        "cpp": "fedcompress.synth.ops:col2im_cpp",
     },
 }
 

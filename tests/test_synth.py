@@ -75,6 +75,112 @@ def test_sgd_and_reverse_step(backend, n):
     torch.testing.assert_close(lam3, lam2)
 
 
+# Fused conv + relu + max-pool (ConvReluPool): every backend vs plain float64 torch
+
+_CONV_CASES = [  # N, C, H, W, O, k, pool  (O = 33: a partial vector block in the C++ kernel)
+    (0, 1, 8, 8, 4, 3, 2),
+    (1, 1, 5, 5, 1, 5, 1),
+    (2, 1, 28, 28, 32, 5, 2),
+    (3, 2, 11, 9, 33, 3, 2),
+    (2, 3, 10, 10, 5, 2, 3),
+    (17, 1, 12, 12, 16, 3, 2),
+]
+
+
+def _conv_case(N, C, H, W, O, k, seed=0):
+    g = torch.Generator().manual_seed(seed + N * 7 + C * 131 + O)
+    xs = torch.randn(N, H, W, C, generator=g)
+    return xs, torch.randn(O, C, k, k, generator=g), torch.randn(O, generator=g)
+
+
+def _pool64(xs, w, b, pool):
+    z = F.conv2d(xs.double().permute(0, 3, 1, 2), w.double(), b.double())
+    return z, F.max_pool2d(z, pool, return_indices=True)
+
+
+@pytest.mark.parametrize("case", _CONV_CASES)
+def test_conv_pool(backend, case):
+    backend_or_skip("synth_conv_pool", backend)
+    N, C, H, W, O, k, P = case
+    xs, w, b = _conv_case(N, C, H, W, O, k)
+    out, arg = ops.conv_pool(xs, w, b, P, backend=backend)
+    z, (mx, idx) = _pool64(xs, w, b, P)
+    torch.testing.assert_close(out.double(), torch.relu(mx), rtol=1e-5, atol=1e-5)
+    # arg = window element of the max: picks the same value of z
+    rows = torch.arange(mx.shape[2]).view(1, 1, -1, 1) * P + arg.long() // P
+    cols = torch.arange(mx.shape[3]).view(1, 1, 1, -1) * P + arg.long() % P
+    at = z.flatten(2).gather(2, (rows * z.shape[3] + cols).flatten(2)).view(mx.shape)
+    torch.testing.assert_close(at, mx, rtol=1e-5, atol=1e-5)
+    assert arg.dtype == torch.uint8 and int(arg.max() if arg.numel() else 0) < P * P
+
+
+@pytest.mark.parametrize("case", _CONV_CASES)
+@pytest.mark.parametrize("two", [False, True])
+def test_conv_at_and_bwd(backend, case, two):
+    """conv_at = the conv at the arg positions; conv_at_bwd = its float64 autograd gradients."""
+    backend_or_skip("synth_conv_at_bwd", backend)
+    N, C, H, W, O, k, P = case
+    xs, w, b = _conv_case(N, C, H, W, O, k, seed=1)
+    _, (_, idx) = _pool64(xs, w, b, P)
+    arg = ops.conv_pool_ref(xs, w, b, P)[1]
+    g = torch.Generator().manual_seed(3)
+    gout, gout2 = (torch.randn(arg.shape, generator=g) for _ in range(2))
+    gout[gout < -0.7] = 0  # relu-masked cotangents have zeros
+    w2 = torch.randn(w.shape, generator=g)
+    x64, w64, b64 = (t.double().requires_grad_(True) for t in (xs, w, b))
+    z = ops.conv_at_ref(x64, w64, b64, P, arg)
+    torch.testing.assert_close(ops.conv_at(xs, w, b, P, arg, backend=backend).double(), z, rtol=1e-5, atol=1e-5)
+    no_bias = ops.conv_at(xs, w, None, P, arg, backend=backend).double()
+    torch.testing.assert_close(no_bias, z - b64.view(1, -1, 1, 1), rtol=1e-5, atol=1e-5)
+    dw_r, db_r, dx_r = torch.autograd.grad(z, (w64, b64, x64), gout.double())
+    if two:
+        x2 = xs.double().requires_grad_(True)
+        dx_r = dx_r + torch.autograd.grad(ops.conv_at_ref(x2, w2.double(), None, P, arg), x2, gout2.double())[0]
+    pair = (gout2, w2) if two else (None, None)
+    dw, db, dx = ops.conv_at_bwd(gout, xs, w, P, arg, True, *pair, backend=backend)
+    for got, ref in ((dw, dw_r), (db, db_r), (dx, dx_r)):
+        torch.testing.assert_close(got.double(), ref, rtol=1e-5, atol=1e-4)
+    dw2, db2, none = ops.conv_at_bwd(gout, xs, w, P, arg, False, backend=backend)
+    assert none is None
+    torch.testing.assert_close(dw2, dw)
+
+
+@pytest.mark.parametrize(
+    "n,c,h,w,k,s,p,d",
+    [(2, 32, 12, 12, 5, 1, 0, 1), (3, 4, 9, 7, 3, 2, 1, 1), (1, 5, 11, 11, 3, 1, 2, 2), (0, 2, 6, 6, 3, 1, 0, 1)],
+)
+def test_col2im(backend, n, c, h, w, k, s, p, d):
+    """col2im = the input gradient of conv2d (channels_last im2col columns)."""
+    backend_or_skip("synth_col2im", backend)
+    oh, ow = (h + 2 * p - d * (k - 1) - 1) // s + 1, (w + 2 * p - d * (k - 1) - 1) // s + 1
+    g = torch.Generator().manual_seed(n + c)
+    wt, dz = torch.randn(6, c, k, k, generator=g), torch.randn(n, 6, oh, ow, generator=g)
+    x = torch.zeros(n, c, h, w, dtype=torch.float64, requires_grad=True)
+    (ref,) = torch.autograd.grad(F.conv2d(x, wt.double(), None, s, p, d), x, dz.double())
+    cols = dz.permute(0, 2, 3, 1).reshape(-1, 6) @ wt.permute(0, 2, 3, 1).reshape(6, -1)
+    got = ops.col2im(cols, (n, c, h, w), (k, k), (s, s), (p, p), (d, d), backend=backend)
+    torch.testing.assert_close(got.double(), ref, rtol=1e-5, atol=1e-5)
+
+
+def test_fused_layer_used_for_fedavg_cnn():
+    """The FedAvg CNN's first conv + relu + pool runs as one ConvReluPool; conv2 stays a Conv2d."""
+    models = pytest.importorskip("fedcompress.fedavg.models")
+    plan = fc.synth.chain_plan(models.FedAvgCNN())
+    assert [type(layer).__name__ for layer in plan][:3] == ["ConvReluPool", "Conv2d", "ReluMaxPool2d"]
+
+
+@pytest.mark.parametrize("backend_", ["torch", None])
+def test_engine_backends_match(backend_):
+    """The whole engine (fused conv layer, col2im, low-rank Linear weights) on the torch references
+    and on the automatic choice (C++ for the conv ops when built)."""
+    models = pytest.importorskip("fedcompress.fedavg.models")
+    torch.manual_seed(8)
+    model = models.FedAvgCNN((1, 16, 16), 10)
+    params, sx, sy, rx, ry = _problem(model, (1, 16, 16), 10, m=3, b=2, n=20)
+    ref = fc.synth.hypergradient_ref(model, params, sx, sy, 0.05, rx, ry)
+    _check_equal(fc.synth.hypergradient(model, params, sx, sy, 0.05, rx, ry, backend=backend_), ref)
+
+
 # ---------------------------------------------------------------------------------------------
 # The engine vs the create_graph unroll
 

@@ -62,7 +62,16 @@ def _pair(v) -> tuple[int, int]:
 
 
 class Conv2d:
+    """Two routes. Big (real) batches: mkldnn, channels_last. Small (synthetic, b-image) batches:
+    im2col + GEMM, because mkldnn re-lays out the weight on every call and is slow at that size
+    (conv 32->64 5x5 on 2 images, one core: forward 0.22 ms vs 0.03 ms im2col + 0.14 ms GEMM; weight
+    + input gradient 0.63 ms vs 0.12 ms GEMM + 0.11 ms GEMM and C++ col2im). The columns are ordered
+    (kh, kw, c) like the channels_last weight in the flat buffer, so the weight is a [O, kh*kw*C]
+    matrix view and the GEMM output [N*OH*OW, O] is the channels_last activation; the columns of a
+    synthetic input are kept for the reverse pass (410 KB per step for the FedAvg CNN's conv2)."""
+
     has_params = True
+    backend: str | None = None  # set per call by the engine (col2im is an op)
 
     def __init__(self, mod: nn.Conv2d, prefix: str):
         if mod.groups != 1 or mod.padding_mode != "zeros" or isinstance(mod.padding, str):
@@ -70,93 +79,162 @@ class Conv2d:
         self.w = prefix + "weight"
         self.b = prefix + "bias" if mod.bias is not None else None
         self.stride, self.padding, self.dilation = _pair(mod.stride), _pair(mod.padding), _pair(mod.dilation)
+        self.k = _pair(mod.kernel_size)
+        self.in_channels = mod.in_channels
         self.bias_sizes = [mod.out_channels] if self.b else None
         self.dense = [n for n in (self.w, self.b) if n]
         self.lowrank: list[str] = []
 
-    # A channels_last weight makes mkldnn return channels_last activations (an input with C=1 is
-    # ambiguous), which the max-pool after it needs to be fast on big batches; small (synthetic)
-    # batches stay NCHW, where the per-call reorders would cost more than they save.
-    @staticmethod
-    def _fmt(a, w):
-        cl = a.shape[0] >= _CL_MIN_BATCH or (a.is_contiguous(memory_format=_CL) and not a.is_contiguous())
-        return w.contiguous(memory_format=_CL) if cl else w
-
+    # --- big batches: mkldnn. A channels_last weight makes it return channels_last activations (an
+    # input with C=1 is ambiguous), which the max-pool after it needs to be fast.
     def _conv(self, a, w, b):
-        z = F.conv2d(a, self._fmt(a, w), b, self.stride, self.padding, self.dilation)
-        # with C_in = 1 mkldnn still answers NCHW; the pool after it is 5x slower on that
-        return z.contiguous(memory_format=_CL) if a.shape[0] >= _CL_MIN_BATCH else z
+        z = F.conv2d(a, w.contiguous(memory_format=_CL), b, self.stride, self.padding, self.dilation)
+        return z.contiguous(memory_format=_CL)  # with C_in = 1 mkldnn still answers NCHW
 
     def _bwd(self, d, a, w, mask):
-        return _conv_bwd(
-            d,
-            a,
-            self._fmt(a, w),
-            self.bias_sizes if mask[2] else None,
-            self.stride,
-            self.padding,
-            self.dilation,
-            False,
-            [0, 0],
-            1,
-            list(mask),
-        )
+        w = w.contiguous(memory_format=_CL)
+        bias = self.bias_sizes if mask[2] else None
+        return _conv_bwd(d, a, w, bias, self.stride, self.padding, self.dilation, False, [0, 0], 1, list(mask))
 
-    def _input_grad(self, d, a, w):
-        """W^T d (the conv's input gradient) for a small batch, by the cheapest route measured:
-        with 1-4 input channels im2col-transpose + fold (0.12 ms vs 0.42 ms for aten's
-        convolution_backward, conv 1->32 5x5 on 2 images, one core), else conv_transpose2d
-        (0.17 ms vs 0.24 ms, conv 32->64)."""
-        H, W = a.shape[2:]
-        if a.shape[1] <= 4:
-            cols = w.reshape(w.shape[0], -1).t() @ d.flatten(2)
-            return F.fold(cols, (H, W), w.shape[2:], self.dilation, self.padding, self.stride)
-        k = w.shape[2:]
-        outpad = [
-            (H, W)[i]
-            - (
-                (d.shape[2 + i] - 1) * self.stride[i]
-                - 2 * self.padding[i]
-                + self.dilation[i] * (k[i] - 1)
-                + 1
-            )
-            for i in range(2)
-        ]
-        return F.conv_transpose2d(d, w, None, self.stride, self.padding, outpad, 1, self.dilation)
+    # --- small batches: im2col + GEMM
+    def _im2col(self, a):
+        a = a.permute(0, 2, 3, 1)
+        ph, pw = self.padding
+        if ph or pw:
+            a = F.pad(a, (0, 0, pw, pw, ph, ph))
+        a = a.contiguous()
+        n, h, w, c = a.shape
+        (kh, kw), (sh, sw), (dh, dw) = self.k, self.stride, self.dilation
+        oh, ow = (h - dh * (kh - 1) - 1) // sh + 1, (w - dw * (kw - 1) - 1) // sw + 1
+        if oh < 1 or ow < 1:  # what F.conv2d would raise (the engine turns it into a ValueError)
+            raise RuntimeError(f"conv input {tuple(a.shape)} (NHWC, padded) smaller than the kernel")
+        s = a.stride()
+        cols = a.as_strided((n, oh, ow, kh, kw, c), (s[0], s[1] * sh, s[2] * sw, s[1] * dh, s[2] * dw, s[3]))
+        return cols.reshape(n * oh * ow, kh * kw * c), (n, oh, ow)
+
+    @staticmethod
+    def _wmat(w):
+        return w.permute(0, 2, 3, 1).reshape(w.shape[0], -1)  # a view for the flat buffer's layout
+
+    @staticmethod
+    def _rows(d):
+        return d.permute(0, 2, 3, 1).reshape(-1, d.shape[1])  # [N*OH*OW, O]; a view if channels_last
+
+    @staticmethod
+    def _gemm(cols, w, b):
+        w = Conv2d._wmat(w).t()
+        return torch.addmm(b, cols, w) if b is not None else cols @ w
+
+    def _col2im(self, dcols, a):
+        return ops.col2im(dcols, a.shape, self.k, self.stride, self.padding, self.dilation, self.backend)
+
+    @staticmethod
+    def _wgrad(g2, w):
+        o, c, kh, kw = w.shape
+        return g2.view(o, kh, kw, c).permute(0, 3, 1, 2)
 
     def forward(self, a, P):
-        return self._conv(a, P[self.w], P[self.b] if self.b else None), a
+        b = P[self.b] if self.b else None
+        if a.shape[0] >= _CL_MIN_BATCH:
+            return self._conv(a, P[self.w], b), (a, None, None)
+        cols, (n, oh, ow) = self._im2col(a)
+        z = self._gemm(cols, P[self.w], b).view(n, oh, ow, -1).permute(0, 3, 1, 2)
+        return z, (a, cols, (n, oh, ow))
 
-    def backward(self, d, a, P, need_input, sink):
-        gi, gw, gb = self._bwd(d, a, P[self.w], (need_input, True, self.b is not None))
+    def backward(self, d, saved, P, need_input, sink):
+        a, cols, _ = saved
+        if cols is None:
+            gi, gw, gb = self._bwd(d, a, P[self.w], (need_input, True, self.b is not None))
+        else:
+            rows = self._rows(d)
+            gw, gb = self._wgrad(rows.t() @ cols, P[self.w]), rows.sum(0) if self.b else None
+            gi = self._col2im(rows @ self._wmat(P[self.w]), a) if need_input else None
         sink.dense(self.w, gw)
         if self.b:
             sink.dense(self.b, gb)
         return gi
 
-    def tangent_forward(self, adot, a, P, L):
-        zd = self._conv(a, L[self.w], L[self.b] if self.b else None)
+    def tangent_forward(self, adot, saved, P, L):
+        a, cols, shape = saved
+        lb = L[self.b] if self.b else None
+        if cols is None:
+            zd = self._conv(a, L[self.w], lb)
+            return zd if adot is None else zd + self._conv(adot, P[self.w], None)
+        z2 = self._gemm(cols, L[self.w], lb)
         if adot is not None:
-            zd = zd + self._conv(adot, P[self.w], None)
-        return zd
+            z2.addmm_(self._im2col(adot)[0], self._wmat(P[self.w]).t())
+        return z2.view(*shape, -1).permute(0, 3, 1, 2)
 
-    def tangent_backward(self, dd, d, a, adot, P, L, need_input, sink):
-        _, hw, hb = self._bwd(dd, a, P[self.w], (False, True, self.b is not None))
-        if adot is not None:
-            hw = hw + self._bwd(d, adot, L[self.w], (False, True, False))[1]
-        gi = None
-        if need_input:
-            if a.shape[0] >= _CL_MIN_BATCH:
-                gi = (
-                    self._bwd(dd, a, P[self.w], (True, False, False))[0]
-                    + self._bwd(d, a, L[self.w], (True, False, False))[0]
-                )
-            else:
-                gi = self._input_grad(dd, a, P[self.w]) + self._input_grad(d, a, L[self.w])
+    def tangent_backward(self, dd, d, saved, adot, P, L, need_input, sink):
+        # H lam = ddot (x) a + delta (x) adot;  input part: W^T ddot + lam^T delta
+        a, cols, _ = saved
+        if cols is None:
+            _, hw, hb = self._bwd(dd, a, P[self.w], (False, True, self.b is not None))
+            if adot is not None:
+                hw = hw + self._bwd(d, adot, L[self.w], (False, True, False))[1]
+            gi = None
+            if need_input:
+                gi = self._bwd(dd, a, P[self.w], (True, False, False))[0]
+                gi = gi + self._bwd(d, a, L[self.w], (True, False, False))[0]
+        else:
+            rdd, rd = self._rows(dd), self._rows(d)
+            hw = rdd.t() @ cols
+            if adot is not None:
+                hw.addmm_(rd.t(), self._im2col(adot)[0])
+            hw, hb = self._wgrad(hw, P[self.w]), rdd.sum(0) if self.b else None
+            gi = None
+            if need_input:  # one GEMM pair + col2im
+                gi = self._col2im(torch.addmm(rdd @ self._wmat(P[self.w]), rd, self._wmat(L[self.w])), a)
         sink.dense(self.w, hw)
         if self.b:
             sink.dense(self.b, hb)
         return gi
+
+
+class LowRank:
+    """A Linear weight as ``base + sum_r D[r]^T A[r]`` over the first ``k`` rows of two factor
+    buffers (D pre-scaled), never materialised: an SGD step on b samples changes the weight by
+    ``-lr delta^T a`` (rank b) and a reverse step changes its cotangent by rank 2b, so
+    ``x @ W_j^T = x @ W_0^T + (x @ A^T) @ D`` costs one pass over W_0 (read only, the caller's
+    tensor) plus a few [b, k] products. Against updating W (and its cotangent) in place this saves
+    a read+write pass of the 2 MB fc1 matrix per forward step and two per reverse step, and
+    "rebuilding" w_j in the reverse pass is dropping rows (exact, no re-added rounding)."""
+
+    def __init__(self, base: Tensor, rows: int):
+        self.base, self.k = base, 0
+        self.D = base.new_empty((rows, base.shape[0]))
+        self.A = base.new_empty((rows, base.shape[1]))
+
+    def append(self, d: Tensor, a: Tensor, alpha: float) -> None:
+        """M += alpha d^T a"""
+        n = d.shape[0]
+        torch.mul(d, alpha, out=self.D[self.k : self.k + n])
+        self.A[self.k : self.k + n].copy_(a)
+        self.k += n
+
+    def pop(self, n: int) -> None:
+        self.k -= n
+
+    def linear(self, x: Tensor, bias: Tensor | None = None) -> Tensor:
+        """x @ M^T (+ bias)"""
+        y = F.linear(x, self.base, bias)
+        return y.addmm_(x @ self.A[: self.k].t(), self.D[: self.k]) if self.k else y
+
+    def rmm(self, x: Tensor) -> Tensor:
+        """x @ M"""
+        y = x @ self.base
+        return y.addmm_(x @ self.D[: self.k].t(), self.A[: self.k]) if self.k else y
+
+    def dense(self) -> Tensor:
+        return torch.addmm(self.base, self.D[: self.k].t(), self.A[: self.k]) if self.k else self.base.clone()
+
+
+def _linear(x, w, bias=None):
+    return w.linear(x, bias) if isinstance(w, LowRank) else F.linear(x, w, bias)
+
+
+def _rmm(x, w):
+    return w.rmm(x) if isinstance(w, LowRank) else x @ w
 
 
 class Linear:
@@ -171,23 +249,23 @@ class Linear:
     def forward(self, a, P):
         if a.dim() != 2:
             raise Unsupported("Linear on a non-2-d input")
-        return F.linear(a, P[self.w], P[self.b] if self.b else None), a
+        return _linear(a, P[self.w], P[self.b] if self.b else None), a
 
     def backward(self, d, a, P, need_input, sink):
-        gi = d @ P[self.w] if need_input else None
+        gi = _rmm(d, P[self.w]) if need_input else None
         sink.lowrank(self.w, d, a)
         if self.b:
             sink.dense(self.b, d.sum(0))
         return gi
 
     def tangent_forward(self, adot, a, P, L):
-        zd = F.linear(a, L[self.w], L[self.b] if self.b else None)
+        zd = _linear(a, L[self.w], L[self.b] if self.b else None)
         if adot is not None:
-            zd = zd + adot @ P[self.w].t()
+            zd = zd + _linear(adot, P[self.w])
         return zd
 
     def tangent_backward(self, dd, d, a, adot, P, L, need_input, sink):
-        gi = torch.addmm(dd @ P[self.w], d, L[self.w]) if need_input else None  # before L[w] changes
+        gi = _rmm(dd, P[self.w]).add_(_rmm(d, L[self.w])) if need_input else None  # before L[w] changes
         if adot is None:
             sink.lowrank_hv(self.w, dd, a)
         else:
@@ -274,6 +352,99 @@ class ReluMaxPool2d(MaxPool2d):
         return _threshold_bwd(super().tangent_forward(adot, saved, P, L), saved[2], 0)
 
 
+class ConvReluPool:
+    """Conv2d (stride 1, few input channels) + ReLU + non-overlapping MaxPool2d as one layer, on the
+    fused ops ``synth_conv_pool`` / ``synth_conv_at`` / ``synth_conv_at_bwd`` (ops.py; C++ kernel in
+    csrc/synth.cpp). The pre-pool map is never stored: the forward keeps the pooled output and, per
+    output, which window element was the max; with that fixed the layer is linear in (x, W, b)
+    (``conv_at``) times the relu mask, so the backward, tangent forward and tangent backward are
+    ``conv_at`` and its gradients. For the FedAvg CNN's first layer (1 -> 32, 5x5, pool 2) on 64
+    real images: 2.2 ms forward + 3.2 ms backward vs ~22 ms for conv, pool and their backward
+    unfused (one core; the unfused path materialises, zero-fills and scatters [64, 32, 24, 24])."""
+
+    has_params = True
+    lowrank: list[str] = []
+    backend: str | None = None  # set per call by the engine
+
+    def __init__(self, conv: Conv2d, pool: MaxPool2d):
+        self.conv, self.pool = conv, pool.k[0]
+        self.w, self.b, self.dense = conv.w, conv.b, conv.dense
+
+    @staticmethod
+    def fits(conv, pool) -> bool:
+        # few input channels only: with C_in * kh * kw in the hundreds (conv2: 800) mkldnn/GEMM win
+        return (
+            conv.stride == (1, 1)
+            and conv.dilation == (1, 1)
+            and pool.k[0] == pool.k[1] == pool.s[0] == pool.s[1]
+            and 1 <= pool.k[0] <= 15
+            and pool.p == (0, 0)
+            and pool.d == (1, 1)
+            and not pool.ceil
+            and conv.in_channels * conv.k[0] * conv.k[1] <= 64
+        )
+
+    def _prepare(self, a):
+        kh, kw = self.conv.k
+        ph, pw = self.conv.padding
+        if (
+            a.dim() != 4
+            or a.shape[1] != self.conv.in_channels
+            or (a.shape[2] + 2 * ph - kh + 1) // self.pool < 1
+            or (a.shape[3] + 2 * pw - kw + 1) // self.pool < 1
+        ):  # what F.conv2d / F.max_pool2d would raise (the engine turns it into a ValueError)
+            raise RuntimeError(
+                f"input of shape {tuple(a.shape)} does not fit conv {self.conv.in_channels}->? "
+                f"{kh}x{kw} padding {self.conv.padding} + max-pool {self.pool}"
+            )
+        xs = a.permute(0, 2, 3, 1)
+        ph, pw = self.conv.padding
+        if ph or pw:
+            xs = F.pad(xs, (0, 0, pw, pw, ph, ph))
+        return xs.contiguous()
+
+    def _crop(self, dxs, a):
+        ph, pw = self.conv.padding
+        return dxs[:, ph : ph + a.shape[2], pw : pw + a.shape[3]].permute(0, 3, 1, 2)
+
+    def forward(self, a, P):
+        xs = self._prepare(a)
+        b = P[self.b] if self.b else None
+        out, arg = ops.conv_pool(xs, P[self.w], b, self.pool, self.backend)
+        return out, (a, xs, out, arg)
+
+    def backward(self, d, saved, P, need_input, sink):
+        a, xs, out, arg = saved
+        g = _threshold_bwd(d, out, 0)
+        gw, gb, gi = ops.conv_at_bwd(g, xs, P[self.w], self.pool, arg, need_input, backend=self.backend)
+        sink.dense(self.w, gw)
+        if self.b:
+            sink.dense(self.b, gb)
+        return self._crop(gi, a) if need_input else None
+
+    def tangent_forward(self, adot, saved, P, L):
+        a, xs, out, arg = saved
+        zd = ops.conv_at(xs, L[self.w], L[self.b] if self.b else None, self.pool, arg, self.backend)
+        if adot is not None:
+            zd = zd + ops.conv_at(self._prepare(adot), P[self.w], None, self.pool, arg, self.backend)
+        return _threshold_bwd(zd, out, 0)
+
+    def tangent_backward(self, dd, d, saved, adot, P, L, need_input, sink):
+        a, xs, out, arg = saved
+        # H lam = ddot (x) a + delta (x) adot;  input part: W^T ddot + lam^T delta (one call)
+        gdd, gd = _threshold_bwd(dd, out, 0), _threshold_bwd(d, out, 0)
+        hw, hb, gi = ops.conv_at_bwd(
+            gdd, xs, P[self.w], self.pool, arg, need_input, gd if need_input else None, L[self.w], self.backend
+        )
+        if adot is not None:
+            xd = self._prepare(adot)
+            hw = hw + ops.conv_at_bwd(gd, xd, L[self.w], self.pool, arg, False, backend=self.backend)[0]
+        sink.dense(self.w, hw)
+        if self.b:
+            sink.dense(self.b, hb)
+        return self._crop(gi, a) if need_input else None
+
+
 def _fuse(layers: list) -> list:
     out: list = []
     for layer in layers:
@@ -283,7 +454,14 @@ def _fuse(layers: list) -> list:
             out[-1] = fused
         else:
             out.append(layer)
-    return out
+    fused: list = []
+    for layer in out:  # conv (few input channels) + relu-pool -> ConvReluPool
+        prev = fused[-1] if fused else None
+        if type(layer) is ReluMaxPool2d and type(prev) is Conv2d and ConvReluPool.fits(prev, layer):
+            fused[-1] = ConvReluPool(fused[-1], layer)
+        else:
+            fused.append(layer)
+    return fused
 
 
 class Flatten:
@@ -491,11 +669,11 @@ class _RealSink:
         self.L[name].add_(g)
 
     def lowrank(self, name, d, a):
-        self.L[name].addmm_(d.t(), a)
+        self.L[name].base.addmm_(d.t(), a)
 
 
 class _HvSink:
-    """Reverse step: dense H lam into a flat buffer; Linear weights' cotangent updated in place."""
+    """Reverse step: dense H lam into a flat buffer; Linear weights' cotangent gets rank-2b factors."""
 
     def __init__(self, views, L, lr):
         self.views, self.L, self.lr = views, L, lr
@@ -504,7 +682,7 @@ class _HvSink:
         self.views[name].copy_(h)
 
     def lowrank_hv(self, name, left, right):
-        self.L[name].addmm_(left.t(), right, alpha=-self.lr)
+        self.L[name].append(left, right, -self.lr)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -547,14 +725,17 @@ def check_logits(z: Tensor, y: Tensor) -> None:
 def unroll_chain(layers, params: dict[str, Tensor], syn_x, syn_y, lr, keep: bool, backend=None):
     """m SGD steps from ``params``; returns (layout, P, wd, history). Weights updated in place."""
     m, b = syn_x.shape[:2]
+    for layer in layers:  # the fused layers call ops themselves (the plan is cached per model);
+        if hasattr(layer, "backend"):  # their ops have no Triton kernel: automatic choice then
+            layer.backend = None if backend == "triton" else backend
     lay = Layout(layers, params)
     dt, dev = syn_x.dtype, syn_x.device
     wd = torch.empty(lay.numel, dtype=dt, device=dev)
     P = lay.views(wd)
     for n in lay.dense:
         P[n].copy_(params[n])
-    for n in lay.lowrank:
-        P[n] = params[n].detach().to(dtype=dt, device=dev, copy=True).contiguous()
+    for n in lay.lowrank:  # read only: the steps add factors (LowRank)
+        P[n] = LowRank(params[n].detach().to(dtype=dt, device=dev).contiguous(), m * b)
     g_hist = torch.empty((m if keep else 1, lay.numel), dtype=dt, device=dev)
     caches = []
     scale = 1.0 / b
@@ -569,9 +750,12 @@ def unroll_chain(layers, params: dict[str, Tensor], syn_x, syn_y, lr, keep: bool
         deltas = _backward(layers, P, saved, delta, sink, need_input0=False)
         ops.sgd_step(wd, row, lr, backend=backend)
         for name, d, a in sink.factors:
-            P[name].addmm_(d.t(), a, alpha=-lr)
+            P[name].append(d, a, -lr)
         if keep:
             caches.append((saved, deltas, p, sink.factors))
+    if not keep:  # the caller wants w_m itself
+        for n in lay.lowrank:
+            P[n] = P[n].dense()
     return lay, P, wd, (g_hist, caches)
 
 
@@ -585,18 +769,20 @@ def hypergradient_chain(layers, params, syn_x, syn_y, lr, real_x, real_y, real_c
     lam_d = torch.zeros(lay.numel, dtype=dt, device=dev)
     L = lay.views(lam_d)
     for n in lay.lowrank:
-        L[n] = torch.zeros_like(P[n])
+        L[n] = LowRank(torch.zeros(P[n].base.shape, dtype=dt, device=dev), 2 * m * b)
     n_real = real_x.shape[0]
     sink = _RealSink(L)
+    P_m = {**P, **{n: P[n].dense() for n in lay.lowrank}}  # the real batch's big GEMMs want W_m
     loss = torch.zeros((), dtype=dt, device=dev)
     for i in range(0, n_real, real_chunk):
         xr = real_x[i : i + real_chunk]
         yr = F.one_hot(real_y[i : i + real_chunk], C).to(dt)
-        z, saved = _forward(layers, P, xr)
+        z, saved = _forward(layers, P_m, xr)
         lc, _, delta = ops.soft_ce(z, yr, 1.0 / n_real, backend=backend)
         loss += lc
-        _backward(layers, P, saved, delta, sink, need_input0=False)
+        _backward(layers, P_m, saved, delta, sink, need_input0=False)
         del saved, z, delta
+    del P_m
 
     # reverse pass
     gx = torch.empty_like(syn_x)
@@ -605,8 +791,8 @@ def hypergradient_chain(layers, params, syn_x, syn_y, lr, real_x, real_y, real_c
     hsink = _HvSink(lay.views(hv), L, lr)
     # rebuild w_{m-1}
     ops.sgd_step(wd, g_hist[m - 1], -lr, backend=backend)
-    for name, d, a in caches[m - 1][3]:
-        P[name].addmm_(d.t(), a, alpha=lr)
+    for name, d, _ in caches[m - 1][3]:
+        P[name].pop(d.shape[0])
     scale = 1.0 / b
     for j in range(m - 1, -1, -1):
         saved, deltas, p, _ = caches[j]
@@ -624,6 +810,6 @@ def hypergradient_chain(layers, params, syn_x, syn_y, lr, real_x, real_y, real_c
         caches[j] = None
         ops.reverse_step(wd, g_hist[j - 1] if j else None, lam_d, hv, lr, backend=backend)
         if j:
-            for name, d, a in caches[j - 1][3]:
-                P[name].addmm_(d.t(), a, alpha=lr)
+            for name, d, _ in caches[j - 1][3]:
+                P[name].pop(d.shape[0])
     return loss, gx, gy
