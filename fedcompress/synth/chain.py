@@ -71,7 +71,7 @@ class Conv2d:
     synthetic input are kept for the reverse pass (410 KB per step for the FedAvg CNN's conv2)."""
 
     has_params = True
-    backend: str | None = None  # set per call by the engine (col2im is an op)
+    kernels: ops.Bound | None = None  # set per call by the engine (col2im is an op)
 
     def __init__(self, mod: nn.Conv2d, prefix: str):
         if mod.groups != 1 or mod.padding_mode != "zeros" or isinstance(mod.padding, str):
@@ -126,7 +126,7 @@ class Conv2d:
         return torch.addmm(b, cols, w) if b is not None else cols @ w
 
     def _col2im(self, dcols, a):
-        return ops.col2im(dcols, a.shape, self.k, self.stride, self.padding, self.dilation, self.backend)
+        return self.kernels.col2im(dcols, a.shape, self.k, self.stride, self.padding, self.dilation)
 
     @staticmethod
     def _wgrad(g2, w):
@@ -364,7 +364,7 @@ class ConvReluPool:
 
     has_params = True
     lowrank: list[str] = []
-    backend: str | None = None  # set per call by the engine
+    kernels: ops.Bound | None = None  # set per call by the engine
 
     def __init__(self, conv: Conv2d, pool: MaxPool2d):
         self.conv, self.pool = conv, pool.k[0]
@@ -410,13 +410,13 @@ class ConvReluPool:
     def forward(self, a, P):
         xs = self._prepare(a)
         b = P[self.b] if self.b else None
-        out, arg = ops.conv_pool(xs, P[self.w], b, self.pool, self.backend)
+        out, arg = self.kernels.conv_pool(xs, P[self.w], b, self.pool)
         return out, (a, xs, out, arg)
 
     def backward(self, d, saved, P, need_input, sink):
         a, xs, out, arg = saved
         g = _threshold_bwd(d, out, 0)
-        gw, gb, gi = ops.conv_at_bwd(g, xs, P[self.w], self.pool, arg, need_input, backend=self.backend)
+        gw, gb, gi = self.kernels.conv_at_bwd(g, xs, P[self.w], self.pool, arg, need_input)
         sink.dense(self.w, gw)
         if self.b:
             sink.dense(self.b, gb)
@@ -424,21 +424,21 @@ class ConvReluPool:
 
     def tangent_forward(self, adot, saved, P, L):
         a, xs, out, arg = saved
-        zd = ops.conv_at(xs, L[self.w], L[self.b] if self.b else None, self.pool, arg, self.backend)
+        zd = self.kernels.conv_at(xs, L[self.w], L[self.b] if self.b else None, self.pool, arg)
         if adot is not None:
-            zd = zd + ops.conv_at(self._prepare(adot), P[self.w], None, self.pool, arg, self.backend)
+            zd = zd + self.kernels.conv_at(self._prepare(adot), P[self.w], None, self.pool, arg)
         return _threshold_bwd(zd, out, 0)
 
     def tangent_backward(self, dd, d, saved, adot, P, L, need_input, sink):
         a, xs, out, arg = saved
         # H lam = ddot (x) a + delta (x) adot;  input part: W^T ddot + lam^T delta (one call)
         gdd, gd = _threshold_bwd(dd, out, 0), _threshold_bwd(d, out, 0)
-        hw, hb, gi = ops.conv_at_bwd(
-            gdd, xs, P[self.w], self.pool, arg, need_input, gd if need_input else None, L[self.w], self.backend
+        hw, hb, gi = self.kernels.conv_at_bwd(
+            gdd, xs, P[self.w], self.pool, arg, need_input, gd if need_input else None, L[self.w]
         )
         if adot is not None:
             xd = self._prepare(adot)
-            hw = hw + ops.conv_at_bwd(gd, xd, L[self.w], self.pool, arg, False, backend=self.backend)[0]
+            hw = hw + self.kernels.conv_at_bwd(gd, xd, L[self.w], self.pool, arg, False)[0]
         sink.dense(self.w, hw)
         if self.b:
             sink.dense(self.b, hb)
@@ -725,9 +725,10 @@ def check_logits(z: Tensor, y: Tensor) -> None:
 def unroll_chain(layers, params: dict[str, Tensor], syn_x, syn_y, lr, keep: bool, backend=None):
     """m SGD steps from ``params``; returns (layout, P, wd, history). Weights updated in place."""
     m, b = syn_x.shape[:2]
-    for layer in layers:  # the fused layers call ops themselves (the plan is cached per model);
-        if hasattr(layer, "backend"):  # their ops have no Triton kernel: automatic choice then
-            layer.backend = None if backend == "triton" else backend
+    K = ops.Bound(syn_x.device, backend)
+    for layer in layers:  # conv layers call ops themselves (the plan is cached per model)
+        if hasattr(layer, "kernels"):
+            layer.kernels = K
     lay = Layout(layers, params)
     dt, dev = syn_x.dtype, syn_x.device
     wd = torch.empty(lay.numel, dtype=dt, device=dev)
@@ -744,11 +745,11 @@ def unroll_chain(layers, params: dict[str, Tensor], syn_x, syn_y, lr, keep: bool
         z, saved = _forward(layers, P, x)
         if j == 0:
             check_logits(z, y)
-        _, p, delta = ops.soft_ce(z, y, scale, backend=backend)
+        _, p, delta = K.soft_ce(z, y, scale)
         row = g_hist[j if keep else 0]
         sink = _StepSink(lay.views(row))
         deltas = _backward(layers, P, saved, delta, sink, need_input0=False)
-        ops.sgd_step(wd, row, lr, backend=backend)
+        K.sgd_step(wd, row, lr)
         for name, d, a in sink.factors:
             P[name].append(d, a, -lr)
         if keep:
@@ -756,12 +757,12 @@ def unroll_chain(layers, params: dict[str, Tensor], syn_x, syn_y, lr, keep: bool
     if not keep:  # the caller wants w_m itself
         for n in lay.lowrank:
             P[n] = P[n].dense()
-    return lay, P, wd, (g_hist, caches)
+    return lay, P, wd, (g_hist, caches, K)
 
 
 def hypergradient_chain(layers, params, syn_x, syn_y, lr, real_x, real_y, real_chunk=64, backend=None):
     m, b = syn_x.shape[:2]
-    lay, P, wd, (g_hist, caches) = unroll_chain(layers, params, syn_x, syn_y, lr, keep=True, backend=backend)
+    lay, P, wd, (g_hist, caches, K) = unroll_chain(layers, params, syn_x, syn_y, lr, keep=True, backend=backend)
     dt, dev = syn_x.dtype, syn_x.device
     C = syn_y.shape[-1]
 
@@ -778,7 +779,7 @@ def hypergradient_chain(layers, params, syn_x, syn_y, lr, real_x, real_y, real_c
         xr = real_x[i : i + real_chunk]
         yr = F.one_hot(real_y[i : i + real_chunk], C).to(dt)
         z, saved = _forward(layers, P_m, xr)
-        lc, _, delta = ops.soft_ce(z, yr, 1.0 / n_real, backend=backend)
+        lc, _, delta = K.soft_ce(z, yr, 1.0 / n_real)
         loss += lc
         _backward(layers, P_m, saved, delta, sink, need_input0=False)
         del saved, z, delta
@@ -790,7 +791,7 @@ def hypergradient_chain(layers, params, syn_x, syn_y, lr, real_x, real_y, real_c
     hv = torch.empty(lay.numel, dtype=dt, device=dev)
     hsink = _HvSink(lay.views(hv), L, lr)
     # rebuild w_{m-1}
-    ops.sgd_step(wd, g_hist[m - 1], -lr, backend=backend)
+    K.sgd_step(wd, g_hist[m - 1], -lr)
     for name, d, _ in caches[m - 1][3]:
         P[name].pop(d.shape[0])
     scale = 1.0 / b
@@ -802,13 +803,13 @@ def hypergradient_chain(layers, params, syn_x, syn_y, lr, real_x, real_y, real_c
         for i, layer in enumerate(layers):
             adots.append(ad)
             ad = layer.tangent_forward(ad, saved[i], P, L)
-        dd, gyd = ops.soft_ce_jvp(p, syn_y[j], ad, scale, backend=backend)
+        dd, gyd = K.soft_ce_jvp(p, syn_y[j], ad, scale)
         for i in range(len(layers) - 1, -1, -1):
             dd = layers[i].tangent_backward(dd, deltas.get(i), saved[i], adots[i], P, L, True, hsink)
         torch.mul(dd, -lr, out=gx[j])
         torch.mul(gyd, -lr, out=gy[j])
         caches[j] = None
-        ops.reverse_step(wd, g_hist[j - 1] if j else None, lam_d, hv, lr, backend=backend)
+        K.reverse_step(wd, g_hist[j - 1] if j else None, lam_d, hv, lr)
         if j:
             for name, d, _ in caches[j - 1][3]:
                 P[name].pop(d.shape[0])
