@@ -77,6 +77,10 @@ static void col2im(const float* cols, int64_t N, int64_t H, int64_t W, int64_t C
                    int64_t OW, const int64_t* st, const int64_t* pad, const int64_t* dil, float* dx, int threads) {
   (use_avx512() ? avx512::col2im : baseline::col2im)(cols, N, H, W, C, kh, kw, OH, OW, st, pad, dil, dx, threads);
 }
+static void im2col(const float* x, int64_t N, int64_t H, int64_t W, int64_t C, int64_t kh, int64_t kw, int64_t OH,
+                   int64_t OW, const int64_t* st, const int64_t* dil, float* cols, int threads) {
+  (use_avx512() ? avx512::im2col : baseline::im2col)(x, N, H, W, C, kh, kw, OH, OW, st, dil, cols, threads);
+}
 
 // ---- bindings: argument checks name the argument -------------------------------------------
 // Python passes x [N, Hp, Wp, C] (padded), the weight w [O, kh, kw, C] (the channels_last layout of
@@ -218,5 +222,23 @@ FC_BIND([](py::module_& m) {
            std::max(threads, 1));
   }, py::arg("cols"), py::arg("kh"), py::arg("kw"), py::arg("stride"), py::arg("padding"), py::arg("dilation"),
      py::arg("dx").noconvert(), py::arg("threads"), "channels_last col2im (overwrites dx)");
+  m.def("synth_im2col", [](const F32& x, int64_t kh, int64_t kw, std::array<int64_t, 2> stride,
+                            std::array<int64_t, 2> dilation, F32 cols, int threads) {
+    if (x.ndim() != 4) throw py::value_error("x must be [N, H, W, C] (zero-padded)");
+    const int64_t N = x.shape(0), H = x.shape(1), W = x.shape(2), C = x.shape(3);
+    for (int i = 0; i < 2; ++i)
+      if (stride[i] < 1 || dilation[i] < 1) throw py::value_error("bad stride/dilation");
+    if (kh < 1 || kw < 1) throw py::value_error("kernel size must be >= 1");
+    const int64_t OH = (H - dilation[0] * (kh - 1) - 1) / stride[0] + 1;
+    const int64_t OW = (W - dilation[1] * (kw - 1) - 1) / stride[1] + 1;
+    if (H - dilation[0] * (kh - 1) - 1 < 0 || W - dilation[1] * (kw - 1) - 1 < 0)
+      throw py::value_error("x is smaller than the kernel");
+    if (cols.ndim() != 2 || cols.shape(0) != N * OH * OW || cols.shape(1) != kh * kw * C)
+      throw py::value_error("cols must be [N*OH*OW, kh*kw*C] for x's shape");
+    float* c = cols.mutable_data();
+    py::gil_scoped_release nogil;
+    im2col(x.data(), N, H, W, C, kh, kw, OH, OW, stride.data(), dilation.data(), c, std::max(threads, 1));
+  }, py::arg("x"), py::arg("kh"), py::arg("kw"), py::arg("stride"), py::arg("dilation"), py::arg("cols").noconvert(),
+     py::arg("threads"), "channels_last im2col of a zero-padded x (overwrites cols)");
 });
 }  // namespace fc

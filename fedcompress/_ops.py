@@ -87,6 +87,10 @@ _TABLE: dict[str, dict[str, str]] = {
         "torch": "fedcompress.synth.ops:col2im_ref",
         "cpp": "fedcompress.synth.ops:col2im_cpp",
     },
+    "synth_im2col": {
+        "torch": "fedcompress.synth.ops:im2col_ref",
+        "cpp": "fedcompress.synth.ops:im2col_cpp",
+    },
 }
 
 

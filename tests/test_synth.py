@@ -162,6 +162,19 @@ def test_col2im(backend, n, c, h, w, k, s, p, d):
     torch.testing.assert_close(got.double(), ref, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize(
+    "n,c,h,w,k,s,d", [(2, 32, 12, 12, 5, 1, 1), (3, 4, 9, 7, 3, 2, 1), (1, 5, 11, 11, 3, 1, 2), (0, 2, 6, 6, 3, 1, 1)]
+)
+def test_im2col(backend, n, c, h, w, k, s, d):
+    """Channels_last columns = F.unfold's, reordered to (kh, kw, c): exactly (a copy)."""
+    backend_or_skip("synth_im2col", backend)
+    x = torch.randn(n, c, h, w, generator=torch.Generator().manual_seed(n + c + 1))
+    cols = ops.im2col(x.permute(0, 2, 3, 1).contiguous(), (k, k), (s, s), (d, d), backend=backend)
+    u = F.unfold(x, k, dilation=d, stride=s)  # [n, c*k*k, L]
+    ref = u.view(n, c, k, k, u.shape[-1]).permute(0, 4, 2, 3, 1).reshape(n * u.shape[-1], k * k * c)
+    assert torch.equal(cols, ref)
+
+
 def test_fused_layer_used_for_fedavg_cnn():
     """The FedAvg CNN's first conv + relu + pool runs as one ConvReluPool; conv2 stays a Conv2d."""
     models = pytest.importorskip("fedcompress.fedavg.models")

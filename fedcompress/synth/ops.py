@@ -24,10 +24,12 @@ torch calls on tensors of ``b x C`` (a few dozen floats) or one flat parameter b
   ``arg`` fixed, the layer is this linear map, so its tangent and gradients are those of ``conv_at``.
 - ``conv_at_bwd``: the gradients of ``conv_at`` for an output cotangent: (dw, db, dx or None), dx
   with respect to ``xs``; optionally a second (cotangent, weight) pair adds to dx.
+- ``im2col``: channels_last columns of a zero-padded input (C++: a memcpy per tap; 0.02 ms vs
+  0.19 ms for torch's strided copy, conv2's input on 2 images).
 - ``col2im``: the input gradient of a convolution run as im2col + GEMM (channels_last columns);
   the engine's small-batch convolutions (C++: 0.01 ms vs 0.22 ms for conv_transpose2d, conv2 of
   the FedAvg CNN on 2 images, after its GEMM).
-These four have a C++ kernel (``csrc/synth.cpp``, float32 CPU tensors): the [N, O, H, W] map
+These five have a C++ kernel (``csrc/synth.cpp``, float32 CPU tensors): the [N, O, H, W] map
 before pooling is never materialised (see there for why).
 """
 
@@ -183,6 +185,28 @@ def conv_at_bwd_cpp(gout, xs, w, pool: int, arg, need_dx: bool, gout2=None, w2=N
     return dw.permute(0, 3, 1, 2), gout.sum((0, 2, 3)), dx
 
 
+def im2col_ref(xs: Tensor, k, stride, dilation) -> Tensor:
+    """xs [N, H, W, C] (channels last, already zero-padded) -> cols [N*OH*OW, kh*kw*C], columns in
+    (kh, kw, c) order (the channels_last weight's), so a conv is ``cols @ W.view(O, -1).t()``."""
+    n, h, w, c = xs.shape
+    (kh, kw), (sh, sw), (dh, dw) = k, stride, dilation
+    oh, ow = (h - dh * (kh - 1) - 1) // sh + 1, (w - dw * (kw - 1) - 1) // sw + 1
+    s = xs.stride()
+    cols = xs.as_strided((n, oh, ow, kh, kw, c), (s[0], s[1] * sh, s[2] * sw, s[1] * dh, s[2] * dw, s[3]))
+    return cols.reshape(n * oh * ow, kh * kw * c)
+
+
+def im2col_cpp(xs: Tensor, k, stride, dilation) -> Tensor:
+    if not _cpp_ok(xs):
+        return im2col_ref(xs, k, stride, dilation)
+    n, h, w, c = xs.shape
+    (kh, kw), (sh, sw), (dh, dw) = k, stride, dilation
+    oh, ow = (h - dh * (kh - 1) - 1) // sh + 1, (w - dw * (kw - 1) - 1) // sw + 1
+    cols = torch.empty((n * oh * ow, kh * kw * c), dtype=torch.float32)
+    _ops.native().synth_im2col(_np(xs), kh, kw, tuple(stride), tuple(dilation), cols.numpy(), torch.get_num_threads())
+    return cols
+
+
 def col2im_ref(cols: Tensor, shape, k, stride, padding, dilation) -> Tensor:
     """The input gradient of an im2col convolution: cols [N*OH*OW, kh*kw*C] (columns in (kh, kw, c)
     order, the channels_last weight's) summed back onto an input of ``shape`` = (N, C, H, W)."""
@@ -258,9 +282,14 @@ class Bound:
         "conv_at": "synth_conv_at",
         "conv_at_bwd": "synth_conv_at_bwd",
         "col2im": "synth_col2im",
+        "im2col": "synth_im2col",
     }
 
     def __init__(self, device, backend: str | None = None):
         for attr, op in self._OPS.items():
-            b = None if backend == "triton" and attr.startswith(("conv", "col2im")) else backend
+            b = None if backend == "triton" and attr.startswith(("conv", "col2im", "im2col")) else backend
             setattr(self, attr, _ops.get(op, device, b))
+
+
+def im2col(xs: Tensor, k, stride, dilation, backend: str | None = None) -> Tensor:
+    return _ops.get("synth_im2col", xs.device, backend)(xs, k, stride, dilation)
