@@ -9,10 +9,12 @@
 // evaluated only at those positions. The torch references are in fedcompress/synth/ops.py
 // (conv_pool_ref, conv_at_ref, conv_at_bwd_ref); tests/test_synth.py compares them.
 //
-// Layouts (all float32, C-contiguous): x [N, Hp, Wp, C] (channels_last, already zero-padded),
-// weight as wt [K, Op] with K = kh * kw * C in (kh, kw, c) order and Op = O rounded up to 16 (zero
-// columns), outputs and arg [N, PH, PW, O] with PH = (Hp - kh + 1) / P, PW likewise (floor).
+// Layouts (all float32, C-contiguous): x [N, Hp, Wp, C] (channels_last, already zero-padded), the
+// weight w [O, kh, kw, C] (the engine's flat-buffer layout; the bindings build the transposed,
+// zero-padded copies the kernels read: wt [K, Op], K = kh*kw*C in (kh, kw, c) order, Op = O rounded
+// up to 16), outputs and arg [N, PH, PW, O] with PH = (Hp - kh + 1) / P, PW likewise (floor).
 // Window element k = u * P + v (row-major); ties keep the first, NaN wins, as torch's max-pool.
+// Also here: channels_last im2col / col2im for the engine's small-batch convolutions.
 //
 // Threads: images are split over `threads` OpenMP threads (results do not depend on the count: the
 // weight gradient is summed per fixed block of images, then over blocks in order).

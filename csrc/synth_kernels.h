@@ -125,8 +125,8 @@ void conv_at_bwd(const Geom& g, const float* gout, const float* x, const float* 
           }
         // dw[tap] += sum over positions of x(tap at the position's window element k) * gk, four
         // taps of a kernel row at a time: one gk load feeds four FMAs and the four accumulators
-        // are independent chains (one tap at a time was load- and latency-bound: 2.7 ms -> 1.1 ms
-        // for 64 images of the FedAvg CNN)
+        // are independent chains (one tap at a time was load- and latency-bound: 2.7 ms -> 2.1 ms
+        // for 64 images of the FedAvg CNN, measured on the loaded shared machine)
         const int64_t xs = g.P * g.C;
         for (int64_t i = 0; i < g.kh; ++i)
           for (int64_t t0 = 0; t0 < row; t0 += 4)
