@@ -14,7 +14,10 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 # the C++ tests to run under the sanitizers (each file's cpp-backend cases)
-SANITIZED_TESTS = ["tests/test_ops.py", "tests/test_sz.py", "tests/test_mask.py", "tests/test_properties.py"]
+SANITIZED_TESTS = ["tests/test_ops.py", "tests/test_sz.py", "tests/test_mask.py", "tests/test_properties.py",
+                   # the FedSynth C++ kernels (csrc/synth.cpp)
+                   "tests/test_synth.py::test_conv_pool", "tests/test_synth.py::test_conv_at_and_bwd",
+                   "tests/test_synth.py::test_col2im", "tests/test_synth.py::test_im2col"]
 # the C++ decoders the fuzz pass under the sanitizers attacks
 FUZZ_TARGETS = "sz,mask,sz-tensor:cpp,mask-tensor:cpp,mask-mean:cpp"
 
