@@ -146,7 +146,7 @@ struct BF16 {
 
 static inline uint64_t zigzag(int64_t d) { return (uint64_t(d) << 1) ^ uint64_t(d >> 63); }  // branch-free
 static inline int64_t unzigzag(uint64_t z) { return (z & 1) ? -int64_t((z + 1) >> 1) : int64_t(z >> 1); }
-static inline int bit_length(uint64_t v) { return v ? 64 - __builtin_clzll(v) : 0; }
+static inline int bit_length(uint64_t v) { return 63 - __builtin_clzll(v | 1) + (v != 0); }  // no branch
 
 static inline int64_t fixed_log2(uint64_t v) {
   int e = bit_length(v) - 1;
@@ -315,7 +315,6 @@ static inline int popcount64(uint64_t v) {  // SWAR: the portable build has no p
   v = (v + (v >> 4)) & 0x0f0f0f0f0f0f0f0full;
   return int((v * 0x0101010101010101ull) >> 56);
 }
-static inline int bit_length_nb(uint64_t v) { return 63 - __builtin_clzll(v | 1) + (v != 0); }  // no branch
 
 // Plain-mode tokens: 4 + zigzag(d) within the radius, ESC_WIDE beyond it, ESC_VAL for outliers.
 // Written so it vectorises (int32 lanes; |d| < 2^23 since |q| <= 2^22).
@@ -431,8 +430,8 @@ static std::string encode_block(const typename D::T* x, int64_t n, float inv, do
   for (int64_t i = 0; i < n; i += kEstStride) {
     const int32_t qi = q[i];
     const int64_t keep = !bad[i];
-    est_none += keep * bit_length_nb(zigzag(qi));
-    est_lor += keep * bit_length_nb(zigzag(int64_t(qi) - (i ? q[i - 1] : 0)));
+    est_none += keep * bit_length(zigzag(qi));
+    est_lor += keep * bit_length(zigzag(int64_t(qi) - (i ? q[i - 1] : 0)));
   }
   const bool lor = est_lor < est_none;
   // Stage 3: plain-mode tokens (a vectorised pass), then their histogram and the zero-token masks

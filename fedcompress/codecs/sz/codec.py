@@ -43,7 +43,13 @@ from .predict import PRED_LORENZO, choose_predictor, hold_outliers, lorenzo_inve
 from .quantize import inverse_of_step, prequantize_ref, quantize_ref, reconstruct_ref
 
 VERSION = 1
-DEFAULT_BLOCK = None  # chosen from the tensor size: default_block_size
+MAX_BLOCK = 1 << 24
+BLK_LORENZO = 1
+BLK_RUN = 2
+BLK_RAW = 4
+_HDR = struct.Struct("<BBddII")
+_NP = {torch.float32: np.float32, torch.float64: np.float64, torch.float16: np.float16, torch.bfloat16: None}
+MAX_EB = 1e300
 
 
 def default_block_size(n: int) -> int:
@@ -54,13 +60,6 @@ def default_block_size(n: int) -> int:
     the frequency tables (Kaiming 3.1M at REL 1e-3: 4.142x at 2^19 vs 4.135x at 2^18).
     """
     return 1 << 17 if n < (1 << 21) else 1 << 19
-MAX_BLOCK = 1 << 24
-BLK_LORENZO = 1
-BLK_RUN = 2
-BLK_RAW = 4
-_HDR = struct.Struct("<BBddII")
-_NP = {torch.float32: np.float32, torch.float64: np.float64, torch.float16: np.float16, torch.bfloat16: None}
-MAX_EB = 1e300
 
 
 # ---------------------------------------------------------------------------------------------
@@ -280,7 +279,7 @@ def decode_section_cpp(section, dtype: torch.dtype, n: int, block_size: int, ste
 # Stream
 
 
-def encode_stream(x: torch.Tensor, error_bound: float, mode: str, *, block_size: int | None = DEFAULT_BLOCK,
+def encode_stream(x: torch.Tensor, error_bound: float, mode: str, *, block_size: int | None = None,
                   lossless_mode: int = lossless.LOSSLESS_NONE, backend: str | None = None) -> bytes:
     x = x.detach()
     block_size = block_size or default_block_size(x.numel())
@@ -342,7 +341,7 @@ class SZ:
     """
 
     def __init__(self, error_bound: float = 1e-2, mode: str = "rel", *, lossless: str | None = None,
-                 block_size: int | None = DEFAULT_BLOCK, backend: str | None = None) -> None:
+                 block_size: int | None = None, backend: str | None = None) -> None:
         if isinstance(error_bound, bool) or not isinstance(error_bound, (int, float)):
             raise ValueError(f"error_bound must be a finite number > 0, got {error_bound!r}")
         if not (math.isfinite(error_bound) and error_bound > 0):
