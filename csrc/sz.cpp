@@ -6,6 +6,7 @@
 #include <immintrin.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
@@ -53,8 +54,9 @@ static py::array_t<int32_t> prequantize_py(py::array_t<float, py::array::c_style
 
 namespace sz {
 
-constexpr int kLanes = 8;
-constexpr int64_t kRunSlack = 256;  // > 8 tokens x (16 speculative run values + 1) + 16
+constexpr int kLanes = 32;         // entropy.LANES
+constexpr int64_t kDecChunk = 4096;  // tokens per decode chunk: pass 1 (rANS) then pass 2 (values), in L1
+constexpr int64_t kRunSlack = 64;    // > 16 speculative run values + 1
 constexpr uint32_t kRansL = 1u << 15;
 constexpr int kMinPb = 12, kMaxPb = 15;
 constexpr int kMaxSymbols = 8192;
@@ -195,6 +197,12 @@ static void normalize(const std::vector<uint32_t>& hist, const std::vector<uint1
   }
 }
 
+// Frequency table entry k's head: zigzag(f_k - f_(k-1)) << 1 | (gap != 0) (entropy.write_table)
+static inline uint32_t table_head(const std::vector<uint16_t>& present, const std::vector<uint32_t>& f, size_t k) {
+  const int64_t d = int64_t(f[k]) - (k ? int64_t(f[k - 1]) : 0);
+  const bool gap = present[k] != (k ? present[k - 1] + 1 : 0);
+  return uint32_t(zigzag(d) << 1) | uint32_t(gap);
+}
 static inline int64_t varint_len(uint32_t v) { return v < (1u << 7) ? 1 : v < (1u << 14) ? 2 : v < (1u << 21) ? 3 : 4; }
 
 // Model precision 12..15 with the smallest estimated block (entropy.choose_pb): coded bits from
@@ -218,7 +226,8 @@ static int choose_model(const std::vector<uint32_t>& hist, const std::vector<uin
     normalize(hist, present, order, n, pb, f);
     int64_t cost = 0;
     for (size_t k = 0; k < ns; ++k)
-      cost += int64_t(hist[present[k]]) * (256 * pb - fixed_log2(f[k])) + 8 * 256 * varint_len(f[k] - 1);
+      cost += int64_t(hist[present[k]]) * (256 * pb - fixed_log2(f[k])) +
+              8 * 256 * varint_len(table_head(present, f, k));
     if (best_pb < 0 || cost < best) {
       best = cost, best_pb = pb;
       freq.swap(f);
@@ -243,6 +252,50 @@ struct Out {
 };
 
 // Per-thread scratch, reused across blocks (the 64K-entry arrays are cleared via `present` only).
+// rANS encode of full steps s = full-1 .. 0 with AVX-512, the same words as the scalar loop. The
+// scalar loop takes lanes 31..0 and appends a word for each lane that must renormalise; here the
+// states sit in two vectors in reversed lane order (element k = lane 31-k, then lane 15-k), so a
+// compress of each vector appends in that same order. Symbol fields come from three gathers:
+// xmax | shift (xmax's low 16 bits are zero), the reciprocal, and cum | (M - f) << 16.
+__attribute__((target("avx512f,avx512bw,avx512vl,avx512vbmi2,popcnt"))) static int64_t rans_encode_avx512(
+    uint32_t* st, const uint16_t* tok, int64_t full, const uint32_t* sx, const uint32_t* sr, const uint32_t* sc,
+    uint16_t* wp, int64_t nw) {
+  const __m512i rev = _mm512_set_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+  const __m512i lo16 = _mm512_set1_epi32(0xFFFF), hi16 = _mm512_set1_epi32(int(0xFFFF0000u));
+  const __m512i sh8 = _mm512_set1_epi32(0xFF), lo32 = _mm512_set1_epi64(0xFFFFFFFFll);
+  const int* ix = reinterpret_cast<const int*>(sx);
+  const int* ir = reinterpret_cast<const int*>(sr);
+  const int* ic = reinterpret_cast<const int*>(sc);
+  __m512i x0 = _mm512_permutexvar_epi32(rev, _mm512_loadu_si512(st + 16));
+  __m512i x1 = _mm512_permutexvar_epi32(rev, _mm512_loadu_si512(st));
+  auto one = [&](__m512i x, __m256i t16) {
+    const __m512i t = _mm512_permutexvar_epi32(rev, _mm512_cvtepu16_epi32(t16));
+    const __m512i xs = _mm512_i32gather_epi32(t, ix, 4);
+    const __m512i rcp = _mm512_i32gather_epi32(t, ir, 4);
+    const __m512i cc = _mm512_i32gather_epi32(t, ic, 4);
+    const __mmask16 emit = _mm512_cmpge_epu32_mask(x, _mm512_and_si512(xs, hi16));
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(wp + nw),
+                        _mm256_maskz_compress_epi16(emit, _mm512_cvtepi32_epi16(x)));
+    nw += _mm_popcnt_u32(emit);
+    x = _mm512_mask_srli_epi32(x, emit, x, 16);
+    const __m512i sh = _mm512_and_si512(xs, sh8);
+    const __m512i pe = _mm512_srlv_epi64(_mm512_mul_epu32(x, rcp), _mm512_and_si512(sh, lo32));
+    const __m512i po = _mm512_srlv_epi64(_mm512_mul_epu32(_mm512_srli_epi64(x, 32), _mm512_srli_epi64(rcp, 32)),
+                                         _mm512_srli_epi64(sh, 32));
+    const __m512i q = _mm512_mask_blend_epi32(0xAAAA, pe, _mm512_slli_epi64(po, 32));
+    return _mm512_add_epi32(_mm512_add_epi32(x, _mm512_and_si512(cc, lo16)),
+                            _mm512_mullo_epi32(q, _mm512_srli_epi32(cc, 16)));
+  };
+  for (int64_t s = full - 1; s >= 0; --s) {
+    const uint16_t* tp = tok + s * kLanes;
+    x0 = one(x0, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(tp + 16)));
+    x1 = one(x1, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(tp)));
+  }
+  _mm512_storeu_si512(st + 16, _mm512_permutexvar_epi32(rev, x0));
+  _mm512_storeu_si512(st, _mm512_permutexvar_epi32(rev, x1));
+  return nw;
+}
+
 struct EncScratch {
   std::vector<int32_t> qeff;
   std::vector<uint8_t> outlier;
@@ -257,7 +310,8 @@ struct EncScratch {
     uint32_t shift;
   };
   std::vector<Sym> sym;
-  EncScratch() : hist(kTokens), sub(4 * kSubRange), sym(kTokens) {}
+  std::vector<uint32_t> sx, sr, sc;  // the AVX-512 encoder's view of sym (rans_encode_avx512)
+  EncScratch() : hist(kTokens), sub(4 * kSubRange), sym(kTokens), sx(kTokens), sr(kTokens), sc(kTokens) {}
 };
 
 // Stage 1 for one block, branch-free so it vectorises: codes, the outlier test, reconstructions
@@ -302,6 +356,12 @@ int64_t quantize_default(const typename D::T* x, int64_t n, float inv, double st
   return quantize_kernel<D>(x, n, inv, step, bound, q, bad);
 }
 static const bool kHasAvx2 = __builtin_cpu_supports("avx2");
+static const bool kHasAvx512 = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+                               __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512vbmi2") &&
+                               __builtin_cpu_supports("popcnt");
+// tests force the portable rANS loops to check them against the AVX-512 ones (set between calls)
+static std::atomic<bool> g_portable{false};
+static bool use_avx512() { return kHasAvx512 && !g_portable.load(std::memory_order_relaxed); }
 template <class D>
 static int64_t quantize_block(const typename D::T* x, int64_t n, float inv, double step, double bound, int32_t* q,
                               uint8_t* bad) {
@@ -564,6 +624,9 @@ static std::string encode_block(const typename D::T* x, int64_t n, float inv, do
       s.xmax = f << (31 - pb);
       s.cum = c;
       s.cmpl = M - f;
+      S.sx[present[k]] = s.xmax | s.shift;
+      S.sr[present[k]] = uint32_t(s.rcp);  // < 2^32: f > 2^(l-1) makes 2^(31+l) / f < 2^32 - 2^17
+      S.sc[present[k]] = c | (s.cmpl << 16);
       c += f;
     }
     // rANS: encode backwards, lanes W-1..0 within a step; words come out reversed
@@ -585,25 +648,13 @@ static std::string encode_block(const typename D::T* x, int64_t n, float inv, do
     };
     const int64_t full = ntok / kLanes;
     for (int64_t i = ntok - 1; i >= full * kLanes; --i) enc(int(i % kLanes), tok[i]);
-    {  // full steps with the eight states in registers (the lambda above keeps them in memory)
-      uint32_t s0 = st[0], s1 = st[1], s2 = st[2], s3 = st[3], s4 = st[4], s5 = st[5], s6 = st[6], s7 = st[7];
-#define FC_SZ_ENC(X, T)                                            \
-  {                                                                \
-    const EncScratch::Sym& sy = sym[T];                            \
-    const uint32_t emit = X >= sy.xmax;                            \
-    wp[nw] = uint16_t(X);                                          \
-    nw += emit;                                                    \
-    X >>= emit << 4;                                               \
-    const uint32_t qq = uint32_t((uint64_t(X) * sy.rcp) >> sy.shift); \
-    X = X + sy.cum + qq * sy.cmpl;                                 \
-  }
-      for (int64_t s = full - 1; s >= 0; --s) {
+    if (use_avx512()) {
+      nw = rans_encode_avx512(st, tok, full, S.sx.data(), S.sr.data(), S.sc.data(), wp, nw);
+    } else {
+      for (int64_t s = full - 1; s >= 0; --s) {  // full steps: a fixed-count loop the compiler unrolls
         const uint16_t* tp = tok + s * kLanes;
-        FC_SZ_ENC(s7, tp[7]) FC_SZ_ENC(s6, tp[6]) FC_SZ_ENC(s5, tp[5]) FC_SZ_ENC(s4, tp[4])
-        FC_SZ_ENC(s3, tp[3]) FC_SZ_ENC(s2, tp[2]) FC_SZ_ENC(s1, tp[1]) FC_SZ_ENC(s0, tp[0])
+        for (int l = kLanes - 1; l >= 0; --l) enc(l, tp[l]);
       }
-#undef FC_SZ_ENC
-      st[0] = s0, st[1] = s1, st[2] = s2, st[3] = s3, st[4] = s4, st[5] = s5, st[6] = s6, st[7] = s7;
     }
     Out o;
     o.s.reserve(32 + 3 * present.size() + 2 * size_t(nw) + 4 * S.wide.size() + outl.size());
@@ -615,11 +666,11 @@ static std::string encode_block(const typename D::T* x, int64_t n, float inv, do
     o.u16(uint16_t(present.size()));
     int prev_t = -1;
     for (size_t k = 0; k < present.size(); ++k) {
-      o.varint(uint32_t(present[k] - prev_t - 1));
-      o.varint(freq[k] - 1);
+      o.varint(table_head(present, freq, k));
+      if (present[k] - prev_t - 1) o.varint(uint32_t(present[k] - prev_t - 2));
       prev_t = present[k];
     }
-    o.raw(st, sizeof(st));
+    for (int l = 0; l < kLanes; ++l) o.varint(st[l] - kRansL);
     o.u32(uint32_t(nw));
     std::reverse(wp, wp + nw);
     o.raw(wp, 2 * size_t(nw));
@@ -658,20 +709,188 @@ struct In {
     }
     throw FormatError("sz block: varint too long in the frequency table");
   }
+  uint32_t varint_state() {  // x - L of a final rANS state (entropy.write_states): 5 bytes at most
+    uint64_t v = 0;
+    for (int shift = 0; shift < 35; shift += 7) {
+      uint8_t b = get<uint8_t>();
+      v |= uint64_t(b & 0x7f) << shift;
+      if (!(b & 0x80)) {
+        if (v >= (uint64_t(kRansL) << 16) - kRansL) throw FormatError("sz block: rANS state out of range");
+        return uint32_t(v) + kRansL;
+      }
+    }
+    throw FormatError("sz block: varint too long in the rANS states");
+  }
 };
 
-struct DecEntry {
-  uint16_t tok, freq, bias, pad;
-};
-
+// Decoding a block runs in chunks of kDecChunk tokens, each in two passes over an L1-resident
+// token buffer: pass 1 runs the 32 rANS lanes (AVX-512 when the CPU has it: two 16-lane vectors,
+// gathers for the slot table, a masked expand for the renormalisation words); pass 2 turns tokens
+// into values (residual table, predictor inverse, zero runs, escapes). Splitting them lets pass 1
+// be pure SIMD; the buffer is 8 KB, so the second read of it is from L1.
 template <class T>
 struct DecScratch {
-  std::vector<DecEntry> table;
-  std::vector<T> lut;        // token -> reconstructed value (predictor none)
-  std::vector<int32_t> dlut;  // token -> residual (lorenzo); 0 for tokens 0-3
-  std::vector<T> buf;         // run-mode blocks decode here first (slack for speculative writes)
-  DecScratch() : lut(kTokens), dlut(kTokens) {}
+  std::vector<uint32_t> ent;   // slot -> freq | bias << 16 (freq <= 2^15, bias < freq)
+  std::vector<uint16_t> stok;  // slot -> token; one padding entry for the 32-bit gather of the last slot
+  std::vector<T> lut;          // token -> reconstructed value (predictor none)
+  std::vector<int32_t> dlut;   // token -> residual (lorenzo); 0 for tokens 0-3
+  std::vector<T> buf;          // run-mode blocks decode here first (slack for speculative writes)
+  std::vector<uint16_t> tk;    // one chunk of tokens
+  DecScratch() : lut(kTokens), dlut(kTokens), tk(kDecChunk) {}
 };
+
+struct RansDec {  // pass 1's inputs and state
+  uint32_t st[kLanes];
+  const uint8_t* words;
+  size_t nwords, ptr = 0;
+  const uint32_t* ent;
+  const uint16_t* stok;
+  int pb;
+};
+
+// Pass 1, portable and fully checked: tokens [0, cnt) of a chunk that starts at a step boundary.
+static void rans_tokens_scalar(RansDec& R, uint16_t* tk, int64_t cnt) {
+  const uint32_t mask = (1u << R.pb) - 1;
+  for (int64_t j = 0; j < cnt; ++j) {
+    const int l = int(j % kLanes);
+    uint32_t x = R.st[l];
+    const uint32_t e = R.ent[x & mask];
+    tk[j] = R.stok[x & mask];
+    x = (e & 0xFFFF) * (x >> R.pb) + (e >> 16);
+    if (x < kRansL) {
+      if (R.ptr >= R.nwords) throw FormatError("sz block: rANS stream truncated");
+      uint16_t w;
+      std::memcpy(&w, R.words + 2 * R.ptr++, 2);
+      x = (x << 16) | w;
+    }
+    R.st[l] = x;
+  }
+}
+
+// Pass 1 with AVX-512: up to `steps` full steps while 32 words are left (so the two 16-word loads
+// stay inside the stream); returns the steps done. Same arithmetic and word order as the scalar
+// pass: lanes in order 0..31, each needing lane takes the next word.
+__attribute__((target("avx512f,avx512bw,avx512vl,popcnt"))) static int64_t rans_tokens_avx512(RansDec& R,
+                                                                                                uint16_t* tk,
+                                                                                                int64_t steps) {
+  __m512i x0 = _mm512_loadu_si512(R.st), x1 = _mm512_loadu_si512(R.st + 16);
+  const __m512i mask = _mm512_set1_epi32(int((1u << R.pb) - 1)), lo16 = _mm512_set1_epi32(0xFFFF);
+  const __m512i L = _mm512_set1_epi32(int(kRansL));
+  const __m128i sh = _mm_cvtsi32_si128(R.pb);
+  const int* ent = reinterpret_cast<const int*>(R.ent);
+  const int* stok = reinterpret_cast<const int*>(R.stok);
+  size_t ptr = R.ptr;
+  int64_t s = 0;
+  for (; s < steps && ptr + kLanes <= R.nwords; ++s) {
+    const __m512i sl0 = _mm512_and_si512(x0, mask), sl1 = _mm512_and_si512(x1, mask);
+    const __m512i e0 = _mm512_i32gather_epi32(sl0, ent, 4), e1 = _mm512_i32gather_epi32(sl1, ent, 4);
+    const __m512i t0 = _mm512_i32gather_epi32(sl0, stok, 2), t1 = _mm512_i32gather_epi32(sl1, stok, 2);
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(tk + s * kLanes), _mm512_cvtepi32_epi16(t0));
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(tk + s * kLanes + 16), _mm512_cvtepi32_epi16(t1));
+    x0 = _mm512_add_epi32(_mm512_mullo_epi32(_mm512_and_si512(e0, lo16), _mm512_srl_epi32(x0, sh)),
+                          _mm512_srli_epi32(e0, 16));
+    x1 = _mm512_add_epi32(_mm512_mullo_epi32(_mm512_and_si512(e1, lo16), _mm512_srl_epi32(x1, sh)),
+                          _mm512_srli_epi32(e1, 16));
+    const __mmask16 n0 = _mm512_cmplt_epu32_mask(x0, L);
+    const __m512i w0 = _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(R.words + 2 * ptr)));
+    x0 = _mm512_mask_or_epi32(x0, n0, _mm512_slli_epi32(x0, 16), _mm512_maskz_expand_epi32(n0, w0));
+    ptr += _mm_popcnt_u32(n0);
+    const __mmask16 n1 = _mm512_cmplt_epu32_mask(x1, L);
+    const __m512i w1 = _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(R.words + 2 * ptr)));
+    x1 = _mm512_mask_or_epi32(x1, n1, _mm512_slli_epi32(x1, 16), _mm512_maskz_expand_epi32(n1, w1));
+    ptr += _mm_popcnt_u32(n1);
+  }
+  _mm512_storeu_si512(R.st, x0);
+  _mm512_storeu_si512(R.st + 16, x1);
+  R.ptr = ptr;
+  return s;
+}
+
+
+static void rans_tokens(RansDec& R, uint16_t* tk, int64_t cnt) {
+  int64_t done = 0;
+  if (use_avx512()) done = rans_tokens_avx512(R, tk, cnt / kLanes) * kLanes;
+  rans_tokens_scalar(R, tk + done, cnt - done);
+}
+
+// Pass 2 for run-mode blocks. A zero run arrives as digits (bijective base 2, least significant
+// first) and its length is known only at the next ordinary token, so tokens are handled without a
+// data-dependent branch: digits add to the pending run, an ordinary token moves the position past
+// the pending run and writes its value. Without the predictor the block was first filled with the
+// zero value and lut[RUN_A] = lut[RUN_B] = that value, so runs need no writes and a digit's own
+// write is harmless. With Lorenzo a run repeats the previous value, which changes from run to run:
+// an ordinary token writes that value at 16 positions speculatively (dst has kRunSlack values of
+// slack; later writes overwrite what was not part of the run) and branches only for longer runs.
+// Stops at the first escape token (returns its index; the caller takes the checked path for it)
+// or at cnt. The state lives in locals: captured by the decoder's lambdas it would sit in memory.
+struct RunState {
+  int64_t pos = 0;
+  uint64_t runlen = 0;
+  int runk = 0;
+  uint32_t q = 0;  // the predictor's last code
+};
+template <class D, bool LOR>
+static inline __attribute__((always_inline)) int64_t run_tokens_kernel(const uint16_t* tk, int64_t cnt,
+                                                                        typename D::T* dst, int64_t n, RunState& rs,
+                                                                        const typename D::T* lut, const int32_t* dlut,
+                                                                        double step) {
+  using T = typename D::T;
+  int64_t pos = rs.pos;
+  uint64_t runlen = rs.runlen;
+  int runk = rs.runk;
+  uint32_t q = rs.q;
+  int64_t j = 0;
+  for (; j < cnt; ++j) {  // invariant at the top: pos <= n
+    const uint32_t tv = tk[j];
+    if (tv < kRunA) break;  // escape (rare)
+    if (runk > 31) throw FormatError("sz block: zero run longer than 2^32");
+    // masks, not branches: the compiler would branch on `isr`, which mispredicts
+    const uint64_t isr = uint32_t(tv - kRunA) < 2u, keep = 0 - isr, take = ~keep;
+    runlen += (uint64_t(tv - 1) << runk) & keep;
+    runk += int(isr);
+    const uint64_t adv = runlen & take;  // the run ends here: its length; a digit: 0
+    if (LOR) {
+      const T zv = D::recon(int32_t(q), step);
+      for (int k = 0; k < 16; ++k) dst[pos + k] = zv;
+      if (adv > 16) {
+        if (adv > uint64_t(n - pos)) throw FormatError("sz block: zero run past the block end");
+        std::fill(dst + pos + 16, dst + pos + adv, zv);
+      }
+      q += uint32_t(dlut[tv]);
+    }
+    if (adv > uint64_t(n - pos)) throw FormatError("sz block: zero run past the block end");
+    pos += int64_t(adv);
+    // a run's digits and an ordinary value both need a position left (a run is >= 1 long)
+    if (pos >= n) throw FormatError("sz block: more values than the block holds");
+    runlen &= keep;
+    runk &= int(keep);
+    dst[pos] = LOR ? D::recon(int32_t(q), step) : lut[tv];
+    pos += int64_t(1 - isr);
+  }
+  rs.pos = pos, rs.runlen = runlen, rs.runk = runk, rs.q = q;
+  return j;
+}
+// AVX2 clone (the 16 speculative values are one or two vector stores) and the portable one
+template <class D, bool LOR>
+__attribute__((target("avx2"))) int64_t run_tokens_avx2(const uint16_t* tk, int64_t cnt, typename D::T* dst,
+                                                        int64_t n, RunState& rs, const typename D::T* lut,
+                                                        const int32_t* dlut, double step) {
+  return run_tokens_kernel<D, LOR>(tk, cnt, dst, n, rs, lut, dlut, step);
+}
+template <class D, bool LOR>
+int64_t run_tokens_default(const uint16_t* tk, int64_t cnt, typename D::T* dst, int64_t n, RunState& rs,
+                           const typename D::T* lut, const int32_t* dlut, double step) {
+  return run_tokens_kernel<D, LOR>(tk, cnt, dst, n, rs, lut, dlut, step);
+}
+template <class D>
+static int64_t run_tokens(bool lor, const uint16_t* tk, int64_t cnt, typename D::T* dst, int64_t n, RunState& rs,
+                          const typename D::T* lut, const int32_t* dlut, double step) {
+  if (kHasAvx2)
+    return lor ? run_tokens_avx2<D, true>(tk, cnt, dst, n, rs, lut, dlut, step)
+               : run_tokens_avx2<D, false>(tk, cnt, dst, n, rs, lut, dlut, step);
+  return lor ? run_tokens_default<D, true>(tk, cnt, dst, n, rs, lut, dlut, step)
+             : run_tokens_default<D, false>(tk, cnt, dst, n, rs, lut, dlut, step);
+}
 
 template <class D>
 static void decode_block(const uint8_t* buf, size_t len, typename D::T* out, int64_t n, double step,
@@ -696,15 +915,22 @@ static void decode_block(const uint8_t* buf, size_t len, typename D::T* out, int
   const uint32_t m = 1u << pb;
   const uint32_t nsym = r.get<uint16_t>();
   if (nsym == 0 || nsym > m) throw FormatError("sz block: bad symbol count");
-  S.table.resize(m);
-  int64_t t = -1;
+  S.ent.resize(m);
+  S.stok.resize(m + 1);
+  int64_t t = -1, fs = 0;
   uint32_t total = 0;
   for (uint32_t k = 0; k < nsym; ++k) {
-    t += int64_t(r.varint()) + 1;
-    uint32_t f = r.varint() + 1;
+    const uint32_t h = r.varint();
+    t += 1;
+    if (h & 1) t += int64_t(r.varint()) + 1;
+    fs += unzigzag(h >> 1);
     if (t >= kTokens) throw FormatError("sz block: token out of range in the frequency table");
-    if (f > m - total) throw FormatError("sz block: frequencies exceed the model total");
-    for (uint32_t j = 0; j < f; ++j) S.table[total + j] = DecEntry{uint16_t(t), uint16_t(f), uint16_t(j), 0};
+    if (fs < 1 || fs > int64_t(m - total)) throw FormatError("sz block: frequency out of range in the frequency table");
+    const uint32_t f = uint32_t(fs);
+    for (uint32_t j = 0; j < f; ++j) {
+      S.ent[total + j] = f | (j << 16);
+      S.stok[total + j] = uint16_t(t);
+    }
     if (t >= int64_t(kTokenBase)) {
       const int64_t d = unzigzag(uint64_t(t - kTokenBase));
       S.dlut[t] = int32_t(d);
@@ -713,37 +939,39 @@ static void decode_block(const uint8_t* buf, size_t len, typename D::T* out, int
     total += f;
   }
   if (total != m) throw FormatError("sz block: frequencies do not sum to the model total");
-  uint32_t st[kLanes];
-  std::memcpy(st, r.take(sizeof(st)), sizeof(st));
-  for (int l = 0; l < kLanes; ++l)
-    if (st[l] < kRansL || st[l] >= (kRansL << 16)) throw FormatError("sz block: rANS state out of range");
+  S.stok[m] = 0;
+  RansDec R;
+  for (int l = 0; l < kLanes; ++l) R.st[l] = r.varint_state();
   const uint32_t nwords = r.get<uint32_t>();
-  const uint8_t* wbytes = r.take(size_t(nwords) * 2);
+  R.words = r.take(size_t(nwords) * 2);
+  R.nwords = nwords;
+  R.ent = S.ent.data();
+  R.stok = S.stok.data();
+  R.pb = pb;
   const uint8_t* widep = r.take(size_t(nwide) * 4);
   const uint8_t* outp = r.take(size_t(nout) * isz);
   if (r.pos != len) throw FormatError("sz block: trailing bytes");
 
-  const DecEntry* tab = S.table.data();
   const T* lut = S.lut.data();
   const int32_t* dlut = S.dlut.data();
-  const uint32_t mask = m - 1;
-  size_t ptr = 0;
-  auto word = [&](size_t k) {
-    uint16_t v;
-    std::memcpy(&v, wbytes + 2 * k, 2);
-    return uint32_t(v);
-  };
-  // Run-mode blocks decode into a scratch buffer with kRunSlack values of slack, so the fast path
-  // can write a pending run speculatively (see below); plain blocks go straight to `out`.
+  // Run-mode blocks with Lorenzo decode into a scratch buffer with kRunSlack values of slack, so
+  // pass 2 can write a pending run speculatively; the others go straight to `out`, which run-mode
+  // blocks without a predictor first fill with the zero value (run_tokens_kernel).
   T* dst = out;
-  if (runmode) {
+  if (runmode && lor) {
     S.buf.resize(size_t(n) + kRunSlack);
     dst = S.buf.data();
+  } else if (runmode) {
+    const T zv = D::recon(0, step);
+    std::fill(out, out + n, zv);
+    S.lut[kRunA] = S.lut[kRunB] = zv;
   }
-  int64_t pos = 0;
-  uint32_t qprev = 0, iw = 0, io = 0;
-  uint64_t runlen = 0;
-  int runk = 0;
+  RunState rs;
+  int64_t& pos = rs.pos;
+  uint32_t& qprev = rs.q;
+  uint64_t& runlen = rs.runlen;
+  int& runk = rs.runk;
+  uint32_t iw = 0, io = 0;
   auto flush = [&]() {
     if (pos > n || runlen > uint64_t(n - pos)) throw FormatError("sz block: zero run past the block end");
     const T v = D::recon(lor ? int32_t(qprev) : 0, step);
@@ -752,7 +980,7 @@ static void decode_block(const uint8_t* buf, size_t len, typename D::T* out, int
     runlen = 0;
     runk = 0;
   };
-  // one token, any kind (the slow path: escapes, runs, block edges)
+  // one token, any kind (the checked path: escapes, and chunks of plain blocks that hold them)
   auto handle = [&](uint32_t tv) {
     if (tv == kRunA || tv == kRunB) {
       if (!runmode) throw FormatError("sz block: run token in a plain-mode block");
@@ -784,124 +1012,41 @@ static void decode_block(const uint8_t* buf, size_t len, typename D::T* out, int
     qprev = q;
     dst[pos++] = (!lor && tv >= kTokenBase) ? lut[tv] : D::recon(int32_t(q), step);
   };
-  // rANS decode, fused with reconstruction. Fast path: a full step of kLanes ordinary tokens with
-  // kLanes words and kLanes output slots left needs no per-token checks.
-  int64_t i = 0;
-  uint16_t tk[kLanes];
-  uint32_t s0 = st[0], s1 = st[1], s2 = st[2], s3 = st[3], s4 = st[4], s5 = st[5], s6 = st[6], s7 = st[7];
-  // One lane's step: look up the slot, advance the state, renormalise without a branch (a word is
-  // read ~1/3 of the time; a branch there mispredicts), and write the value speculatively.
-#define FC_SZ_LANE(L, X)                                       \
-  {                                                            \
-    const DecEntry e = tab[X & mask];                          \
-    tk[L] = e.tok;                                             \
-    special |= uint32_t(e.tok < kTokenBase);                   \
-    X = uint32_t(e.freq) * (X >> pb) + e.bias;                 \
-    const uint32_t need = X < kRansL;                          \
-    X = (X << (need << 4)) | (word(ptr) & (0u - need));        \
-    ptr += need;                                               \
-    if (lor) {                                                 \
-      qs += uint32_t(dlut[e.tok]);                             \
-      out[pos + L] = D::recon(int32_t(qs), step);              \
-    } else {                                                   \
-      out[pos + L] = lut[e.tok];                               \
-    }                                                          \
-  }
-  // fast path: a full step of kLanes tokens with kLanes words and kLanes output slots left
-  for (; !runmode && i + kLanes <= int64_t(ntok) && ptr + kLanes <= nwords && pos + kLanes <= n; i += kLanes) {
-    uint32_t special = 0;
-    uint32_t qs = qprev;
-    FC_SZ_LANE(0, s0) FC_SZ_LANE(1, s1) FC_SZ_LANE(2, s2) FC_SZ_LANE(3, s3)
-    FC_SZ_LANE(4, s4) FC_SZ_LANE(5, s5) FC_SZ_LANE(6, s6) FC_SZ_LANE(7, s7)
-    if (!special) {
-      qprev = qs;
-      pos += kLanes;
-    } else {  // escapes or runs in this step: redo its values with the general path
-      for (int l = 0; l < kLanes; ++l) handle(tk[l]);
+  uint16_t* tk = S.tk.data();
+  for (int64_t i = 0; i < int64_t(ntok); i += kDecChunk) {
+    const int64_t cnt = std::min<int64_t>(kDecChunk, int64_t(ntok) - i);
+    rans_tokens(R, tk, cnt);  // pass 1
+    // pass 2
+    if (!runmode) {  // one token per value: pos == i, and i + cnt <= n (ntok == n)
+      uint32_t special = 0;
+      for (int64_t j = 0; j < cnt; ++j) special |= uint32_t(tk[j] < kTokenBase);
+      if (special) {
+        for (int64_t j = 0; j < cnt; ++j) handle(tk[j]);
+      } else if (lor) {
+        uint32_t q = qprev;
+        T* o = dst + pos;
+        for (int64_t j = 0; j < cnt; ++j) {
+          q += uint32_t(dlut[tk[j]]);
+          o[j] = D::recon(int32_t(q), step);
+        }
+        qprev = q;
+        pos += cnt;
+      } else {
+        T* o = dst + pos;
+        for (int64_t j = 0; j < cnt; ++j) o[j] = lut[tk[j]];
+        pos += cnt;
+      }
+      continue;
     }
-  }
-#undef FC_SZ_LANE
-  // Run-mode fast path. A zero run arrives as digits and its length is known only at the next
-  // ordinary token, so every token is handled without a branch: digits add to the pending run;
-  // an ordinary token first writes the pending run's value at 16 positions speculatively (dst has
-  // slack; later writes overwrite what was not part of the run), takes a branch only for runs
-  // longer than 16, then writes its own value. Escapes, over-long digit strings and anything
-  // past the block end send the step's tokens back through `handle` from the saved state.
-  const T zero_value = D::recon(0, step);
-#define FC_SZ_RUN_LANE(L, X)                                                        \
-  {                                                                                 \
-    const DecEntry e = tab[X & mask];                                               \
-    const uint32_t tv = e.tok;                                                      \
-    tk[L] = uint16_t(tv);                                                           \
-    special |= uint32_t(tv < kRunA);                                                \
-    X = uint32_t(e.freq) * (X >> pb) + e.bias;                                      \
-    const uint32_t need = X < kRansL;                                               \
-    X = (X << (need << 4)) | (word(ptr) & (0u - need));                             \
-    ptr += need;                                                                    \
-    const uint64_t isr = uint32_t(tv - kRunA) < 2u;                                 \
-    runlen += (uint64_t(tv - 1) << runk) & (0 - isr);                               \
-    runk += int(isr);                                                               \
-    const T zv = lor ? D::recon(int32_t(qs), step) : zero_value;                    \
-    for (int k = 0; k < 16; ++k) dst[pos + k] = zv;                                 \
-    if (!isr && runlen > 16) {                                                      \
-      if (runlen > uint64_t(n - pos)) throw FormatError("sz block: zero run past the block end"); \
-      std::fill(dst + pos + 16, dst + pos + runlen, zv);                            \
-    }                                                                               \
-    pos += int64_t(isr ? 0 : runlen);                                               \
-    runlen = isr ? runlen : 0;                                                      \
-    runk = isr ? runk : 0;                                                          \
-    qs += uint32_t(dlut[tv]);                                                       \
-    dst[pos] = lor ? D::recon(int32_t(qs), step) : lut[tv];                         \
-    pos += int64_t(1 - isr);                                                        \
-  }
-  for (; runmode && i + kLanes <= int64_t(ntok) && ptr + kLanes <= nwords && pos <= n; i += kLanes) {
-    const int64_t pos0 = pos;
-    const uint64_t runlen0 = runlen;
-    const int runk0 = runk;
-    uint32_t special = 0;
-    uint32_t qs = qprev;
-    FC_SZ_RUN_LANE(0, s0) FC_SZ_RUN_LANE(1, s1) FC_SZ_RUN_LANE(2, s2) FC_SZ_RUN_LANE(3, s3)
-    FC_SZ_RUN_LANE(4, s4) FC_SZ_RUN_LANE(5, s5) FC_SZ_RUN_LANE(6, s6) FC_SZ_RUN_LANE(7, s7)
-    special |= uint32_t(runk > 31) | uint32_t(pos > n);
-    if (!special) {
-      qprev = qs;
-    } else {  // redo the step's values token by token from the saved state (the checked path); the
-              // rANS states and the word pointer do not depend on what the tokens mean
-      pos = pos0, runlen = runlen0, runk = runk0;
-      for (int l = 0; l < kLanes; ++l) handle(tk[l]);
+    for (int64_t j = 0; j < cnt; ++j) {  // run mode (pass 2 above); escapes through `handle`
+      j += run_tokens<D>(lor, tk + j, cnt - j, dst, n, rs, lut, dlut, step);
+      if (j < cnt) handle(tk[j]);
     }
-  }
-#undef FC_SZ_RUN_LANE
-  st[0] = s0, st[1] = s1, st[2] = s2, st[3] = s3, st[4] = s4, st[5] = s5, st[6] = s6, st[7] = s7;
-  // a run may be pending after the fast path stopped; steps containing runs continue here
-  for (; i + kLanes <= int64_t(ntok) && ptr + kLanes <= nwords; i += kLanes) {
-    for (int l = 0; l < kLanes; ++l) {
-      uint32_t xs = st[l];
-      const DecEntry e = tab[xs & mask];
-      xs = uint32_t(e.freq) * (xs >> pb) + e.bias;
-      const uint32_t need = xs < kRansL;
-      xs = (xs << (need << 4)) | (word(ptr) & (0u - need));
-      ptr += need;
-      st[l] = xs;
-      handle(e.tok);
-    }
-  }
-  for (; i < int64_t(ntok); ++i) {
-    const int l = int(i % kLanes);
-    uint32_t xs = st[l];
-    const DecEntry e = tab[xs & mask];
-    xs = uint32_t(e.freq) * (xs >> pb) + e.bias;
-    if (xs < kRansL) {
-      if (ptr >= nwords) throw FormatError("sz block: rANS stream truncated");
-      xs = (xs << 16) | word(ptr++);
-    }
-    st[l] = xs;
-    handle(e.tok);
   }
   if (runk) flush();
-  if (ptr != nwords) throw FormatError("sz block: rANS stream length mismatch");
+  if (R.ptr != nwords) throw FormatError("sz block: rANS stream length mismatch");
   for (int l = 0; l < kLanes; ++l)
-    if (st[l] != kRansL) throw FormatError("sz block: rANS final state mismatch (corrupt stream)");
+    if (R.st[l] != kRansL) throw FormatError("sz block: rANS final state mismatch (corrupt stream)");
   if (pos != n) throw FormatError("sz block: run lengths do not add up to the value count");
   if (io != nout) throw FormatError("sz block: outlier count mismatch");
   if (iw != nwide) throw FormatError("sz block: wide-code count mismatch");
@@ -974,11 +1119,12 @@ static void decode_section(const uint8_t* sec, size_t len, typename D::T* out, i
 
 
 // min and max of the finite values (REL mode's range), OpenMP; count = how many were finite.
-// float32 (the common case) runs in float: exact for min/max, and it vectorises 8 wide with AVX2.
+// float32 (the common case) runs in float, exact for min/max. The AVX2 loop is written with
+// intrinsics: GCC does not vectorise a float min/max reduction without -ffast-math.
 __attribute__((always_inline)) inline void minmax_f32_kernel(const float* __restrict x, int64_t n, float& lo,
                                                              float& hi, int64_t& cnt) {
   float l = INFINITY, h = -INFINITY;
-  int32_t c = 0;  // per call n <= 2^31 (chunks below)
+  int64_t c = 0;
   for (int64_t i = 0; i < n; ++i) {
     const float v = x[i];
     const bool f = __builtin_fabsf(v) <= 3.4028234663852886e38f;
@@ -989,7 +1135,29 @@ __attribute__((always_inline)) inline void minmax_f32_kernel(const float* __rest
   lo = l, hi = h, cnt = c;
 }
 __attribute__((target("avx2"))) void minmax_f32_avx2(const float* x, int64_t n, float& lo, float& hi, int64_t& c) {
-  minmax_f32_kernel(x, n, lo, hi, c);
+  const __m256 inf = _mm256_set1_ps(INFINITY), ninf = _mm256_set1_ps(-INFINITY);
+  const __m256 absm = _mm256_castsi256_ps(_mm256_set1_epi32(0x7FFFFFFF)), fmax = _mm256_set1_ps(3.4028234663852886e38f);
+  __m256 l0 = inf, l1 = inf, h0 = ninf, h1 = ninf;
+  __m256i c0 = _mm256_setzero_si256(), c1 = _mm256_setzero_si256();  // per-lane counts (n <= 2^16 per call)
+  int64_t i = 0;
+  for (; i + 16 <= n; i += 16) {
+    const __m256 v0 = _mm256_loadu_ps(x + i), v1 = _mm256_loadu_ps(x + i + 8);
+    const __m256 f0 = _mm256_cmp_ps(_mm256_and_ps(v0, absm), fmax, _CMP_LE_OQ);  // false for NaN and Inf
+    const __m256 f1 = _mm256_cmp_ps(_mm256_and_ps(v1, absm), fmax, _CMP_LE_OQ);
+    l0 = _mm256_min_ps(l0, _mm256_blendv_ps(inf, v0, f0)), l1 = _mm256_min_ps(l1, _mm256_blendv_ps(inf, v1, f1));
+    h0 = _mm256_max_ps(h0, _mm256_blendv_ps(ninf, v0, f0)), h1 = _mm256_max_ps(h1, _mm256_blendv_ps(ninf, v1, f1));
+    c0 = _mm256_sub_epi32(c0, _mm256_castps_si256(f0)), c1 = _mm256_sub_epi32(c1, _mm256_castps_si256(f1));
+  }
+  alignas(32) float la[8], ha[8];
+  alignas(32) int32_t ca[8];
+  _mm256_store_ps(la, _mm256_min_ps(l0, l1));
+  _mm256_store_ps(ha, _mm256_max_ps(h0, h1));
+  _mm256_store_si256(reinterpret_cast<__m256i*>(ca), _mm256_add_epi32(c0, c1));
+  float l, h;
+  int64_t cnt;
+  minmax_f32_kernel(x + i, n - i, l, h, cnt);
+  for (int k = 0; k < 8; ++k) l = std::min(l, la[k]), h = std::max(h, ha[k]), cnt += ca[k];
+  lo = l, hi = h, c = cnt;
 }
 void minmax_f32_default(const float* x, int64_t n, float& lo, float& hi, int64_t& c) {
   minmax_f32_kernel(x, n, lo, hi, c);
@@ -1093,6 +1261,14 @@ FC_BIND([](py::module_& m) {
         py::arg("bound"), py::arg("block_size"), "SZ blocks section of n values (raw bytes of dtype_code)");
   m.def("sz_decode", &sz_decode_py, py::arg("section"), py::arg("out"), py::arg("dtype_code"), py::arg("n"),
         py::arg("block_size"), py::arg("step"), "decode an SZ blocks section into out; ValueError if corrupt");
+  m.def(
+      "sz_simd",
+      [](py::object portable) {
+        if (!portable.is_none()) sz::g_portable = portable.cast<bool>();
+        return sz::use_avx512();
+      },
+      py::arg("portable") = py::none(),
+      "whether the rANS loops run with AVX-512; portable=True forces the portable ones (tests)");
   m.def("prequantize", &prequantize_py, py::arg("x"), py::arg("inv"),
         "int32 codes round_half_even(x * inv) (float32); INT32_MIN where not finite or |x*inv| >= 2^22");
 });

@@ -167,6 +167,29 @@ def _reference_case(dtype, kind):
     return _REF_CACHE[key]
 
 
+@pytest.fixture
+def portable_rans():
+    """Run the C++ rANS loops portably (no AVX-512) inside the test; restore afterwards."""
+    backend_or_skip("sz_encode", "cpp")
+    from fedcompress import _ops
+
+    native = _ops.native()
+    native.sz_simd(True)
+    yield native
+    native.sz_simd(False)
+
+
+@pytest.mark.parametrize("kind", ["gauss", "sparse", "smooth"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_cpp_portable_rans_loops_match_the_reference(portable_rans, dtype, kind):
+    # CPUs without AVX-512 take the portable encode/decode loops; same bytes and values as the
+    # reference (and so as the AVX-512 loops, which test_backends_identical_bytes_and_cross_decode checks)
+    assert portable_rans.sz_simd() is False
+    x, ref, y_ref = _reference_case(dtype, kind)
+    assert fc.SZ(1e-2, backend="cpp", block_size=BLOCK).encode(x) == ref
+    assert np.array_equal(_bits(fc.SZ(backend="cpp").decode(ref)), _bits(y_ref))
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_run_blocks_with_escapes_identical_across_backends(dtype):
     # run-mode blocks holding zero runs of every length around the decoder's 16-value speculative
@@ -243,6 +266,29 @@ def test_rans_roundtrip_exact():
         assert 16 * len(words) <= 1.01 * h0_bits + 64
 
 
+def test_table_and_states_bytes_by_hand():
+    # tokens 4 (f 5), 5 (f 3), 9 (f 8): heads zigzag(df) << 1 | (gap > 0), then gap - 1 when gap > 0
+    freq = np.zeros(E.N_TOKENS, np.int64)
+    freq[[4, 5, 9]] = [5, 3, 8]
+    assert E.write_table(freq) == bytes([3, 0, 21, 3, 6, 21, 2])
+    # a real table (sums to 2^12) comes back, and its encoding is shorter than (gap, f - 1) pairs
+    rng = np.random.default_rng(1)
+    tok = (E.zigzag(np.round(rng.normal(0, 30, 1 << 15)).astype(np.int64)) + E.TOKEN_BASE).astype(np.uint16)
+    _, freq = E.choose_pb(E.histogram_ref(tok))
+    table = E.write_table(freq)
+    back, end = E.read_table(table, 0, int(np.log2(freq.sum())))
+    assert end == len(table) and np.array_equal(back, freq)
+    assert len(table) < 2 + 2 * int((freq > 0).sum())
+    # states: varint(x - L); L itself is one zero byte
+    st = np.full(E.LANES, E.RANS_L, np.uint32)
+    st[1], st[2] = E.RANS_L + 1, E.RANS_L + 300
+    assert E.write_states(st) == bytes([0, 1, 0xAC, 0x02] + [0] * (E.LANES - 3))
+    assert np.array_equal(E.read_states(E.write_states(st), 0)[0], st)
+    too_big = bytes([0xFF, 0xFF, 0xFF, 0xFF, 0x07]) + bytes(E.LANES - 1)  # 2^31 - 1 - L + L >= 2^31
+    with pytest.raises(fc.FormatError):
+        E.read_states(too_big, 0)
+
+
 def test_tokenize_roundtrip_and_runs():
     rng = np.random.default_rng(2)
     d = rng.integers(-40000, 40000, 3000) * (rng.random(3000) < 0.3)
@@ -303,8 +349,11 @@ def _repack(blob: bytes, data: bytes) -> bytes:
     return wire.pack(wire.CODEC_SZ_TENSOR, [wire.Record(r.name, r.dtype, r.shape, data)])
 
 
-@pytest.mark.parametrize("backend", ["torch", "cpp"])
-def test_hostile_payloads_raise_format_error(backend):
+@pytest.mark.parametrize("backend", ["torch", "cpp", "cpp-portable"])
+def test_hostile_payloads_raise_format_error(backend, request):
+    if backend == "cpp-portable":
+        request.getfixturevalue("portable_rans")
+        backend = "cpp"
     backend_or_skip("sz_decode", backend)
     codec = fc.SZ(1e-2, backend=backend, block_size=4096)
     rng = random.Random(7)

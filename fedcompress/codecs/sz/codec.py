@@ -5,7 +5,7 @@ This file is also the readable specification of the format; the C++ (csrc/sz.cpp
 
 Stream (one tensor; the ``data`` of a wire record), little-endian::
 
-    u8  version (1)     u8 flags (bit0: blocks section is zstd-compressed)
+    u8  version (2)     u8 flags (bit0: blocks section is zstd-compressed)
     f64 step            quantization step (2 eb for the quantizer; finite, > 0)
     f64 bound           the promised |x - x_hat| bound (information; the encoder checked it)
     u32 block_size      u32 n_blocks (= ceil(numel / block_size))
@@ -18,7 +18,7 @@ Block (block_size values, the last one shorter)::
     u8 pb               model precision (12..15 bits)
     u32 n_tokens        u32 n_wide        u32 n_outliers
     table               frequencies (entropy.write_table)
-    u32 state * 8       final rANS states
+    varint state * 32   final rANS states - L (entropy.write_states)
     u32 n_words         u16 word * n_words
     i32 wide * n_wide   residuals outside the radius
     outliers            n_outliers values in the tensor's dtype, bit-exact
@@ -42,7 +42,7 @@ from . import lossless
 from .predict import PRED_LORENZO, choose_predictor, hold_outliers, lorenzo_inverse_ref, lorenzo_ref
 from .quantize import inverse_of_step, prequantize_ref, quantize_ref, reconstruct_ref
 
-VERSION = 1
+VERSION = 2  # 2: 32 rANS lanes (1 had 8)
 MAX_BLOCK = 1 << 24
 BLK_LORENZO = 1
 BLK_RUN = 2
@@ -159,7 +159,7 @@ def _pack_block(x, pred, run, tok, hist, wide, outlier) -> bytes:
     parts = [
         struct.pack("<BBIII", flags, pb, tok.shape[0], wide.shape[0], n_out),
         ent.write_table(freq),
-        states.astype("<u4").tobytes(),
+        ent.write_states(states),
         struct.pack("<I", words.shape[0]),
         words.astype("<u2").tobytes(),
         wide.astype("<i4").tobytes(),
@@ -188,7 +188,7 @@ def decode_block_ref(buf, n: int, dtype: torch.dtype, step: float, reconstruct=N
         raise FormatError("sz block: counts impossible for the block size")
     buf = r.buf
     freq, r.pos = ent.read_table(buf, r.pos, pb)
-    states = np.frombuffer(r.take(4 * ent.LANES), "<u4")
+    states, r.pos = ent.read_states(buf, r.pos)
     n_words = r.u32()
     words = np.frombuffer(r.take(2 * n_words), "<u2")
     wide = np.frombuffer(r.take(4 * n_wide), "<i4")
