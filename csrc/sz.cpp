@@ -343,11 +343,16 @@ __attribute__((always_inline)) inline int64_t quantize_kernel(const typename D::
   return nbad;
 }
 
-// The quantize kernel vectorises; an AVX2 clone (chosen at run time) runs it 4-8 values wide
-// while the default build stays portable (no -march=native).
+// The quantize kernel vectorises; AVX2 and AVX-512 clones (chosen at run time) run it 4-16
+// values wide while the default build stays portable (no -march=native).
 template <class D>
 __attribute__((target("avx2"))) int64_t quantize_avx2(const typename D::T* x, int64_t n, float inv, double step,
                                                       double bound, int32_t* q, uint8_t* bad) {
+  return quantize_kernel<D>(x, n, inv, step, bound, q, bad);
+}
+template <class D>
+__attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,prefer-vector-width=512"))) int64_t quantize_avx512(
+    const typename D::T* x, int64_t n, float inv, double step, double bound, int32_t* q, uint8_t* bad) {
   return quantize_kernel<D>(x, n, inv, step, bound, q, bad);
 }
 template <class D>
@@ -358,13 +363,14 @@ int64_t quantize_default(const typename D::T* x, int64_t n, float inv, double st
 static const bool kHasAvx2 = __builtin_cpu_supports("avx2");
 static const bool kHasAvx512 = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
                                __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512vbmi2") &&
-                               __builtin_cpu_supports("popcnt");
-// tests force the portable rANS loops to check them against the AVX-512 ones (set between calls)
+                               __builtin_cpu_supports("avx512dq") && __builtin_cpu_supports("popcnt");
+// tests force the portable loops (AVX2 at most) to check them against the AVX-512 ones (set between calls)
 static std::atomic<bool> g_portable{false};
 static bool use_avx512() { return kHasAvx512 && !g_portable.load(std::memory_order_relaxed); }
 template <class D>
 static int64_t quantize_block(const typename D::T* x, int64_t n, float inv, double step, double bound, int32_t* q,
                               uint8_t* bad) {
+  if (use_avx512()) return quantize_avx512<D>(x, n, inv, step, bound, q, bad);
   return kHasAvx2 ? quantize_avx2<D>(x, n, inv, step, bound, q, bad)
                   : quantize_default<D>(x, n, inv, step, bound, q, bad);
 }
@@ -504,14 +510,19 @@ static std::string encode_block(const typename D::T* x, int64_t n, float inv, do
   S.zmask.resize(nmask);
   uint64_t* zm = S.zmask.data();
   zero_masks(tok, n, zm);
+  uint32_t top = kSubRange - 1;  // the largest token seen (the presence scan below stops there)
   for (int64_t i = 0; i + 4 <= n; i += 4) {  // 4 interleaved sub-histograms: no store-forwarding chains
     for (int k = 0; k < 4; ++k) {
       const uint32_t t = tok[i + k];
-      if (t < kSubRange) ++sub[k * kSubRange + t];
-      else ++S.hist[t];
+      if (t < kSubRange) {
+        ++sub[k * kSubRange + t];
+      } else {
+        ++S.hist[t];
+        top = std::max(top, t);
+      }
     }
   }
-  for (int64_t i = n & ~int64_t(3); i < n; ++i) ++S.hist[tok[i]];
+  for (int64_t i = n & ~int64_t(3); i < n; ++i) ++S.hist[tok[i]], top = std::max<uint32_t>(top, tok[i]);
   std::vector<uint16_t> pres_p, pres_r;
   for (uint32_t t = 0; t < kSubRange; ++t) {
     S.hist[t] += sub[t] + sub[kSubRange + t] + sub[2 * kSubRange + t] + sub[3 * kSubRange + t];
@@ -525,7 +536,7 @@ static std::string encode_block(const typename D::T* x, int64_t n, float inv, do
       if (tok[i] == kEscWide) S.wide.push_back(d);
     }
   }
-  for (uint32_t t = 0; t < kTokens; ++t)
+  for (uint32_t t = 0; t <= top; ++t)
     if (S.hist[t]) pres_p.push_back(uint16_t(t));
   // run-mode histogram: token 4 disappears, digits appear. Considered only when zeros are common
   // (>= 1/16 of the tokens), so noise-like blocks skip the extra pass.

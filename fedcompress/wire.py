@@ -33,6 +33,20 @@ import torch
 
 from .errors import FormatError
 
+def _pick_crc32():
+    """zlib.crc32, or the extension's PCLMULQDQ version of it (same values, ~5x faster here)."""
+    try:
+        from . import _C
+
+        if _C.crc32_fast():
+            return _C.crc32
+    except ImportError:  # pure-Python install: the extension is optional
+        pass
+    return zlib.crc32
+
+
+crc32 = _pick_crc32()
+
 MAGIC = b"FCMP"
 FORMAT_VERSION = 1
 
@@ -275,7 +289,7 @@ def pack(codec: int, records: list[Record], meta: bytes = b"") -> bytes:
         w.blob(r.data)
     crc = 0
     for p in w.parts:
-        crc = zlib.crc32(p, crc)
+        crc = crc32(p, crc)
     w.u32(crc)
     return w.getvalue()
 
@@ -301,7 +315,7 @@ def unpack(blob, expect_codec: int) -> tuple[memoryview, list[Record]]:
         got = CODEC_NAMES.get(codec, f"unknown codec {codec}")
         raise FormatError(f"payload is {got!r}, expected {CODEC_NAMES.get(expect_codec, expect_codec)!r}")
     (crc,) = struct.unpack("<I", buf[-4:])
-    if zlib.crc32(buf[:-4]) != crc:
+    if crc32(buf[:-4]) != crc:
         raise FormatError("checksum mismatch: payload corrupted")
     r = Reader(buf[:-4])
     r.take(8)

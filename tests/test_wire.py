@@ -161,3 +161,21 @@ def test_no_pickle_anywhere_in_the_package():
     for p in root.rglob("*.py"):
         src = p.read_text()
         assert "import pickle" not in src and "torch.load(" not in src, p
+
+
+def test_crc32_matches_zlib_at_every_length_and_offset():
+    # the checksum may run the extension's carry-less-multiply CRC; zlib.crc32 is the reference
+    import os
+    import zlib
+
+    data = os.urandom(5000)
+    for n in list(range(0, 300)) + [1023, 1024, 4096, 4999]:
+        for off in (0, 1, 13):
+            chunk = memoryview(data)[off : off + n]
+            for value in (0, 0xFFFFFFFF, 0x1234ABCD):
+                assert wire.crc32(chunk, value) == zlib.crc32(chunk, value), (n, off, value)
+    try:
+        from fedcompress import _C
+    except ImportError:
+        return
+    assert _C.crc32(data) == zlib.crc32(data)
