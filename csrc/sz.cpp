@@ -12,6 +12,7 @@
 #include <cstring>
 #include <stdexcept>
 #include <string>
+#include <type_traits>
 #include <vector>
 
 #include "registry.h"
@@ -893,9 +894,67 @@ int64_t run_tokens_default(const uint16_t* tk, int64_t cnt, typename D::T* dst, 
                            const typename D::T* lut, const int32_t* dlut, double step) {
   return run_tokens_kernel<D, LOR>(tk, cnt, dst, n, rs, lut, dlut, step);
 }
+// Pass 2 for float32 run-mode blocks without a predictor, 16 tokens at a time with AVX-512. Token
+// j lands at pos + pending run + the sum of c_i over the tokens before it, where c = 1 for an
+// ordinary token and (t - 1) << k for the k-th digit of a run (k from a prefix max of the last
+// ordinary token's lane); ordinary values are gathered from lut and scattered there (the block
+// holds the zero value already). Returns the tokens done; leaves the rest (from an escape, a run
+// that could reach 2^24 values, or a position past the block) to the scalar kernel, which checks.
+__attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,popcnt"))) static int64_t run_tokens_f32_avx512(
+    const uint16_t* tk, int64_t cnt, float* dst, int64_t n, RunState& rs, const float* lut) {
+  const __m512i lane = _mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0);
+  const __m512i zero = _mm512_setzero_si512(), one = _mm512_set1_epi32(1), two = _mm512_set1_epi32(2);
+  const __m512i nv = _mm512_set1_epi32(int32_t(n)), lowest = _mm512_set1_epi32(INT32_MIN);
+  alignas(64) int32_t sv[16];
+  int64_t j = 0;
+  for (; j + 16 <= cnt; j += 16) {
+    if (rs.runk > 16 || rs.pos + int64_t(rs.runlen) >= (int64_t(1) << 30)) break;
+    const __m512i t = _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(tk + j)));
+    if (_mm512_cmplt_epu32_mask(t, two)) break;  // an escape
+    const __mmask16 isr = _mm512_cmplt_epu32_mask(_mm512_sub_epi32(t, two), two), ord = __mmask16(~isr);
+    // last ordinary lane at or before each lane; before the first, -1 - runk (so k continues the run)
+    const __m512i base = _mm512_set1_epi32(-1 - rs.runk);
+    __m512i L = _mm512_mask_mov_epi32(lowest, ord, lane);
+    L = _mm512_max_epi32(L, _mm512_alignr_epi32(L, base, 15));
+    L = _mm512_max_epi32(L, _mm512_alignr_epi32(L, base, 14));
+    L = _mm512_max_epi32(L, _mm512_alignr_epi32(L, base, 12));
+    L = _mm512_max_epi32(L, _mm512_alignr_epi32(L, base, 8));
+    const __m512i k = _mm512_sub_epi32(_mm512_sub_epi32(lane, L), one);  // digit index in its run
+    if (_mm512_mask_cmpgt_epi32_mask(isr, k, _mm512_set1_epi32(24))) break;  // a run >= 2^24: scalar
+    const __m512i c = _mm512_mask_sllv_epi32(one, isr, _mm512_sub_epi32(t, one), k);
+    __m512i S = c;  // inclusive prefix sum
+    S = _mm512_add_epi32(S, _mm512_alignr_epi32(S, zero, 15));
+    S = _mm512_add_epi32(S, _mm512_alignr_epi32(S, zero, 14));
+    S = _mm512_add_epi32(S, _mm512_alignr_epi32(S, zero, 12));
+    S = _mm512_add_epi32(S, _mm512_alignr_epi32(S, zero, 8));
+    const int32_t p0 = int32_t(rs.pos + int64_t(rs.runlen));
+    const __m512i at = _mm512_add_epi32(_mm512_set1_epi32(p0), _mm512_sub_epi32(S, c));
+    if (_mm512_mask_cmpge_epi32_mask(ord, at, nv)) break;  // past the block: the scalar kernel throws
+    const __m512 v = _mm512_mask_i32gather_ps(_mm512_setzero_ps(), ord, t, lut, 4);
+    _mm512_mask_i32scatter_ps(dst, ord, at, v, 4);
+    _mm512_store_si512(sv, S);
+    if (ord) {
+      const int last = 31 - __builtin_clz(uint32_t(ord));
+      rs.pos = int64_t(p0) + sv[last];
+      rs.runlen = uint64_t(sv[15] - sv[last]);
+      rs.runk = 15 - last;
+    } else {
+      rs.runlen += uint64_t(sv[15]);
+      rs.runk += 16;
+    }
+  }
+  return j;
+}
+
 template <class D>
 static int64_t run_tokens(bool lor, const uint16_t* tk, int64_t cnt, typename D::T* dst, int64_t n, RunState& rs,
                           const typename D::T* lut, const int32_t* dlut, double step) {
+  if constexpr (std::is_same<D, F32>::value) {
+    if (!lor && use_avx512()) {
+      const int64_t j = run_tokens_f32_avx512(tk, cnt, dst, n, rs, lut);
+      return j + run_tokens_avx2<D, false>(tk + j, cnt - j, dst, n, rs, lut, dlut, step);
+    }
+  }
   if (kHasAvx2)
     return lor ? run_tokens_avx2<D, true>(tk, cnt, dst, n, rs, lut, dlut, step)
                : run_tokens_avx2<D, false>(tk, cnt, dst, n, rs, lut, dlut, step);

@@ -216,6 +216,33 @@ def test_run_blocks_with_escapes_identical_across_backends(dtype):
     assert np.array_equal(_bits(x)[special.numpy()], _bits(ys["cpp"])[special.numpy()])
 
 
+@pytest.mark.parametrize("portable", [False, True])
+def test_long_and_chunk_crossing_runs_decode_exactly(portable, request):
+    # runs from 1 to 60,000 values (up to 15 run digits), pending across 16-token vectors and the
+    # decoder's 4096-token chunks, in float32 (the AVX-512 run kernel) and through the portable loops
+    backend_or_skip("sz_encode", "cpp")
+    if portable:
+        request.getfixturevalue("portable_rans")
+    rng = np.random.default_rng(11)
+    n = 300_000
+    x = np.zeros(n, np.float32)
+    pos = 0
+    while True:
+        pos += int(rng.choice([1, 2, 3, 5, 16, 17, 31, 33, 100, 4097, 60_000],
+                              p=[0.2, 0.2, 0.15, 0.15, 0.1, 0.1, 0.04, 0.04, 0.015, 0.004, 0.001]))
+        if pos >= n:
+            break
+        x[pos] = rng.normal()
+    t = torch.from_numpy(x)
+    blob = fc.SZ(1e-3, "abs", backend="cpp", block_size=1 << 17).encode(t)
+    sec = wire.unpack(blob, wire.CODEC_SZ_TENSOR)[1][0].data[C._HDR.size :]
+    assert all(b[0] == C.BLK_RUN for b in C.split_section(sec, n, 1 << 17, 3))
+    assert blob == fc.SZ(1e-3, "abs", backend="torch", block_size=1 << 17).encode(t)
+    y = fc.SZ(backend="cpp").decode(blob)
+    assert np.array_equal(_bits(y), _bits(fc.SZ(backend="torch").decode(blob)))
+    _check_bound(t, y, 1e-3, "abs")
+
+
 def test_all_block_kinds_exercised():
     """The mixed data really produces lorenzo, zero-run and raw blocks (so the tests above cover them)."""
     seen = set()
