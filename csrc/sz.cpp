@@ -545,23 +545,40 @@ static std::string encode_block(const typename D::T* x, int64_t n, float inv, do
   const uint32_t h4 = hist[kTokenBase];
   int64_t cost_p = estimate_cost(hist, pres_p), cost_r = cost_p;
   uint64_t runs_a = 0, runs_b = 0;
+  int64_t ntok_r = 0;
   if (uint64_t(h4) * kRunConsider >= uint64_t(n)) {
-    auto count = [&](uint64_t r) {
+    // Run-mode tokens into a second buffer, counting the digits as they go (one pass over the
+    // zero masks; if plain mode wins after all, the buffer is simply not used). A run of token 4
+    // becomes its bijective base-2 digits, least significant first.
+    S.tok_r.resize(n + 64);
+    uint16_t* out = S.tok_r.data();
+    int64_t o = 0;
+    uint64_t r = 0;
+    auto digits = [&]() {
       const uint64_t v = r + 1;
       const int nd = bit_length(v) - 1, nb = popcount64(v) - 1;
       runs_b += nb;
       runs_a += nd - nb;
+      // 8 digits unconditionally (runs < 511 have fewer; the slack absorbs the rest and later
+      // writes overwrite it): a loop of nd iterations mispredicts its exit on every run
+      for (int k = 0; k < 8; ++k) out[o + k] = uint16_t(kRunA + ((v >> k) & 1));
+      for (int k = 8; k < nd; ++k) out[o + k] = uint16_t(kRunA + ((v >> k) & 1));
+      o += nd;
+      r = 0;
     };
-    // zero runs from the 64-token masks (work per run, not per token)
-    uint64_t run = 0;
-    for_each_segment(zm, n, [&](bool zero, int64_t, int64_t len) {
-      if (zero) run += uint64_t(len);
-      else if (run) {
-        count(run);
-        run = 0;
+    for_each_segment(zm, n, [&](bool zero, int64_t at, int64_t len) {
+      if (zero) {
+        r += uint64_t(len);
+        return;
       }
+      if (r) digits();
+      // 16-token copies may run past the segment: both buffers have 64 tokens of slack, and the
+      // next segment overwrites what ran over
+      for (int64_t k = 0; k < len; k += 16) std::memcpy(out + o + k, tok + at + k, 32);
+      o += len;
     });
-    if (run) count(run);
+    if (r) digits();
+    ntok_r = o;
     hist[kTokenBase] = 0;
     hist[kRunA] += uint32_t(runs_a);
     hist[kRunB] += uint32_t(runs_b);
@@ -587,31 +604,9 @@ static std::string encode_block(const typename D::T* x, int64_t n, float inv, do
   }
   std::vector<uint16_t>& present = use_run ? pres_r : pres_p;
   int64_t ntok = n;
-  if (use_run) {  // run-mode tokens into a second buffer: a run of token 4 becomes its digits
-    S.tok_r.resize(n + 64);
-    uint16_t* out = S.tok_r.data();
-    int64_t o = 0;
-    uint64_t r = 0;
-    auto digits = [&]() {
-      const uint64_t v = r + 1;
-      const int nd = bit_length(v) - 1;
-      for (int k = 0; k < nd; ++k) out[o++] = uint16_t(kRunA + ((v >> k) & 1));
-      r = 0;
-    };
-    for_each_segment(zm, n, [&](bool zero, int64_t at, int64_t len) {
-      if (zero) {
-        r += uint64_t(len);
-        return;
-      }
-      if (r) digits();
-      // 16-token copies may run past the segment: both buffers have 64 tokens of slack, and the
-      // next segment overwrites what ran over
-      for (int64_t k = 0; k < len; k += 16) std::memcpy(out + o + k, tok + at + k, 32);
-      o += len;
-    });
-    if (r) digits();
-    tok = out;
-    ntok = o;
+  if (use_run) {
+    tok = S.tok_r.data();
+    ntok = ntok_r;
   }
 
   auto make_raw = [&]() {
