@@ -125,7 +125,8 @@ def cases():
 
 
 def _rounds(provider: str) -> int:
-    return 1 if provider == "fc-torch" else 2
+    # medians of 9: single timings of the 2 MB update move by +-30% on this 2-core machine
+    return 1 if provider == "fc-torch" else 9
 
 
 @pytest.mark.parametrize("name,rel,provider", list(cases()))

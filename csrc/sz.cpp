@@ -363,8 +363,9 @@ int64_t quantize_default(const typename D::T* x, int64_t n, float inv, double st
 }
 static const bool kHasAvx2 = __builtin_cpu_supports("avx2");
 static const bool kHasAvx512 = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
-                               __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512vbmi2") &&
-                               __builtin_cpu_supports("avx512dq") && __builtin_cpu_supports("popcnt");
+                               __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq") &&
+                               __builtin_cpu_supports("popcnt");
+static const bool kHasVbmi2 = kHasAvx512 && __builtin_cpu_supports("avx512vbmi2");  // the encoder's compress
 // tests force the portable loops (AVX2 at most) to check them against the AVX-512 ones (set between calls)
 static std::atomic<bool> g_portable{false};
 static bool use_avx512() { return kHasAvx512 && !g_portable.load(std::memory_order_relaxed); }
@@ -655,7 +656,7 @@ static std::string encode_block(const typename D::T* x, int64_t n, float inv, do
     };
     const int64_t full = ntok / kLanes;
     for (int64_t i = ntok - 1; i >= full * kLanes; --i) enc(int(i % kLanes), tok[i]);
-    if (use_avx512()) {
+    if (use_avx512() && kHasVbmi2) {
       nw = rans_encode_avx512(st, tok, full, S.sx.data(), S.sr.data(), S.sc.data(), wp, nw);
     } else {
       for (int64_t s = full - 1; s >= 0; --s) {  // full steps: a fixed-count loop the compiler unrolls
