@@ -1233,7 +1233,8 @@ static void finite_minmax_f32(const float* x, int64_t n, double& lo, double& hi,
   const int64_t nc = (n + kChunk - 1) / kChunk;
   float l = INFINITY, h = -INFINITY;
   int64_t c = 0;
-#pragma omp parallel for if (n > (1 << 20)) reduction(min : l) reduction(max : h) reduction(+ : c)
+  // threads from 2^18 values (a 0.58M update: 0.14 -> 0.12 ms)
+#pragma omp parallel for if (n > (1 << 18)) reduction(min : l) reduction(max : h) reduction(+ : c)
   for (int64_t k = 0; k < nc; ++k) {
     float a, b;
     int64_t m;
