@@ -894,51 +894,70 @@ int64_t run_tokens_default(const uint16_t* tk, int64_t cnt, typename D::T* dst, 
 // j lands at pos + pending run + the sum of c_i over the tokens before it, where c = 1 for an
 // ordinary token and (t - 1) << k for the k-th digit of a run (k from a prefix max of the last
 // ordinary token's lane); ordinary values are gathered from lut and scattered there (the block
-// holds the zero value already). Returns the tokens done; leaves the rest (from an escape, a run
-// that could reach 2^24 values, or a position past the block) to the scalar kernel, which checks.
+// holds the zero value already). Digits before the vector's first ordinary token continue the
+// pending run, so their weights carry a factor 2^runk: their prefix sums (A) and the others' (B)
+// are kept apart and joined as (A << runk) + B, which keeps the carried state (pos, runlen, runk)
+// out of the vector work and lets successive vectors overlap. Returns the tokens done; leaves the
+// rest (from an escape, a run of 2^10 or more values, a position past the block) to the scalar
+// kernel, which checks everything.
 __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,popcnt"))) static int64_t run_tokens_f32_avx512(
     const uint16_t* tk, int64_t cnt, float* dst, int64_t n, RunState& rs, const float* lut) {
   const __m512i lane = _mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0);
   const __m512i zero = _mm512_setzero_si512(), one = _mm512_set1_epi32(1), two = _mm512_set1_epi32(2);
   const __m512i nv = _mm512_set1_epi32(int32_t(n)), lowest = _mm512_set1_epi32(INT32_MIN);
-  alignas(64) int32_t sv[16];
+  const __m512i minus1 = _mm512_set1_epi32(-1);
+  alignas(64) int32_t av[16], bv[16];
+  int64_t pos = rs.pos;
+  uint64_t runlen = rs.runlen;
+  int runk = rs.runk;
   int64_t j = 0;
   for (; j + 16 <= cnt; j += 16) {
-    if (rs.runk > 16 || rs.pos + int64_t(rs.runlen) >= (int64_t(1) << 30)) break;
+    if (runk > 9 || pos + int64_t(runlen) >= (int64_t(1) << 30)) break;  // weights stay < 2^25
     const __m512i t = _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(tk + j)));
     if (_mm512_cmplt_epu32_mask(t, two)) break;  // an escape
     const __mmask16 isr = _mm512_cmplt_epu32_mask(_mm512_sub_epi32(t, two), two), ord = __mmask16(~isr);
-    // last ordinary lane at or before each lane; before the first, -1 - runk (so k continues the run)
-    const __m512i base = _mm512_set1_epi32(-1 - rs.runk);
+    const __mmask16 lead = __mmask16(ord ? (ord & (0u - ord)) - 1 : 0xFFFF);  // lanes before the first ordinary
+    // last ordinary lane at or before each lane (-1 before the first): k = digit index in its run,
+    // counted from this vector for the leading digits
     __m512i L = _mm512_mask_mov_epi32(lowest, ord, lane);
-    L = _mm512_max_epi32(L, _mm512_alignr_epi32(L, base, 15));
-    L = _mm512_max_epi32(L, _mm512_alignr_epi32(L, base, 14));
-    L = _mm512_max_epi32(L, _mm512_alignr_epi32(L, base, 12));
-    L = _mm512_max_epi32(L, _mm512_alignr_epi32(L, base, 8));
-    const __m512i k = _mm512_sub_epi32(_mm512_sub_epi32(lane, L), one);  // digit index in its run
-    if (_mm512_mask_cmpgt_epi32_mask(isr, k, _mm512_set1_epi32(24))) break;  // a run >= 2^24: scalar
+    L = _mm512_max_epi32(L, _mm512_alignr_epi32(L, minus1, 15));
+    L = _mm512_max_epi32(L, _mm512_alignr_epi32(L, minus1, 14));
+    L = _mm512_max_epi32(L, _mm512_alignr_epi32(L, minus1, 12));
+    L = _mm512_max_epi32(L, _mm512_alignr_epi32(L, minus1, 8));
+    const __m512i k = _mm512_sub_epi32(_mm512_sub_epi32(lane, L), one);
     const __m512i c = _mm512_mask_sllv_epi32(one, isr, _mm512_sub_epi32(t, one), k);
-    __m512i S = c;  // inclusive prefix sum
-    S = _mm512_add_epi32(S, _mm512_alignr_epi32(S, zero, 15));
-    S = _mm512_add_epi32(S, _mm512_alignr_epi32(S, zero, 14));
-    S = _mm512_add_epi32(S, _mm512_alignr_epi32(S, zero, 12));
-    S = _mm512_add_epi32(S, _mm512_alignr_epi32(S, zero, 8));
-    const int32_t p0 = int32_t(rs.pos + int64_t(rs.runlen));
-    const __m512i at = _mm512_add_epi32(_mm512_set1_epi32(p0), _mm512_sub_epi32(S, c));
+    __m512i A = _mm512_maskz_mov_epi32(lead, c), B = _mm512_mask_mov_epi32(c, lead, zero);
+    const __m512i cl = A, cn = B;
+    A = _mm512_add_epi32(A, _mm512_alignr_epi32(A, zero, 15));
+    B = _mm512_add_epi32(B, _mm512_alignr_epi32(B, zero, 15));
+    A = _mm512_add_epi32(A, _mm512_alignr_epi32(A, zero, 14));
+    B = _mm512_add_epi32(B, _mm512_alignr_epi32(B, zero, 14));
+    A = _mm512_add_epi32(A, _mm512_alignr_epi32(A, zero, 12));
+    B = _mm512_add_epi32(B, _mm512_alignr_epi32(B, zero, 12));
+    A = _mm512_add_epi32(A, _mm512_alignr_epi32(A, zero, 8));
+    B = _mm512_add_epi32(B, _mm512_alignr_epi32(B, zero, 8));
+    _mm512_store_si512(av, A);
+    _mm512_store_si512(bv, B);
+    // the carried part: exclusive prefix = (A - cl) << runk + (B - cn), from p0
+    const __m128i rk = _mm_cvtsi32_si128(runk);
+    const int32_t p0 = int32_t(pos + int64_t(runlen));
+    const __m512i excl = _mm512_add_epi32(_mm512_sll_epi32(_mm512_sub_epi32(A, cl), rk), _mm512_sub_epi32(B, cn));
+    const __m512i at = _mm512_add_epi32(_mm512_set1_epi32(p0), excl);
     if (_mm512_mask_cmpge_epi32_mask(ord, at, nv)) break;  // past the block: the scalar kernel throws
     const __m512 v = _mm512_mask_i32gather_ps(_mm512_setzero_ps(), ord, t, lut, 4);
     _mm512_mask_i32scatter_ps(dst, ord, at, v, 4);
-    _mm512_store_si512(sv, S);
     if (ord) {
       const int last = 31 - __builtin_clz(uint32_t(ord));
-      rs.pos = int64_t(p0) + sv[last];
-      rs.runlen = uint64_t(sv[15] - sv[last]);
-      rs.runk = 15 - last;
+      const int64_t s_last = (int64_t(av[last]) << runk) + bv[last];
+      pos = int64_t(p0) + s_last;
+      runlen = uint64_t((int64_t(av[15]) << runk) + bv[15] - s_last);
+      runk = 15 - last;
     } else {
-      rs.runlen += uint64_t(sv[15]);
-      rs.runk += 16;
+      runlen += uint64_t(int64_t(av[15]) << runk);
+      runk += 16;
     }
   }
+  rs.pos = pos, rs.runlen = runlen, rs.runk = runk;
   return j;
 }
 
@@ -946,9 +965,16 @@ template <class D>
 static int64_t run_tokens(bool lor, const uint16_t* tk, int64_t cnt, typename D::T* dst, int64_t n, RunState& rs,
                           const typename D::T* lut, const int32_t* dlut, double step) {
   if constexpr (std::is_same<D, F32>::value) {
-    if (!lor && use_avx512()) {
-      const int64_t j = run_tokens_f32_avx512(tk, cnt, dst, n, rs, lut);
-      return j + run_tokens_avx2<D, false>(tk + j, cnt - j, dst, n, rs, lut, dlut, step);
+    if (!lor && use_avx512()) {  // vectors where they can, 16 scalar tokens where they stop
+      int64_t j = 0;
+      while (j < cnt) {
+        j += run_tokens_f32_avx512(tk + j, cnt - j, dst, n, rs, lut);
+        const int64_t m = std::min<int64_t>(16, cnt - j);
+        const int64_t done = run_tokens_avx2<D, false>(tk + j, m, dst, n, rs, lut, dlut, step);
+        j += done;
+        if (done < m) break;  // an escape: the caller's checked path
+      }
+      return j;
     }
   }
   if (kHasAvx2)
