@@ -222,7 +222,10 @@ static int choose_model(const std::vector<uint32_t>& hist, const std::vector<uin
   std::vector<uint32_t> f;
   int best_pb = -1;
   int64_t best = 0;
-  for (int pb = kMinPb; pb <= kMaxPb; ++pb) {
+  // entropy.max_pb: 2^pb <= n / 2, at least kMinPb and a slot per symbol (the decoder builds a
+  // 2^pb-slot table per block)
+  const int top = std::max({kMinPb, bit_length(uint64_t(ns) - 1), std::min(kMaxPb, bit_length(n) - 2)});
+  for (int pb = kMinPb; pb <= top; ++pb) {
     if (ns > (size_t(1) << pb)) continue;
     normalize(hist, present, order, n, pb, f);
     int64_t cost = 0;
