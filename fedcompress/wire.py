@@ -33,6 +33,7 @@ import torch
 
 from .errors import FormatError
 
+
 def _pick_crc32():
     """zlib.crc32, or the extension's PCLMULQDQ version of it (same values, ~5x faster here)."""
     try:
