@@ -259,8 +259,8 @@ struct Out {
 // rANS encode of full steps s = full-1 .. 0 with AVX-512, the same words as the scalar loop. The
 // scalar loop takes lanes 31..0 and appends a word for each lane that must renormalise; here the
 // states sit in two vectors in reversed lane order (element k = lane 31-k, then lane 15-k), so a
-// compress of each vector appends in that same order. Symbol fields come from three gathers:
-// xmax | shift (xmax's low 16 bits are zero), the reciprocal, and cum | (M - f) << 16.
+// compress of each vector appends in that same order. Symbol fields come from three gathers of
+// EncScratch's sx, sr, sc.
 __attribute__((target("avx512f,avx512bw,avx512vl,avx512vbmi2,popcnt"))) static int64_t rans_encode_avx512(
     uint32_t* st, const uint16_t* tok, int64_t full, const uint32_t* sx, const uint32_t* sr, const uint32_t* sc,
     uint16_t* wp, int64_t nw) {
@@ -308,14 +308,11 @@ struct EncScratch {
   std::vector<uint32_t> hist;
   std::vector<uint64_t> zmask;  // bit per token: is it token 4 (a zero residual)
   std::vector<uint32_t> sub;  // 4 interleaved sub-histograms of the tokens < kSubRange
-  struct Sym {
-    uint64_t rcp;  // floor(2^(31+l) / f) + 1: exact x / f for x < 2^31 (Granlund-Montgomery)
-    uint32_t xmax, cum, cmpl;
-    uint32_t shift;
-  };
-  std::vector<Sym> sym;
-  std::vector<uint32_t> sx, sr, sc;  // the AVX-512 encoder's view of sym (rans_encode_avx512)
-  EncScratch() : hist(kTokens), sub(4 * kSubRange), sym(kTokens), sx(kTokens), sr(kTokens), sc(kTokens) {}
+  // per token, the rANS encoder's symbol: sx = xmax | shift (xmax = f << (31 - pb) has 16 zero low
+  // bits), sr = floor(2^shift / f) + 1 with shift = 31 + ceil(log2 f) (Granlund-Montgomery: exact
+  // x / f for x < 2^31; < 2^32 since f > 2^(shift-32)), sc = cum | (M - f) << 16
+  std::vector<uint32_t> sx, sr, sc;
+  EncScratch() : hist(kTokens), sub(4 * kSubRange), sx(kTokens), sr(kTokens), sc(kTokens) {}
 };
 
 // Stage 1 for one block, branch-free so it vectorises: codes, the outlier test, reconstructions
@@ -627,17 +624,10 @@ static std::string encode_block(const typename D::T* x, int64_t n, float inv, do
     const uint32_t M = 1u << pb;
     uint32_t c = 0;
     for (size_t k = 0; k < present.size(); ++k) {
-      const uint32_t f = freq[k];
-      auto& s = S.sym[present[k]];
-      const int l = bit_length(f - 1);  // ceil(log2 f)
-      s.rcp = ((uint64_t(1) << (31 + l)) / f) + 1;
-      s.shift = uint32_t(31 + l);
-      s.xmax = f << (31 - pb);
-      s.cum = c;
-      s.cmpl = M - f;
-      S.sx[present[k]] = s.xmax | s.shift;
-      S.sr[present[k]] = uint32_t(s.rcp);  // < 2^32: f > 2^(l-1) makes 2^(31+l) / f < 2^32 - 2^17
-      S.sc[present[k]] = c | (s.cmpl << 16);
+      const uint32_t f = freq[k], shift = 31 + uint32_t(bit_length(f - 1));  // 31 + ceil(log2 f)
+      S.sx[present[k]] = (f << (31 - pb)) | shift;
+      S.sr[present[k]] = uint32_t(((uint64_t(1) << shift) / f) + 1);
+      S.sc[present[k]] = c | ((M - f) << 16);
       c += f;
     }
     // rANS: encode backwards, lanes W-1..0 within a step; words come out reversed
@@ -646,21 +636,20 @@ static std::string encode_block(const typename D::T* x, int64_t n, float inv, do
     S.words.resize(ntok + kLanes);
     uint16_t* wp = S.words.data();
     int64_t nw = 0;
-    const EncScratch::Sym* sym = S.sym.data();
+    const uint32_t *sx = S.sx.data(), *sr = S.sr.data(), *sc = S.sc.data();
     auto enc = [&](int l, uint32_t t) {
-      const EncScratch::Sym& s = sym[t];
       uint32_t xs = st[l];
-      const uint32_t emit = xs >= s.xmax;  // branch-free: emitted ~1/3 of the time
+      const uint32_t emit = xs >= (sx[t] & 0xFFFF0000u);  // branch-free: emitted ~1/3 of the time
       wp[nw] = uint16_t(xs);
       nw += emit;
       xs >>= emit << 4;
-      const uint32_t qq = uint32_t((uint64_t(xs) * s.rcp) >> s.shift);
-      st[l] = xs + s.cum + qq * s.cmpl;
+      const uint32_t qq = uint32_t((uint64_t(xs) * sr[t]) >> (sx[t] & 0xFF));
+      st[l] = xs + (sc[t] & 0xFFFF) + qq * (sc[t] >> 16);
     };
     const int64_t full = ntok / kLanes;
     for (int64_t i = ntok - 1; i >= full * kLanes; --i) enc(int(i % kLanes), tok[i]);
     if (use_avx512() && kHasVbmi2) {
-      nw = rans_encode_avx512(st, tok, full, S.sx.data(), S.sr.data(), S.sc.data(), wp, nw);
+      nw = rans_encode_avx512(st, tok, full, sx, sr, sc, wp, nw);
     } else {
       for (int64_t s = full - 1; s >= 0; --s) {  // full steps: a fixed-count loop the compiler unrolls
         const uint16_t* tp = tok + s * kLanes;
