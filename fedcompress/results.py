@@ -38,7 +38,7 @@ from typing import Any
 
 RATIOS = (8, 16, 64)
 SWEEP_REL = (1e-1, 1e-2, 1e-3, 1e-4)
-PEER_WORDS = ("pysz", "zfpy", "zstd", "naive", "higher", "torchopt", "create_graph", "memcpy")
+PEER_WORDS = ("pysz", "zfpy", "zstd", "zlib", "naive", "higher", "torchopt", "create_graph", "memcpy")
 # The goals, in accuracy points (pt = percentage points of test accuracy).
 GOAL_16X_PT, GOAL_64X_PT, GOAL_SWEEP_RATIO, GOAL_SWEEP_PT = 0.5, 1.0, 20.0, 0.5
 
