@@ -261,39 +261,39 @@ struct Out {
 // states sit in two vectors in reversed lane order (element k = lane 31-k, then lane 15-k), so a
 // compress of each vector appends in that same order. Symbol fields come from three gathers of
 // EncScratch's sx, sr, sc.
-__attribute__((target("avx512f,avx512bw,avx512vl,avx512vbmi2,popcnt"))) static int64_t rans_encode_avx512(
-    uint32_t* st, const uint16_t* tok, int64_t full, const uint32_t* sx, const uint32_t* sr, const uint32_t* sc,
-    uint16_t* wp, int64_t nw) {
+#define FC_SZ_ENC_TARGET __attribute__((target("avx512f,avx512bw,avx512vl,avx512vbmi2,popcnt")))
+// one 16-lane vector of states (reversed lane order) encodes its 16 tokens
+FC_SZ_ENC_TARGET static inline __m512i rans_encode_vec(__m512i x, __m256i t16, const int* ix, const int* ir,
+                                                      const int* ic, uint16_t* wp, int64_t& nw) {
   const __m512i rev = _mm512_set_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
-  const __m512i lo16 = _mm512_set1_epi32(0xFFFF), hi16 = _mm512_set1_epi32(int(0xFFFF0000u));
-  const __m512i sh8 = _mm512_set1_epi32(0xFF), lo32 = _mm512_set1_epi64(0xFFFFFFFFll);
+  const __m512i t = _mm512_permutexvar_epi32(rev, _mm512_cvtepu16_epi32(t16));
+  const __m512i xs = _mm512_i32gather_epi32(t, ix, 4);
+  const __m512i rcp = _mm512_i32gather_epi32(t, ir, 4);
+  const __m512i cc = _mm512_i32gather_epi32(t, ic, 4);
+  const __mmask16 emit = _mm512_cmpge_epu32_mask(x, _mm512_and_si512(xs, _mm512_set1_epi32(int(0xFFFF0000u))));
+  _mm256_storeu_si256(reinterpret_cast<__m256i*>(wp + nw), _mm256_maskz_compress_epi16(emit, _mm512_cvtepi32_epi16(x)));
+  nw += _mm_popcnt_u32(emit);
+  x = _mm512_mask_srli_epi32(x, emit, x, 16);
+  const __m512i sh = _mm512_and_si512(xs, _mm512_set1_epi32(0xFF));
+  const __m512i pe = _mm512_srlv_epi64(_mm512_mul_epu32(x, rcp), _mm512_and_si512(sh, _mm512_set1_epi64(0xFFFFFFFFll)));
+  const __m512i po = _mm512_srlv_epi64(_mm512_mul_epu32(_mm512_srli_epi64(x, 32), _mm512_srli_epi64(rcp, 32)),
+                                       _mm512_srli_epi64(sh, 32));
+  const __m512i q = _mm512_mask_blend_epi32(0xAAAA, pe, _mm512_slli_epi64(po, 32));
+  return _mm512_add_epi32(_mm512_add_epi32(x, _mm512_and_si512(cc, _mm512_set1_epi32(0xFFFF))),
+                          _mm512_mullo_epi32(q, _mm512_srli_epi32(cc, 16)));
+}
+FC_SZ_ENC_TARGET static int64_t rans_encode_avx512(uint32_t* st, const uint16_t* tok, int64_t full, const uint32_t* sx,
+                                                   const uint32_t* sr, const uint32_t* sc, uint16_t* wp, int64_t nw) {
+  const __m512i rev = _mm512_set_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
   const int* ix = reinterpret_cast<const int*>(sx);
   const int* ir = reinterpret_cast<const int*>(sr);
   const int* ic = reinterpret_cast<const int*>(sc);
   __m512i x0 = _mm512_permutexvar_epi32(rev, _mm512_loadu_si512(st + 16));
   __m512i x1 = _mm512_permutexvar_epi32(rev, _mm512_loadu_si512(st));
-  auto one = [&](__m512i x, __m256i t16) {
-    const __m512i t = _mm512_permutexvar_epi32(rev, _mm512_cvtepu16_epi32(t16));
-    const __m512i xs = _mm512_i32gather_epi32(t, ix, 4);
-    const __m512i rcp = _mm512_i32gather_epi32(t, ir, 4);
-    const __m512i cc = _mm512_i32gather_epi32(t, ic, 4);
-    const __mmask16 emit = _mm512_cmpge_epu32_mask(x, _mm512_and_si512(xs, hi16));
-    _mm256_storeu_si256(reinterpret_cast<__m256i*>(wp + nw),
-                        _mm256_maskz_compress_epi16(emit, _mm512_cvtepi32_epi16(x)));
-    nw += _mm_popcnt_u32(emit);
-    x = _mm512_mask_srli_epi32(x, emit, x, 16);
-    const __m512i sh = _mm512_and_si512(xs, sh8);
-    const __m512i pe = _mm512_srlv_epi64(_mm512_mul_epu32(x, rcp), _mm512_and_si512(sh, lo32));
-    const __m512i po = _mm512_srlv_epi64(_mm512_mul_epu32(_mm512_srli_epi64(x, 32), _mm512_srli_epi64(rcp, 32)),
-                                         _mm512_srli_epi64(sh, 32));
-    const __m512i q = _mm512_mask_blend_epi32(0xAAAA, pe, _mm512_slli_epi64(po, 32));
-    return _mm512_add_epi32(_mm512_add_epi32(x, _mm512_and_si512(cc, lo16)),
-                            _mm512_mullo_epi32(q, _mm512_srli_epi32(cc, 16)));
-  };
   for (int64_t s = full - 1; s >= 0; --s) {
     const uint16_t* tp = tok + s * kLanes;
-    x0 = one(x0, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(tp + 16)));
-    x1 = one(x1, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(tp)));
+    x0 = rans_encode_vec(x0, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(tp + 16)), ix, ir, ic, wp, nw);
+    x1 = rans_encode_vec(x1, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(tp)), ix, ir, ic, wp, nw);
   }
   _mm512_storeu_si512(st + 16, _mm512_permutexvar_epi32(rev, x0));
   _mm512_storeu_si512(st, _mm512_permutexvar_epi32(rev, x1));
