@@ -734,7 +734,7 @@ struct DecScratch {
   std::vector<uint16_t> stok;  // slot -> token; one padding entry for the 32-bit gather of the last slot
   std::vector<T> lut;          // token -> reconstructed value (predictor none)
   std::vector<int32_t> dlut;   // token -> residual (lorenzo); 0 for tokens 0-3
-  std::vector<T> buf;          // run-mode blocks decode here first (slack for speculative writes)
+  std::vector<T> buf;          // run-mode Lorenzo blocks decode here first (slack for speculative writes)
   std::vector<uint16_t> tk;    // one chunk of tokens
   DecScratch() : lut(kTokens), dlut(kTokens), tk(kDecChunk) {}
 };
@@ -870,7 +870,7 @@ static inline __attribute__((always_inline)) int64_t run_tokens_kernel(const uin
   rs.pos = pos, rs.runlen = runlen, rs.runk = runk, rs.q = q;
   return j;
 }
-// AVX2 clone (the 16 speculative values are one or two vector stores) and the portable one
+// AVX2 clone (with Lorenzo, the 16 speculative values are one or two vector stores) and the portable one
 template <class D, bool LOR>
 __attribute__((target("avx2"))) int64_t run_tokens_avx2(const uint16_t* tk, int64_t cnt, typename D::T* dst,
                                                         int64_t n, RunState& rs, const typename D::T* lut,
