@@ -1,6 +1,7 @@
 // CRC-32 (the zlib/gzip polynomial, same values as zlib.crc32) with carry-less multiplication.
-// The wire format checksums every payload; zlib's table-driven CRC ran at ~4 GB/s here and was
-// a quarter of decoding a 3M-value SZ tensor. Folding 64 bytes per step with PCLMULQDQ removes it.
+// The wire format checksums every payload, twice per round trip; zlib's table-driven CRC was a
+// visible share of decoding a large SZ tensor. Folding 64 bytes per step with PCLMULQDQ is 7-8x
+// faster (python -m pytest bench/bench_wire.py --benchmark-only).
 //
 // Method (bit-reflected throughout, as the polynomial is): keep four 128-bit lanes of data, fold
 // each forward by 512 bits (multiply its halves by x^(512+-32) mod P), XOR the next 64 bytes in;

@@ -1251,7 +1251,7 @@ static void finite_minmax_f32(const float* x, int64_t n, double& lo, double& hi,
   const int64_t nc = (n + kChunk - 1) / kChunk;
   float l = INFINITY, h = -INFINITY;
   int64_t c = 0;
-  // threads from 2^18 values (a 0.58M update: 0.14 -> 0.12 ms)
+  // threads from 2^18 values: below that one thread finishes before a second one would start
 #pragma omp parallel for if (n > (1 << 18)) reduction(min : l) reduction(max : h) reduction(+ : c)
   for (int64_t k = 0; k < nc; ++k) {
     float a, b;

@@ -168,14 +168,11 @@ def test_crc32_matches_zlib_at_every_length_and_offset():
     import os
     import zlib
 
+    if wire.crc32 is zlib.crc32:
+        pytest.skip("the extension's CRC-32 is not built or the CPU has no PCLMULQDQ: wire uses zlib itself")
     data = os.urandom(5000)
     for n in list(range(0, 300)) + [1023, 1024, 4096, 4999]:
         for off in (0, 1, 13):
             chunk = memoryview(data)[off : off + n]
             for value in (0, 0xFFFFFFFF, 0x1234ABCD):
                 assert wire.crc32(chunk, value) == zlib.crc32(chunk, value), (n, off, value)
-    try:
-        from fedcompress import _C
-    except ImportError:
-        return
-    assert _C.crc32(data) == zlib.crc32(data)

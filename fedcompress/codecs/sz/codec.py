@@ -57,11 +57,10 @@ def default_block_size(n: int) -> int:
     in a multiple of 4 equal blocks.
 
     Small tensors (a CNN update, 0.58M values) get several blocks so threads share them and the
-    block model adapts to the layers; large ones amortise the frequency tables (Kaiming 3.1M at
-    REL 1e-3: 4.142x at 2^19 vs 4.135x at 2^18). Equal blocks in a multiple of 4 keep 2 and 4
-    threads busy to the end: the update as 5 blocks of 2^17 left one of 2 threads idle for a fifth
-    of the time. As 8 blocks it codes to 24.07x / 7.41x at REL 1e-2 / 1e-3 (5 blocks: 24.07x /
-    7.40x; 6 blocks: 23.54x / 7.35x, boundaries falling badly between its layers).
+    block model adapts to the layers; large ones amortise the frequency tables. Equal blocks in a
+    multiple of 4 keep 2 and 4 threads busy to the end: the update as 5 blocks of 2^17 left one of
+    2 threads idle for a fifth of the time. Ratios with the default are in docs/sz.md
+    (bench/bench_sz.py).
     """
     target = 1 << 17 if n < (1 << 21) else 1 << 19
     nb = -(-n // target)

@@ -24,11 +24,11 @@ and one renormalisation step per token suffices. Token i belongs to lane i % W. 
 backwards; the decoder reads words in token order and lanes in order 0..W-1 within a step.
 At the end every lane is back at L (checked: a cheap integrity test).
 
-Why 32 lanes: one decode step is a chain of gather -> multiply -> compare -> word load, ~40 cycles
-of latency whatever the width. With 8 lanes that latency, not the arithmetic, bounded the C++
-decoder (~4 ns per value); 32 lanes are two AVX-512 vectors in flight per step, so the chain is
-paid once per 32 tokens. The cost is 24 more final states per block, stored as varints
-(write_states): ~70 bytes on a coded block, one byte each for lanes a short block never uses.
+Why 32 lanes: one decode step is a chain of gather -> multiply -> compare -> word load whose
+latency does not depend on its width. With 8 lanes that latency, not the arithmetic, bounded the
+C++ decoder; 32 lanes are two AVX-512 vectors in flight per step, so the chain is paid once per
+32 tokens. The cost is 24 more final states per block, stored as varints (write_states): one
+byte each for lanes a short block never uses.
 """
 
 from __future__ import annotations
@@ -242,8 +242,8 @@ def _varint(v: int, out: bytearray) -> None:
 # zigzag(f - f_prev) << 1 | (gap != 0), followed by varint(gap - 1) when gap != 0, where
 # gap = t - t_prev - 1 (t_prev = -1, f_prev = 0 before the first). Neighbouring tokens are
 # residuals of the same size and sign-alternating (zigzag), so their frequencies are close and a
-# dense table costs ~1 byte per symbol (a Gaussian block at REL 1e-3: ~430 bytes instead of ~1,070
-# with plain (gap, f - 1) pairs, which was 0.2% of the block).
+# dense table costs about 1 byte per symbol, where (gap, f - 1) pairs took 2-3 (tests/test_sz.py
+# test_table_and_states_bytes_by_hand checks < 2 on a Gaussian block).
 
 
 def _table_heads(present: np.ndarray, f: np.ndarray) -> np.ndarray:
