@@ -133,3 +133,57 @@ def test_default_client_update_is_local_sgd_delta():
     torch.nn.functional.cross_entropy(x @ w.t() + b, y).backward()
     torch.testing.assert_close(delta["weight"], -0.1 * w.grad)
     torch.testing.assert_close(delta["bias"], -0.1 * b.grad)
+
+
+# ---------------------------------------------------------------------------------------------
+# Issue 16.1: a missing extension is never a silent 100x slow path
+
+import subprocess  # noqa: E402
+import sys  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+
+_MISSING_C = """
+import sys, warnings
+sys.modules["fedcompress._C"] = None  # import fedcompress._C now raises ImportError, as in a tree without _C
+import torch, fedcompress as fc
+x = torch.randn(5000)
+with warnings.catch_warnings(record=True) as w:
+    warnings.simplefilter("always")
+    fc.RandomMask(0.1).encode(x, seed=1)
+    fc.SZ(1e-2).encode(x)
+    fc.RandomMask(0.1).encode(x, seed=2)
+mine = [str(m.message) for m in w if type(m.message).__name__ == "ExtensionMissingWarning"]
+print(len(mine)); print(mine[0] if mine else "")
+"""
+
+
+def test_missing_extension_warns_once_naming_the_fix():
+    r = subprocess.run([sys.executable, "-c", _MISSING_C], capture_output=True, text=True, timeout=120, cwd="/")
+    assert r.returncode == 0, r.stderr
+    count, msg = r.stdout.split("\n", 1)
+    assert count == "1", r.stdout  # once per process, though three encodes on two ops fell back
+    assert "fedcompress._C" in msg and "pip install -e ." in msg
+
+
+def test_explicit_torch_backend_does_not_warn():
+    code = _MISSING_C.replace("import sys, warnings", "import os, sys, warnings\nos.environ['FEDCOMPRESS_BACKEND'] = 'torch'")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd="/")
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.startswith("0\n"), r.stdout
+
+
+def test_in_tree_import_has_the_extension_and_kernels():
+    """From the repository root (python -c, a REPL, a notebook) Python imports the source folder:
+    the README's editable install must leave _C built there and fedcompress.kernels mapped to kernels/."""
+    code = (
+        "import fedcompress, fedcompress._C, fedcompress.kernels as k; from fedcompress import _ops; "
+        "print(fedcompress.__file__); print(k.__file__); print(_ops.choose('mask_encode'))"
+    )
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=ROOT)
+    assert r.returncode == 0, f"in-tree import failed (run `pip install -e .` in {ROOT}):\n{r.stderr}"
+    pkg, kernels, backend = r.stdout.split()
+    assert Path(pkg).parent == ROOT / "fedcompress"
+    assert Path(kernels).parent == ROOT / "kernels"
+    assert backend == "cpp"
