@@ -7,9 +7,10 @@ always name the valid choices) come from that declaration.
 
 from __future__ import annotations
 
+import functools
 import importlib
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -126,10 +127,22 @@ class Compressor:
     ``client_update`` trains locally with SGD and compresses the delta (local − global);
     ``server_update`` decodes it. Compressors that send something other than a delta (FedSynth,
     SZ on weights) override those two.
+
+    Every subclass's ``compress``/``decompress`` is wrapped (``__init_subclass__``) by a type check
+    of its first argument, so a tensor, a model or a payload passed to the wrong one raises a
+    ValueError saying what to call instead, rather than a KeyError or AttributeError from deep
+    inside a codec; compressors registered by users get the same messages.
     """
 
     name: str = ""
     PARAMS: dict[str, Param] = {}
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        for meth, check in (("compress", check_update), ("decompress", check_payload)):
+            fn = cls.__dict__.get(meth)
+            if fn is not None and not getattr(fn, "_fc_checked", False):
+                setattr(cls, meth, _checked(fn, check))
 
     def __init__(self, **kwargs: Any) -> None:
         unknown = set(kwargs) - set(self.PARAMS)
@@ -159,13 +172,77 @@ class Compressor:
 
     # -- federated round -----------------------------------------------------------------------
     def client_update(self, model: torch.nn.Module, global_state: StateDict, data, ctx: RoundContext) -> bytes:
-        """Local SGD from ``global_state`` on ``data`` = (x, y), then compress the delta."""
+        """Local SGD from ``global_state`` on ``data`` (an (x, y) pair, a TensorDataset or a
+        DataLoader: ``CLIENT_DATA_FORMS``), then compress the delta (local − global)."""
         local = local_sgd(model, global_state, data, ctx)
         return self.compress(state_delta(local, global_state), ctx)
 
     def server_update(self, payload: bytes, global_state: StateDict, ctx: RoundContext) -> StateDict:
         """The client's delta, decoded from ``payload``."""
         return self.decompress(payload, ctx)
+
+
+def _checked(fn, check):
+    import inspect
+
+    first = list(inspect.signature(fn).parameters)[1]  # after self: update / payload
+
+    @functools.wraps(fn)
+    def wrapper(self, *args, **kwargs):
+        if args:
+            check(self, args[0])
+        elif first in kwargs:
+            check(self, kwargs[first])
+        return fn(self, *args, **kwargs)
+
+    wrapper._fc_checked = True
+    return wrapper
+
+
+def check_update(comp: Compressor, update: Any) -> None:
+    """ValueError unless ``update`` is a state dict {str: Tensor}; the message says what to call instead."""
+    if isinstance(update, Mapping) and all(isinstance(k, str) and isinstance(v, Tensor) for k, v in update.items()):
+        return
+    if isinstance(update, Tensor):
+        hint = (
+            f"for one tensor pass {{'name': t}}, or use the tensor codecs fc.SZ(...).encode(t) / "
+            "fc.RandomMask(...).encode(t, seed=...)"
+        )
+    elif isinstance(update, torch.nn.Module):
+        hint = (
+            "for a model, send its update: compress(fc.api.state_delta(model.state_dict(), global_state), ctx), "
+            "or let client_update(model, global_state, data, ctx) train and compress"
+        )
+    elif isinstance(update, (bytes, bytearray, memoryview)):
+        hint = "bytes are a payload: decode them with decompress(payload, ctx)"
+    elif isinstance(update, Mapping):
+        bad = next(f"{k!r}: {type(v).__name__}" for k, v in update.items() if not (isinstance(k, str) and isinstance(v, Tensor)))
+        hint = f"every key must be a str and every value a torch.Tensor (found {bad})"
+    else:
+        hint = "e.g. {name: local - global} from fc.api.state_delta(local_state, global_state)"
+    raise ValueError(
+        f"{type(comp).__name__}.compress takes a state dict {{name: Tensor}} (the update), got "
+        f"{type(update).__name__}: {hint}"
+    )
+
+
+def check_payload(comp: Compressor, payload: Any) -> None:
+    """ValueError unless ``payload`` is bytes-like (what ``compress`` returned)."""
+    if isinstance(payload, (bytes, bytearray, memoryview)):
+        return
+    if isinstance(payload, Mapping):
+        hint = "that is a state dict: compress(update, ctx) turns it into a payload"
+    elif isinstance(payload, Tensor):
+        hint = "a tensor is not a payload; a blob from fc.SZ/fc.RandomMask.encode decodes with that codec's .decode(blob)"
+    else:
+        try:  # numpy uint8 arrays and other buffers are fine
+            memoryview(payload)
+            return
+        except TypeError:
+            hint = "pass the bytes that compress() (or client_update()) returned"
+    raise ValueError(
+        f"{type(comp).__name__}.decompress takes the payload bytes from compress(), got {type(payload).__name__}: {hint}"
+    )
 
 
 def state_delta(new: StateDict, old: StateDict) -> StateDict:
@@ -191,15 +268,67 @@ def apply_delta(state: StateDict, delta: StateDict) -> StateDict:
     return out
 
 
+CLIENT_DATA_FORMS = (
+    "an (x, y) pair of tensors (y: int64 class labels), a torch.utils.data.TensorDataset(x, y), "
+    "or a torch.utils.data.DataLoader yielding (x, y) batches"
+)
+
+
+def client_tensors(data) -> tuple[Tensor, Tensor]:
+    """A client's data as one (x, y) pair of tensors, from any of ``CLIENT_DATA_FORMS``.
+
+    A DataLoader is read once and its batches concatenated (for code that needs all the data at
+    once, such as FedSynth's real-data loss); ``local_sgd`` iterates a DataLoader instead.
+    """
+    from torch.utils.data import DataLoader, TensorDataset
+
+    if isinstance(data, TensorDataset):
+        data = data.tensors
+    elif isinstance(data, DataLoader):
+        xs, ys = [], []
+        for batch in data:
+            x, y = _pair(batch, "a DataLoader batch")
+            xs.append(x)
+            ys.append(y)
+        if not xs:
+            raise ValueError("client data: the DataLoader yielded no batches")
+        return torch.cat(xs), torch.cat(ys)
+    x, y = _pair(data, "client data")
+    if x.shape[0] != y.shape[0]:
+        raise ValueError(f"client data: x has {x.shape[0]} samples but y has {y.shape[0]}")
+    return x, y
+
+
+def _pair(data, what: str) -> tuple[Tensor, Tensor]:
+    if isinstance(data, (tuple, list)) and len(data) == 2 and all(isinstance(t, Tensor) for t in data):
+        return data[0], data[1]
+    got = type(data).__name__
+    if isinstance(data, (tuple, list)):
+        got += f" of {len(data)} ({', '.join(type(t).__name__ for t in data[:4])})"
+    raise ValueError(f"{what} must be {CLIENT_DATA_FORMS}; got {got}")
+
+
 def local_sgd(model: torch.nn.Module, global_state: StateDict, data, ctx: RoundContext) -> StateDict:
     """Plain minibatch SGD for ``ctx.epochs`` epochs from ``global_state``; returns the new state.
 
-    Shuffling uses ``ctx.generator()``, so the same (seed, round, client) gives the same result.
+    ``data``: any of ``CLIENT_DATA_FORMS``. Tensors and a TensorDataset are shuffled with
+    ``ctx.generator()`` in batches of ``ctx.batch_size``, so the same (seed, round, client) gives the
+    same result; a DataLoader is iterated as it is (its own batch size, order and sampler).
     """
-    x, y = data
+    from torch.utils.data import DataLoader
+
     model.load_state_dict(global_state)
     model.train()
     opt = torch.optim.SGD(model.parameters(), lr=ctx.lr)
+    if isinstance(data, DataLoader):
+        for _ in range(ctx.epochs):
+            for batch in data:
+                xb, yb = _pair(batch, "a DataLoader batch")
+                opt.zero_grad(set_to_none=True)
+                torch.nn.functional.cross_entropy(model(xb), yb).backward()
+                opt.step()
+        return {k: v.detach().clone() for k, v in model.state_dict().items()}
+    x, y = client_tensors(data)
     g = ctx.generator(salt=1)
     n = x.shape[0]
     for _ in range(ctx.epochs):

@@ -187,3 +187,107 @@ def test_in_tree_import_has_the_extension_and_kernels():
     assert Path(pkg).parent == ROOT / "fedcompress"
     assert Path(kernels).parent == ROOT / "kernels"
     assert backend == "cpp"
+
+
+# ---------------------------------------------------------------------------------------------
+# Issue 16.4: wrong inputs get a ValueError that says what to call instead
+
+
+@pytest.mark.parametrize("spec", ["none", "fp16", "sz:rel=1e-2", "mask:keep=0.5"])
+@pytest.mark.parametrize(
+    "bad, words",
+    [
+        (torch.zeros(4), "fc.SZ"),
+        (torch.nn.Linear(2, 2), "state_delta"),
+        (b"payload", "decompress"),
+        ({"w": [1.0, 2.0]}, "'w': list"),
+        (None, "state_delta"),
+    ],
+    ids=["tensor", "module", "bytes", "list-value", "None"],
+)
+def test_compress_rejects_what_it_cannot_take(spec, bad, words):
+    comp = fc.get_compressor(spec)
+    with pytest.raises(ValueError, match="compress takes a state dict") as e:
+        comp.compress(bad, fc.RoundContext())
+    assert words in str(e.value)
+
+
+@pytest.mark.parametrize("spec", ["none", "fp16", "sz:rel=1e-2", "mask:keep=0.5"])
+@pytest.mark.parametrize(
+    "bad, words", [({"w": torch.zeros(3)}, "compress(update, ctx)"), (torch.zeros(3), ".decode(blob)"), (3, "returned")]
+)
+def test_decompress_rejects_what_it_cannot_take(spec, bad, words):
+    comp = fc.get_compressor(spec)
+    with pytest.raises(ValueError, match="decompress takes the payload bytes") as e:
+        comp.decompress(bad, fc.RoundContext())
+    assert words in str(e.value)
+    assert not isinstance(e.value, fc.FormatError)  # a wrong argument, not bad bytes
+
+
+def test_payload_as_bytearray_or_numpy_still_decodes():
+    import numpy as np
+
+    comp, ctx = fc.get_compressor("none"), fc.RoundContext()
+    s = {"w": torch.arange(6.0)}
+    blob = comp.compress(s, ctx)
+    for form in (bytearray(blob), memoryview(blob), np.frombuffer(blob, dtype=np.uint8)):
+        assert torch.equal(comp.decompress(form, ctx)["w"], s["w"])
+    assert torch.equal(comp.decompress(payload=blob, ctx=ctx)["w"], s["w"])  # keywords pass through
+
+
+def _tiny_task():
+    g = torch.Generator().manual_seed(1)
+    x, y = torch.randn(24, 5, generator=g), torch.randint(0, 3, (24,), generator=g)
+    model = torch.nn.Linear(5, 3)
+    glob = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    return model, glob, x, y
+
+
+def test_client_update_takes_a_tensordataset_like_a_pair():
+    from torch.utils.data import TensorDataset
+
+    model, glob, x, y = _tiny_task()
+    comp, ctx = fc.get_compressor("none"), fc.RoundContext(round=1, client=0, seed=0, batch_size=8, epochs=2)
+    a = comp.decompress(comp.client_update(model, glob, (x, y), ctx), ctx)
+    b = comp.decompress(comp.client_update(model, glob, TensorDataset(x, y), ctx), ctx)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert any(a[k].abs().sum() > 0 for k in a)
+
+
+def test_client_update_takes_a_dataloader_as_it_iterates():
+    from torch.utils.data import DataLoader, TensorDataset
+
+    model, glob, x, y = _tiny_task()
+    ctx = fc.RoundContext(round=1, client=0, seed=0, lr=0.1, epochs=2)
+    comp = fc.get_compressor("none")
+    delta = comp.decompress(comp.client_update(model, glob, DataLoader(TensorDataset(x, y), batch_size=10), ctx), ctx)
+    # reference: the same SGD written out by hand, batches [0:10], [10:20], [20:24] in order
+    w, b = glob["weight"].clone().requires_grad_(), glob["bias"].clone().requires_grad_()
+    for _ in range(2):
+        for i in range(0, 24, 10):
+            loss = torch.nn.functional.cross_entropy(x[i : i + 10] @ w.T + b, y[i : i + 10])
+            gw, gb = torch.autograd.grad(loss, (w, b))
+            with torch.no_grad():
+                w -= 0.1 * gw
+                b -= 0.1 * gb
+    torch.testing.assert_close(delta["weight"], (w - glob["weight"]).detach())
+    torch.testing.assert_close(delta["bias"], (b - glob["bias"]).detach())
+
+
+@pytest.mark.parametrize(
+    "data", [(torch.zeros(4, 2),), [torch.zeros(4, 2), torch.zeros(4), torch.zeros(4)], {"x": 1}, torch.zeros(4, 2)]
+)
+def test_client_update_says_what_data_it_takes(data):
+    model, glob, _, _ = _tiny_task()
+    with pytest.raises(ValueError, match=r"an \(x, y\) pair of tensors .*TensorDataset.*DataLoader"):
+        fc.get_compressor("none").client_update(model, glob, data, fc.RoundContext())
+
+
+def test_client_tensors_reads_a_dataloader_whole():
+    from torch.utils.data import DataLoader, TensorDataset
+
+    _, _, x, y = _tiny_task()
+    xx, yy = api.client_tensors(DataLoader(TensorDataset(x, y), batch_size=7))
+    assert torch.equal(xx, x) and torch.equal(yy, y)
+    with pytest.raises(ValueError, match="4 samples but y has 3"):
+        api.client_tensors((torch.zeros(4, 2), torch.zeros(3)))
