@@ -7,6 +7,9 @@ Datasets (all images come back as float32 ``[N, 1, H, W]``, labels as int64 ``[N
 - ``digits``: scikit-learn's 1,797 8x8 digits; 360 held out (36 per class, rounded), fixed split.
 - ``mnist``: the classic IDX files from a local folder (``train-images-idx3-ubyte`` etc., plain or
   ``.gz``); the official 60k/10k split.
+- ``fashion``: Fashion-MNIST (Zalando), the official 60k/10k split, IDX files (plain or ``.gz``)
+  from ``--data-dir`` or else the folder the Debian package ``dataset-fashion-mnist`` installs
+  (``FASHION_DIR``); standardised with the mean/std of its own training pixels.
 - ``femnist``: a LEAF FEMNIST JSON folder (``train/*.json``, ``test/*.json``, each with ``users``,
   ``num_samples`` and ``user_data{user: {x, y}}``); 62 classes; every sample keeps its writer so
   the ``natural`` partition gives one client per writer.
@@ -32,7 +35,8 @@ import torch
 
 from ..errors import FormatError
 
-DATASETS = ("mnist5k", "digits", "mnist", "femnist")
+DATASETS = ("mnist5k", "digits", "mnist", "fashion", "femnist")
+DATASETS += ("fortunes", "reddit")  # text (next-word prediction): fedavg/text.py
 PARTITIONS = ("iid", "dirichlet", "natural")
 
 # Normalisation constants of MNIST (mean/std of the 60k training pixels in [0, 1]).
@@ -42,6 +46,7 @@ MNIST_MEAN, MNIST_STD = 0.1307, 0.3081
 KNOWN_SHAPES: dict[str, tuple[tuple[int, int, int], int]] = {
     "mnist5k": ((1, 28, 28), 10),
     "mnist": ((1, 28, 28), 10),
+    "fashion": ((1, 28, 28), 10),
     "femnist": ((1, 28, 28), 62),
     "digits": ((1, 8, 8), 10),
 }
@@ -102,8 +107,16 @@ def load_arrays(name: str, data_dir: str | os.PathLike | None = None) -> Dataset
         return _load_digits()
     if name == "mnist":
         return load_mnist_idx(_need_dir(name, data_dir, _idx_expected()))
+    if name == "fashion":
+        return load_fashion_mnist(data_dir)
     if name == "femnist":
         return load_femnist_leaf(_need_dir(name, data_dir, ["train/*.json", "test/*.json"]))
+    if name in ("fortunes", "reddit"):  # text datasets live in text.py
+        from . import text
+
+        if name == "fortunes":
+            return text.load_fortunes(data_dir)
+        return text.load_reddit_leaf(_need_dir(name, data_dir, ["train/*.json", "test/*.json"]))
     raise ValueError(f"unknown dataset {name!r}; valid choices: {', '.join(DATASETS)}")
 
 
@@ -246,11 +259,24 @@ def read_idx(path: str, ndim: int) -> np.ndarray:
 
 def load_mnist_idx(folder: str) -> Dataset:
     """MNIST (or any 28x28, 10-class IDX set such as Fashion-MNIST) from a local IDX folder."""
+    arrays = _read_idx_set(folder, "MNIST")
+    lab = lambda a: torch.from_numpy(a.astype(np.int64))  # noqa: E731
+    return Dataset(
+        DatasetInfo("mnist", (1, 28, 28), 10),
+        _normalise_mnist(arrays["x_train"]),
+        lab(arrays["y_train"]),
+        _normalise_mnist(arrays["x_test"]),
+        lab(arrays["y_test"]),
+    )
+
+
+def _read_idx_set(folder: str, what: str) -> dict[str, np.ndarray]:
+    """The four IDX arrays (28x28 uint8 images, labels 0..9) of an MNIST-layout folder, checked."""
     paths = {k: _find_idx(folder, f) for k, f in IDX_FILES.items()}
     missing = [IDX_FILES[k] for k, p in paths.items() if p is None]
     if missing:
         raise FileNotFoundError(
-            f"MNIST IDX folder {folder!r} lacks {', '.join(missing)}; expected the four files "
+            f"{what} IDX folder {folder!r} lacks {', '.join(missing)}; expected the four files "
             f"{', '.join(_idx_expected())}"
         )
     arrays = {}
@@ -266,12 +292,55 @@ def load_mnist_idx(folder: str) -> Dataset:
             raise FormatError(
                 f"{folder}: {len(arrays['x_' + s])} {s} images but {len(arrays['y_' + s])} labels"
             )
+    return arrays
+
+
+# -- Fashion-MNIST ------------------------------------------------------------------------------
+
+# Where the Debian package dataset-fashion-mnist puts the four IDX .gz files (`dpkg -L`).
+FASHION_DIR = "/usr/share/datasets/fashion-mnist"
+
+
+def load_fashion_mnist(data_dir: str | os.PathLike | None = None) -> Dataset:
+    """Fashion-MNIST's official 60k/10k split from ``data_dir``, else from ``FASHION_DIR``.
+
+    Pixels are standardised with the mean and std of the training images themselves (computed
+    here from exact integer sums), so no constant is assumed; the test split uses the same two.
+    """
+    folder = str(data_dir) if data_dir is not None else FASHION_DIR
+    if not os.path.isdir(folder):
+        where = (
+            f"--data-dir {folder!r} is not a folder"
+            if data_dir is not None
+            else f"{folder} does not exist (the Debian package dataset-fashion-mnist is not installed)"
+        )
+        raise FileNotFoundError(
+            f"dataset 'fashion': {where}. Install it with `apt-get install dataset-fashion-mnist`, or "
+            f"pass --data-dir with the four IDX files {', '.join(_idx_expected())}"
+        )
+    try:
+        arrays = _read_idx_set(folder, "Fashion-MNIST")
+    except FileNotFoundError as e:
+        hint = "" if data_dir is not None else " (reinstall the Debian package dataset-fashion-mnist)"
+        raise FileNotFoundError(f"dataset 'fashion': {e}{hint}") from None
+    # pixel moments in 0..255 units from the histogram: exact integer sums, one pass
+    hist = np.bincount(arrays["x_train"].reshape(-1), minlength=256).astype(np.int64)
+    levels = np.arange(256, dtype=np.int64)
+    n, s1, s2 = int(hist.sum()), int(hist @ levels), int(hist @ (levels * levels))
+    mean = s1 / n if n else 0.0
+    std = math.sqrt(max(s2 / n - mean * mean, 0.0)) if n else 1.0
+    std = std if std > 0 else 1.0
+
+    def images(a: np.ndarray) -> torch.Tensor:
+        x = torch.from_numpy(a.astype(np.float32)).reshape(-1, 1, 28, 28)
+        return (x - mean) / std
+
     lab = lambda a: torch.from_numpy(a.astype(np.int64))  # noqa: E731
     return Dataset(
-        DatasetInfo("mnist", (1, 28, 28), 10),
-        _normalise_mnist(arrays["x_train"]),
+        DatasetInfo("fashion", (1, 28, 28), 10),
+        images(arrays["x_train"]),
         lab(arrays["y_train"]),
-        _normalise_mnist(arrays["x_test"]),
+        images(arrays["x_test"]),
         lab(arrays["y_test"]),
     )
 
@@ -403,7 +472,7 @@ def make_partitions(
         raise ValueError(f"unknown partition {scheme!r}; valid choices: {', '.join(PARTITIONS)}")
     if not isinstance(clients, int) or clients < 1:
         raise ValueError(f"clients must be an integer >= 1, got {clients!r}")
-    n = int(y.numel())
+    n = int(y.shape[0])  # samples (text labels are [N, T])
     if scheme == "natural":
         if writers is None:
             raise ValueError("partition 'natural' needs writer ids: only the femnist dataset has them")
@@ -423,6 +492,8 @@ def make_partitions(
         return [p.sort().values for p in torch.tensor_split(order, clients)]
     if not (np.isfinite(alpha) and alpha > 0):
         raise ValueError(f"alpha must be a finite number > 0, got {alpha!r}")
+    if y.dim() != 1:
+        raise ValueError("partition 'dirichlet' needs one class label per sample; text uses iid or natural")
     rng = np.random.default_rng(seed)
     labels = y.numpy()
     classes = np.unique(labels)

@@ -7,8 +7,17 @@ average, and evaluates on the held-out test split.
 
 Bytes: ``upstream`` is ``len(payload)`` of every payload actually sent; ``dense`` is, per sampled
 client, the length of the ``none`` payload of the same update (headers + raw tensors in their own
-dtypes; it depends only on names, dtypes and shapes, so we compute it once per run); ``download``
-is the dense global model (the same ``none`` size) sent to each sampled client.
+dtypes; it depends only on names, dtypes and shapes, so we compute it once per run, with the same
+function, codecs/budget.py, that ``ratio=R`` budgets use); ``download`` is the dense global model
+(the same ``none`` size) sent to each sampled client.
+
+Time, per round and summed in the summary: ``encode_seconds`` (inside ``comp.compress`` during
+client updates: the codec, and a ``ratio`` search), ``train_seconds`` (the rest of
+``client_update``: local SGD, or FedSynth's optimisation), ``decode_seconds`` (``server_update``:
+decoding, or FedSynth's replay). ``codec_overhead`` = (encode + decode) / (train + encode +
+decode) over the run. Each round also records ``round_ratio`` (dense / sent bytes of that round)
+and, when the compressor exposes ``last_choice`` (a ``ratio`` budget), ``chosen``: one entry per
+client, e.g. ``{"client": 3, "rel": 0.06, "encodes": 4, "ratio": 16.2}`` for sz.
 
 Reproducible: the model init, the split, the client sampling and every ``RoundContext`` derive
 from ``config.seed``, so the same config gives the same metrics (bit for bit on one machine).
@@ -29,6 +38,7 @@ from typing import Any
 import torch
 
 from ..api import RoundContext, StateDict, apply_delta, get_compressor, mix_seed
+from ..codecs import budget
 from .data import DATASETS, PARTITIONS, FederatedDataset, load_dataset
 from .models import MODELS, build_model, count_parameters
 
@@ -70,8 +80,8 @@ class ExperimentConfig:
             raise ValueError(f"unknown model {self.model!r}; valid choices: {', '.join(MODELS)}")
         if self.partition not in PARTITIONS:
             raise ValueError(f"unknown partition {self.partition!r}; valid choices: {', '.join(PARTITIONS)}")
-        if self.partition == "natural" and self.dataset != "femnist":
-            raise ValueError("partition 'natural' (by writer) is only available for dataset femnist")
+        if self.partition == "natural" and self.dataset not in ("femnist", "fortunes", "reddit"):
+            raise ValueError("partition 'natural' (by writer) is only available for femnist, fortunes, reddit")
         for name in ("clients", "rounds", "epochs", "batch_size", "eval_batch_size"):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
@@ -134,19 +144,50 @@ def evaluate(
 ) -> tuple[float, float]:
     """(accuracy, mean cross-entropy) of ``model`` on (x, y)."""
     model.eval()
-    correct, loss, n = 0, 0.0, int(y.numel())
+    correct, loss, n = 0, 0.0, int(y.shape[0])
+    # text: [N, T] next-word labels, -100 (cross_entropy's ignore_index) marks what does not count
+    count = int((y != -100).sum()) if y.dim() > 1 else n
     for i in range(0, n, batch_size):
         out = model(x[i : i + batch_size])
         loss += float(torch.nn.functional.cross_entropy(out, y[i : i + batch_size], reduction="sum"))
         correct += int((out.argmax(1) == y[i : i + batch_size]).sum())
-    return (correct / n, loss / n) if n else (float("nan"), float("nan"))
+    return (correct / count, loss / count) if count else (float("nan"), float("nan"))
 
 
 def dense_payload_bytes(state: StateDict) -> int:
-    """Length of the ``none`` payload of a state (or update) with these names, dtypes and shapes."""
-    return len(
-        get_compressor("none").compress({k: torch.zeros_like(v) for k, v in state.items()}, RoundContext())
-    )
+    """Length of the ``none`` payload of a state (or update) with these names, dtypes and shapes
+    (computed from them, not by packing; the one definition ``ratio=R`` budgets use too)."""
+    return budget.dense_payload_bytes(state)
+
+
+class CodecClock:
+    """Seconds spent inside ``comp.compress`` (wrapped on this instance) while the clock is installed.
+
+    ``client_update`` calls ``self.compress`` after its local work, so timing the whole call and
+    this wrapper separates local work from encoding without each compressor timing itself.
+    """
+
+    def __init__(self, comp) -> None:
+        self.comp = comp
+        self.seconds = 0.0
+        self._inner = comp.compress
+        self._depth = 0
+
+        def timed(*args, **kwargs):
+            if self._depth:  # a compress calling compress: count the outer call once
+                return self._inner(*args, **kwargs)
+            self._depth += 1
+            t0 = time.perf_counter()
+            try:
+                return self._inner(*args, **kwargs)
+            finally:
+                self.seconds += time.perf_counter() - t0
+                self._depth -= 1
+
+        comp.compress = timed
+
+    def remove(self) -> None:
+        self.comp.__dict__.pop("compress", None)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -190,6 +231,8 @@ def run_experiment(
     sizes = data.client_sizes()
     history: list[dict[str, Any]] = []
     up_total = dense_total = down_total = 0
+    enc_total = dec_total = train_total = 0.0
+    clock = CodecClock(comp)
     metrics_file = None
     if out_dir is not None:
         os.makedirs(out_dir, exist_ok=True)
@@ -204,6 +247,8 @@ def run_experiment(
             t0 = time.perf_counter()
             chosen = sample_clients(config.clients, k, config.seed, rnd)
             deltas, weights, up = [], [], 0
+            enc = dec = train = 0.0
+            choices = []
             for cid in chosen:
                 ctx = RoundContext(
                     round=rnd,
@@ -215,9 +260,20 @@ def run_experiment(
                     device=config.device,
                 )
                 x, y = data.client_data(cid)
-                payload = comp.client_update(model, global_state, (x.to(dev), y.to(dev)), ctx)
+                xd, yd = x.to(dev), y.to(dev)
+                before = clock.seconds
+                t1 = time.perf_counter()
+                payload = comp.client_update(model, global_state, (xd, yd), ctx)
+                t2 = time.perf_counter()
+                enc += clock.seconds - before
+                train += (t2 - t1) - (clock.seconds - before)
+                choice = getattr(comp, "last_choice", None)
+                if choice is not None:
+                    choices.append({"client": cid, **choice})
                 up += len(payload)
+                t3 = time.perf_counter()
                 deltas.append(comp.server_update(payload, global_state, ctx))
+                dec += time.perf_counter() - t3
                 weights.append(sizes[cid])
             global_state = apply_delta(global_state, weighted_average(deltas, weights))
             model.load_state_dict(global_state)
@@ -227,6 +283,9 @@ def run_experiment(
             up_total += up
             dense_total += dense
             down_total += down
+            enc_total += enc
+            dec_total += dec
+            train_total += train
             row = {
                 "round": rnd,
                 "accuracy": acc,
@@ -238,9 +297,15 @@ def run_experiment(
                 "ratio": dense_total / up_total if up_total else float("inf"),
                 "download_bytes": down_total,
                 "round_download_bytes": down,
+                "round_ratio": dense / up if up else float("inf"),
+                "encode_seconds": enc,
+                "decode_seconds": dec,
+                "train_seconds": train,
                 "seconds": time.perf_counter() - t0,
                 "clients": chosen,
             }
+            if choices:
+                row["chosen"] = choices
             history.append(row)
             if metrics_file is not None:
                 metrics_file.write(json.dumps(row) + "\n")
@@ -251,6 +316,7 @@ def run_experiment(
             if on_round is not None:
                 on_round(row)
     finally:
+        clock.remove()
         if bar is not None:
             bar.close()
         if metrics_file is not None:
@@ -271,6 +337,12 @@ def run_experiment(
         "rounds": config.rounds,
         "clients_per_round": k,
         "wall_seconds": time.perf_counter() - t_start,
+        "encode_seconds": enc_total,
+        "decode_seconds": dec_total,
+        "train_seconds": train_total,
+        "codec_overhead": (enc_total + dec_total) / (train_total + enc_total + dec_total)
+        if train_total + enc_total + dec_total > 0
+        else 0.0,
         "model_parameters": count_parameters(model),
         "train_samples": int(data.y_train.numel()),
         "test_samples": int(data.y_test.numel()),

@@ -21,6 +21,7 @@ from torch import nn
 from .data import KNOWN_SHAPES, DatasetInfo
 
 MODELS = ("cnn", "mlp")
+MODELS += ("lstm",)  # next-word prediction on token ids (text datasets)
 
 
 class FedAvgCNN(nn.Module):
@@ -63,6 +64,32 @@ class MLP(nn.Module):
         return self.fc3(x)
 
 
+class NextWordLSTM(nn.Module):
+    """Embedding d -> 2-layer LSTM (hidden h) -> linear over the vocabulary, at every position.
+
+    Sizes: LEAF's baselines use a 2-layer LSTM with 256 hidden units (Shakespeare: embedding 8 for
+    80 characters, sequences of 80; Reddit: sequences of 10 over a 10k-word vocabulary). We keep
+    2 layers and T = 10, and default to d = 64, h = 128 so a FedAvg round on ``fortunes`` trains on
+    2 CPU threads (the output layer h*V is most of the work at V = 10k; h = 256 doubles it); pass
+    ``embed_dim``/``hidden`` for LEAF's 256. No dropout: FedSynth replays training on the server.
+
+    ``forward(x)``: token ids int64 [N, T] -> logits [N, V, T] (classes on dim 1, the layout
+    ``F.cross_entropy`` takes with [N, T] targets, so the driver's loss needs no change). A floating
+    input [N, T, d] is taken as already embedded (FedSynth's synthetic data bypass the embedding).
+    """
+
+    def __init__(self, vocab_size: int, embed_dim: int = 64, hidden: int = 128, layers: int = 2):
+        super().__init__()
+        self.embedding = nn.Embedding(vocab_size, embed_dim)
+        self.lstm = nn.LSTM(embed_dim, hidden, num_layers=layers, batch_first=True)
+        self.fc = nn.Linear(hidden, vocab_size)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        e = x if x.is_floating_point() else self.embedding(x)
+        out, _ = self.lstm(e)
+        return self.fc(out).transpose(1, 2)
+
+
 def _info(dataset_info) -> tuple[tuple[int, ...], int]:
     if isinstance(dataset_info, DatasetInfo):
         return tuple(dataset_info.input_shape), int(dataset_info.num_classes)
@@ -86,6 +113,10 @@ def build_model(name: str, dataset_info="mnist5k") -> nn.Module:
     Initialisation uses torch's global RNG: call ``torch.manual_seed`` first for a fixed model.
     """
     shape, classes = _info(dataset_info)
+    if name == "lstm":  # text: input_shape (T,), num_classes = vocabulary size
+        if len(shape) != 1 or classes < 5:
+            raise ValueError(f"model 'lstm' needs a text dataset (input (T,), vocabulary >= 5), got {shape}")
+        return NextWordLSTM(classes)
     if len(shape) != 3:
         raise ValueError(f"input_shape must be (channels, height, width), got {shape}")
     if classes < 2:
