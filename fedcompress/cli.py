@@ -87,7 +87,10 @@ def add_experiment_args(p: argparse.ArgumentParser) -> None:
 
     p.add_argument("--dataset", default="mnist5k", choices=DATASETS, help="default: %(default)s")
     p.add_argument(
-        "--data-dir", default=None, help="local folder for --dataset mnist (IDX) or femnist (LEAF JSON)"
+        "--data-dir",
+        default=None,
+        help="local folder for --dataset mnist or fashion (IDX; fashion defaults to the folder of the "
+        "Debian package dataset-fashion-mnist) or femnist (LEAF JSON)",
     )
     p.add_argument(
         "--clients", type=_positive_int, default=10, help="number of clients (default: %(default)s)"
@@ -189,7 +192,12 @@ def _setup_torch(args) -> None:
 def add_run(sub) -> None:
     p = sub.add_parser("run", help="run one FedAvg experiment", description="Run FedAvg with one compressor.")
     add_experiment_args(p)
-    p.add_argument("--compressor", default="none", help="compressor spec, e.g. none, fp16, sz:rel=1e-2")
+    p.add_argument(
+        "--compressor",
+        default="none",
+        help="compressor spec, e.g. none, fp16, sz:rel=1e-2, mask:keep=0.125,unbiased=true (commas separate "
+        "its key=value pairs)",
+    )
     p.add_argument("--out", default=None, help="output folder (default: runs/<compressor>)")
     p.set_defaults(handler=cmd_run)
 
@@ -207,6 +215,14 @@ def cmd_run(args) -> int:
     data = load_data(cfg)
     out = args.out or os.path.join("runs", _safe_name(args.compressor))
     summary = run_experiment(cfg, out_dir=out, progress=not args.no_progress, data=data)
+    # the driver's plot has no title; redraw it with one saying what was run (~0.3 s)
+    from .fedavg.plots import plot_accuracy_vs_mb
+
+    plot_accuracy_vs_mb(
+        {args.compressor: summary},
+        os.path.join(out, "accuracy_vs_mb.png"),
+        title=f"{args.compressor}: {cfg.dataset}, {cfg.clients} clients, {cfg.rounds} rounds, seed {cfg.seed}",
+    )
     print(final_line(summary))
     print(f"wrote {os.path.join(out, 'metrics.jsonl')}, summary.json, accuracy_vs_mb.png", file=sys.stderr)
     return 0
@@ -224,13 +240,27 @@ def add_compare(sub) -> None:
         help="the papers' tables (docs/results.md), or several compressors side by side",
         description="Without --compressors: FedSynth's Table 1 shape (none, mask, sz, fedsynth at matched "
         "~8/16/64x on mnist5k, 60 clients), FedSZ's sz sweep and a non-iid table, written to "
-        "--report-dir/results.md with plots (its setup is fixed; --rounds, --clients-per-round and "
-        "--threads apply). With --compressors: FedAvg once per spec (same seed, split and model "
-        "init) and one table.",
+        "--report-dir/results.md with plots (default: the run cache, runs/results; `--report-dir docs` "
+        "regenerates the project's docs/results.md). Its setup is fixed; --rounds, --clients-per-round, "
+        "--seeds and --threads apply. With --compressors: FedAvg once per spec (same seed, split and model "
+        "init) and one table; with --seeds, once per spec and seed, and mean ± std.",
     )
     add_experiment_args(p)
-    p.add_argument("--compressors", default=None, help="comma-separated specs, e.g. none,fp16,mask:keep=0.1")
-    p.add_argument("--out", default=None, help="output folder with --compressors (default: runs/compare)")
+    p.add_argument(
+        "--compressors",
+        default=None,
+        help="comma-separated specs, e.g. none,fp16,mask:keep=0.1. Splitting: a comma starts a new spec "
+        "unless the piece after it is key=value without a colon, which continues the previous spec's "
+        "keys: 'none,sz:rel=1e-2,target=weights,mask:keep=0.1,unbiased=true' is 3 specs (none; "
+        "sz:rel=1e-2,target=weights; mask:keep=0.1,unbiased=true). Tables, plot legends and run folders "
+        "use each spec as typed",
+    )
+    p.add_argument(
+        "--out",
+        default=None,
+        help="output folder with --compressors (default: runs/compare); with several --seeds, one "
+        "sub-folder per seed (seedS/SPEC)",
+    )
     add_table_args(p, out_flag="--report-dir")
     p.set_defaults(handler=cmd_compare, rounds=None)  # None: each mode's own default
 
@@ -252,6 +282,13 @@ def split_specs(text: str) -> list[str]:
 
 
 def markdown_table(summaries: dict[str, dict[str, Any]]) -> str:
+    """One row per compressor. A summary that is a mean over seeds (``results.mean_summary``) shows
+    accuracy as mean ± sample std, and bytes and ratio as the mean; seconds add up over the seeds."""
+
+    def pm(s, key, scale, fmt):
+        v = fmt.format(s[key] * scale)
+        return v + (" ± " + fmt.format(s[key + "_std"] * scale) if key + "_std" in s else "")
+
     rows = [
         "| compressor | final acc (%) | best acc (%) | upstream MB | dense MB | ratio | download MB "
         "| seconds |",
@@ -259,7 +296,7 @@ def markdown_table(summaries: dict[str, dict[str, Any]]) -> str:
     ]
     for spec, s in summaries.items():
         rows.append(
-            f"| {spec} | {s['final_accuracy'] * 100:.2f} | {s['best_accuracy'] * 100:.2f} | "
+            f"| {spec} | {pm(s, 'final_accuracy', 100, '{:.2f}')} | {pm(s, 'best_accuracy', 100, '{:.2f}')} | "
             f"{s['upstream_bytes'] / 1e6:.3f} | {s['dense_upstream_bytes'] / 1e6:.3f} | "
             f"{s['compression_ratio']:.2f} | {s['download_bytes'] / 1e6:.3f} | {s['wall_seconds']:.1f} |"
         )
@@ -274,6 +311,8 @@ def cmd_compare(args) -> int:
         from .results import cmd_results
 
         return cmd_results(args)
+    from .results import load_cached, machine_line, mean_summary
+
     if args.rounds is None:
         args.rounds = DEFAULT_ROUNDS
     specs = split_specs(args.compressors)
@@ -282,24 +321,45 @@ def cmd_compare(args) -> int:
     names = [check_compressor(s) for s in specs]  # every spec checked before any training
     if len(set(names)) != len(names):
         raise BadInput(f"--compressors lists the same compressor twice: {names}")
+    # the spec as typed labels the row, the legend and the folder (the canonical form spells out
+    # every default: sz_rel=0.01_abs=0.0_min_lossy=1024_target=update_ef=False)
+    folders = [_safe_name(s) for s in specs]
+    if len(set(folders)) != len(folders):
+        raise BadInput(f"--compressors: two specs share a run folder name: {folders}")
+    seeds = args.seeds or (args.seed,)
     cfg = config_from_args(args, specs[0])
     _setup_torch(args)
-    data = load_data(cfg)  # one split shared by every compressor
     out = args.out or os.path.join("runs", "compare")
     os.makedirs(out, exist_ok=True)
-    summaries: dict[str, dict[str, Any]] = {}
-    for spec, name in zip(specs, names, strict=True):
-        cfg.compressor = spec
-        s = run_experiment(
-            cfg, out_dir=os.path.join(out, _safe_name(name)), progress=not args.no_progress, data=data
-        )
-        print(final_line(s), file=sys.stderr)
-        summaries[name] = s
+    per_seed: dict[str, list[dict[str, Any]]] = {spec: [] for spec in specs}
+    for seed in seeds:
+        cfg.seed = seed
+        data = load_data(cfg)  # one split per seed, shared by every compressor
+        for spec, folder in zip(specs, folders, strict=True):
+            cfg.compressor = spec
+            run_dir = os.path.join(out, f"seed{seed}", folder) if len(seeds) > 1 else os.path.join(out, folder)
+            s = None if args.no_reuse else load_cached(run_dir, cfg.to_dict(), cfg.rounds)
+            if s is not None:
+                print(f"reused {run_dir} (same config; --no-reuse runs it again)", file=sys.stderr)
+            else:
+                s = run_experiment(cfg, out_dir=run_dir, progress=not args.no_progress, data=data)
+            print(final_line(s), file=sys.stderr)
+            per_seed[spec].append(s)
+    if len(seeds) == 1:
+        summaries = {spec: runs[0] for spec, runs in per_seed.items()}
+    else:
+        summaries = {spec: mean_summary(runs, list(seeds)) for spec, runs in per_seed.items()}
     table = markdown_table(summaries)
+    seed_text = (
+        f"seed {seeds[0]}"
+        if len(seeds) == 1
+        else f"seeds {','.join(map(str, seeds))} (mean ± sample std over seeds; same split and init per seed "
+        "for every row)"
+    )
     head = (
         f"FedAvg on {cfg.dataset} ({cfg.partition}), {cfg.clients} clients, {cfg.per_round()} per round, "
         f"{cfg.rounds} rounds, model {cfg.model}, E={cfg.epochs} B={cfg.batch_size} lr={cfg.lr}, "
-        f"seed {cfg.seed}\n\n"
+        f"{seed_text}\n\nMachine (as measured): {machine_line()}\n\n"
     )
     with open(os.path.join(out, "compare.md"), "w") as f:
         f.write(head + table)
@@ -309,9 +369,10 @@ def cmd_compare(args) -> int:
             f,
             indent=2,
         )
-    plot_accuracy_vs_mb(
-        summaries, os.path.join(out, "compare.png"), title=f"{cfg.dataset}, {cfg.rounds} rounds"
+    title = f"{cfg.dataset}, {cfg.clients} clients, {cfg.rounds} rounds, " + (
+        f"seed {seeds[0]}" if len(seeds) == 1 else f"mean of {len(seeds)} seeds"
     )
+    plot_accuracy_vs_mb(summaries, os.path.join(out, "compare.png"), title=title)
     print(table, end="")
     return 0
 

@@ -13,9 +13,15 @@ Parameters are chosen to land on each ratio:
 * fedsynth: the (batches, batch) pair whose payload length, computed by compressing a synthetic set
   of that shape, puts ``dense / payload`` nearest the ratio.
 
-Every run writes ``<runs>/<partition>/<name>/summary.json`` and ``metrics.jsonl``; a run whose
-summary exists with the same config and spec is reused, so the report can be regenerated (e.g.
-when a compressor lands) without re-running the rest. The ratio printed is the one the run reached.
+With several seeds (``--seeds 0,1,2``) every row runs once per seed (the seed fixes the split, the
+client sampling and the model init, the same for every row), with the parameters calibrated on the
+first seed, and the tables show the mean over seeds ± the sample standard deviation (``mean_std``);
+goals are judged on the mean. Every run writes ``<runs>/seed<S>/<partition>/<name>/summary.json``
+and ``metrics.jsonl``; a run whose summary exists with the same config and spec is reused, so the
+report can be regenerated (e.g. when a compressor lands or a seed is added) without re-running the
+rest. The ratio printed is the one the run reached. The report goes to ``--report-dir`` (default:
+the run cache folder, under runs/); the project's docs/ are written only when asked
+(``--report-dir docs``).
 
 ``bench`` runs the pytest-benchmark files in ``bench/`` (source checkout) with ``--benchmark-json``
 and prints one table: op, provider, input size, MB/s, ratio, and speed against each peer of the
@@ -33,7 +39,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 RATIOS = (8, 16, 64)
@@ -58,7 +64,7 @@ class Plan:
     epochs: int = 2
     batch_size: int = 20
     lr: float = 0.05
-    seed: int = 0
+    seeds: tuple[int, ...] = (0,)
     alpha: float = 0.3
     ratios: tuple[int, ...] = RATIOS
     sweep: tuple[float, ...] = SWEEP_REL
@@ -69,6 +75,11 @@ class Plan:
     rows: tuple[str, ...] = ("none", "mask", "mask-unbiased", "sz", "fedsynth-fixed", "fedsynth-trainable")
     noniid_rows: tuple[str, ...] = rows
     extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def seed(self) -> int:
+        """The first seed: the one the compressors' parameters are calibrated on."""
+        return self.seeds[0]
 
     @classmethod
     def quick(cls) -> Plan:
@@ -95,7 +106,7 @@ ROW_LABELS = {
 }
 
 
-def _config(plan: Plan, partition: str, spec: str):
+def _config(plan: Plan, partition: str, spec: str, seed: int | None = None):
     from .fedavg.driver import ExperimentConfig
 
     return ExperimentConfig(
@@ -109,7 +120,7 @@ def _config(plan: Plan, partition: str, spec: str):
         epochs=plan.epochs,
         batch_size=plan.batch_size,
         lr=plan.lr,
-        seed=plan.seed,
+        seed=plan.seed if seed is None else seed,
     )
 
 
@@ -213,6 +224,120 @@ class Run:
     calibrated_ratio: float = float("nan")
     note: str = ""
     summary: dict | None = None
+    seed: int = 0
+    seeds_done: int = 1  # merged runs: how many seeds the summary averages
+
+
+def machine_info() -> dict[str, Any]:
+    """The machine as measured now: logical CPUs (and those this process may use), CPU model, torch
+    threads, GPU (name) or none, and the 1-minute load average where the OS gives one."""
+    import platform
+
+    import torch
+
+    model = ""
+    try:
+        with open("/proc/cpuinfo") as f:
+            model = next((ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")), "")
+    except OSError:
+        pass
+    try:
+        usable = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        usable = os.cpu_count()
+    try:
+        load = round(os.getloadavg()[0], 2)
+    except (AttributeError, OSError):
+        load = None
+    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
+    return {
+        "cpus": os.cpu_count(),
+        "cpus_usable": usable,
+        "cpu_model": model or platform.processor() or platform.machine(),
+        "torch_threads": torch.get_num_threads(),
+        "gpu": gpu,
+        "load_average_1min": load,
+    }
+
+
+def machine_line(info: dict[str, Any] | None = None) -> str:
+    """e.g. "2 CPUs (Intel(R) Xeon(R) ...), 1 torch thread, no GPU, load average 5.1"."""
+    m = info or machine_info()
+    cpus = f"{m['cpus']} CPUs" + (f" ({m['cpus_usable']} usable)" if m["cpus_usable"] != m["cpus"] else "")
+    t = m["torch_threads"]
+    line = f"{cpus} ({m['cpu_model']}), {t} torch thread{'s' if t != 1 else ''}, " + (
+        f"GPU {m['gpu']}" if m["gpu"] else "no GPU"
+    )
+    return line + (f", load average {m['load_average_1min']}" if m["load_average_1min"] is not None else "")
+
+
+def mean_std(values: list[float]) -> tuple[float, float]:
+    """Mean and sample standard deviation (n - 1 in the denominator; 0.0 for a single value)."""
+    m = statistics.fmean(values)
+    return m, (statistics.stdev(values, m) if len(values) > 1 else 0.0)
+
+
+def merge_seeds(runs: list[Run]) -> list[Run]:
+    """One Run per (part, row, target): its summary averages the finished seeds' summaries
+    (final accuracy and ratio: mean, with ``final_accuracy_std``; history: the per-round mean), so
+    the tables and plots read the mean. Runs of a single seed come back as they are."""
+    groups: dict[tuple, list[Run]] = {}
+    for r in runs:
+        groups.setdefault((r.part, r.row, r.target), []).append(r)
+    out = []
+    for group in groups.values():
+        if len(group) == 1:
+            out.append(group[0])
+            continue
+        first, done = group[0], [r for r in group if r.summary]
+        notes = sorted({f"seed {r.seed}: {r.note}" for r in group if r.summary is None and r.note})
+        merged = Run(first.part, first.row, first.target, first.spec, first.calibrated_ratio,
+                     note="; ".join(notes), seed=first.seed, seeds_done=len(done))  # fmt: skip
+        if done:
+            merged.summary = mean_summary([r.summary for r in done], [r.seed for r in done])
+            merged.summary["seeds_planned"] = len(group)
+        out.append(merged)
+    return out
+
+
+MEAN_KEYS = ("final_accuracy", "best_accuracy", "compression_ratio", "upstream_bytes", "dense_upstream_bytes",
+             "download_bytes", "initial_accuracy")  # fmt: skip
+
+
+def mean_summary(summaries: list[dict], seeds: list[int]) -> dict:
+    """The mean of several runs' summaries (one per seed): every key of MEAN_KEYS they all have is
+    averaged and gets a ``<key>_std`` (sample std), ``wall_seconds`` is summed, and ``history`` is
+    the per-round mean of accuracy and cumulative upstream bytes (for the curves)."""
+    out: dict[str, Any] = {"seeds": list(seeds)}
+    for k in MEAN_KEYS:
+        if all(k in s for s in summaries):
+            out[k], out[k + "_std"] = mean_std([s[k] for s in summaries])
+    out["wall_seconds"] = sum(s.get("wall_seconds", 0.0) for s in summaries)
+    rounds = min(len(s["history"]) for s in summaries)
+    out["history"] = [
+        {
+            "round": summaries[0]["history"][i]["round"],
+            "accuracy": statistics.fmean(s["history"][i]["accuracy"] for s in summaries),
+            "upstream_bytes": statistics.fmean(s["history"][i]["upstream_bytes"] for s in summaries),
+        }
+        for i in range(rounds)
+    ]
+    return out
+
+
+def load_cached(out: str, config: dict, rounds: int) -> dict | None:
+    """The finished run in ``out`` (summary.json + metrics.jsonl) if it has this exact config and
+    every round, else None (also for a run killed mid-write)."""
+    try:
+        with open(os.path.join(out, "summary.json")) as f:
+            s = json.load(f)
+        with open(os.path.join(out, "metrics.jsonl")) as f:
+            s["history"] = [json.loads(line) for line in f if line.strip()]
+    except (OSError, ValueError):
+        return None
+    if s.get("config") != config or [r.get("round") for r in s["history"]] != list(range(1, rounds + 1)):
+        return None
+    return s
 
 
 def build_runs(plan: Plan, data_by_part: dict, log=print) -> list[Run]:
@@ -267,7 +392,8 @@ def build_runs(plan: Plan, data_by_part: dict, log=print) -> list[Run]:
                 else:
                     raise ValueError(f"unknown row {row!r}; valid: {', '.join(ROW_LABELS)}")
         log(f"[results] {part}: {sum(r.part == part for r in runs)} runs planned")
-    return runs
+    # the same parameters for every seed (calibrated on the first): a row is one spec, many seeds
+    return [replace(r, seed=s) for s in plan.seeds for r in runs]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -294,36 +420,28 @@ def execute(
     for i, run in enumerate(runs):
         if run.note:
             continue
-        cfg = _config(plan, run.part, run.spec)
-        out = os.path.join(runs_dir, "iid" if run.part == "sweep" else run.part, _safe(run.spec))
-        path = os.path.join(out, "summary.json")
-        if reuse and os.path.exists(path):
-            try:  # an unreadable cache entry (e.g. a run killed mid-write) is simply run again
-                with open(path) as f:
-                    s = json.load(f)
-                with open(os.path.join(out, "metrics.jsonl")) as f:
-                    s["history"] = [json.loads(line) for line in f if line.strip()]
-            except (OSError, ValueError):
-                s = {}
-            if s.get("config") == cfg.to_dict():
-                if [r.get("round") for r in s["history"]] == list(range(1, plan.rounds + 1)):
-                    run.summary = s
-                    log(f"[results] {i + 1}/{len(runs)} reused {run.part} {run.spec}")
-                    continue
+        cfg = _config(plan, run.part, run.spec, run.seed)
+        data_part = "iid" if run.part == "sweep" else run.part
+        out = os.path.join(runs_dir, f"seed{run.seed}", data_part, _safe(run.spec))
+        s = load_cached(out, cfg.to_dict(), plan.rounds) if reuse else None
+        if s is not None:
+            run.summary = s
+            log(f"[results] {i + 1}/{len(runs)} reused seed {run.seed} {run.part} {run.spec}")
+            continue
         if cached_only:
             run.note = "no finished run in the cache (--cached-only)"
             continue
         try:
             run.summary = run_experiment(
-                cfg, out_dir=out, data=data_by_part["iid" if run.part == "sweep" else run.part]
+                cfg, out_dir=out, data=data_by_part[(data_part, run.seed)]
             )
         except Exception as e:  # one broken compressor must not lose the other rows
             run.note = f"failed: {type(e).__name__}: {e}"
-            log(f"[results] {run.spec} {run.note}")
+            log(f"[results] seed {run.seed} {run.spec} {run.note}")
             continue
         s = run.summary
         log(
-            f"[results] {i + 1}/{len(runs)} {run.part} {run.spec}: acc {s['final_accuracy'] * 100:.2f}% "
+            f"[results] {i + 1}/{len(runs)} seed {run.seed} {run.part} {run.spec}: acc {s['final_accuracy'] * 100:.2f}% "
             f"ratio {s['compression_ratio']:.2f}x {s['wall_seconds']:.0f}s"
         )
         if on_run is not None:
@@ -344,7 +462,17 @@ def _cell(run: Run | None, base: float | None) -> str:
     if run.summary is None:
         return f"not run ({run.note})" if run.note else "not run (yet)"
     d = f", {_acc(run) - base:+.2f} pt" if base is not None and run.row != "none" else ""
-    return f"{_acc(run):.2f} % ({run.summary['compression_ratio']:.2f}x{d})"
+    return f"{_acc_text(run)} % ({run.summary['compression_ratio']:.2f}x{d})"
+
+
+def _acc_text(run: Run) -> str:
+    """"96.20" for one seed; "96.20 ± 0.12" for a mean over seeds (plus "[2 of 3 seeds]" when
+    some seeds have not finished)."""
+    s = run.summary
+    if "final_accuracy_std" not in s:
+        return f"{_acc(run):.2f}"
+    short = f" [{len(s['seeds'])} of {s['seeds_planned']} seeds]" if len(s["seeds"]) < s["seeds_planned"] else ""
+    return f"{_acc(run):.2f} ± {s['final_accuracy_std'] * 100:.2f}{short}"
 
 
 def _none(runs: list[Run], part: str) -> Run | None:
@@ -398,7 +526,7 @@ def goal_lines(plan: Plan, runs: list[Run], part: str, base: float | None) -> li
         ok = d >= -pt
         out.append(
             f"- Goal at {ratio}x (best compressor within {pt} pt of none): best is {ROW_LABELS[best.row]} "
-            f"at {_acc(best):.2f} % ({best.summary['compression_ratio']:.2f}x), {d:+.2f} pt vs none "
+            f"at {_acc_text(best)} % ({best.summary['compression_ratio']:.2f}x), {d:+.2f} pt vs none "
             f"{base:.2f} % -> **{'reached' if ok else 'NOT reached'}**."
         )
     return out
@@ -419,7 +547,7 @@ def sweep_table(plan: Plan, runs: list[Run]) -> str:
             continue
         d = f"{_acc(r) - base:+.2f}" if base is not None else "—"
         lines.append(
-            f"| {tgt} | {r.target:g} | {r.summary['compression_ratio']:.2f}x | {_acc(r):.2f} | {d} | "
+            f"| {tgt} | {r.target:g} | {r.summary['compression_ratio']:.2f}x | {_acc_text(r)} | {d} | "
             f"{r.calibrated_ratio:.2f}x |"
         )
     lines.append("")
@@ -493,21 +621,30 @@ def plots(plan: Plan, runs: list[Run], out: str, part: str) -> list[str]:
 
 
 def report(plan: Plan, runs: list[Run], out: str, command: str, wall: float, with_plots: bool = True) -> str:
+    per_seed = runs
+    runs = merge_seeds(runs)
     date = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
     total_run_s = sum(r.summary["wall_seconds"] for r in runs if r.summary)
+    seeds = ", ".join(str(x) for x in plan.seeds)
+    seed_text = (
+        f"seed {plan.seed}"
+        if len(plan.seeds) == 1
+        else f"seeds {seeds} (each cell: mean ± sample std over the seeds; parameters calibrated on seed "
+        f"{plan.seed}; goals judged on the mean)"
+    )
     parts = [
         "# Results: FedSynth Table 1 and FedSZ's sweep, re-measured\n",
-        f"Generated by `{command}` on {date}; machine: 2-core CPU shared with other jobs, no GPU, "
-        f"1 torch thread. This invocation took {wall / 60:.1f} min; the runs' own wall time adds up "
-        f"to {total_run_s / 60:.1f} min (runs reused from an earlier invocation count here too).\n",
+        f"Generated by `{command}` on {date}; machine (as measured): {machine_line()}. This invocation "
+        f"took {wall / 60:.1f} min; the runs' own wall time adds up to {total_run_s / 60:.1f} min (runs "
+        "reused from an earlier invocation count here too, and may have run on another machine).\n",
         f"Setup (every row): FedAvg on `{plan.dataset}`, {plan.clients} clients, {plan.clients_per_round} "
         f"sampled per round, {plan.rounds} rounds, CNN, E={plan.epochs}, B={plan.batch_size}, lr={plan.lr}, "
-        f"seed {plan.seed}; same split, client sampling and model init for every row. Accuracy = test "
+        f"{seed_text}; same split, client sampling and model init for every row of a seed. Accuracy = test "
         "accuracy after the last round; ratio = dense upstream bytes / bytes actually sent, over the run. "
         f"FedSynth rows use outer_steps={plan.fedsynth_outer_steps}. pt = percentage points.\n",
     ]
     parts.append(
-        "Read with care: one seed; the test split has 1,000 images, so 0.1 pt is one image and the "
+        f"Read with care: {'one seed' if len(plan.seeds) == 1 else f'{len(plan.seeds)} seeds'}; the test split has 1,000 images, so 0.1 pt is one image and the "
         "0.5 pt goal is five; with these few rounds `none` itself is far from converged, so small "
         "gaps say little about the end of training. A goal counts the best row aimed at that ratio "
         "(its reached ratio is printed next to it; calibration on round 1 can drift, e.g. sz aimed at "
@@ -540,8 +677,9 @@ def report(plan: Plan, runs: list[Run], out: str, command: str, wall: float, wit
     with open(os.path.join(out, "results.json"), "w") as f:
         json.dump(
             {
-                "plan": {k: v for k, v in plan.__dict__.items()},
+                "plan": {**plan.__dict__, "seed": plan.seed},
                 "date": date,
+                "machine": machine_info(),
                 "runs": [
                     {
                         "part": r.part,
@@ -553,6 +691,20 @@ def report(plan: Plan, runs: list[Run], out: str, command: str, wall: float, wit
                         "final_accuracy": r.summary["final_accuracy"] if r.summary else None,
                         "compression_ratio": r.summary["compression_ratio"] if r.summary else None,
                         "wall_seconds": r.summary["wall_seconds"] if r.summary else None,
+                        "seed": r.seed,
+                    }
+                    for r in per_seed
+                ],
+                "mean_over_seeds": [
+                    {
+                        "part": r.part,
+                        "row": r.row,
+                        "target": r.target,
+                        "spec": r.spec,
+                        "final_accuracy": r.summary["final_accuracy"] if r.summary else None,
+                        "final_accuracy_std": r.summary.get("final_accuracy_std", 0.0) if r.summary else None,
+                        "compression_ratio": r.summary["compression_ratio"] if r.summary else None,
+                        "seeds": r.summary.get("seeds", [r.seed]) if r.summary else [],
                     }
                     for r in runs
                 ],
@@ -578,14 +730,17 @@ def run_results(
 
     t0 = time.perf_counter()
     os.makedirs(out, exist_ok=True)
-    data_by_part = {}
+    data_by_part = {}  # (part, seed) -> data: the split depends on the seed
     for part in {"iid" if p == "sweep" else p for p in plan.parts}:
-        data_by_part[part] = load_dataset(
-            plan.dataset, plan.clients, "iid" if part == "iid" else "dirichlet", plan.alpha, plan.seed, None
-        )
-    runs = build_runs(plan, data_by_part, log=log)
+        for seed in plan.seeds:
+            data_by_part[(part, seed)] = load_dataset(
+                plan.dataset, plan.clients, "iid" if part == "iid" else "dirichlet", plan.alpha, seed, None
+            )
+    first = {part: data for (part, seed), data in data_by_part.items() if seed == plan.seed}
+    runs = build_runs(plan, first, log=log)
     if "sweep" in plan.parts and not any(r.part == "iid" and r.row == "none" for r in runs):
-        runs.insert(0, Run("iid", "none", 1.0, "none", 1.0))  # the sweep's baseline
+        # the sweep's baseline
+        runs[:0] = [Run("iid", "none", 1.0, "none", 1.0, seed=seed) for seed in plan.seeds]
     # cheap rows first, FedSynth (the slowest, ~10x a plain run) last; the report is rewritten after
     # every run, so an interrupted invocation still leaves a report of what finished
     runs.sort(key=lambda r: (r.row.startswith("fedsynth"), r.part == "dirichlet"))
@@ -794,9 +949,22 @@ def add_table_args(p, out_flag: str = "--out") -> None:
         action="store_true",
         help="digits, 12 clients, 2 rounds, ratio 16x only, sweep at 1e-2 (the test's mode)",
     )
-    p.add_argument(out_flag, dest="report_dir", default="docs",
-                   help="folder for results.md and plots (default: %(default)s)")
+    p.add_argument(
+        out_flag,
+        dest="report_dir",
+        default=None,
+        help="folder for results.md, results.json and plots (default: the --runs folder; the project's "
+        "docs/results.md is rewritten only with --report-dir docs)",
+    )
     p.add_argument("--runs", default=None, help="run cache folder (default: runs/results[-quick])")
+    p.add_argument(
+        "--seeds",
+        type=parse_seeds,
+        default=None,
+        help="comma list of seeds, e.g. 0,1,2: every row runs once per seed (the seed fixes split, client "
+        "sampling and model init, the same for every row) and tables show mean ± sample std; each seed's "
+        "runs are cached on their own (default: --seed, else 0)",
+    )
     p.add_argument("--no-reuse", action="store_true", help="re-run even where a cached run matches")
     p.add_argument(
         "--cached-only",
@@ -810,12 +978,26 @@ def add_table_args(p, out_flag: str = "--out") -> None:
     p.add_argument("--fedsynth-outer-steps", type=int, default=None)
 
 
+def parse_seeds(text: str) -> tuple[int, ...]:
+    """"0,1,2" -> (0, 1, 2): distinct integers >= 0 (an argparse type: errors exit with code 2)."""
+    import argparse
+
+    try:
+        seeds = tuple(int(x) for x in text.split(",") if x.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--seeds {text!r}: expected comma-separated integers >= 0") from None
+    if not seeds or min(seeds) < 0 or len(set(seeds)) != len(seeds):
+        raise argparse.ArgumentTypeError(f"--seeds {text!r}: expected distinct integers >= 0, e.g. 0,1,2")
+    return seeds
+
+
 def add_results(sub) -> None:
     p = sub.add_parser(
         "results",
-        help="regenerate docs/results.md (the same as `compare` without --compressors)",
+        help="the papers' tables (the same as `compare` without --compressors)",
         description="Run the matched-ratio tables (none, mask, sz, fedsynth) and the sz REL sweep; write "
-        "OUT/results.md, results.json and PNG plots. Runs are cached under --runs and reused.",
+        "OUT/results.md, results.json and PNG plots (OUT: --out, default the --runs folder; `--out docs` "
+        "regenerates the project's docs/results.md). Runs are cached under --runs and reused.",
     )
     add_table_args(p)
     p.add_argument("--rounds", type=int, default=None)
@@ -845,6 +1027,10 @@ def cmd_results(args) -> int:
             plan.ratios = tuple(int(x) for x in args.ratios.split(","))
         if args.fedsynth_outer_steps is not None:
             plan.fedsynth_outer_steps = args.fedsynth_outer_steps
+        if getattr(args, "seeds", None):
+            plan.seeds = args.seeds
+        elif getattr(args, "seed", None) is not None:  # compare's --seed
+            plan.seeds = (args.seed,)
     except ValueError as e:
         raise BadInput(str(e)) from None
     bad = [p for p in plan.parts if p not in ("iid", "sweep", "dirichlet")]
@@ -856,6 +1042,7 @@ def cmd_results(args) -> int:
         )
     torch.set_num_threads(args.threads)
     runs_dir = args.runs or os.path.join("runs", "results-quick" if args.quick else "results")
+    report_dir = args.report_dir or runs_dir  # never the project's docs/ unless asked
     command = (
         "fedcompress " + " ".join(a for a in sys.argv[1:])
         if sys.argv[1:2] in (["results"], ["compare"])
@@ -867,7 +1054,7 @@ def cmd_results(args) -> int:
 
     text = run_results(
         plan,
-        args.report_dir,
+        report_dir,
         runs_dir,
         reuse=not args.no_reuse,
         cached_only=args.cached_only,
@@ -876,7 +1063,7 @@ def cmd_results(args) -> int:
         incremental=not args.quick,
     )
     print(text)
-    log(f"[results] wrote {os.path.join(args.report_dir, 'results.md')}")
+    log(f"[results] wrote {os.path.join(report_dir, 'results.md')}")
     return 0
 
 
@@ -901,6 +1088,15 @@ def add_bench(sub) -> None:
 def cmd_bench(args) -> int:
     from .cli import BadInput
 
+    import importlib.util
+
+    missing = [m for m in ("pytest", "pytest_benchmark") if importlib.util.find_spec(m) is None]
+    if missing:
+        raise BadInput(
+            f"fedcompress bench needs the test extras ({', '.join(missing)} not installed): in the source "
+            'checkout run `pip install -e ".[test]"` (pytest, pytest-benchmark and the peer codecs it compares '
+            "against)"
+        )
     d = args.bench_dir or find_bench_dir()
     if d is None or not os.path.isdir(d):
         raise BadInput(

@@ -211,3 +211,45 @@ def test_run_local_folders(tmp_path, capsys):
     assert s["model_parameters"] == 784 * 200 + 200 + 200 * 200 + 200 + 200 * 62 + 62
     assert cli.main([*base, "--clients", "4", *args]) == 2
     assert "only 3 writers" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------------------------------------
+# Issue 16.7 / 16.8: specs as typed in tables, legends and folders; the splitting rule in --help;
+# run's plot has a title
+
+
+def test_compare_labels_and_folders_use_the_spec_as_typed(tmp_path, capsys, monkeypatch):
+    from fedcompress.fedavg import plots
+
+    seen = {}
+    real = plots.plot_accuracy_vs_mb
+    monkeypatch.setattr(plots, "plot_accuracy_vs_mb", lambda s, path, title=None: seen.update(
+        labels=list(s), title=title) or real(s, path, title))  # fmt: skip
+    out = tmp_path / "c"
+    spec = "mask:keep=0.5,unbiased=true"
+    assert cli.main(["compare", *TINY, "--rounds", "1", "--compressors", f"none,{spec}", "--out", str(out)]) == 0
+    assert f"| {spec} |" in capsys.readouterr().out
+    assert sorted(p.name for p in out.iterdir() if p.is_dir()) == ["mask_keep=0.5_unbiased=true", "none"]
+    assert seen["labels"] == ["none", spec] and "digits" in seen["title"]
+
+
+def test_compressors_help_explains_the_comma_rule(capsys):
+    with pytest.raises(SystemExit):
+        cli.main(["compare", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "a comma starts a new spec unless the piece after it is key=value without a colon" in text
+    assert "is 3 specs" in text and "as typed" in text
+    assert cli.split_specs("none,sz:rel=1e-2,target=weights,mask:keep=0.1,unbiased=true") == [
+        "none", "sz:rel=1e-2,target=weights", "mask:keep=0.1,unbiased=true"]  # the help's own example
+
+
+def test_run_plot_has_a_title(tmp_path, monkeypatch):
+    from fedcompress.fedavg import plots
+
+    titles = []
+    real = plots.plot_accuracy_vs_mb
+    monkeypatch.setattr(plots, "plot_accuracy_vs_mb", lambda s, path, title=None: titles.append(title) or real(
+        s, path, title))  # fmt: skip
+    assert cli.main(["run", *TINY, "--rounds", "1", "--compressor", "fp16", "--out", str(tmp_path)]) == 0
+    assert titles[-1] == "fp16: digits, 3 clients, 1 rounds, seed 0"
+    assert (tmp_path / "accuracy_vs_mb.png").read_bytes()[:4] == b"\x89PNG"

@@ -6,6 +6,7 @@ import json
 import math
 import os
 
+import numpy as np
 import pytest
 import torch
 
@@ -111,7 +112,7 @@ def test_quick_plan_end_to_end(tmp_path):
         if row != "none":  # each compressor landed near 16x (mask: keep=1/16 plus headers)
             assert 13 < r["compression_ratio"] < 19.5, r
     # the ratio in the table is the driver's: dense / upstream from the run's own summary.json
-    mask_dir = os.path.join(runs_dir, "iid", "mask_keep=0.0625")
+    mask_dir = os.path.join(runs_dir, "seed0", "iid", "mask_keep=0.0625")
     s = json.load(open(os.path.join(mask_dir, "summary.json")))
     assert s["compression_ratio"] == pytest.approx(s["dense_upstream_bytes"] / s["upstream_bytes"])
     assert f"{s['compression_ratio']:.2f}x" in text
@@ -248,3 +249,130 @@ def test_compare_without_compressors_writes_the_report(tmp_path, capsys):
     res = json.loads(open(tmp_path / "docs" / "results.json").read())
     assert {r["row"] for r in res["runs"]} == {"none", "mask"}
     assert res["plan"]["rounds"] == R.Plan.quick().rounds  # compare's own --rounds default does not leak in
+
+
+# ---------------------------------------------------------------------------------------------
+# Issue 16.2: compare writes into docs/ only when asked; 16.8: the machine as measured;
+# issue 13.4: seeds (mean ± sample std, checked against numpy), runs cached per seed
+
+
+def test_compare_default_report_goes_under_runs_not_docs(tmp_path, monkeypatch, capsys):
+    from fedcompress import cli
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "docs").mkdir()
+    (tmp_path / "docs" / "results.md").write_text("committed\n")
+    assert cli.main(["compare", "--quick", "--rows", "none", "--parts", "iid", "--no-progress"]) == 0
+    assert (tmp_path / "docs" / "results.md").read_text() == "committed\n"
+    assert sorted(p.name for p in (tmp_path / "docs").iterdir()) == ["results.md"]
+    text = (tmp_path / "runs" / "results-quick" / "results.md").read_text()
+    assert text.startswith("# Results")
+    assert "[results] wrote runs/results-quick/results.md" in capsys.readouterr().err
+
+
+def test_machine_line_is_measured():
+    import torch
+
+    info = R.machine_info()
+    assert info["cpus"] == os.cpu_count() and info["torch_threads"] == torch.get_num_threads()
+    assert (info["gpu"] is None) == (not torch.cuda.is_available())
+    line = R.machine_line(dict(info, cpus=2, cpus_usable=2, cpu_model="Some CPU", torch_threads=1, gpu=None,
+                               load_average_1min=5.5))  # fmt: skip
+    assert line == "2 CPUs (Some CPU), 1 torch thread, no GPU, load average 5.5"
+    assert "GPU H200" in R.machine_line(dict(info, gpu="H200"))
+
+
+def test_report_prints_the_machine(tmp_path):
+    plan = R.Plan(ratios=(16,), parts=("iid",), rows=("none",))
+    text = R.report(plan, [_fake("iid", "none", 1, 0.9, 1.0)], str(tmp_path), "fedcompress compare", 1.0)
+    assert f"machine (as measured): {R.machine_line()}".split(", load")[0] in text
+    assert "2-core CPU shared" not in text
+
+
+@pytest.mark.parametrize("values", [[0.9], [0.91, 0.93, 0.905], [1.0, 2.0, 4.0, 8.0]])
+def test_mean_std_against_numpy(values):
+    m, s = R.mean_std(values)
+    assert m == pytest.approx(np.mean(values), rel=1e-12)
+    assert s == pytest.approx(np.std(values, ddof=1) if len(values) > 1 else 0.0, abs=1e-12)
+
+
+def test_merge_seeds_and_report_mean_std(tmp_path):
+    plan = R.Plan(ratios=(16,), parts=("iid",), rows=("none", "sz"), seeds=(0, 1, 2))
+    accs = {"none": [0.90, 0.92, 0.91], "sz": [0.89, 0.90, 0.88]}
+    ratios = [16.0, 16.5, 17.5]
+    runs = []
+    for i, seed in enumerate(plan.seeds):
+        for row in ("none", "sz"):
+            r = _fake("iid", row, 1 if row == "none" else 16, accs[row][i], 1.0 if row == "none" else ratios[i])
+            r.seed = seed
+            runs.append(r)
+    merged = {r.row: r for r in R.merge_seeds(runs)}
+    sz = merged["sz"].summary
+    assert sz["final_accuracy"] == pytest.approx(np.mean(accs["sz"]))
+    assert sz["final_accuracy_std"] == pytest.approx(np.std(accs["sz"], ddof=1))
+    assert sz["compression_ratio"] == pytest.approx(np.mean(ratios))
+    assert sz["seeds"] == [0, 1, 2]
+    hist = [np.mean([r.summary["history"][k]["accuracy"] for r in runs if r.row == "sz"]) for k in range(2)]
+    assert [h["accuracy"] for h in sz["history"]] == pytest.approx(hist)
+    text = R.report(plan, runs, str(tmp_path), "fedcompress compare --seeds 0,1,2", 1.0)
+    d = (np.mean(accs["sz"]) - np.mean(accs["none"])) * 100
+    cell = f"{np.mean(accs['sz']) * 100:.2f} ± {np.std(accs['sz'], ddof=1) * 100:.2f} % ({np.mean(ratios):.2f}x, {d:+.2f} pt)"
+    assert cell in text, text
+    assert "seeds 0, 1, 2" in text and "goals judged on the mean" in text
+    res = json.loads((tmp_path / "results.json").read_text())
+    assert sorted(r["seed"] for r in res["runs"]) == [0, 0, 1, 1, 2, 2]
+    assert {r["row"]: r["final_accuracy"] for r in res["mean_over_seeds"]}["sz"] == pytest.approx(np.mean(accs["sz"]))
+
+
+def test_merge_seeds_says_when_a_seed_is_missing(tmp_path):
+    a, b = _fake("iid", "none", 1, 0.9, 1.0), R.Run("iid", "none", 1, "none", 1.0, note="failed: boom", seed=1)
+    (m,) = R.merge_seeds([a, b])
+    assert m.summary["seeds"] == [0] and "seed 1: failed: boom" in m.note
+    assert R._acc_text(m) == "90.00 ± 0.00 [1 of 2 seeds]"
+
+
+def test_compare_seeds_runs_each_row_per_seed_and_caches(tmp_path, capsys):
+    """--compressors with --seeds: same split and init per seed across rows, mean ± std in the
+    table (against numpy on the runs' own summaries), one cached folder per seed and spec."""
+    import torch
+
+    from fedcompress import cli
+
+    torch.set_num_threads(1)
+    out = tmp_path / "c"
+    args = ["compare", "--dataset", "digits", "--model", "mlp", "--clients", "3", "--rounds", "1", "--epochs", "1",
+            "--no-progress", "--compressors", "none,mask:keep=0.5,unbiased=true", "--seeds", "0,1,2",
+            "--out", str(out)]  # fmt: skip
+    assert cli.main(args) == 0
+    table = capsys.readouterr().out
+    for spec, folder in (("none", "none"), ("mask:keep=0.5,unbiased=true", "mask_keep=0.5_unbiased=true")):
+        ss = [json.loads((out / f"seed{s}" / folder / "summary.json").read_text()) for s in (0, 1, 2)]
+        assert [x["config"]["seed"] for x in ss] == [0, 1, 2]
+        accs = [x["final_accuracy"] * 100 for x in ss]
+        assert f"| {spec} | {np.mean(accs):.2f} ± {np.std(accs, ddof=1):.2f} |" in table
+    for s in (0, 1, 2):  # same init per seed across rows; different seeds, different inits
+        a = json.loads((out / f"seed{s}" / "none" / "summary.json").read_text())
+        b = json.loads((out / f"seed{s}" / "mask_keep=0.5_unbiased=true" / "summary.json").read_text())
+        assert a["initial_accuracy"] == b["initial_accuracy"]
+    assert "seeds 0,1,2 (mean ± sample std" in (out / "compare.md").read_text()
+    assert cli.main(args) == 0  # second call: every run reused from its seed's folder
+    assert capsys.readouterr().err.count("reused") == 6
+
+
+@pytest.mark.parametrize("bad", ["", "a,b", "0,0", "-1"])
+def test_bad_seeds_exit_2(bad, capsys):
+    from fedcompress import cli
+
+    with pytest.raises(SystemExit) as e:
+        cli.main(["compare", "--compressors", "none", "--seeds", bad])
+    assert e.value.code == 2 and "--seeds" in capsys.readouterr().err
+
+
+def test_bench_without_test_extras_says_what_to_install(monkeypatch, capsys):
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda n, *a: None if n == "pytest_benchmark" else real(n, *a))
+    assert cli.main(["bench", "--quick"]) == cli.EXIT_BAD_INPUT
+    err = capsys.readouterr().err
+    assert "pytest_benchmark not installed" in err and 'pip install -e ".[test]"' in err
