@@ -6,6 +6,7 @@ library's own writers), so the readers are checked against an independent encode
 
 import gzip
 import json
+import os
 import struct
 
 import numpy as np
@@ -171,6 +172,81 @@ def test_idx_corrupt_gzip(idx_dir):
     (folder / "train-images-idx3-ubyte.gz").write_bytes(b"\x1f\x8b\x08garbage")
     with pytest.raises(fc.FormatError):
         D.load_arrays("mnist", folder)
+
+
+# -- Fashion-MNIST ----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("gz", [False, True])
+def test_fashion_fixture_folder(idx_dir, tmp_path, gz):
+    """The fixture's four IDX files (plain, or all gzipped): shapes, labels, and pixels standardised
+    with the training images' own mean/std (numpy float64 as the reference)."""
+    folder, arrays = idx_dir
+    if gz:
+        folder = tmp_path / "gz"
+        folder.mkdir()
+        for name, a in arrays.items():
+            _write(folder / name, _idx_bytes(a), gz=True)
+    ds = D.load_arrays("fashion", folder)
+    assert ds.info == D.DatasetInfo("fashion", (1, 28, 28), 10)
+    assert ds.x_train.shape == (7, 1, 28, 28) and ds.x_test.shape == (3, 1, 28, 28)
+    assert ds.x_train.dtype == torch.float32 and ds.y_train.dtype == torch.int64
+    assert ds.y_train.tolist() == arrays["train-labels-idx1-ubyte"].tolist() and ds.y_test.tolist() == [9, 0, 4]
+    tr = arrays["train-images-idx3-ubyte"].astype(np.float64) / 255
+    mean, std = tr.mean(), tr.std()
+    np.testing.assert_allclose(ds.x_train[:, 0].numpy(), (tr - mean) / std, rtol=1e-5, atol=1e-5)
+    te = arrays["t10k-images-idx3-ubyte"].astype(np.float64) / 255
+    np.testing.assert_allclose(ds.x_test[:, 0].numpy(), (te - mean) / std, rtol=1e-5, atol=1e-5)
+    fed = D.load_dataset("fashion", clients=2, data_dir=folder)
+    assert sorted(torch.cat(fed.partitions).tolist()) == list(range(7))
+
+
+def test_fashion_models_size_as_mnist():
+    from fedcompress.fedavg.models import build_model, count_parameters
+
+    for m in ("cnn", "mlp"):
+        assert count_parameters(build_model(m, "fashion")) == count_parameters(build_model(m, "mnist"))
+        assert build_model(m, "fashion")(torch.zeros(2, 1, 28, 28)).shape == (2, 10)
+
+
+def test_fashion_missing_package_names_it(tmp_path, monkeypatch):
+    monkeypatch.setattr(D, "FASHION_DIR", str(tmp_path / "not-installed"))
+    with pytest.raises(FileNotFoundError, match="dataset-fashion-mnist") as e:
+        D.load_arrays("fashion")
+    assert "apt-get install dataset-fashion-mnist" in str(e.value)
+    assert "train-images-idx3-ubyte" in str(e.value)  # and the files --data-dir needs
+    with pytest.raises(FileNotFoundError, match="not a folder"):
+        D.load_arrays("fashion", tmp_path / "nope")
+
+
+def test_fashion_wrong_files_name_what_is_expected(tmp_path):
+    (tmp_path / "fashion-mnist_train.csv").write_text("label,pixel1\n9,0\n")
+    (tmp_path / "README").write_text("not IDX")
+    with pytest.raises(FileNotFoundError) as e:
+        D.load_arrays("fashion", tmp_path)
+    for f in D.IDX_FILES.values():
+        assert f in str(e.value)
+    # the right names with the wrong content: 32x32 images are refused, naming the expected 28x28
+    rng = np.random.default_rng(1)
+    for name, a in {
+        "train-images-idx3-ubyte": rng.integers(0, 256, (2, 32, 32)),
+        "train-labels-idx1-ubyte": np.array([1, 2]),
+        "t10k-images-idx3-ubyte": rng.integers(0, 256, (1, 32, 32)),
+        "t10k-labels-idx1-ubyte": np.array([3]),
+    }.items():
+        _write(tmp_path / name, _idx_bytes(a))
+    with pytest.raises(fc.FormatError, match="28x28"):
+        D.load_arrays("fashion", tmp_path)
+
+
+@pytest.mark.skipif(
+    not os.path.isdir(D.FASHION_DIR), reason="Debian package dataset-fashion-mnist not installed"
+)
+def test_fashion_package_official_split():
+    ds = D.load_arrays("fashion")
+    assert ds.x_train.shape == (60000, 1, 28, 28) and ds.x_test.shape == (10000, 1, 28, 28)
+    assert ds.y_train.bincount().tolist() == [6000] * 10 and ds.y_test.bincount().tolist() == [1000] * 10
+    assert abs(float(ds.x_train.mean())) < 1e-4 and abs(float(ds.x_train.std()) - 1) < 1e-4
 
 
 # -- LEAF FEMNIST -----------------------------------------------------------------------------

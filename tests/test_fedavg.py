@@ -127,8 +127,11 @@ def _cfg(**kw):
     return ExperimentConfig(**base)
 
 
+_TIMES = ("seconds", "encode_seconds", "decode_seconds", "train_seconds")
+
+
 def _strip(history):
-    return [{k: v for k, v in r.items() if k != "seconds"} for r in history]
+    return [{k: v for k, v in r.items() if k not in _TIMES} for r in history]
 
 
 def test_same_seed_same_run(digits_small):
@@ -256,3 +259,61 @@ def test_outputs_and_bad_spec(digits_small, tmp_path):
     assert (tmp_path / "accuracy_vs_mb.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     with pytest.raises(ValueError, match="valid choices"):
         run_experiment(_cfg(compressor="nope"), data=digits_small)
+
+
+# -- codec time and byte budgets in the metrics ------------------------------------------------
+
+
+@pytest.mark.parametrize("spec", ["none", "mask:ratio=8", "sz:ratio=8", "sz:rel=1e-2"])
+def test_metrics_times_and_ratios(digits_small, tmp_path, spec):
+    s = run_experiment(_cfg(compressor=spec, rounds=2), data=digits_small, out_dir=tmp_path)
+    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    for r in rows:
+        for key in ("encode_seconds", "decode_seconds", "train_seconds", "round_ratio"):
+            assert key in r, key
+        t = (r["encode_seconds"], r["decode_seconds"], r["train_seconds"])
+        assert all(x >= 0 for x in t) and r["train_seconds"] > 0
+        assert sum(t) <= r["seconds"]  # all three lie inside the round's wall time
+        assert r["round_ratio"] == pytest.approx(r["round_dense_bytes"] / r["round_upstream_bytes"])
+        if "ratio=" in spec:
+            assert r["round_ratio"] >= 8.0
+            assert [c["client"] for c in r["chosen"]] == r["clients"]
+            for c in r["chosen"]:
+                assert c["ratio"] >= 8.0
+                assert ("rel" in c and 0 < c["rel"] <= 1) if spec.startswith("sz") else 0 < c["keep"] < 1
+        else:
+            assert "chosen" not in r
+    for key in ("encode_seconds", "decode_seconds", "train_seconds"):
+        assert summary[key] == pytest.approx(sum(r[key] for r in rows))
+    e, d, t = summary["encode_seconds"], summary["decode_seconds"], summary["train_seconds"]
+    assert summary["codec_overhead"] == pytest.approx((e + d) / (t + e + d))
+    assert 0 <= summary["codec_overhead"] < 1
+    assert e + d + t <= summary["wall_seconds"]
+    assert s["codec_overhead"] == summary["codec_overhead"]
+
+
+def test_codec_clock_counts_only_compress(digits_small):
+    """A compressor whose compress sleeps 200 ms: encode_seconds sees it, train_seconds does not."""
+    import time as _time
+
+    class _Slow(fc.Compressor):
+        def compress(self, update, ctx):
+            _time.sleep(0.2)
+            return fc.get_compressor("none").compress(update, ctx)
+
+        def decompress(self, payload, ctx):
+            _time.sleep(0.02)
+            return fc.get_compressor("none").decompress(payload, ctx)
+
+    run_experiment(_cfg(rounds=1), data=digits_small)  # warm up: torch's first backward takes ~1 s
+    fc.register("test-slow")(_Slow)
+    try:
+        s = run_experiment(_cfg(compressor="test-slow", rounds=1), data=digits_small)
+    finally:
+        fc.api._REGISTRY.pop("test-slow", None)
+    r = s["history"][0]
+    assert 3 * 0.2 <= r["encode_seconds"] < 3 * 0.2 + 0.5
+    assert 3 * 0.02 <= r["decode_seconds"] < 3 * 0.02 + 0.5
+    # local SGD of 100 digits per client takes a few ms each; the 0.6 s of sleeps are not training
+    assert r["train_seconds"] < 3 * 0.2

@@ -23,6 +23,16 @@ Philox on int64 tensors), C++ (csrc/mask.cpp, SIMD + OpenMP) and Triton (kernels
 State dicts (``get_compressor("mask:keep=0.125")``): tensor ``k`` (dict order) is keyed by
 ``mix_seed(mask_id, k)`` with ``mask_id = ctx.subseed(MASK_SALT)``; float tensors are masked, all in
 one kernel call; other tensors (``num_batches_tracked``...) travel exactly.
+
+Unbiased by default: decoded values are scaled by 1/keep unless ``unbiased=false`` (the biased
+mean shrinks every FedAvg step by keep). The flag travels in each payload (meta flags bit 0), so a
+payload made with ``unbiased=False`` still decodes raw, whatever the decoder's own setting.
+
+Byte budget (``mask:ratio=R``, codecs/budget.py): keep is set from the update's layout so that the
+whole payload (framing, names, lossless tensors, 14-byte meta, kept values) fits ``dense / R``
+even when the kept count K ~ Binomial(N, keep) lands ``BUDGET_SIGMAS`` standard deviations above
+its mean; in the rarer case it would not, the threshold is lowered for that update until it fits
+(a lower threshold keeps a subset of the same coordinates, so the count only falls).
 """
 
 from __future__ import annotations
@@ -35,6 +45,7 @@ import torch
 from .. import _ops, wire
 from ..api import Compressor, Param, RoundContext, StateDict, boolean, choice, mix_seed, register
 from ..errors import FormatError
+from .budget import RATIO_PARAM, budget_bytes, dense_payload_bytes, payload_overhead, spec_without
 
 MASK_SALT = 0x4D41534B  # "MASK": RoundContext.subseed salt for the state-dict mask id
 _M32 = 0xFFFFFFFF
@@ -273,7 +284,7 @@ class RandomMask:
     """Keep each coordinate with probability ``keep``; send only the kept values and 8 bytes of seed.
 
     ``encode(t, seed)`` -> bytes; ``decode(blob)`` -> tensor of t's dtype and shape, zeros where
-    dropped (x 1/keep where ``unbiased``); ``decode_mean(blobs, weights=None)`` -> weighted mean of
+    dropped (x 1/keep where ``unbiased``, the default); ``decode_mean(blobs, weights=None)`` -> weighted mean of
     many clients' payloads (same shape and keep, any seeds), regenerated and scattered in one pass.
     ``values="fp16"`` halves the payload (values rounded to float16). ``backend`` forces
     torch/cpp/triton (default: FEDCOMPRESS_BACKEND, else automatic). Payloads are self-describing:
@@ -281,7 +292,7 @@ class RandomMask:
     """
 
     def __init__(
-        self, keep: float = 0.1, unbiased: bool = False, values: str = "fp32", backend: str | None = None
+        self, keep: float = 0.1, unbiased: bool = True, values: str = "fp32", backend: str | None = None
     ):
         self.keep = check_keep(keep)
         if not isinstance(unbiased, (bool, np.bool_)):
@@ -363,25 +374,59 @@ def _client_weights(weights, n: int, scale: float) -> list[float]:
 # State-dict compressor
 
 
+# A budgeted keep leaves room for the kept count to land this many standard deviations above its
+# mean: a one-sided normal tail of ~0.13 % of updates need a second encode at a lower threshold.
+# The margin costs about BUDGET_SIGMAS / sqrt(kept values) of the values the budget would allow.
+BUDGET_SIGMAS = 3.0
+
+
+def budget_keep(n: int, max_values: int, sigmas: float = BUDGET_SIGMAS) -> float:
+    """The largest keep p with n * p + sigmas * sqrt(n * p * (1 - p)) <= max_values (1.0 if all fit).
+
+    Bisection on p (60 halvings of [0, 1]: exact to double precision, deterministic)."""
+    if max_values >= n:
+        return 1.0
+    lo, hi = 0.0, 1.0
+    for _ in range(60):
+        mid = 0.5 * (lo + hi)
+        if n * mid + sigmas * math.sqrt(n * mid * (1.0 - mid)) <= max_values:
+            lo = mid
+        else:
+            hi = mid
+    return lo
+
+
 @register("mask")
 class MaskCompressor(Compressor):
     """Random mask of every float tensor of the update (one kernel call for the whole state dict).
 
-    Spec keys: ``keep`` in (0, 1], ``unbiased`` (scale by 1/keep on decode), ``values`` fp32|fp16.
+    Spec keys: ``keep`` in (0, 1], ``unbiased`` (scale by 1/keep on decode; default true),
+    ``values`` fp32|fp16, ``ratio`` (> 1: keep is chosen so every payload fits dense / ratio;
+    exclusive with ``keep``). After each ``compress``, ``last_choice`` is ``{"keep": p, "ratio": r}``
+    (the keep probability used and the ratio reached) when ``ratio`` is set, else None.
     The server side can decode many clients at once with ``server_mean`` (one fused pass).
     """
 
     PARAMS = {
         "keep": Param(float, 0.1, lambda v: 0.0 < v <= 1.0, "a number in (0, 1]"),
-        "unbiased": Param(boolean, False, None, "true or false"),
+        "unbiased": Param(boolean, True, None, "true or false"),
         "values": choice("fp32", "fp16"),
+        "ratio": RATIO_PARAM,
     }
     codec = wire.CODEC_MASK
 
     def __init__(self, **kwargs) -> None:
+        if "keep" in kwargs and kwargs.get("ratio") is not None:
+            raise ValueError("mask: give keep or ratio, not both (ratio=R chooses keep)")
         super().__init__(**kwargs)
         self.thr_m1 = keep_threshold(self.params["keep"])
         self.backend: str | None = None  # None: FEDCOMPRESS_BACKEND or automatic
+        self.last_choice: dict | None = None
+        self._budget_thr: dict[tuple, tuple[int, int]] = {}  # layout -> (thr_m1, max kept values)
+
+    @property
+    def spec(self) -> str:
+        return spec_without(self, {"keep"} if self.params["ratio"] is not None else set())
 
     @staticmethod
     def mask_id(ctx: RoundContext) -> int:
@@ -391,7 +436,58 @@ class MaskCompressor(Compressor):
     def tensor_seed(mask_id: int, index: int) -> int:
         return mix_seed(mask_id, index)
 
+    def _threshold_for(self, update: StateDict) -> tuple[int, int]:
+        """(thr_m1, most kept values that fit) for ``update``'s layout under ``ratio``."""
+        layout = tuple((k, v.dtype, tuple(v.shape)) for k, v in update.items())
+        hit = self._budget_thr.get(layout)
+        if hit is not None:
+            return hit
+        ratio = self.params["ratio"]
+        vsize = wire.itemsize(_VALUE_DTYPES[self.params["values"]])
+        fixed = payload_overhead(update, _META_LEN) + sum(
+            v.numel() * v.element_size() for v in update.values() if not v.is_floating_point()
+        )
+        n = sum(v.numel() for v in update.values() if v.is_floating_point())
+        room = budget_bytes(update, ratio) - fixed
+        max_values = room // vsize
+        if max_values < 1 and n > 0 or room < 0:
+            reach = dense_payload_bytes(update) / (fixed + (vsize if n else 0))
+            raise ValueError(
+                f"mask: ratio={ratio:g} cannot be met for this update; the framing and lossless tensors "
+                f"alone take {fixed} bytes, so mask reaches at most {reach:.4g}x here "
+                "(ratio must be a finite number > 1 and below that)"
+            )
+        keep = budget_keep(n, max_values)
+        thr = max(math.floor(keep * 4294967296.0), 1) - 1 if keep > 0 else 0
+        self._budget_thr[layout] = (thr, max_values)
+        return thr, max_values
+
     def compress(self, update: StateDict, ctx: RoundContext) -> bytes:
+        if self.params["ratio"] is None:
+            return self._compress(update, ctx, self.thr_m1)
+        thr, max_values = self._threshold_for(update)
+        limit = budget_bytes(update, self.params["ratio"])
+        while True:
+            payload = self._compress(update, ctx, thr)
+            if len(payload) <= limit or thr == 0:
+                break
+            # over budget (a count > BUDGET_SIGMAS above its mean): lower the threshold in proportion;
+            # the kept set shrinks to a subset, so this ends (thr strictly falls to 0 at worst)
+            kept = self._last_kept
+            target = max_values * (1.0 - BUDGET_SIGMAS / math.sqrt(max(max_values, 1)))
+            thr = max(0, min(thr - 1, math.floor((thr + 1) * target / max(kept, 1)) - 1))
+        if len(payload) > limit:  # thr == 0 and still over: nothing left to drop
+            raise ValueError(
+                f"mask: ratio={self.params['ratio']:g} cannot be met for this update "
+                f"({len(payload)} bytes > budget {limit})"
+            )
+        self.last_choice = {
+            "keep": (thr + 1) / 4294967296.0,
+            "ratio": dense_payload_bytes(update) / len(payload),
+        }
+        return payload
+
+    def _compress(self, update: StateDict, ctx: RoundContext, thr_m1: int) -> bytes:
         mid = self.mask_id(ctx)
         vdtype = _VALUE_DTYPES[self.params["values"]]
         items = list(update.items())
@@ -402,8 +498,9 @@ class MaskCompressor(Compressor):
             device = masked[0][2].device
             xs = [v.detach().reshape(-1).to(device) for _, _, v in masked]
             fn = _ops.get("mask_encode", device, self.backend)
-            values, counts = fn(xs, [self.tensor_seed(mid, i) for i, _, _ in masked], self.thr_m1)
+            values, counts = fn(xs, [self.tensor_seed(mid, i) for i, _, _ in masked], thr_m1)
             data = _values_bytes(values, vdtype)
+        self._last_kept = int(sum(counts))
         records, pos, j = [], 0, 0
         size = wire.itemsize(vdtype)
         for k, v in items:
@@ -414,7 +511,7 @@ class MaskCompressor(Compressor):
                 j += 1
             else:
                 records.append(wire.lossless_record(k, v))
-        meta = _pack_meta(mid, self.thr_m1, self.params["unbiased"], vdtype)
+        meta = _pack_meta(mid, thr_m1, self.params["unbiased"], vdtype)
         return wire.pack(self.codec, records, meta)
 
     def _parse(self, payload, ctx: RoundContext | None):

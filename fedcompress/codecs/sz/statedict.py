@@ -8,6 +8,18 @@ FedSZ does; ``server_update`` returns the delta either way), ``ef=0|1`` (error f
 of the update the bound threw away is added to the client's next update).
 
 Record data starts with one kind byte: 0 = raw bytes of the dtype, 1 = an SZ stream (codec.py).
+
+Byte budget (``sz:ratio=R``, codecs/budget.py; exclusive with ``rel``/``abs``): per update, the
+smallest REL bound (one for every lossy tensor, as ``rel``) whose whole payload fits dense / R.
+The search runs on a grid of log2(rel) in steps of 1/``GRID`` between 2^``LOG2_MIN`` and 1:
+it encodes at rel = 1e-2, predicts the crossing from the encoded size (about one bit per value
+per halving of the bound), extrapolates by secant until the budget is bracketed, then narrows the
+bracket by safeguarded secant/bisection to one grid step. At most ``MAX_ENCODES`` encodes of the
+lossy tensors (each as costly as one plain ``sz`` compress), the last one reserved for rel = 1
+when nothing has fitted yet. It depends only on the update and the budget (same update -> same
+bound), always terminates, and treats the size as non-increasing in the bound (so a larger ratio
+gets a larger bound). If even rel = 1 does not fit, compress raises ValueError naming ``ratio``
+and the ratio rel = 1 reaches. ``last_choice`` = ``{"rel": bound, "encodes": n, "ratio": r}``.
 """
 
 from __future__ import annotations
@@ -19,10 +31,17 @@ import torch
 from ... import wire
 from ...api import Compressor, Param, RoundContext, StateDict, boolean, choice, local_sgd, register, state_delta
 from ...errors import FormatError
+from ..budget import RATIO_PARAM, budget_bytes, dense_payload_bytes, payload_overhead, spec_without
 from .codec import decode_stream, encode_stream
 
 KIND_RAW = 0
 KIND_SZ = 1
+
+# ratio=R search (see the module docstring)
+GRID = 32  # grid points per factor 2 of the bound: neighbours differ by 2.2 % in eb
+LOG2_MIN = -30  # rel = 2^-30 ~ 1e-9: below float32 resolution, values go verbatim
+LOG2_START = math.log2(1e-2)  # FedSZ's setting: a good first guess for model updates
+MAX_ENCODES = 10
 
 
 @register("sz")
@@ -34,27 +53,43 @@ class SZCompressor(Compressor):
         "min_lossy": Param(int, 1024, lambda v: v >= 1, "an integer >= 1"),
         "target": choice("update", "weights"),
         "ef": Param(boolean, False, None, "0 or 1"),
+        "ratio": RATIO_PARAM,
     }
 
     def __init__(self, **kwargs) -> None:
+        if kwargs.get("ratio") is not None and ("rel" in kwargs or "abs" in kwargs):
+            raise ValueError("sz: give rel/abs or ratio, not both (ratio=R searches the rel bound per update)")
         super().__init__(**kwargs)
         self._residual: dict[int, StateDict] = {}  # error feedback, per client
+        self.last_choice: dict | None = None
+
+    @property
+    def spec(self) -> str:
+        return spec_without(self, {"rel", "abs"} if self.params["ratio"] is not None else set())
 
     def _lossy(self, t: torch.Tensor) -> bool:
         return t.dtype in wire.FLOAT_DTYPES and t.numel() >= self.params["min_lossy"]
 
     def compress(self, update: StateDict, ctx: RoundContext) -> bytes:
         p = self.params
-        mode, eb = ("abs", p["abs"]) if p["abs"] > 0 else ("rel", p["rel"])
         ef = p["ef"] and p["target"] == "update"
         res = self._residual.get(ctx.client, {}) if ef else {}
-        records, new_res = [], {}
+        inputs: StateDict = {}
         for name, t in update.items():
             t = t.detach()
-            if self._lossy(t):
-                if name in res:
-                    t = t + res[name].to(t.device, t.dtype)
-                data = encode_stream(t, eb, mode)
+            if self._lossy(t) and name in res:
+                t = t + res[name].to(t.device, t.dtype)
+            inputs[name] = t
+        lossy = [name for name, t in inputs.items() if self._lossy(t)]
+        if p["ratio"] is None:
+            mode, eb = ("abs", p["abs"]) if p["abs"] > 0 else ("rel", p["rel"])
+            streams = {name: encode_stream(inputs[name], eb, mode) for name in lossy}
+        else:
+            streams = self._search(inputs, lossy)
+        records, new_res = [], {}
+        for name, t in inputs.items():
+            if name in streams:
+                data = streams[name]
                 if ef:
                     new_res[name] = t.cpu() - decode_stream(data, t.dtype, tuple(t.shape))
                 records.append(wire.Record(name, t.dtype, tuple(t.shape), b"\x01" + data))
@@ -62,7 +97,89 @@ class SZCompressor(Compressor):
                 records.append(wire.Record(name, t.dtype, tuple(t.shape), b"\x00" + bytes(wire.tensor_bytes(t))))
         if ef:
             self._residual[ctx.client] = new_res
-        return wire.pack(self.codec, records)
+        payload = wire.pack(self.codec, records)
+        if p["ratio"] is not None:
+            self.last_choice["ratio"] = dense_payload_bytes(update) / len(payload)
+        return payload
+
+    def _search(self, inputs: StateDict, lossy: list[str]) -> dict[str, bytes]:
+        """Streams of the lossy tensors at the smallest grid REL bound whose payload fits the budget."""
+        ratio = self.params["ratio"]
+        limit = budget_bytes(inputs, ratio)
+        # everything but the SZ streams: framing, names, kind bytes, lossless tensors in raw bytes
+        fixed = payload_overhead(inputs) + len(inputs)
+        fixed += sum(t.numel() * t.element_size() for name, t in inputs.items() if name not in lossy)
+        n_lossy = sum(inputs[name].numel() for name in lossy)
+        hi_k = 0  # grid index of rel = 1 (k = log2(rel) * GRID)
+        lo_k = LOG2_MIN * GRID
+        sizes: dict[int, int] = {}  # grid index -> payload bytes
+        best: dict = {}  # "k", "streams": the smallest fitting grid index so far and its streams
+
+        def size_at(k: int) -> int:
+            streams = {name: encode_stream(inputs[name], 2.0 ** (k / GRID), "rel") for name in lossy}
+            sizes[k] = fixed + sum(len(s) for s in streams.values())
+            if sizes[k] <= limit and k < best.get("k", hi_k + 1):
+                best.update(k=k, streams=streams)
+            return sizes[k]
+
+        def bracket() -> tuple[int | None, int | None]:
+            over = [k for k, v in sizes.items() if v > limit]
+            fit = [k for k, v in sizes.items() if v <= limit]
+            return (max(over) if over else None), (min(fit) if fit else None)
+
+        def secant(k0: int, k1: int, target: float) -> float:
+            s0, s1 = sizes[k0], sizes[k1]
+            if s0 == s1:
+                return math.nan
+            return k0 + (target - s0) * (k1 - k0) / (s1 - s0)
+
+        k = round(LOG2_START * GRID)
+        size_at(k)
+        same_side = 0
+        last_side = None
+        while len(sizes) < MAX_ENCODES:
+            a, b = bracket()  # a: largest k over budget; b: smallest k that fits
+            if b is not None and a is not None and b - a <= 1:
+                break  # exact on the grid
+            if b is None and len(sizes) == MAX_ENCODES - 1 and hi_k not in sizes:
+                k = hi_k  # last encode: try the loosest bound before giving up
+            elif b is None:  # all over budget: go up
+                if a >= hi_k:
+                    break
+                prev = sorted(sizes)[-2] if len(sizes) > 1 else None
+                guess = secant(prev, a, limit) if prev is not None else math.nan
+                if not math.isfinite(guess):  # one point: ~1 bit per value per halving of the bound
+                    guess = a + (sizes[a] - limit) * 8.0 / max(n_lossy, 1) * GRID
+                k = min(hi_k, max(a + 1, math.ceil(guess) + 1))
+            elif a is None:  # all fit: go down
+                if b <= lo_k:
+                    break
+                nxt = sorted(sizes)[1] if len(sizes) > 1 else None
+                guess = secant(b, nxt, limit) if nxt is not None else math.nan
+                if not math.isfinite(guess):
+                    guess = b - (limit - sizes[b]) * 8.0 / max(n_lossy, 1) * GRID
+                k = max(lo_k, min(b - 1, math.floor(guess) - 1))
+            else:  # bracketed: secant inside, bisection after two probes on the same side
+                guess = secant(a, b, limit)
+                if same_side >= 2 or not math.isfinite(guess):
+                    guess = (a + b) / 2
+                    same_side = 0
+                k = min(b - 1, max(a + 1, round(guess)))
+            fits = size_at(k) <= limit
+            same_side = same_side + 1 if fits == last_side else 1
+            last_side = fits
+        a, b = bracket()
+        if b is None:
+            loosest = sizes.get(hi_k)
+            raise ValueError(
+                f"sz: ratio={ratio:g} cannot be met for this update: "
+                + (f"even the loosest bound rel=1 gives {loosest} bytes" if loosest is not None
+                   else f"no bound tried in {MAX_ENCODES} encodes fits")
+                + f" > budget {limit} (framing and lossless tensors take {fixed}); "
+                + (f"it reaches {dense_payload_bytes(inputs) / loosest:.4g}x" if loosest else "")
+            )
+        self.last_choice = {"rel": 2.0 ** (b / GRID), "encodes": len(sizes)}
+        return best["streams"]
 
     def decompress(self, payload: bytes, ctx: RoundContext) -> StateDict:
         _, records = wire.unpack(payload, self.codec)
