@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -36,7 +37,7 @@ from fedcompress.fedavg.data import load_dataset  # noqa: E402
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLE = ROOT / "examples" / "flower"
 sys.path.insert(0, str(EXAMPLE))  # the example app and its local_deployment helper
-from local_deployment import Deployment, flower_env, signal_group  # noqa: E402
+from local_deployment import CONNECTION, Deployment, flower_env, free_port, signal_group  # noqa: E402
 
 ROUNDS = 2
 SAMPLES_PER_CLIENT = 100  # 5 local steps of 20: the weights move, the test stays quick
@@ -203,6 +204,49 @@ class Simulation:
         shutil.rmtree(self.ray_tmp, ignore_errors=True)
 
 
+# ---------------------------------------------------------------------------------------------
+# The README's Flower section: its commands are the ones the deployment tests run
+
+
+def readme_flower_section() -> dict:
+    """The README's Flower section: python snippet, SuperLink/SuperNode command lines, config.toml,
+    and the `flwr run` line."""
+    import re
+
+    text = (ROOT / "README.md").read_text()
+    sec = text[text.index("## Running on Flower") :]
+    sec = sec[: sec.index("\n## ", 5)]
+    bash = "\n".join(re.findall(r"```bash\n(.*?)```", sec, flags=re.S)).splitlines()
+    (toml,) = re.findall(r"```toml\n(.*?)```", sec, flags=re.S)
+    (python,) = re.findall(r"```python\n(.*?)```", sec, flags=re.S)
+    pick = lambda word: [ln.split("#")[0].strip() for ln in bash if ln.startswith(word)]  # noqa: E731
+    return {"python": python, "toml": toml, "superlink": pick("flower-superlink"),
+            "supernodes": pick("flower-supernode"), "flwr_run": pick("flwr run"), "pip": pick("pip ")}  # fmt: skip
+
+
+def readme_flower_commands() -> dict:
+    """The README's one-machine commands and config.toml with its ports swapped for free ones."""
+    import shlex
+
+    sec = readme_flower_section()
+    ports = sorted({int(p) for ln in sec["superlink"] + sec["supernodes"] for p in re.findall(r"(?<=[ :])(\d{4,5})\b", ln)})
+    swap = {p: free_port() for p in ports}
+
+    def sub(line: str) -> str:
+        return re.sub(r"(?<=[ :])(\d{4,5})\b", lambda m: str(swap[int(m.group(1))]), line)
+
+    (link,) = sec["superlink"]
+    port = swap[int(shlex.split(link)[shlex.split(link).index("--port") + 1])]
+    nodes = [shlex.split(sub(ln)) for ln in sec["supernodes"]]
+    return {
+        "superlink": shlex.split(sub(link)),
+        "supernodes": nodes,
+        "port": port,
+        "node_ports": [int(n[n.index("--port") + 1]) for n in nodes],
+        "config_toml": sub(sec["toml"]),
+    }
+
+
 SIMULATION_SPEC = "none" if _missing("mask:keep=0.125") else "mask:keep=0.125"
 
 
@@ -230,7 +274,7 @@ def flower_runs(tmp_path_factory):
             sim = Simulation(base, {**RUN_CONFIG, "compressor": SIMULATION_SPEC, "out-dir": str(sim_out)})
         except ImportError:
             pass
-        dep = Deployment(base)
+        dep = Deployment(base, commands=readme_flower_commands())  # the README's commands, free ports
         dep.start()
         runs = {}
         for spec in specs:
@@ -537,3 +581,56 @@ def test_server_app_with_bad_spec_contacts_no_node(task_identity):
     with pytest.raises(ValueError, match="unknown compressor"):
         build_server_app()(grid, ctx)
     assert grid.calls == 0
+
+
+# ---------------------------------------------------------------------------------------------
+# Issue 16.5: the README's Flower section is copy-paste runnable (no processes here; the deployment
+# tests above run its commands)
+
+
+def test_readme_flower_snippet_runs():
+    sec = readme_flower_section()
+    ns: dict = {}
+    exec(compile(sec["python"], "README.md (Flower)", "exec"), ns)
+    assert isinstance(ns["app"], flwr.clientapp.ClientApp)
+    assert isinstance(ns["strategy"], CompressedFedAvg)
+
+
+def test_readme_flower_commands_fit_one_machine():
+    """Two SuperNodes on one machine: distinct ports and partition-ids 0..N-1; the config.toml
+    connection is the one `flwr run` names and points at the SuperLink's port."""
+    import shlex
+    import tomllib
+
+    sec = readme_flower_section()
+    nodes = [shlex.split(ln) for ln in sec["supernodes"]]
+    assert len(nodes) >= 2
+    ports = [n[n.index("--port") + 1] for n in nodes]
+    assert len(set(ports)) == len(ports)
+    cfgs = [dict(kv.split("=") for kv in n[n.index("--node-config") + 1].split()) for n in nodes]
+    assert sorted(int(c["partition-id"]) for c in cfgs) == list(range(len(nodes)))
+    assert {int(c["num-partitions"]) for c in cfgs} == {len(nodes)}
+    link = shlex.split(sec["superlink"][0])
+    conf = tomllib.loads(sec["toml"])
+    name = conf["superlink"]["default"]
+    assert name == CONNECTION  # the name local_deployment's flwr calls use
+    assert conf["superlink"][name]["address"].endswith(":" + link[link.index("--port") + 1])
+    assert all(n[n.index("--superlink") + 1] == conf["superlink"][name]["address"] for n in nodes)
+    assert "--disable-runtime-dependency-installation" in link
+
+
+def test_readme_flwr_run_line_names_the_app_and_its_config_keys():
+    import shlex
+    import tomllib
+
+    sec = readme_flower_section()
+    (line,) = sec["flwr_run"]
+    argv = shlex.split(line)
+    assert argv[:4] == ["flwr", "run", "examples/flower", CONNECTION]
+    app = tomllib.loads((ROOT / argv[2] / "pyproject.toml").read_text())["tool"]["flwr"]["app"]["config"]
+    overrides = tomllib.loads("\n".join(argv[argv.index("--run-config") + 1].split()))
+    assert set(overrides) <= set(app), set(overrides) - set(app)
+    fc.get_compressor(overrides["compressor"])  # the spec builds
+    # the install line: from the checkout with the flower extra (fedcompress is not on PyPI)
+    assert any('pip install -e ".[flower]"' in p for p in sec["pip"])
+    assert all("fedcompress[flower]" not in p for p in sec["pip"])

@@ -60,16 +60,25 @@ def healthy(port: int) -> bool:
         return False
 
 
-class Deployment:
-    """A SuperLink and SuperNodes started as subprocesses; ``stop`` ends every one of them."""
+CONNECTION = "local-deployment"  # the connection name in $FLWR_HOME/config.toml that flwr commands use
 
-    def __init__(self, base: Path, n_nodes: int = 2, app_dir: Path = APP_DIR) -> None:
+
+class Deployment:
+    """A SuperLink and SuperNodes started as subprocesses; ``stop`` ends every one of them.
+
+    ``commands`` (optional) replaces the built-in command lines: {"superlink": argv, "supernodes":
+    [argv, ...], "port": the SuperLink's port, "node_ports": [...], "config_toml": text}; the tests pass
+    the README's own commands this way, so the README is what they run.
+    """
+
+    def __init__(self, base: Path, n_nodes: int = 2, app_dir: Path = APP_DIR, commands: dict | None = None) -> None:
         self.base = Path(base)
         self.app_dir = Path(app_dir)
         self.env = flower_env(base)
         self.procs: list[tuple[str, subprocess.Popen, Path]] = []
-        self.port = free_port()
-        self.n_nodes = n_nodes
+        self.commands = commands
+        self.port = commands["port"] if commands else free_port()
+        self.n_nodes = len(commands["supernodes"]) if commands else n_nodes
 
     def _start(self, name: str, cmd: list[str]) -> subprocess.Popen:
         log = self.base / f"{name}.log"
@@ -102,25 +111,28 @@ class Deployment:
         raise TimeoutError(f"timed out after {timeout:.0f} s waiting for {what}\n{self.logs()}")
 
     def start(self) -> None:
+        c = self.commands or {}
         self._start(
             "superlink",
+            c.get("superlink") or
             ["flower-superlink", "--insecure", "--host", "127.0.0.1", "--port", str(self.port),
              "--disable-runtime-dependency-installation"],
         )  # fmt: skip
         self._wait("the SuperLink", lambda: healthy(self.port), 90)
-        node_ports = []
+        node_ports = list(c.get("node_ports", []))
         for i in range(self.n_nodes):
-            q = free_port()
-            node_ports.append(q)
-            self._start(
-                f"supernode{i}",
-                ["flower-supernode", "--insecure", "--superlink", f"127.0.0.1:{self.port}",
-                 "--host", "127.0.0.1", "--port", str(q),
-                 "--node-config", f"partition-id={i} num-partitions={self.n_nodes}"],
-            )  # fmt: skip
+            if c:
+                cmd = c["supernodes"][i]
+            else:
+                node_ports.append(free_port())  # two SuperNodes on one machine need distinct ports
+                cmd = ["flower-supernode", "--insecure", "--superlink", f"127.0.0.1:{self.port}",
+                       "--host", "127.0.0.1", "--port", str(node_ports[i]),
+                       "--node-config", f"partition-id={i} num-partitions={self.n_nodes}"]  # fmt: skip
+            self._start(f"supernode{i}", cmd)
         self._wait("the SuperNodes", lambda: all(healthy(q) for q in node_ports), 90)
         (self.base / "flwr" / "config.toml").write_text(
-            '[superlink]\ndefault = "local-deployment"\n\n[superlink.local-deployment]\n'
+            c.get("config_toml")
+            or f'[superlink]\ndefault = "{CONNECTION}"\n\n[superlink.{CONNECTION}]\n'
             f'address = "127.0.0.1:{self.port}"\ninsecure = true\n'
         )
         self._wait("both SuperNodes online", self._nodes_online, 90)
@@ -137,14 +149,14 @@ class Deployment:
             ) from None
 
     def _nodes_online(self) -> bool:
-        nodes = self.flwr("supernode", "ls", "local-deployment").get("nodes", [])
+        nodes = self.flwr("supernode", "ls", CONNECTION).get("nodes", [])
         return sum(n.get("status") == "online" for n in nodes) >= self.n_nodes
 
     def submit(self, run_config: dict) -> str:
         """``flwr run`` the example with ``run_config`` (written as a TOML file); returns the run id."""
         path = self.base / f"run-{len(list(self.base.glob('run-*.toml')))}.toml"
         path.write_text("".join(f"{k} = {json.dumps(v)}\n" for k, v in run_config.items()))
-        out = self.flwr("run", str(self.app_dir), "local-deployment", "--run-config", str(path))
+        out = self.flwr("run", str(self.app_dir), CONNECTION, "--run-config", str(path))
         if not out.get("success"):
             raise RuntimeError(f"flwr run failed: {out}")
         return str(out["run-id"])
@@ -161,12 +173,12 @@ class Deployment:
         while time.monotonic() < t_end:
             if done_file is None or done_file.exists() or time.monotonic() - last_ask > 10:
                 last_ask = time.monotonic()
-                runs = self.flwr("ls", "local-deployment", "--run-id", run_id).get("runs", [])
+                runs = self.flwr("ls", CONNECTION, "--run-id", run_id).get("runs", [])
                 status = runs[0]["status"] if runs else ""
                 if status.startswith("finished"):
                     if status != "finished:completed":
                         log = subprocess.run(
-                            ["flwr", "log", run_id, "local-deployment", "--show"],
+                            ["flwr", "log", run_id, CONNECTION, "--show"],
                             env=self.env, capture_output=True, text=True, timeout=60,
                         ).stdout  # fmt: skip
                         why = runs[0].get("status-details")
@@ -238,7 +250,7 @@ def main(argv: list[str] | None = None) -> int:
         for spec, (run_id, out) in runs.items():
             dep.wait_run(run_id, max(1.0, t_end - time.monotonic()), out / "final_weights.fcmp")
             m = json.loads((out / "metrics.json").read_text())
-            info = dep.flwr("ls", "local-deployment", "--run-id", run_id)["runs"][0]
+            info = dep.flwr("ls", CONNECTION, "--run-id", run_id)["runs"][0]
             inbound = info.get("network-traffic", {}).get("inbound-bytes", -1)
             ratio = m["dense_upstream_bytes"] / m["upstream_bytes"]
             print(
