@@ -32,6 +32,7 @@ from torch import nn
 from .. import synth, wire
 from ..api import Compressor, Param, RoundContext, StateDict, choice, positive_float, positive_int, register
 from ..errors import FormatError
+from . import fedsynth_text  # text models: synthetic data in embedding space
 
 _FORMAT = 1
 _LABEL_MODES = ("fixed", "trainable")
@@ -60,6 +61,8 @@ class FedSynthCompressor(Compressor):
         "init": choice("real", "noise"),
         "dtype": choice("fp32", "fp16"),
         "real_batch": Param(int, 0, lambda v: v >= 0, "an integer >= 0 (0 = all of the client's data)"),
+        "topk": Param(int, 8, lambda v: v >= 0, "an integer >= 0 (text: label ids per position, 0 = all)"),
+        "embedding": choice("freeze", "rows"),  # text: the embedding's update (fedsynth_text.py)
     }
 
     def __init__(self, model: nn.Module | None = None, **kwargs) -> None:
@@ -77,6 +80,8 @@ class FedSynthCompressor(Compressor):
     # -- the synthetic set <-> bytes ------------------------------------------------------------
     def compress(self, update: StateDict, ctx: RoundContext) -> bytes:
         """Pack a synthetic set ``{"x": [m, b, *in], "y": [m, b, C] soft labels or [m, b] classes}``."""
+        if fedsynth_text.is_text_model(self.model):
+            return fedsynth_text.compress(self, update, ctx)
         p = self.params
         x, y = update["x"], update["y"]
         dt = _DTYPES[p["dtype"]]
@@ -101,6 +106,8 @@ class FedSynthCompressor(Compressor):
     def decompress(self, payload: bytes, ctx: RoundContext) -> StateDict:
         """The synthetic set: ``{"x": float32 [m, b, *in], "y": float32 soft/one-hot [m, b, C],
         "inner_lr": float64 scalar}``; FormatError for anything malformed."""
+        if fedsynth_text.is_text_model(self.model):
+            return fedsynth_text.decompress(self, payload, ctx)
         meta, records = wire.unpack(payload, self.codec)
         r = wire.Reader(meta, "fedsynth meta")
         if r.u8() != _FORMAT:
@@ -151,6 +158,8 @@ class FedSynthCompressor(Compressor):
     # -- federated round ----------------------------------------------------------------------
     def replay(self, payload: bytes, global_state: StateDict, ctx: RoundContext | None = None) -> StateDict:
         """Server side of Algorithm 1, line 12: w_syn = ClientUpdate(D_syn; w) for the decoded set."""
+        if fedsynth_text.is_text_model(self.model):
+            return fedsynth_text.replay(self, payload, global_state, ctx)
         if self.model is None:
             raise ValueError("fedsynth needs the model architecture to replay: call set_model(model) first")
         d = self.decompress(payload, ctx or RoundContext())
@@ -162,10 +171,14 @@ class FedSynthCompressor(Compressor):
             raise FormatError(f"fedsynth: payload does not fit the model: {e}") from e
 
     def server_update(self, payload: bytes, global_state: StateDict, ctx: RoundContext) -> StateDict:
+        if fedsynth_text.is_text_model(self.model):
+            return fedsynth_text.server_update(self, payload, global_state, ctx)
         w_syn = self.replay(payload, global_state, ctx)
         return {k: (w_syn[k] - v) if k in w_syn else torch.zeros_like(v) for k, v in global_state.items()}
 
     def client_update(self, model: nn.Module, global_state: StateDict, data, ctx: RoundContext) -> bytes:
+        if fedsynth_text.is_text_model(model):
+            return fedsynth_text.client_update(self, model, global_state, data, ctx)
         self.model = model
         p = self.params
         real_x, real_y = data

@@ -78,8 +78,11 @@ class NextWordLSTM(nn.Module):
     input [N, T, d] is taken as already embedded (FedSynth's synthetic data bypass the embedding).
     """
 
-    def __init__(self, vocab_size: int, embed_dim: int = 64, hidden: int = 128, layers: int = 2):
+    def __init__(
+        self, vocab_size: int, embed_dim: int = 64, hidden: int = 128, layers: int = 2, seq_len: int | None = None
+    ):
         super().__init__()
+        self.seq_len = seq_len  # the data's T (FedSynth checks payloads against it); None: any
         self.embedding = nn.Embedding(vocab_size, embed_dim)
         self.lstm = nn.LSTM(embed_dim, hidden, num_layers=layers, batch_first=True)
         self.fc = nn.Linear(hidden, vocab_size)
@@ -116,7 +119,7 @@ def build_model(name: str, dataset_info="mnist5k") -> nn.Module:
     if name == "lstm":  # text: input_shape (T,), num_classes = vocabulary size
         if len(shape) != 1 or classes < 5:
             raise ValueError(f"model 'lstm' needs a text dataset (input (T,), vocabulary >= 5), got {shape}")
-        return NextWordLSTM(classes)
+        return NextWordLSTM(classes, seq_len=int(shape[0]))
     if len(shape) != 3:
         raise ValueError(f"input_shape must be (channels, height, width), got {shape}")
     if classes < 2:
