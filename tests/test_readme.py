@@ -98,3 +98,17 @@ def test_cli_help_runs(cmd, capsys):
     with pytest.raises(SystemExit) as e:
         cli.main([cmd, "--help"])
     assert e.value.code == 0 and "usage: fedcompress" in capsys.readouterr().out
+
+
+def test_doc_links_stay_inside_the_repository():
+    """Relative links in README, SECURITY.md and docs/ name files that exist in the checkout (no
+    paths into the development machine's folders, e.g. the papers: link those by arXiv id)."""
+    docs = [ROOT / "README.md", ROOT / "SECURITY.md", *sorted((ROOT / "docs").glob("*.md"))]
+    for doc in docs:
+        text = doc.read_text()
+        assert "shared/papers" not in text, doc
+        for target in re.findall(r"\]\(([^)#\s]+)(?:#[^)]*)?\)", text):
+            if re.match(r"[a-z]+://", target):
+                continue
+            path = (doc.parent / target).resolve()
+            assert path.is_relative_to(ROOT) and path.exists(), f"{doc.name}: broken link {target}"
