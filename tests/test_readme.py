@@ -70,25 +70,28 @@ def test_ci_runs_the_readme_test_command():
     assert len(cmd) == 1 and cmd[0].strip() == _setup_commands()[1]
 
 
-def test_readme_command_lines_parse():
-    """Every `fedcompress ...` line in the README parses (subcommand, flags, choices) and every
-    compressor spec in it builds; running them is the CLI tests' job."""
+def test_command_lines_in_readme_and_docs_parse():
+    """Every `fedcompress ...` line in README, SECURITY.md and docs/ parses (subcommand, flags,
+    choices; SPEC and DIR placeholders filled in) and every compressor spec in it builds; running
+    them is the CLI tests' job."""
     from fedcompress import cli
     from fedcompress.api import get_compressor
 
-    lines = [ln.split(" #")[0].strip() for b in re.findall(r"```bash\n(.*?)```", README, flags=re.S)
-             for ln in b.splitlines()]  # fmt: skip
-    lines += re.findall(r"`(fedcompress (?:run|compare|bench)[^`]*)`", README)
-    lines = [ln[ln.index("fedcompress ") :] for ln in lines if "fedcompress " in ln and "pip " not in ln]
-    lines = [re.sub(r"\[(--[^\]]+)\]", r"\1", ln) for ln in lines]  # "[--quick]": an optional flag
-    assert len(lines) >= 5
     parser = cli.build_parser()
-    for ln in lines:
-        argv = shlex.split(ln)[1:]
-        args = parser.parse_args(argv)
-        for spec in [getattr(args, "compressor", None)] + cli.split_specs(getattr(args, "compressors", None) or ""):
-            if spec:
+    seen = 0
+    for doc in [ROOT / "README.md", ROOT / "SECURITY.md", *sorted((ROOT / "docs").glob("*.md"))]:
+        for m in re.finditer(r"(?m)(?:^\s*|`)(fedcompress (?:run|compare|results|bench)[^`\n#]*)", doc.read_text()):
+            line = re.sub(r"\[(--[^\]]+)\]", r"\1", m.group(1).strip())  # "[--quick]": an optional flag
+            line = line.replace("SPEC", "none").replace("DIR", "/tmp/out")
+            try:
+                args = parser.parse_args(shlex.split(line)[1:])
+            except SystemExit:
+                pytest.fail(f"{doc.name}: `{line}` does not parse")
+            specs = [getattr(args, "compressor", None)] + cli.split_specs(getattr(args, "compressors", None) or "")
+            for spec in filter(None, specs):
                 get_compressor(spec)
+            seen += 1
+    assert seen >= 10
 
 
 @pytest.mark.parametrize("cmd", ["run", "compare", "bench", "results"])
