@@ -328,6 +328,68 @@ def test_statedict_payload_overhead():
 
 
 # ---------------------------------------------------------------------------------------------
+# Unbiased by default; biased payloads keep decoding raw
+
+
+def test_unbiased_is_the_default():
+    assert fc.RandomMask(0.25).unbiased is True
+    assert fc.get_compressor("mask:keep=0.25").params["unbiased"] is True
+    x = torch.randn(5000)
+    out = fc.RandomMask(0.25).decode(fc.RandomMask(0.25).encode(x, seed=3))
+    m = torch.from_numpy(_mask_by_hand(5000, 3, 0.25).copy())
+    scale = torch.tensor(np.float32(2**32 / (M.keep_threshold(0.25) + 1)))
+    assert torch.equal(out[m], x[m] * scale) and not out[~m].any()
+
+
+def test_biased_payloads_still_decode_raw():
+    """A payload with the unbiased flag clear (as every mask payload was before unbiased became the
+    default) decodes to the raw kept values with today's default decoder."""
+    import struct
+
+    n, seed, keep = 3000, 4, 0.25
+    x = torch.randn(n)
+    m = torch.from_numpy(_mask_by_hand(n, seed, keep).copy())
+    thr_m1 = M.keep_threshold(keep)
+    # built by hand from the documented layout: meta <QIBB = seed, thr_m1, flags 0, values float32
+    old = wire.pack(
+        wire.CODEC_MASK_TENSOR,
+        [wire.Record("", torch.float32, (n,), x[m].numpy().tobytes())],
+        struct.pack("<QIBB", seed, thr_m1, 0, wire.DTYPE_CODES[torch.float32]),
+    )
+    assert old == M.RandomMask(keep, unbiased=False).encode(x, seed=seed)
+    out = fc.RandomMask(keep).decode(old)
+    assert torch.equal(out[m], x[m]) and not out[~m].any()
+    # the state-dict compressor: a biased payload decodes raw with the default compressor too
+    sd, ctx = _state(), fc.RoundContext(round=1, client=2, seed=3)
+    payload = fc.get_compressor("mask:keep=0.25,unbiased=false").compress(sd, ctx)
+    dec = fc.get_compressor("mask:keep=0.25").decompress(payload, ctx)
+    k = "3.weight"
+    tensor_seed = M.mix_seed(ctx.subseed(M.MASK_SALT), list(sd).index(k))
+    mk = torch.from_numpy(_mask_by_hand(sd[k].numel(), tensor_seed, keep).copy())
+    assert torch.equal(dec[k].reshape(-1)[mk], sd[k].reshape(-1)[mk]) and not dec[k].reshape(-1)[~mk].any()
+
+
+@pytest.mark.parametrize("unbiased", [True, False])
+def test_mean_of_decodes_approaches_the_input(unbiased):
+    """Mean over 400 seeds of decode(encode(x)): the least-squares slope of that mean against x is
+    1 for the unbiased decoder (its standard error here is ~0.004: sqrt((1-p)/(p S)) *
+    sqrt(sum x^4) / sum x^2) and keep = 0.25 for the biased one, which the same bound rejects."""
+    n, keep, S = 2000, 0.25, 400
+    x = torch.randn(n, generator=torch.Generator().manual_seed(11), dtype=torch.float32)
+    rm = M.RandomMask(keep, unbiased=unbiased, backend=_fast_backend())
+    acc = np.zeros(n)
+    for s in range(S):
+        acc += rm.decode(rm.encode(x, seed=1000 + s)).numpy()
+    mean, xs = acc / S, x.double().numpy()
+    slope = float(mean @ xs / (xs @ xs))
+    rel = float(np.linalg.norm(mean - xs) / np.linalg.norm(xs))
+    unbiased_ok = abs(slope - 1.0) < 0.03 and rel < 0.15  # rel ~ sqrt((1-p)/(p S)) = 0.087 when unbiased
+    assert unbiased_ok == unbiased, (slope, rel)
+    if not unbiased:
+        assert abs(slope - keep) < 0.03
+
+
+# ---------------------------------------------------------------------------------------------
 # Bad arguments and bad bytes
 
 

@@ -380,7 +380,7 @@ def _client_weights(weights, n: int, scale: float) -> list[float]:
 BUDGET_SIGMAS = 3.0
 
 
-def budget_keep(n: int, max_values: int, sigmas: float = BUDGET_SIGMAS) -> float:
+def budget_keep(n: int, max_values: int, sigmas: float) -> float:
     """The largest keep p with n * p + sigmas * sqrt(n * p * (1 - p)) <= max_values (1.0 if all fit).
 
     Bisection on p (60 halvings of [0, 1]: exact to double precision, deterministic)."""
@@ -457,7 +457,7 @@ class MaskCompressor(Compressor):
                 f"alone take {fixed} bytes, so mask reaches at most {reach:.4g}x here "
                 "(ratio must be a finite number > 1 and below that)"
             )
-        keep = budget_keep(n, max_values)
+        keep = budget_keep(n, max_values, BUDGET_SIGMAS)
         thr = max(math.floor(keep * 4294967296.0), 1) - 1 if keep > 0 else 0
         self._budget_thr[layout] = (thr, max_values)
         return thr, max_values
