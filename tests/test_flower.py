@@ -634,3 +634,59 @@ def test_readme_flwr_run_line_names_the_app_and_its_config_keys():
     # the install line: from the checkout with the flower extra (fedcompress is not on PyPI)
     assert any('pip install -e ".[flower]"' in p for p in sec["pip"])
     assert all("fedcompress[flower]" not in p for p in sec["pip"])
+
+
+# ---------------------------------------------------------------------------------------------
+# Text (issue 15, item 6): a next-word LSTM round on token data goes through the Mod and the
+# Strategy unchanged (compressors see only a state dict, whatever the model's input is).
+
+
+def test_text_round_through_mod_and_strategy(task_identity, tmp_path):
+    from fedcompress.api import RoundContext, apply_delta, local_sgd
+    from fedcompress.fedavg.models import build_model
+
+    folder = tmp_path / "fortunes"
+    folder.mkdir()
+    for name, words in {"cats": "the cat sat on the mat", "dogs": "a dog ran to the park"}.items():
+        (folder / name).write_text("\n%\n".join(f"{words} {i} times ." for i in range(12)) + "\n%\n")
+    ds = load_dataset("fortunes", clients=2, partition="natural", data_dir=str(folder))
+    torch.manual_seed(0)
+    model = build_model("lstm", ds.info)
+    glob = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    spec = "mask:keep=0.25" if _missing("mask:keep=0.25") is None else "fp16"
+    sizes = ds.client_sizes()
+
+    def local(state, cid):
+        ctx = RoundContext(round=1, client=cid, seed=5, epochs=1, batch_size=8, lr=0.5)
+        return local_sgd(model, state, ds.client_data(cid), ctx)
+
+    def train(msg: Message, ctxt: Context) -> Message:  # what a text ClientApp does: local SGD
+        state = {k: torch.from_numpy(v.numpy().copy()) for k, v in msg.content["arrays"].items()}
+        cid = ctxt.node_config["partition-id"]
+        arrays = ArrayRecord({k: Array(v.numpy()) for k, v in local(state, cid).items()})
+        metrics = MetricRecord({"num-examples": sizes[cid]})
+        return Message(content=RecordDict({"arrays": arrays, "metrics": metrics}), reply_to=msg)
+
+    strategy = CompressedFedAvg(spec, seed=5)
+    msgs = list(strategy.configure_train(1, ArrayRecord({k: Array(v.numpy()) for k, v in glob.items()}),
+                                         ConfigRecord(), StubGrid()))  # fmt: skip
+    mod = compression_mod(spec)
+    replies = [mod(m, node_context(m.metadata.dst_node_id), train) for m in msgs]
+    assert not any(r.has_error() for r in replies)
+    arrays, metrics = strategy.aggregate_train(1, replies)
+    # the driver's own pieces: compress, decode, weight by client size, apply
+    comp = fc.get_compressor(spec)
+    deltas = []
+    for cid in (0, 1):
+        ctx = fc.RoundContext(round=1, client=cid, seed=5)
+        delta = {k: local(glob, cid)[k] - glob[k] for k in glob}
+        deltas.append(comp.decompress(comp.compress(delta, ctx), ctx))
+    want = apply_delta(glob, fedavg_driver.weighted_average(deltas, sizes))
+    got = state_of(arrays)
+    assert list(got) == list(glob)
+    for k in want:
+        torch.testing.assert_close(got[k], want[k], rtol=1e-6, atol=1e-7)
+    assert metrics["dense-upstream-bytes"] == 2 * fedavg_driver.dense_payload_bytes(glob)
+    model.load_state_dict(got)
+    acc, loss = fedavg_driver.evaluate(model, ds.x_test, ds.y_test)
+    assert 0.0 <= acc <= 1.0 and loss == loss  # top-1 over real tokens, finite
