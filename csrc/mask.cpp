@@ -1,13 +1,12 @@
 // Random masking on CPU: keep coordinate i of a tensor iff word i % 4 of Philox4x32-10(counter = i / 4,
 // key = seed) <= thr_m1 (csrc/philox.h). Layers: mask bits (SIMD, one version per ISA) -> encode (compaction) /
-// decode (scatter, many clients fused) on contiguous work units with OpenMP -> bindings at the end.
+// decode (scatter, many clients fused) on contiguous work units over csrc/pool.h -> bindings at the end.
 //
-// Work is cut into units of kUnit elements of one tensor ("segment"); each thread takes a contiguous
-// run of units (schedule(static)). Pass 1 writes each unit's mask bits (kUnit / 64 words) and its kept
+// Work is cut into units of kUnit elements of one tensor ("segment"); threads of the extension's pool
+// (csrc/pool.h) claim runs of kTaskUnits units. Pass 1 writes each unit's mask bits (kUnit / 64 words) and its kept
 // count; a serial prefix over the counts gives each unit its place in the packed values; pass 2
 // compacts (encode) or scatters (decode) using the stored bits, so Philox runs once per element.
 #include <immintrin.h>
-#include <omp.h>
 #include <pybind11/numpy.h>
 #include <pybind11/stl.h>
 
@@ -19,6 +18,7 @@
 #include <vector>
 
 #include "philox.h"
+#include "pool.h"
 #include "registry.h"
 
 namespace fc {
@@ -310,9 +310,27 @@ static inline int64_t unit_bits(uint64_t seed, uint64_t start, int64_t n, uint32
   return c;
 }
 
+// fn(u) for every unit u < nu, kTaskUnits units per pool task; threads only when `elems` (elements
+// touched, all clients) reach 2 x 2^17: below that (~0.1 ms of work) a helper's wake-up costs as
+// much as it saves.
+constexpr int64_t kTaskUnits = 16;
+template <class F>
+static void for_units(int64_t nu, int64_t elems, F&& fn) {
+  const int64_t nt = (nu + kTaskUnits - 1) / kTaskUnits;
+  pool::parallel_for(nt, pool::threads_for(elems, int64_t(1) << 17), [&](int64_t t) {
+    for (int64_t u = t * kTaskUnits, e = std::min(nu, u + kTaskUnits); u < e; ++u) fn(u);
+  });
+}
+
 struct Unit {
   int64_t seg, start, len;  // segment, first element (within the segment), element count
 };
+
+static int64_t unit_elems(const std::vector<Unit>& units) {
+  int64_t e = 0;
+  for (const auto& u : units) e += u.len;
+  return e;
+}
 
 static std::vector<Unit> make_units(const std::vector<int64_t>& lens) {
   std::vector<Unit> units;
@@ -330,9 +348,9 @@ static void mask_count_units(const std::vector<mask_detail::Unit>& units, const 
                              uint64_t* bits, int64_t* counts) {
   using namespace mask_detail;
   const int64_t nu = static_cast<int64_t>(units.size());
-#pragma omp parallel for schedule(static)
-  for (int64_t u = 0; u < nu; ++u)
+  for_units(nu, unit_elems(units), [&](int64_t u) {
     counts[u] = unit_bits(seeds[units[u].seg], units[u].start, units[u].len, thr_m1, bits + u * kWords);
+  });
 }
 
 // encode: xs[s] (float32, lens[s] elements) -> kept values of every segment, in order; counts[s].
@@ -365,9 +383,9 @@ static py::tuple mask_encode_py(const std::vector<py::array_t<float, py::array::
     py::gil_scoped_release nogil;
     std::fill(scp, scp + S, 0);
     for (int64_t u = 0; u < nu; ++u) scp[units[u].seg] += counts[u];
-#pragma omp parallel for schedule(static)
-    for (int64_t u = 0; u < nu; ++u)
+    for_units(nu, unit_elems(units), [&](int64_t u) {
       compact_unit(bits.data() + u * kWords, units[u].len, ptrs[units[u].seg] + units[u].start, vp + offs[u]);
+    });
   }
   return py::make_tuple(values, seg_counts);
 }
@@ -414,12 +432,11 @@ static py::tuple mask_decode_py(const std::vector<py::array_t<float, py::array::
     std::vector<uint64_t> bits(static_cast<size_t>(C) * nu * kWords);
     std::vector<int64_t> counts(static_cast<size_t>(C) * nu);
     // pass 1: every (client, unit) pair
-#pragma omp parallel for schedule(static)
-    for (int64_t cu = 0; cu < C * nu; ++cu) {
+    for_units(C * nu, C * unit_elems(units), [&](int64_t cu) {
       const int64_t c = cu / nu, u = cu % nu;
       counts[cu] = unit_bits(sp[c * S + units[u].seg], units[u].start, units[u].len, thr_m1,
                              bits.data() + cu * kWords);
-    }
+    });
     // check counts per (client, segment), then each (client, unit)'s offset into the client's values
     std::vector<int64_t> offs(static_cast<size_t>(C) * nu);
     for (int64_t c = 0; c < C && bad < 0; ++c) {
@@ -443,14 +460,13 @@ static py::tuple mask_decode_py(const std::vector<py::array_t<float, py::array::
     }
     if (bad < 0) {
       // pass 2: each unit's output stays in L1 while every client is added in order
-#pragma omp parallel for schedule(static)
-      for (int64_t u = 0; u < nu; ++u) {
+      for_units(nu, C * unit_elems(units), [&](int64_t u) {
         float* o = op + seg_off[units[u].seg] + units[u].start;
         if (accumulate) std::memset(o, 0, sizeof(float) * units[u].len);
         for (int64_t c = 0; c < C; ++c)
           scatter_unit(bits.data() + (c * nu + u) * kWords, units[u].len, vptr[c] + offs[c * nu + u], wp[c], o,
                        accumulate);
-      }
+      });
     }
   }
   return py::make_tuple(bad, bad_count);

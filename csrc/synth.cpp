@@ -16,9 +16,9 @@
 // Window element k = u * P + v (row-major); ties keep the first, NaN wins, as torch's max-pool.
 // Also here: channels_last im2col / col2im for the engine's small-batch convolutions.
 //
-// Threads: images are split over `threads` OpenMP threads (results do not depend on the count: the
+// Threads: images are split over up to `threads` threads of the extension's pool (csrc/pool.h; capped
+// by fedcompress.set_num_threads when set). Results do not depend on the count: the
 // weight gradient is summed per fixed block of images, then over blocks in order).
-#include <omp.h>
 #include <pybind11/numpy.h>
 #include <pybind11/stl.h>
 
@@ -31,6 +31,7 @@
 #include <string>
 #include <vector>
 
+#include "pool.h"
 #include "registry.h"
 
 namespace fc {

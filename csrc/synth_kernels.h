@@ -1,6 +1,6 @@
 // Kernels of csrc/synth.cpp, included there twice: compiled for AVX-512 and for the baseline ISA
 // (no -march in the portable build); synth.cpp picks one at run time. Needs <algorithm>,
-// <cstdint>, <cstring>, <vector>, <omp.h> and Geom, V, kBlock from the including file.
+// <cstdint>, <cstring>, <vector>, pool.h and Geom, V, kBlock from the including file.
 // (no include guard on purpose)
 
 // One register block of V output channels, as a GCC vector (one zmm in the AVX-512 clone, four
@@ -54,8 +54,7 @@ static inline void store_n(float* dst, vf v, int64_t nv) {
 // Forward: out = relu(max over the window of conv), arg = window element of the max.
 void conv_pool_fwd(const Geom& g, const float* x, const float* wt, const float* bias, float* out,
                           uint8_t* arg, int threads) {
-#pragma omp parallel for schedule(static) num_threads(threads) if (threads > 1 && g.N > 1)
-  for (int64_t n = 0; n < g.N; ++n) {
+  pool::parallel_for(g.N, threads > 1 && g.N > 1 ? pool::cap(threads) : 1, [&](int64_t n) {
     const float* xn = x + n * g.Hp * g.Wp * g.C;
     for (int64_t ph = 0; ph < g.PH; ++ph)
       for (int64_t pw = 0; pw < g.PW; ++pw) {
@@ -75,14 +74,13 @@ void conv_pool_fwd(const Geom& g, const float* x, const float* wt, const float* 
           for (int64_t q = 0; q < nv; ++q) arg[o_off + ob + q] = static_cast<uint8_t>(barg[q]);
         }
       }
-  }
+  });
 }
 
 // The convolution evaluated at each output's arg position (no relu): the tangent forward.
 void conv_at(const Geom& g, const float* x, const float* wt, const float* bias, const uint8_t* arg,
                     float* out, int threads) {
-#pragma omp parallel for schedule(static) num_threads(threads) if (threads > 1 && g.N > 1)
-  for (int64_t n = 0; n < g.N; ++n) {
+  pool::parallel_for(g.N, threads > 1 && g.N > 1 ? pool::cap(threads) : 1, [&](int64_t n) {
     const float* xn = x + n * g.Hp * g.Wp * g.C;
     for (int64_t ph = 0; ph < g.PH; ++ph)
       for (int64_t pw = 0; pw < g.PW; ++pw) {
@@ -100,7 +98,7 @@ void conv_at(const Geom& g, const float* x, const float* wt, const float* bias, 
           store_n(out + o_off + ob, sel, nv);
         }
       }
-  }
+  });
 }
 
 // Gradients of conv_at for an output cotangent gout [N, PH, PW, O]: dwt [K, Op] (overwritten) and,
@@ -111,8 +109,7 @@ void conv_at_bwd(const Geom& g, const float* gout, const float* x, const float* 
   const int64_t KO = g.K * g.Op, row = g.kw * g.C, npos = g.PH * g.PW, Kp = (g.K + V - 1) / V * V;
   const int64_t nblk = (g.N + kBlock - 1) / kBlock;
   std::vector<float> part(static_cast<size_t>(std::max<int64_t>(nblk, 1) * KO), 0.f);
-#pragma omp parallel for schedule(static) num_threads(threads) if (threads > 1 && nblk > 1)
-  for (int64_t blk = 0; blk < nblk; ++blk) {
+  pool::parallel_for(nblk, threads > 1 && nblk > 1 ? pool::cap(threads) : 1, [&](int64_t blk) {
     float* dw = part.data() + blk * KO;
     std::vector<float> gk(static_cast<size_t>(npos * g.Op));  // gout of the channels whose arg is k
     for (int64_t n = blk * kBlock; n < std::min(g.N, (blk + 1) * kBlock); ++n) {
@@ -164,15 +161,14 @@ void conv_at_bwd(const Geom& g, const float* gout, const float* x, const float* 
             }
       }
     }
-  }
+  });
   std::memcpy(dwt, part.data(), sizeof(float) * KO);
   for (int64_t blk = 1; blk < nblk; ++blk) {
     const float* p = part.data() + blk * KO;
     for (int64_t i = 0; i < KO; ++i) dwt[i] += p[i];
   }
   if (!dx) return;
-#pragma omp parallel for schedule(static) num_threads(threads) if (threads > 1 && g.N > 1)
-  for (int64_t n = 0; n < g.N; ++n) {
+  pool::parallel_for(g.N, threads > 1 && g.N > 1 ? pool::cap(threads) : 1, [&](int64_t n) {
     float* dxn = dx + n * g.Hp * g.Wp * g.C;
     std::fill(dxn, dxn + g.Hp * g.Wp * g.C, 0.f);
     std::vector<float> dc(static_cast<size_t>(g.P * g.P * Kp));  // per window element: W^T gout
@@ -198,7 +194,7 @@ void conv_at_bwd(const Geom& g, const float* gout, const float* x, const float* 
           }
         }
       }
-  }
+  });
 }
 
 // col2im for channels_last: dx [N, H, W, C] = sum over output positions (n, oh, ow) and taps (i, j)
@@ -206,8 +202,7 @@ void conv_at_bwd(const Geom& g, const float* gout, const float* x, const float* 
 // a convolution whose weight gradient / forward ran as im2col + GEMM; overwritten).
 void col2im(const float* cols, int64_t N, int64_t H, int64_t W, int64_t C, int64_t kh, int64_t kw, int64_t OH,
             int64_t OW, const int64_t* st, const int64_t* pad, const int64_t* dil, float* dx, int threads) {
-#pragma omp parallel for schedule(static) num_threads(threads) if (threads > 1 && N > 1)
-  for (int64_t n = 0; n < N; ++n) {
+  pool::parallel_for(N, threads > 1 && N > 1 ? pool::cap(threads) : 1, [&](int64_t n) {
     float* dxn = dx + n * H * W * C;
     std::fill(dxn, dxn + H * W * C, 0.f);
     for (int64_t oh = 0; oh < OH; ++oh)
@@ -225,7 +220,7 @@ void col2im(const float* cols, int64_t N, int64_t H, int64_t W, int64_t C, int64
           }
         }
       }
-  }
+  });
 }
 
 // im2col for channels_last: cols[(n, oh, ow), (i, j, c)] = x[n, oh*sh + i*dh, ow*sw + j*dw, c] for an
@@ -233,8 +228,7 @@ void col2im(const float* cols, int64_t N, int64_t H, int64_t W, int64_t C, int64
 // 6-d view ran at ~2 GB/s: 0.19 ms for conv2's 410 KB of columns on 2 images).
 void im2col(const float* x, int64_t N, int64_t H, int64_t W, int64_t C, int64_t kh, int64_t kw, int64_t OH,
             int64_t OW, const int64_t* st, const int64_t* dil, float* cols, int threads) {
-#pragma omp parallel for schedule(static) num_threads(threads) if (threads > 1 && N > 1)
-  for (int64_t n = 0; n < N; ++n)
+  pool::parallel_for(N, threads > 1 && N > 1 ? pool::cap(threads) : 1, [&](int64_t n) {
     for (int64_t oh = 0; oh < OH; ++oh)
       for (int64_t ow = 0; ow < OW; ++ow) {
         float* cr = cols + ((n * OH + oh) * OW + ow) * kh * kw * C;
@@ -243,4 +237,5 @@ void im2col(const float* x, int64_t N, int64_t H, int64_t W, int64_t C, int64_t 
             std::memcpy(cr + (i * kw + j) * C, x + ((n * H + oh * st[0] + i * dil[0]) * W + ow * st[1] + j * dil[1]) * C,
                         sizeof(float) * C);
       }
+  });
 }

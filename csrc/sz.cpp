@@ -15,6 +15,7 @@
 #include <type_traits>
 #include <vector>
 
+#include "pool.h"
 #include "registry.h"
 
 namespace fc {
@@ -32,8 +33,10 @@ static inline int32_t prequantize_one(float x, float inv) {
 }
 
 void prequantize(const float* x, int32_t* q, int64_t n, float inv) {
-#pragma omp parallel for schedule(static)
-  for (int64_t i = 0; i < n; ++i) q[i] = prequantize_one(x[i], inv);
+  constexpr int64_t kChunk = 1 << 16;
+  pool::parallel_for((n + kChunk - 1) / kChunk, pool::threads_for(n, int64_t(1) << 18), [&](int64_t k) {
+    for (int64_t i = k * kChunk, e = std::min(n, i + kChunk); i < e; ++i) q[i] = prequantize_one(x[i], inv);
+  });
 }
 
 static py::array_t<int32_t> prequantize_py(py::array_t<float, py::array::c_style> x, float inv) {
@@ -1138,7 +1141,9 @@ static void decode_block(const uint8_t* buf, size_t len, typename D::T* out, int
 }
 
 
-// ---- launchers: OpenMP over blocks ----
+// ---- launchers: blocks over the extension's pool (csrc/pool.h) ----
+// Below 2 x 2^16 values one thread: a block there takes ~0.1 ms, the order of a helper's wake-up.
+constexpr int64_t kMinThreadValues = int64_t(1) << 16;
 template <class D>
 static std::string encode_section(const typename D::T* x, int64_t n, double step, double bound, int64_t bs) {
   double r = 1.0 / step;
@@ -1146,15 +1151,12 @@ static std::string encode_section(const typename D::T* x, int64_t n, double step
   if (!std::isfinite(inv)) inv = 0.0f;
   const int64_t nb = (n + bs - 1) / bs;
   std::vector<std::string> blocks(nb);
-#pragma omp parallel if (nb >= 2)  // small tensors get >= 4 blocks (codec.default_block_size)
-  {
+  // small tensors get >= 4 blocks (codec.default_block_size); threads only from 2 x kMinThreadValues
+  pool::parallel_for(nb, pool::threads_for(n, kMinThreadValues), [&](int64_t b) {
     static thread_local EncScratch S;  // kept across calls: no page faults on every encode
-#pragma omp for schedule(dynamic, 1)
-    for (int64_t b = 0; b < nb; ++b) {
-      int64_t lo = b * bs, len = std::min(bs, n - lo);
-      blocks[b] = encode_block<D>(x + lo, len, inv, step, bound, S);
-    }
-  }
+    int64_t lo = b * bs, len = std::min(bs, n - lo);
+    blocks[b] = encode_block<D>(x + lo, len, inv, step, bound, S);
+  });
   size_t total = 8 * size_t(nb);
   for (auto& s : blocks) total += s.size();
   std::string out;
@@ -1181,24 +1183,17 @@ static void decode_section(const uint8_t* sec, size_t len, typename D::T* out, i
   }
   if (off[nb] != len) throw FormatError("sz section: trailing bytes");
   std::vector<std::string> errors(nb);
-  bool failed = false;
-#pragma omp parallel if (nb >= 2)  // small tensors get >= 4 blocks (codec.default_block_size)
-  {
+  pool::parallel_for(nb, pool::threads_for(n, kMinThreadValues), [&](int64_t b) {
     static thread_local DecScratch<typename D::T> S;
-#pragma omp for schedule(dynamic, 1) reduction(|| : failed)
-    for (int64_t b = 0; b < nb; ++b) {
-      int64_t lo = b * bs, cnt = std::min(bs, n - lo);
-      try {
-        decode_block<D>(sec + off[b], off[b + 1] - off[b], out + lo, cnt, step, S);
-      } catch (const std::exception& e) {
-        errors[b] = e.what();
-        failed = true;
-      }
+    int64_t lo = b * bs, cnt = std::min(bs, n - lo);
+    try {
+      decode_block<D>(sec + off[b], off[b + 1] - off[b], out + lo, cnt, step, S);
+    } catch (const std::exception& e) {
+      errors[b] = e.what();
     }
-  }
-  if (failed)
-    for (auto& e : errors)
-      if (!e.empty()) throw FormatError(e);
+  });
+  for (auto& e : errors)  // the first block's error, whatever the thread count
+    if (!e.empty()) throw FormatError(e);
 }
 
 
@@ -1251,30 +1246,39 @@ static void finite_minmax_f32(const float* x, int64_t n, double& lo, double& hi,
   const int64_t nc = (n + kChunk - 1) / kChunk;
   float l = INFINITY, h = -INFINITY;
   int64_t c = 0;
-  // threads from 2^18 values: below that one thread finishes before a second one would start
-#pragma omp parallel for if (n > (1 << 18)) reduction(min : l) reduction(max : h) reduction(+ : c)
-  for (int64_t k = 0; k < nc; ++k) {
-    float a, b;
-    int64_t m;
+  // threads from 2 x 2^18 values: below that one thread finishes before a second one would start
+  // per-chunk results, joined in chunk order (min/max/count do not depend on the order anyway)
+  std::vector<float> cl(nc), ch(nc);
+  std::vector<int64_t> cc(nc);
+  pool::parallel_for(nc, pool::threads_for(n, int64_t(1) << 18), [&](int64_t k) {
     const int64_t len = std::min(kChunk, n - k * kChunk);
-    if (kHasAvx2) minmax_f32_avx2(x + k * kChunk, len, a, b, m);
-    else minmax_f32_default(x + k * kChunk, len, a, b, m);
-    l = std::min(l, a), h = std::max(h, b), c += m;
-  }
+    if (kHasAvx2) minmax_f32_avx2(x + k * kChunk, len, cl[k], ch[k], cc[k]);
+    else minmax_f32_default(x + k * kChunk, len, cl[k], ch[k], cc[k]);
+  });
+  for (int64_t k = 0; k < nc; ++k) l = std::min(l, cl[k]), h = std::max(h, ch[k]), c += cc[k];
   lo = l, hi = h, cnt = c;
 }
 template <class D>
 static void finite_minmax(const typename D::T* x, int64_t n, double& lo, double& hi, int64_t& cnt) {
+  constexpr int64_t kChunk = 1 << 16;
+  const int64_t nc = (n + kChunk - 1) / kChunk;
+  std::vector<double> cl(nc, INFINITY), ch(nc, -INFINITY);
+  std::vector<int64_t> cc(nc, 0);
+  pool::parallel_for(nc, pool::threads_for(n, int64_t(1) << 19), [&](int64_t k) {
+    double l = INFINITY, h = -INFINITY;
+    int64_t c = 0;
+    for (int64_t i = k * kChunk, e = std::min(n, i + kChunk); i < e; ++i) {
+      const double v = D::to_d(x[i]);
+      const bool f = __builtin_fabs(v) <= 1.7976931348623157e308;
+      l = f && v < l ? v : l;
+      h = f && v > h ? v : h;
+      c += f;
+    }
+    cl[k] = l, ch[k] = h, cc[k] = c;
+  });
   double l = INFINITY, h = -INFINITY;
   int64_t c = 0;
-#pragma omp parallel for if (n > (1 << 20)) reduction(min : l) reduction(max : h) reduction(+ : c)
-  for (int64_t i = 0; i < n; ++i) {
-    const double v = D::to_d(x[i]);
-    const bool f = __builtin_fabs(v) <= 1.7976931348623157e308;
-    l = f && v < l ? v : l;
-    h = f && v > h ? v : h;
-    c += f;
-  }
+  for (int64_t k = 0; k < nc; ++k) l = std::min(l, cl[k]), h = std::max(h, ch[k]), c += cc[k];
   lo = l, hi = h, cnt = c;
 }
 }  // namespace sz

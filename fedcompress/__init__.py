@@ -6,6 +6,7 @@ Public names only; see README.md for the tour.
 from . import wire
 from .api import Compressor, RoundContext, available_compressors, get_compressor, register
 from .errors import BackendUnavailable, FormatError
+from .parallel import get_num_threads, set_num_threads  # native ops' threads (csrc/pool.h)
 
 __version__ = "0.1.0"
 

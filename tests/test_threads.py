@@ -1,0 +1,261 @@
+"""The native ops' threads (csrc/pool.h, fedcompress.set_num_threads; issue 18).
+
+Bytes and values never depend on the thread count; below an op's size threshold no helper is used,
+above it helpers are; the load gate keeps helpers off a machine whose cores are all busy.
+Thread counts are forced with the load gate off (``_C.pool_load_gate(False)``), as this machine is
+shared and the gate would otherwise choose one thread whenever someone else is running.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import threading
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import fedcompress as fc
+from fedcompress import _ops
+from fedcompress.codecs import mask as M
+
+try:
+    C = _ops.native()
+except Exception as e:  # pragma: no cover
+    pytest.skip(f"extension not built: {e}", allow_module_level=True)
+
+
+@pytest.fixture
+def forced():
+    """set(n): exactly n threads for native ops whatever the load; restores the defaults after."""
+    C.pool_load_gate(False)
+
+    def set_(n):
+        fc.set_num_threads(n)
+
+    try:
+        yield set_
+    finally:
+        fc.set_num_threads(None)
+        C.pool_load_gate(True)
+
+
+def _jobs(fn):
+    """How many pool jobs went to helpers while fn ran, and fn's result."""
+    j = C.pool_jobs()
+    out = fn()
+    return C.pool_jobs() - j, out
+
+
+def _update_like(n, seed=0, dtype=torch.float32):
+    g = torch.Generator().manual_seed(seed)
+    return (torch.randn(n, generator=g) * (torch.rand(n, generator=g) < 0.5)).to(dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16])
+def test_sz_bytes_independent_of_threads(forced, dtype):
+    x = _update_like(600_003, 1, dtype)  # 8 blocks, the last one shorter
+    codec = fc.SZ(1e-2, "rel", backend="cpp")
+    blobs, jobs = {}, {}
+    for t in (1, 2, 4):
+        forced(t)
+        jobs[t], blobs[t] = _jobs(lambda: codec.encode(x))
+    assert blobs[1] == blobs[2] == blobs[4]
+    assert jobs[1] == 0 and jobs[2] >= 1 and jobs[4] >= 1  # the threaded path really ran
+    ref = fc.SZ(1e-2, "rel", backend="torch").encode(x)  # the reference spec, single-threaded
+    assert blobs[1] == ref
+    outs = {}
+    for t in (1, 2, 4):
+        forced(t)
+        outs[t] = codec.decode(blobs[1])
+    assert torch.equal(outs[1].view(torch.uint8 if dtype != torch.float64 else torch.int64).to(torch.int64),
+                       outs[2].view(torch.uint8 if dtype != torch.float64 else torch.int64).to(torch.int64))
+    assert torch.equal(outs[1], outs[4]) or torch.isnan(outs[1]).any()
+
+
+def test_mask_independent_of_threads(forced):
+    g = torch.Generator().manual_seed(3)
+    xs = [torch.randn(n, generator=g) for n in (1_000_003, 4097, 300_000)]
+    thr = M.keep_threshold(0.1)
+    rm = fc.RandomMask(0.1, backend="cpp")
+    res = {}
+    for t in (1, 2, 4):
+        forced(t)
+        vals, counts = M.mask_encode_cpp(xs, [11, 12, 13], thr)
+        blobs = [rm.encode(x, seed=50 + i) for i, x in enumerate(xs[:1] * 3)]
+        res[t] = (vals.numpy().tobytes(), counts, blobs, rm.decode(blobs[0]), rm.decode_mean(blobs))
+    ref_vals, ref_counts = M.mask_encode_ref(xs, [11, 12, 13], thr)
+    assert res[1][0] == ref_vals.numpy().tobytes() and res[1][1] == ref_counts
+    for t in (2, 4):
+        assert res[t][0] == res[1][0] and res[t][1] == res[1][1] and res[t][2] == res[1][2]
+        assert torch.equal(res[t][3], res[1][3]) and torch.equal(res[t][4], res[1][4])
+
+
+def test_synth_kernels_independent_of_threads(forced):
+    from fedcompress.synth import ops as S
+
+    g = torch.Generator().manual_seed(4)
+    xs = torch.randn(37, 32, 32, 1, generator=g)  # 37 images: 3 weight-gradient blocks, the last short
+    w, b = torch.randn(32, 1, 5, 5, generator=g), torch.randn(32, generator=g)
+    gout = torch.randn(37, 32, 14, 14, generator=g)
+    x2 = torch.randn(5, 18, 18, 8, generator=g)
+    res = {}
+    old = torch.get_num_threads()
+    try:
+        for t in (1, 2, 4):
+            forced(None)
+            torch.set_num_threads(t)  # the FedSynth kernels take torch's count
+            out, arg = S.conv_pool_cpp(xs, w, b, 2)
+            dw, db, dx = S.conv_at_bwd_cpp(gout, xs, w, 2, arg, True)
+            cols = S.im2col_cpp(x2, (5, 5), (1, 1), (1, 1))
+            back = S.col2im_cpp(cols, (5, 8, 14, 14), (5, 5), (1, 1), (2, 2), (1, 1))
+            res[t] = [out, arg, S.conv_at_cpp(xs, w, b, 2, arg), dw, dx, cols, back]
+    finally:
+        torch.set_num_threads(old)
+    for t in (2, 4):
+        for a, b_ in zip(res[1], res[t], strict=True):
+            assert torch.equal(a, b_)
+    # and against the torch reference (the kernels' own tests check tolerances; here: same shapes, close)
+    ref_out, ref_arg = S.conv_pool_ref(xs, w, b, 2)
+    assert torch.equal(res[2][1], ref_arg) and torch.allclose(res[2][0], ref_out, atol=1e-4)
+
+
+def test_set_num_threads_caps_synth(forced):
+    """fedcompress.set_num_threads(1) keeps the FedSynth kernels on one thread whatever torch says."""
+    from fedcompress.synth import ops as S
+
+    xs = torch.randn(64, 32, 32, 1)
+    w, b = torch.randn(32, 1, 5, 5), torch.randn(32)
+    old = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        forced(1)
+        assert _jobs(lambda: S.conv_pool_cpp(xs, w, b, 2))[0] == 0
+        forced(None)
+        assert _jobs(lambda: S.conv_pool_cpp(xs, w, b, 2))[0] == 1
+    finally:
+        torch.set_num_threads(old)
+
+
+# ---- the size thresholds: one thread below, helpers from there ----------------------------------
+
+
+def test_sz_threshold_both_sides(forced):
+    forced(2)
+    codec = fc.SZ(1e-2, "rel", block_size=4096, backend="cpp")  # many blocks on both sides
+    below = _update_like((1 << 17) - 1)  # 2 x 2^16 values: sz.cpp kMinThreadValues
+    at = _update_like(1 << 17)
+    n_below, blob_below = _jobs(lambda: codec.encode(below))
+    n_at, blob_at = _jobs(lambda: codec.encode(at))
+    assert n_below == 0 and n_at == 1
+    assert _jobs(lambda: codec.decode(blob_below))[0] == 0
+    assert _jobs(lambda: codec.decode(blob_at))[0] == 1
+    assert torch.equal(codec.decode(blob_at), fc.SZ(1e-2, "rel", block_size=4096, backend="torch").decode(blob_at))
+
+
+def test_mask_threshold_both_sides(forced):
+    forced(2)
+    thr = M.keep_threshold(0.25)
+    below = torch.randn((1 << 18) - 1)  # 2 x 2^17 elements: mask.cpp for_units
+    at = torch.randn(1 << 18)
+    assert _jobs(lambda: M.mask_encode_cpp([below], [5], thr))[0] == 0
+    n, (vals, counts) = _jobs(lambda: M.mask_encode_cpp([at], [5], thr))
+    assert n == 2  # count pass and compaction pass
+    rv, rc = M.mask_encode_ref([at], [5], thr)
+    assert counts == rc and torch.equal(vals, rv)
+
+
+def test_one_thread_never_dispatches(forced):
+    forced(1)
+    x = _update_like(1 << 20)
+    assert _jobs(lambda: fc.SZ(1e-2, backend="cpp").encode(x))[0] == 0
+
+
+# ---- the load gate ------------------------------------------------------------------------------
+
+
+def _busy_module():
+    path = Path(__file__).resolve().parents[1] / "bench" / "busy.py"
+    spec = importlib.util.spec_from_file_location("fc_bench_busy", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_load_gate_keeps_helpers_off_busy_cores():
+    ncpu = len(os.sched_getaffinity(0))
+    if ncpu > 8:
+        pytest.skip(f"{ncpu} CPUs: filling them with spinners is too costly for a unit test")
+    fc.set_num_threads(2)
+    x = _update_like(1 << 20)
+    try:
+        with _busy_module().busy(ncpu, max_seconds=30):
+            assert C.pool_free_cpus() == 0
+            n, blob = _jobs(lambda: fc.SZ(1e-2, backend="cpp").encode(x))
+        assert n == 0  # one thread: every core had a runnable spinner on it
+    finally:
+        fc.set_num_threads(None)
+    assert 0 <= C.pool_free_cpus() <= ncpu
+    assert blob == fc.SZ(1e-2, backend="torch").encode(x)
+
+
+# ---- errors, concurrency, arguments -------------------------------------------------------------
+
+
+def test_threaded_decode_error_is_format_error(forced):
+    forced(4)
+    x = _update_like(600_000)
+    blob = bytearray(fc.SZ(1e-2, backend="cpp").encode(x))
+    blob[len(blob) // 2] ^= 0xFF  # a block body: caught by the CRC, or by that block's checks
+    with pytest.raises(fc.FormatError):
+        fc.SZ(1e-2, backend="cpp").decode(bytes(blob))
+    # a corrupt block with a valid CRC: the block's own checks fail on whichever thread decodes it
+    from fedcompress import wire
+
+    codec = fc.SZ(1e-2, backend="cpp")
+    good = codec.encode(x)
+    _, recs = wire.unpack(good, wire.CODEC_SZ_TENSOR)
+    data = bytearray(recs[0].data)
+    data[-5] ^= 0x5A  # the last block's rANS words / final states
+    bad = wire.pack(wire.CODEC_SZ_TENSOR, [wire.Record("", recs[0].dtype, recs[0].shape, bytes(data))])
+    with pytest.raises(fc.FormatError):
+        codec.decode(bad)
+
+
+def test_concurrent_callers(forced):
+    """Two Python threads encoding at once (the GIL is released): one gets the helpers, the other runs
+    inline; both give the reference bytes."""
+    forced(2)
+    xs = [_update_like(400_000, s) for s in range(4)]
+    want = [fc.SZ(1e-2, backend="torch").encode(x) for x in xs]
+    got = [None] * 4
+
+    def run(i):
+        for _ in range(3):
+            got[i] = fc.SZ(1e-2, backend="cpp").encode(xs[i])
+
+    ts = [threading.Thread(target=run, args=(i,)) for i in range(4)]
+    for t in ts:
+        t.start()
+    for t in ts:
+        t.join()
+    assert got == want
+
+
+@pytest.mark.parametrize("bad", [0, -1, 1.5, True, "2"])
+def test_set_num_threads_rejects(bad):
+    with pytest.raises(ValueError, match="n must be"):
+        fc.set_num_threads(bad)
+
+
+def test_set_num_threads_roundtrip():
+    try:
+        fc.set_num_threads(3)
+        assert fc.get_num_threads() == 3
+        fc.set_num_threads(None)
+        assert fc.get_num_threads() == torch.get_num_threads()
+    finally:
+        fc.set_num_threads(None)
+    assert np.int64(C.thread_override()) == 0
