@@ -187,32 +187,14 @@ def calibrate_sz(
 
 
 def fedsynth_shape(ratio: float, input_shape, classes: int, dense: int, labels: str, max_batches: int = 20):
-    """(batches, batch, ratio) whose fedsynth payload is nearest dense/ratio. The payload is a fixed
-    header plus a fixed number of bytes per synthetic sample, measured on two real payloads; the
-    chosen shape's length is then re-measured exactly."""
-    import torch
+    """(batches, batch, ratio) from fedsynth's shape rule (``codecs.fedsynth.shape_for_budget``) for a
+    budget of dense/ratio bytes, with at most ``max_batches`` batches (the rule's local step count
+    here: this table does not know each client's; ``fedsynth:ratio=R`` applies the rule per client)."""
+    from .codecs.fedsynth import shape_for_budget
 
-    from .api import RoundContext, get_compressor
-
-    def size(m: int, b: int) -> int:
-        spec = f"fedsynth:batches={m},batch={b},labels={labels}"
-        y = torch.zeros(m, b, classes)
-        y[..., 0] = 1
-        return len(
-            get_compressor(spec).compress({"x": torch.zeros(m, b, *input_shape), "y": y}, RoundContext())
-        )
-
-    s1, s2 = size(1, 1), size(1, 2)
-    per, head = s2 - s1, 2 * s1 - s2
-    best = None
-    for m in range(1, max_batches + 1):
-        for b in range(1, 65):
-            r = dense / (head + m * b * per)
-            key = (round(abs(math.log(r / ratio)), 3), -m)  # nearest; ties: more batches (more SGD steps)
-            if best is None or key < best[0]:
-                best = (key, m, b)
-    m, b = best[1], best[2]
-    return m, b, dense / size(m, b)
+    s = shape_for_budget(int(dense // ratio), input_shape, classes, labels=labels, local_steps=max_batches,
+                         ratio=ratio, dense=dense)
+    return s.batches, s.batch, dense / s.nbytes
 
 
 @dataclass

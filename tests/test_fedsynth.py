@@ -40,13 +40,18 @@ def _setup(spec, seed=0):
     model = TinyCNN()
     state = {k: v.detach().clone() for k, v in model.state_dict().items()}
     comp = fc.get_compressor(spec)
-    return model, state, comp, RoundContext(round=2, client=3, seed=11)
+    # local SGD of 6 steps at lr 0.05 on the 24 images of _data(): the guard's reference update
+    return model, state, comp, RoundContext(round=2, client=3, seed=11, batch_size=4)
 
 
 SPECS = [
     "fedsynth:batches=3,batch=2,outer_steps=4,labels=fixed",
+    "fedsynth:batches=3,batch=2,outer_steps=4,labels=fixed,dtype=fp32",
     "fedsynth:batches=3,batch=2,outer_steps=4,labels=trainable,dtype=fp16",
+    "fedsynth:batches=3,batch=2,outer_steps=4,labels=trainable,label_scale=true,dtype=fp32",
     "fedsynth:batches=2,batch=1,outer_steps=3,labels=trainable,init=noise",
+    "fedsynth:batches=2,batch=2,outer_steps=3,labels=raw",
+    "fedsynth:ratio=2,outer_steps=3,labels=trainable",
 ]
 
 
@@ -89,29 +94,32 @@ def test_learning_lowers_real_loss_and_payload_size():
     init_x, init_y = comp._init(x, y, 4, 4, 2, ctx)
     params = {k: state[k] for k, _ in model.named_parameters()}
     w0 = fc.synth.unroll(model, params, init_x, init_y, comp.params["inner_lr"])
+    assert comp.last_fallback == ""  # the lowest-loss set passed the guard
     assert comp.last_real_loss < fc.synth.real_loss(model, w0, x, y) - 0.05
-    # every byte counted: x (fp32) + y (fp32) + framing
-    assert len(payload) >= 4 * 2 * 64 * 4 + 4 * 2 * 4 * 4
-    assert len(payload) <= 4 * 2 * 64 * 4 + 4 * 2 * 4 * 4 + 200
+    # every byte counted: x (fp16, the default) + softmax labels (fp16) + framing
+    assert len(payload) >= 4 * 2 * 64 * 2 + 4 * 2 * 4 * 2
+    assert len(payload) <= 4 * 2 * 64 * 2 + 4 * 2 * 4 * 2 + 200
 
 
-@pytest.mark.parametrize(
-    "labels,dtype", [("fixed", "fp32"), ("fixed", "fp16"), ("trainable", "fp32"), ("trainable", "fp16")]
-)
+@pytest.mark.parametrize("dtype", ["fp32", "fp16"])
+@pytest.mark.parametrize("labels", ["fixed", "trainable", "trainable,label_scale=true", "raw"])
 def test_compress_decompress_roundtrip(labels, dtype):
     comp = fc.get_compressor(f"fedsynth:batches=2,batch=3,labels={labels},dtype={dtype},inner_lr=0.125")
     g = torch.Generator().manual_seed(1)
     x = torch.randn(2, 3, 1, 5, 5, generator=g)
-    y = (
-        F.one_hot(torch.randint(0, 7, (2, 3), generator=g), 7).float()
-        if labels == "fixed"
-        else torch.randn(2, 3, 7, generator=g)
-    )
-    d = comp.decompress(comp.compress({"x": x, "y": y}, RoundContext()), RoundContext())
+    v = torch.randn(2, 3, 7, generator=g, dtype=torch.float64) * 3
+    y = {
+        "fixed": F.one_hot(torch.randint(0, 7, (2, 3), generator=g), 7).float(),
+        "trainable": torch.softmax(v, -1).float(),
+        "trainable,label_scale=true": (torch.softmax(v, -1) * torch.rand(2, 3, 1, generator=g) * 2).float(),
+        "raw": torch.randn(2, 3, 7, generator=g),
+    }[labels]
+    ref = torch.tensor(0.75, dtype=torch.float64)
+    d = comp.decompress(comp.compress({"x": x, "y": y, "ref_norm": ref}, RoundContext()), RoundContext())
     tdt = torch.float16 if dtype == "fp16" else torch.float32
     assert torch.equal(d["x"], x.to(tdt).float())
     assert torch.equal(d["y"], y if labels == "fixed" else y.to(tdt).float())
-    assert float(d["inner_lr"]) == 0.125
+    assert float(d["inner_lr"]) == 0.125 and float(d["ref_norm"]) == 0.75
 
 
 def test_spec_validation():
@@ -125,8 +133,15 @@ def test_spec_validation():
         "fedsynth:init=zeros",
         "fedsynth:outer_steps=1.5",
         "fedsynth:colour=red",
+        "fedsynth:ratio=1",
+        "fedsynth:ratio=0.5",
+        "fedsynth:ratio=inf",
+        "fedsynth:ratio=nan",
+        "fedsynth:guard=0.5",
+        "fedsynth:label_scale=maybe",
+        "fedsynth:labels=fixed,label_scale=true",
     ):
-        name = bad.split(":")[1].split("=")[0]
+        name = bad.split(":")[1].split(",")[-1].split("=")[0]
         with pytest.raises(ValueError, match=name):
             fc.get_compressor(bad)
     c = fc.get_compressor("fedsynth:batches=10,batch=5,labels=trainable")
@@ -140,13 +155,24 @@ def test_replay_without_model_says_what_to_do():
     blob = comp.compress({"x": torch.zeros(1, 1, 1, 8, 8), "y": torch.ones(1, 1, 4)}, RoundContext())
     with pytest.raises(ValueError, match="set_model"):
         comp.server_update(blob, {}, RoundContext())
+    with pytest.raises(ValueError, match="set_model"):
+        comp.replay(blob, {}, RoundContext())
+
+
+def test_compress_of_a_model_update_says_what_to_call():
+    """fedsynth learns its payload from data: compress(state_dict) names client_update/server_update."""
+    comp = fc.get_compressor("fedsynth")
+    update = {k: torch.zeros_like(v) for k, v in TinyCNN().state_dict().items()}
+    with pytest.raises(ValueError, match="client_update.*server_update") as e:
+        comp.compress(update, RoundContext())
+    assert not isinstance(e.value, KeyError)
 
 
 # ---------------------------------------------------------------------------------------------
 # Bad payloads: FormatError, never a crash
 
 
-def _server(spec="fedsynth:batches=2,batch=2,labels=trainable"):
+def _server(spec="fedsynth:batches=2,batch=2,labels=trainable,dtype=fp32"):
     torch.manual_seed(0)
     model = TinyCNN()
     comp = fc.get_compressor(spec)
@@ -161,19 +187,28 @@ def _blob(comp, x, y, C=None):
 def test_bad_payloads():
     comp, state = _server()
     ctx = RoundContext()
-    good = _blob(comp, torch.randn(2, 2, 1, 8, 8), torch.rand(2, 2, 4))
+    def sm(*shape):  # valid softmax labels
+        return torch.softmax(torch.randn(*shape), -1)
+
+    good = _blob(comp, torch.randn(2, 2, 1, 8, 8), sm(2, 2, 4))
     comp.server_update(good, state, ctx)  # fine
     x_nan = torch.randn(2, 2, 1, 8, 8)
     x_nan[1, 0, 0, 3, 3] = math.nan
-    y_inf = torch.rand(2, 2, 4)
+    y_inf = sm(2, 2, 4)
     y_inf[0, 1, 2] = math.inf
+    y_neg = sm(2, 2, 4)
+    y_neg[1, 1] = torch.tensor([1.2, -0.2, 0.0, 0.0])  # sums to 1, one entry below zero
+    y_sum = sm(2, 2, 4)
+    y_sum[0, 0] *= 1.01  # a row summing to 1.01
     cases = {
-        "non-finite x": _blob(comp, x_nan, torch.rand(2, 2, 4)),
+        "non-finite x": _blob(comp, x_nan, sm(2, 2, 4)),
         "non-finite y": _blob(comp, torch.randn(2, 2, 1, 8, 8), y_inf),
-        "wrong input shape for the model": _blob(comp, torch.randn(2, 2, 3, 8, 8), torch.rand(2, 2, 4)),
-        "wrong class count for the model": _blob(comp, torch.randn(2, 2, 1, 8, 8), torch.rand(2, 2, 5)),
-        "more batches than declared": _blob(comp, torch.randn(5, 2, 1, 8, 8), torch.rand(5, 2, 4)),
-        "bigger batches than declared": _blob(comp, torch.randn(2, 3, 1, 8, 8), torch.rand(2, 3, 4)),
+        "negative softmax label": _blob(comp, torch.randn(2, 2, 1, 8, 8), y_neg),
+        "softmax row not summing to 1": _blob(comp, torch.randn(2, 2, 1, 8, 8), y_sum),
+        "wrong input shape for the model": _blob(comp, torch.randn(2, 2, 3, 8, 8), sm(2, 2, 4)),
+        "wrong class count for the model": _blob(comp, torch.randn(2, 2, 1, 8, 8), sm(2, 2, 5)),
+        "more batches than declared": _blob(comp, torch.randn(5, 2, 1, 8, 8), sm(5, 2, 4)),
+        "bigger batches than declared": _blob(comp, torch.randn(2, 3, 1, 8, 8), sm(2, 3, 4)),
         "truncated": good[:-9],
         "flipped byte": good[:40] + bytes([good[40] ^ 0xFF]) + good[41:],
         "empty": b"",
@@ -184,7 +219,10 @@ def test_bad_payloads():
         ),
         "fp16 payload to an fp32 server": fc.get_compressor(
             "fedsynth:batches=2,batch=2,labels=trainable,dtype=fp16"
-        ).compress({"x": torch.randn(2, 2, 1, 8, 8), "y": torch.rand(2, 2, 4)}, ctx),
+        ).compress({"x": torch.randn(2, 2, 1, 8, 8), "y": sm(2, 2, 4)}, ctx),
+        "raw-label payload to a softmax server": fc.get_compressor(
+            "fedsynth:batches=2,batch=2,labels=raw,dtype=fp32"
+        ).compress({"x": torch.randn(2, 2, 1, 8, 8), "y": sm(2, 2, 4)}, ctx),
     }
     for what, blob in cases.items():
         with pytest.raises(fc.FormatError):
@@ -194,12 +232,25 @@ def test_bad_payloads():
 
 def test_hostile_headers():
     """Well-framed (valid CRC) payloads whose records lie: sizes, dtypes, labels out of range."""
-    comp, state = _server("fedsynth:batches=1,batch=2")
+    comp, state = _server("fedsynth:batches=1,batch=2,dtype=fp32")
     ctx = RoundContext()
 
-    def frame(x_rec, y_rec, C=4, lr=0.05, mode=0):
+    def frame(x_rec, y_rec, C=4, lr=0.05, mode=0, steps=None, ref=0.0, fmt=2):
         w = wire.Writer()
-        w.u8(1), w.u8(mode), w.u32(C), w.f64(lr)
+        w.u8(fmt), w.u8(mode), w.u32(C)
+        steps = [lr] if steps is None else steps
+        w.u16(len(steps))
+        for s in steps:
+            w.f64(s)
+        w.f32(ref)
+        return wire.pack(wire.CODEC_FEDSYNTH, [x_rec, y_rec], w.getvalue())
+
+    def frame_count_lies(x_rec, y_rec, count, nvalues):  # declares `count` step sizes, holds `nvalues`
+        w = wire.Writer()
+        w.u8(2), w.u8(0), w.u32(4), w.u16(count)
+        for _ in range(nvalues):
+            w.f64(0.05)
+        w.f32(0.0)
         return wire.pack(wire.CODEC_FEDSYNTH, [x_rec, y_rec], w.getvalue())
 
     x = torch.randn(1, 2, 1, 8, 8)
@@ -211,8 +262,20 @@ def test_hostile_headers():
         frame(xr, yr, C=0),
         frame(xr, yr, C=2**31),
         frame(xr, yr, lr=math.nan),
+        frame(xr, yr, lr=math.inf),
         frame(xr, yr, lr=-1.0),
+        frame(xr, yr, lr=0.0),
+        frame(xr, yr, steps=[]),  # no step size
+        frame(xr, yr, steps=[0.05, 0.05]),  # more step sizes than this version replays
+        frame_count_lies(xr, yr, 1, 0),  # declares 1, holds none
+        frame_count_lies(xr, yr, 1, 2),  # declares 1, holds 2
+        frame_count_lies(xr, yr, 65535, 1),  # declares 65535, holds 1
+        frame(xr, yr, ref=math.nan),  # the declared SGD update norm
+        frame(xr, yr, ref=-1.0),
+        frame(xr, yr, ref=math.inf),
+        frame(xr, yr, fmt=1),  # the old format (no step-size count)
         frame(xr, yr, mode=7),
+        frame(xr, yr, mode=1),  # softmax labels to a fixed-label server
         frame(wire.Record("x", torch.float32, (1, 2, 1, 8, 8), b"\0" * 12), yr),  # data shorter than shape
         frame(wire.Record("x", torch.float32, (1, 2, 1, 2**40, 2**20), b""), yr),  # absurd shape
         frame(wire.lossless_record("x", x.double()), yr),  # dtype
@@ -244,3 +307,178 @@ def test_driver_runs_fedsynth():
     s = driver.run_experiment(cfg)
     assert s["rounds"] == 1 and math.isfinite(s["final_accuracy"])
     assert s["compression_ratio"] > 1
+
+
+# ---------------------------------------------------------------------------------------------
+# ratio=R: the shape rule and the byte budget
+
+
+def _fedavg_model(name, shape):
+    models = pytest.importorskip("fedcompress.fedavg.models")
+    torch.manual_seed(0)
+    return models.FedAvgCNN(shape, 10) if name == "cnn" else models.MLP(shape, 10)
+
+
+@pytest.mark.parametrize("labels", ["fixed", "trainable"])
+@pytest.mark.parametrize("model_name,shape", [("cnn", (1, 28, 28)), ("mlp", (1, 28, 28)), ("cnn", (1, 8, 8)), ("mlp", (1, 8, 8))])
+def test_shape_rule_respects_the_budget_to_the_byte(model_name, shape, labels):
+    from fedcompress.codecs.fedsynth import payload_bytes, shape_for_budget
+    from fedcompress.fedavg.driver import dense_payload_bytes
+
+    state = _fedavg_model(model_name, shape).state_dict()
+    dense = dense_payload_bytes(state)
+    for ratio in (2.0, 8.0, 16.0, 16.5, 64.0, 200.0):
+        budget = int(dense // ratio)
+        one = payload_bytes(1, 1, shape, 10, labels)
+        if budget < one:
+            with pytest.raises(ValueError, match=r"ratio=.*smallest payload gives ratio") as e:
+                shape_for_budget(budget, shape, 10, labels=labels, local_steps=40, ratio=ratio, dense=dense)
+            assert f"{dense / one:.4g}" in str(e.value)
+            continue
+        # how many inputs fit, by bisection on real payload lengths (independent of the rule's arithmetic)
+        lo, hi = 1, budget // math.prod(shape)  # an fp16 input is 2 bytes per value
+        while lo < hi:
+            mid = (lo + hi + 1) // 2
+            lo, hi = (mid, hi) if payload_bytes(1, mid, shape, 10, labels) <= budget else (lo, mid - 1)
+        k = lo
+        for steps in (1, 8, 40, None):
+            s = shape_for_budget(budget, shape, 10, labels=labels, local_steps=steps, local_lr=0.05)
+            # an actual payload of that shape, every byte: within dense / ratio
+            comp = fc.get_compressor(f"fedsynth:batches={s.batches},batch={s.batch},labels={labels}")
+            y = torch.softmax(torch.randn(s.batches, s.batch, 10), -1)
+            n = len(comp.compress({"x": torch.randn((s.batches, s.batch) + shape), "y": y}, RoundContext()))
+            assert n == s.nbytes and n <= budget and dense / n >= ratio
+            # and as full as the rule allows: one more input per batch no longer fits
+            assert payload_bytes(s.batches, s.batch + 1, shape, 10, labels) > budget
+            # batches: the SGD step count, unless that leaves batches under 5 inputs (or up to 20 %
+            # fewer where that fills the budget better); batch: the rest
+            target = max(1, min(k // 5, steps if steps is not None else k))
+            window = range(max(1, (4 * target) // 5), target + 1)
+            assert s.batches in window and s.batch == k // s.batches
+            assert s.batches * s.batch == max(m * (k // m) for m in window)
+            if steps is not None:  # m synthetic steps travel as far as the client's SGD steps
+                assert math.isclose(s.inner_lr * s.batches, steps * 0.05)
+
+
+def test_shape_rule_default_and_explicit_keys():
+    from fedcompress.codecs.fedsynth import shape_for_budget
+    from fedcompress.fedavg.driver import dense_payload_bytes
+
+    shape = (1, 28, 28)
+    dense = dense_payload_bytes(_fedavg_model("cnn", shape).state_dict())
+    # the issue's best 16x setting (10 clients of ~400 images, 2 epochs of batch 20 -> 40 steps at
+    # lr 0.05): the rule gives 18 x 5 in fp16 at inner_lr 40 * 0.05 / 18
+    s = shape_for_budget(int(dense // 16), shape, 10, local_steps=40, local_lr=0.05)
+    assert (s.batches, s.batch) == (18, 5) and math.isclose(s.inner_lr, 2.0 / 18)
+    # and `fedsynth` with no keys is that config: 18 x 5, fp16, inner_lr 0.1, fixed labels, ~16.5x
+    p = fc.get_compressor("fedsynth").params
+    assert (p["batches"], p["batch"], p["dtype"], p["inner_lr"], p["labels"]) == (18, 5, "fp16", 0.1, "fixed")
+    # explicit keys win
+    s = shape_for_budget(int(dense // 16), shape, 10, local_steps=40, batches=9)
+    assert (s.batches, s.batch) == (9, 10)
+    s = shape_for_budget(int(dense // 16), shape, 10, local_steps=40, batch=3, inner_lr=0.2)
+    assert (s.batches, s.batch, s.inner_lr) == (30, 3, 0.2)
+    with pytest.raises(ValueError, match="batches=10, batch=10"):
+        shape_for_budget(int(dense // 16), shape, 10, batches=10, batch=10)
+
+
+@pytest.mark.parametrize("ratio", [2.0, 3.5])
+def test_client_update_with_ratio_keeps_the_budget(ratio):
+    from fedcompress.fedavg.driver import dense_payload_bytes
+
+    model, state, comp, ctx = _setup(f"fedsynth:ratio={ratio},outer_steps=2,labels=trainable")
+    payload = comp.client_update(model, state, _data(), ctx)
+    dense = dense_payload_bytes(state)
+    assert len(payload) <= dense // ratio and dense / len(payload) >= ratio
+    assert comp.last_choice["bytes"] == len(payload)
+    # the server takes the per-client shape from the payload
+    server = fc.get_compressor(comp.spec)
+    server.set_model(TinyCNN())
+    server.server_update(payload, state, ctx)
+    # a ratio no synthetic input can meet: ValueError naming the largest reachable ratio
+    model, state, comp, ctx = _setup("fedsynth:ratio=50,outer_steps=2")
+    with pytest.raises(ValueError, match=r"ratio=50 is unreachable.*smallest payload gives ratio"):
+        comp.client_update(model, state, _data(), ctx)
+
+
+# ---------------------------------------------------------------------------------------------
+# Trainable labels: the softmax parameterisation
+
+
+@pytest.mark.parametrize("scaled", [False, True])
+def test_softmax_label_gradients_match_autograd_float64(scaled):
+    from fedcompress.codecs.fedsynth import MAX_LABEL_SCALE, softmax_labels, softmax_labels_grad
+
+    g = torch.Generator().manual_seed(5)
+    v = (torch.randn(3, 4, 7, generator=g, dtype=torch.float64) * 2).requires_grad_(True)
+    t = torch.randn(3, 4, generator=g, dtype=torch.float64).requires_grad_(True) if scaled else None
+    gy = torch.randn(3, 4, 7, generator=g, dtype=torch.float64)
+    # autograd through an independent write-out of y = S sigmoid(t) * exp(v) / sum exp(v)
+    e = torch.exp(v - v.max(-1, keepdim=True).values)
+    y_ref = e / e.sum(-1, keepdim=True)
+    if scaled:
+        y_ref = (MAX_LABEL_SCALE / (1 + torch.exp(-t))).unsqueeze(-1) * y_ref
+    torch.testing.assert_close(softmax_labels(v, t), y_ref, rtol=1e-12, atol=1e-14)
+    want = torch.autograd.grad((y_ref * gy).sum(), [v] + ([t] if scaled else []))
+    gv, gt = softmax_labels_grad(v.detach(), None if t is None else t.detach(), gy)
+    torch.testing.assert_close(gv, want[0], rtol=1e-12, atol=1e-14)
+    if scaled:
+        torch.testing.assert_close(gt, want[1], rtol=1e-12, atol=1e-14)
+    else:
+        assert gt is None
+    # the labels it produces satisfy what the decoder checks (>= 0, rows sum to 1 / at most 2)
+    y = softmax_labels(v.detach() * 40, None if t is None else t.detach() * 40).float()
+    assert bool((y >= 0).all())
+    rows = y.double().sum(-1)
+    assert bool((rows <= MAX_LABEL_SCALE + 1e-6).all()) if scaled else torch.allclose(rows, torch.ones_like(rows))
+
+
+# ---------------------------------------------------------------------------------------------
+# The guard against synthetic updates far larger than the client's SGD update
+
+
+def _one_class_client():
+    """8 images of one class: where the paper's raw trainable labels blew up (issue 14)."""
+    x, y = _data(n=32)
+    keep = y == 1
+    return x[keep][:8], y[keep][:8]
+
+
+def _update_norm(w, state):
+    return math.sqrt(sum(float((w[k] - state[k]).double().pow(2).sum()) for k in w))
+
+
+def test_guard_on_a_non_iid_client_that_used_to_blow_up():
+    from fedcompress.api import local_sgd
+
+    data = _one_class_client()
+    spec = "fedsynth:batches=4,batch=2,outer_steps=30,labels=raw,lr_y=0.1,dtype=fp32"
+    # without the guard: raw labels drive the client's loss to ~0 and the update far past SGD's
+    model, state, comp, ctx = _setup(spec + ",guard=0")
+    ctx.epochs, ctx.batch_size = 1, 4
+    comp.client_update(model, state, data, ctx)
+    sgd = local_sgd(model, state, data, ctx)
+    ref = _update_norm({k: sgd[k] for k in comp.last_w_syn}, state)
+    blown = _update_norm(comp.last_w_syn, state) / ref
+    assert comp.last_real_loss < 1e-3 and blown > 10
+    # with it (guard=10, the default): the client sends a set within 10x, the server applies it
+    model, state, comp, ctx = _setup(spec)
+    ctx.epochs, ctx.batch_size = 1, 4
+    payload = comp.client_update(model, state, data, ctx)
+    sent = _update_norm(comp.last_w_syn, state) / ref
+    assert sent <= 10 and comp.last_fallback in ("candidate", "init", "lr")
+    assert math.isclose(comp.last_update_ratio, sent, rel_tol=1e-4)
+    server = fc.get_compressor(spec)
+    server.set_model(TinyCNN())
+    delta = server.server_update(payload, state, ctx)
+    assert math.isclose(_update_norm({k: delta[k] + state[k] for k in comp.last_w_syn}, state) / ref, sent, rel_tol=1e-4)
+    # the server refuses the blown-up set when its declared SGD norm shows it is > 10x
+    d = server.decompress(payload, ctx)
+    bad = server.compress({"x": d["x"], "y": d["y"], "ref_norm": torch.tensor(ref / 50, dtype=torch.float64)}, ctx)
+    with pytest.raises(fc.FormatError, match="guard"):
+        server.server_update(bad, state, ctx)
+    # softmax labels on the same client stay near the SGD update without any fallback
+    model, state, comp, ctx = _setup("fedsynth:batches=4,batch=2,outer_steps=30,labels=trainable,lr_y=0.1")
+    ctx.epochs, ctx.batch_size = 1, 4
+    comp.client_update(model, state, data, ctx)
+    assert comp.last_fallback == "" and comp.last_update_ratio < 10

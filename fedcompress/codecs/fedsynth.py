@@ -2,17 +2,41 @@
 
 Client (Algorithm 1, lines 5-9): start from the global weights w; initialise m batches of b
 synthetic inputs (``init=real``: a random sample of the client's own data; ``init=noise``: N(0, 1))
-and their labels (the sampled labels, or classes round-robin for noise; one-hot). Then
-``outer_steps`` times: w_syn = ClientUpdate(D_syn; w) (m SGD steps, lr ``inner_lr``, soft-label
-loss), and D_syn -= lr * grad_{D_syn} CE(real data; w_syn) (eq. 5-6), by Adam with step sizes
-``lr_x`` (inputs) and ``lr_y`` (labels, only with ``labels=trainable``; unconstrained reals as in the
-paper). The set with the lowest real loss seen is the one sent. Gradients come from
-``fedcompress.synth.hypergradient``.
+and their labels (the sampled labels, or classes round-robin for noise). Then ``outer_steps``
+times: w_syn = ClientUpdate(D_syn; w) (m SGD steps, lr ``inner_lr``, soft-label loss), and
+D_syn -= lr * grad_{D_syn} CE(real data; w_syn) (eq. 5-6), by Adam with step sizes ``lr_x``
+(inputs) and ``lr_y`` (labels). Gradients come from ``fedcompress.synth.hypergradient``.
 
-Payload (``fedcompress.wire``, codec CODEC_FEDSYNTH): meta = format u8, labels mode u8, C u32,
-inner_lr f64; record ``x`` [m, b, *input] in fp32 or fp16; record ``y``: class indices [m, b] (uint8
-or int16/int32 by C) for fixed labels, or soft labels [m, b, C] in the payload dtype. The ratio the
-driver reports counts every one of these bytes.
+Labels (``labels=``):
+- ``fixed`` (default): one-hot, sent as class indices.
+- ``trainable``: y_i = s_i * softmax(v_i) with learned logits v_i (and, with ``label_scale=true``,
+  a learned weight s_i = 2 sigmoid(t_i) in (0, 2); else s_i = 1). Entries can never go negative:
+  the paper's unconstrained reals did, and soft cross-entropy with a negative entry is unbounded
+  below (issue 14: a client with 8 images of one class sent an update 2.4e5x its SGD update).
+- ``raw``: the paper's unconstrained real labels, only on request.
+
+Shape (``ratio=R``): the payload, every byte as the driver counts it, is <= dense / R, where dense
+is the driver's dense upload of the model (``fedavg.driver.dense_payload_bytes``). ``shape_for_budget``
+picks m about the client's local SGD step count S = epochs * ceil(n / batch_size) (at least
+``MIN_BATCH`` inputs per batch), b as large as the budget allows, and inner_lr = S * lr / m so that
+m synthetic steps travel as far as local SGD would (issue 14: m * inner_lr against S * lr is what
+decides the accuracy; 2 x 23 moved a third of the SGD distance and never caught up). Explicit
+``batches``/``batch``/``inner_lr`` win over the rule.
+
+Guard (``guard=G``): the client also runs its own local SGD (cheap next to the outer loop) and
+sends the norm of that update; among its candidate sets (lowest real loss first, then the initial
+real-sample set) it sends the first whose replayed update norm is <= G times it, halving inner_lr
+as a last resort. The server replays and refuses (FormatError) an update above G times the
+declared norm. ``guard=0`` turns both off. It is a guard against blow-ups, not against a hostile
+client (which can declare any norm).
+
+Payload (``fedcompress.wire``, codec CODEC_FEDSYNTH), format 2: meta = format u8, labels mode u8
+(0 fixed, 1 softmax, 2 softmax with scale, 3 raw), C u32, step-size count u16 (1: one step size
+shared by all batches, the only count this version writes or replays), the step sizes f64, the
+client's SGD update norm f32 (0 = none); record ``x`` [m, b, *input] in fp16 or fp32; record ``y``:
+class indices [m, b] (uint8 or int16/int32 by C) for fixed labels, else [m, b, C] in the payload
+dtype. Softmax labels must be >= 0 with rows summing to 1 (scaled: to at most 2), checked to the
+payload dtype's rounding.
 
 Server (line 12): decode, then replay ClientUpdate from the same global weights with the same code
 (``fedcompress.synth.unroll``); the update is w_syn - w. On the same machine and backend the
@@ -24,52 +48,236 @@ compressor), or call ``set_model(model)`` on a server-only instance.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from .. import synth, wire
-from ..api import Compressor, Param, RoundContext, StateDict, choice, positive_float, positive_int, register
+from ..api import (
+    Compressor,
+    Param,
+    RoundContext,
+    StateDict,
+    boolean,
+    choice,
+    local_sgd,
+    positive_float,
+    positive_int,
+    register,
+)
 from ..errors import FormatError
 from . import fedsynth_text  # text models: synthetic data in embedding space
 
-_FORMAT = 1
-_LABEL_MODES = ("fixed", "trainable")
-_DTYPES = {"fp32": torch.float32, "fp16": torch.float16}
+_FORMAT = 2
+_LABEL_MODES = ("fixed", "softmax", "softmax_scaled", "raw")
+_DTYPES = {"fp16": torch.float16, "fp32": torch.float32}
 _MAX_CLASSES = 1 << 20
+MAX_LABEL_SCALE = 2.0  # s_i = 2 sigmoid(t_i): a synthetic sample weighs between 0 and twice a real one
+MIN_BATCH = 5  # issue 14: 15 x 3 and 23 x 2 at the same lr overshot (updates 5-9x the real size)
+# Rows of softmax labels sum to 1 up to the payload dtype's rounding: each entry is off by at most
+# half an ulp of its own size, so the row sum by at most eps/2 of the row sum (fp16: 2^-11); the
+# float32 softmax adds a few float32 eps. The tolerances leave 4x (fp16) and 16x (fp32) room.
+_ROW_TOL = {torch.float16: 2.0**-9, torch.float32: 2.0**-18}
 
 
 def _label_dtype(C: int) -> torch.dtype:
     return torch.uint8 if C <= 256 else (torch.int16 if C <= 32767 else torch.int32)
 
 
+def _ratio_param() -> Param:
+    return Param(float, None, lambda v: math.isfinite(v) and v > 1, "a finite number > 1 (dense bytes / sent bytes)")
+
+
+def _guard_param() -> Param:
+    return Param(float, 10.0, lambda v: v == 0 or (math.isfinite(v) and v >= 1), "0 (off) or a finite number >= 1")
+
+
+# ---------------------------------------------------------------------------------------------
+# Softmax label parameterisation
+
+
+def softmax_labels(v: torch.Tensor, t: torch.Tensor | None = None) -> torch.Tensor:
+    """y = s * softmax(v) over the last axis; s = MAX_LABEL_SCALE * sigmoid(t) per row, or 1."""
+    p = torch.softmax(v, dim=-1)
+    if t is None:
+        return p
+    return (MAX_LABEL_SCALE * torch.sigmoid(t)).unsqueeze(-1) * p
+
+
+def softmax_labels_grad(v: torch.Tensor, t: torch.Tensor | None, gy: torch.Tensor):
+    """(dL/dv, dL/dt) from dL/dy for ``softmax_labels`` (dL/dt is None without a scale).
+
+    dy_c/dv_k = s p_c (delta_ck - p_k), so dL/dv = s p * (gy - <p, gy>); with s = S sigmoid(t),
+    ds/dt = s (1 - s / S) and dL/ds = <p, gy>.
+    """
+    p = torch.softmax(v, dim=-1)
+    pg = (p * gy).sum(-1, keepdim=True)
+    gv = p * (gy - pg)
+    if t is None:
+        return gv, None
+    s = MAX_LABEL_SCALE * torch.sigmoid(t)
+    return s.unsqueeze(-1) * gv, s * (1 - s / MAX_LABEL_SCALE) * pg.squeeze(-1)
+
+
+# ---------------------------------------------------------------------------------------------
+# Shape rule for a byte budget
+
+
+@dataclass(frozen=True)
+class Shape:
+    batches: int
+    batch: int
+    inner_lr: float
+    nbytes: int  # the payload's exact length
+
+
+def payload_bytes(batches: int, batch: int, input_shape, classes: int, labels: str = "fixed", dtype: str = "fp16") -> int:
+    """The exact length of a fedsynth payload of this shape (every byte the driver counts)."""
+    comp = FedSynthCompressor(batches=batches, batch=batch, labels=labels, dtype=dtype)
+    x = torch.zeros((batches, batch) + tuple(input_shape))
+    y = torch.zeros(batches, batch, classes)
+    y[..., 0] = 1
+    return len(comp.compress({"x": x, "y": y, "classes": torch.tensor(classes)}, RoundContext()))
+
+
+def shape_for_budget(
+    budget: int,
+    input_shape,
+    classes: int,
+    *,
+    labels: str = "fixed",
+    dtype: str = "fp16",
+    local_steps: int | None = None,
+    local_lr: float = 0.05,
+    batches: int | None = None,
+    batch: int | None = None,
+    inner_lr: float | None = None,
+    ratio: float | None = None,
+    dense: int | None = None,
+) -> Shape:
+    """The synthetic set's shape whose payload fits in ``budget`` bytes (see the module docstring).
+
+    local_steps: the client's SGD step count S = epochs * ceil(n / batch_size); None: as many
+    batches of MIN_BATCH as fit. ``ratio``/``dense`` only word the error when nothing fits.
+    """
+    labels = "trainable" if labels in ("softmax", "softmax_scaled") else labels
+    one = payload_bytes(1, 1, input_shape, classes, labels, dtype)
+    if budget < one:
+        what = f"ratio={ratio:g}" if ratio is not None else f"a budget of {budget} bytes"
+        best = f"; the smallest payload gives ratio {dense / one:.4g}, use ratio <= that" if dense else ""
+        raise ValueError(
+            f"fedsynth: {what} is unreachable: one synthetic input needs a payload of {one} bytes{best}"
+        )
+    per = payload_bytes(1, 2, input_shape, classes, labels, dtype) - one
+    head = one - per
+    k = (budget - head) // per  # synthetic inputs that fit (the framing is fixed-width)
+    if batches is not None and batch is not None:
+        m, b = batches, batch
+        if m * b > k:
+            raise ValueError(
+                f"fedsynth: batches={m}, batch={b} ({m * b} inputs) exceed the budget of {budget} bytes "
+                f"({k} inputs fit); drop one of them or lower ratio"
+            )
+    elif batches is not None:
+        m = batches
+        b = k // m
+        if b < 1:
+            raise ValueError(f"fedsynth: batches={m} do not fit the budget of {budget} bytes ({k} inputs fit)")
+    elif batch is not None:
+        b = batch
+        m = k // b
+        if m < 1:
+            raise ValueError(f"fedsynth: batch={b} does not fit the budget of {budget} bytes ({k} inputs fit)")
+    else:
+        most = max(1, k // MIN_BATCH)
+        target = most if local_steps is None else max(1, min(int(local_steps), most))
+        # b = k // m leaves up to m - 1 inputs of the budget unused; up to 20 % fewer batches may
+        # use it better (e.g. 79 inputs: 13 x 6 instead of 15 x 5), inner_lr keeps the distance
+        m = max(range(max(1, (4 * target) // 5), target + 1), key=lambda mm: (mm * (k // mm), mm))
+        b = k // m
+    if inner_lr is None:
+        inner_lr = (local_steps * local_lr / m) if local_steps is not None else 0.1
+    nbytes = payload_bytes(m, b, input_shape, classes, labels, dtype)
+    if nbytes > budget:  # cannot happen with fixed-width framing; checked because the promise is exact
+        raise AssertionError(f"fedsynth: shape rule overshot the budget ({nbytes} > {budget})")
+    return Shape(m, b, float(inner_lr), nbytes)
+
+
+def _dense_bytes(state: StateDict) -> int:
+    from ..fedavg.driver import dense_payload_bytes
+
+    return int(dense_payload_bytes(state))
+
+
+def _norm(delta: dict) -> float:
+    return math.sqrt(sum(float(v.double().pow(2).sum()) for v in delta.values()))
+
+
+# ---------------------------------------------------------------------------------------------
+
+
 @register("fedsynth")
 class FedSynthCompressor(Compressor):
-    """Spec: ``fedsynth:batches=10,batch=5,labels=fixed|trainable,outer_steps=..,lr_x=..,lr_y=..,
-    inner_lr=..,init=real|noise,dtype=fp32|fp16``."""
+    """Spec: ``fedsynth:ratio=R,batches=18,batch=5,labels=fixed|trainable|raw,label_scale=false,
+    outer_steps=..,lr_x=..,lr_y=..,inner_lr=..,init=real|noise,dtype=fp16|fp32,guard=10``.
+
+    Defaults are the best measured config at ~16x for the FedAvg CNN (issue 14: 18 x 5 fp16,
+    inner_lr 0.1, fixed labels); ``ratio=R`` picks the shape per client instead.
+    """
 
     codec = wire.CODEC_FEDSYNTH
     PARAMS = {
-        "batches": positive_int(10),
+        "ratio": _ratio_param(),
+        "batches": positive_int(18),
         "batch": positive_int(5),
-        "labels": choice(*_LABEL_MODES),
+        "labels": choice("fixed", "trainable", "raw"),
+        "label_scale": Param(boolean, False, None, "true or false (only with labels=trainable)"),
         "outer_steps": positive_int(30),
         "lr_x": positive_float(0.03),
         "lr_y": positive_float(0.03),
-        "inner_lr": positive_float(0.05),
+        "inner_lr": positive_float(0.1),
         "init": choice("real", "noise"),
-        "dtype": choice("fp32", "fp16"),
+        "dtype": choice("fp16", "fp32"),
         "real_batch": Param(int, 0, lambda v: v >= 0, "an integer >= 0 (0 = all of the client's data)"),
+        "guard": _guard_param(),
         "topk": Param(int, 8, lambda v: v >= 0, "an integer >= 0 (text: label ids per position, 0 = all)"),
         "embedding": choice("freeze", "rows"),  # text: the embedding's update (fedsynth_text.py)
     }
 
     def __init__(self, model: nn.Module | None = None, **kwargs) -> None:
         super().__init__(**kwargs)
+        self.given = frozenset(kwargs)  # keys the spec set explicitly (they win over the ratio rule)
+        if self.params["label_scale"] and self.params["labels"] != "trainable":
+            raise ValueError("label_scale=true needs labels=trainable")
         self.model = model
         self.last_w_syn: StateDict | None = None  # the client's w_syn of its last update (tests)
         self.last_real_loss: float | None = None
+        self.last_shape: Shape | None = None
+        self.last_update_ratio: float | None = None  # |synthetic update| / |SGD update| sent
+        self.last_fallback: str = ""  # "" | "candidate" | "init" | "lr" (which guard step was needed)
+        self.last_choice: dict | None = None  # with ratio=R: the shape chosen for the last update
+
+    @property
+    def spec(self) -> str:
+        """A spec that rebuilds this compressor: with ``ratio``, the keys the rule chooses are
+        written only when the spec gave them (a written key would override the rule)."""
+        p = self.params
+        rule = ("batches", "batch", "inner_lr")
+        keep = [
+            (k, v)
+            for k, v in p.items()
+            if v is not None and not (p["ratio"] is not None and k in rule and k not in self.given)
+        ]
+        return self.name + ":" + ",".join(f"{k}={v}" for k, v in keep)
+
+    @property
+    def _mode(self) -> str:
+        p = self.params
+        if p["labels"] == "trainable":
+            return "softmax_scaled" if p["label_scale"] else "softmax"
+        return p["labels"]
 
     def set_model(self, model: nn.Module) -> None:
         """The architecture the server replays ClientUpdate with."""
@@ -79,13 +287,23 @@ class FedSynthCompressor(Compressor):
 
     # -- the synthetic set <-> bytes ------------------------------------------------------------
     def compress(self, update: StateDict, ctx: RoundContext) -> bytes:
-        """Pack a synthetic set ``{"x": [m, b, *in], "y": [m, b, C] soft labels or [m, b] classes}``."""
+        """Pack a synthetic set ``{"x": [m, b, *in], "y": [m, b, C] labels or [m, b] classes}``
+        (optional: ``"inner_lr"``, ``"ref_norm"``, ``"classes"``). Not a model update: FedSynth
+        learns its payload from data, through ``client_update``."""
         if fedsynth_text.is_text_model(self.model):
             return fedsynth_text.compress(self, update, ctx)
+        if not isinstance(update, dict) or "x" not in update or "y" not in update:
+            raise ValueError(
+                "fedsynth.compress takes a synthetic set {'x': [m, b, *input], 'y': labels}, not a model "
+                "update: FedSynth learns what it sends from the client's data. Call "
+                "client_update(model, global_state, (x, y), ctx) on the client and "
+                "server_update(payload, global_state, ctx) (after set_model(model)) on the server."
+            )
         p = self.params
         x, y = update["x"], update["y"]
         dt = _DTYPES[p["dtype"]]
-        if p["labels"] == "fixed":
+        mode = self._mode
+        if mode == "fixed":
             if y.dim() == 3:
                 C = y.shape[2]
                 y = y.argmax(-1)
@@ -95,53 +313,75 @@ class FedSynthCompressor(Compressor):
         else:
             C = y.shape[2]
             y_rec = wire.Record("y", dt, tuple(y.shape), wire.tensor_bytes(y.to(dt)))
-        x_rec = wire.Record("x", dt, tuple(x.shape), wire.tensor_bytes(x.to(dt)))
+        xs = x.to(dt)
+        if not torch.isfinite(xs).all() and torch.isfinite(x).all():  # overflow of the cast; the
+            # server would refuse it, so say so here (non-finite input is passed on: tests build
+            # hostile payloads this way)
+            raise ValueError(f"fedsynth: synthetic inputs are not finite in {p['dtype']} (|x| up to {float(x.abs().max()):.3g})")
+        x_rec = wire.Record("x", dt, tuple(x.shape), wire.tensor_bytes(xs))
+        lr = float(update.get("inner_lr", p["inner_lr"]))
         meta = wire.Writer()
         meta.u8(_FORMAT)
-        meta.u8(_LABEL_MODES.index(p["labels"]))
+        meta.u8(_LABEL_MODES.index(mode))
         meta.u32(C)
-        meta.f64(p["inner_lr"])
+        meta.u16(1)  # one step size shared by every batch
+        meta.f64(lr)
+        meta.f32(float(update.get("ref_norm", 0.0)))
         return wire.pack(self.codec, [x_rec, y_rec], meta.getvalue())
 
-    def decompress(self, payload: bytes, ctx: RoundContext) -> StateDict:
-        """The synthetic set: ``{"x": float32 [m, b, *in], "y": float32 soft/one-hot [m, b, C],
-        "inner_lr": float64 scalar}``; FormatError for anything malformed."""
+    def _expected_shape(self) -> tuple[int | None, int | None]:
+        """(m, b) a payload must have; None where the ratio rule chose it per client."""
+        p, g = self.params, self.given
+        if p["ratio"] is None:
+            return p["batches"], p["batch"]
+        return (p["batches"] if "batches" in g else None), (p["batch"] if "batch" in g else None)
+
+    def decompress(self, payload: bytes, ctx: RoundContext | None = None) -> StateDict:
+        """The synthetic set (not a model update; ``server_update`` gives the delta):
+        ``{"x": float32 [m, b, *in], "y": float32 labels [m, b, C], "inner_lr": float64 scalar,
+        "ref_norm": float64 scalar}``; FormatError for anything malformed."""
         if fedsynth_text.is_text_model(self.model):
             return fedsynth_text.decompress(self, payload, ctx)
         meta, records = wire.unpack(payload, self.codec)
         r = wire.Reader(meta, "fedsynth meta")
-        if r.u8() != _FORMAT:
-            raise FormatError("fedsynth: unknown payload format")
+        fmt = r.u8()
+        if fmt != _FORMAT:
+            raise FormatError(f"fedsynth: payload format {fmt}; this version reads format {_FORMAT}")
         mode = r.u8()
-        if mode >= len(_LABEL_MODES) or _LABEL_MODES[mode] != self.params["labels"]:
-            raise FormatError(f"fedsynth: label mode {mode} does not match labels={self.params['labels']}")
+        if mode >= len(_LABEL_MODES) or _LABEL_MODES[mode] != self._mode:
+            raise FormatError(f"fedsynth: label mode {mode} does not match this compressor's ({self._mode})")
+        mode = _LABEL_MODES[mode]
         C = r.u32()
         if not 1 <= C <= _MAX_CLASSES:
             raise FormatError(f"fedsynth: {C} classes out of range [1, {_MAX_CLASSES}]")
-        lr = r.finite_f64("inner_lr")
+        nsteps = r.u16()
+        if nsteps != 1:
+            raise FormatError(f"fedsynth: {nsteps} step sizes declared; this version replays exactly 1 (shared)")
+        lr = r.finite_f64("inner step size")
         if not lr > 0:
-            raise FormatError(f"fedsynth: inner_lr {lr} must be > 0")
+            raise FormatError(f"fedsynth: inner step size {lr} must be > 0")
+        ref = r.f32()
+        if not (math.isfinite(ref) and ref >= 0):
+            raise FormatError(f"fedsynth: SGD update norm {ref} must be finite and >= 0")
         r.expect_end()
         if [rec.name for rec in records] != ["x", "y"]:
             raise FormatError("fedsynth: payload must hold records x then y")
         xr, yr = records
-        m, b = self.params["batches"], self.params["batch"]
         dt = _DTYPES[self.params["dtype"]]
-        if xr.dtype != dt or len(xr.shape) < 3 or xr.shape[:2] != (m, b):
-            raise FormatError(
-                f"fedsynth: x is {xr.dtype} {xr.shape}; expected {dt} [{m}, {b}, ...] "
-                f"(batches={m}, batch={b})"
-            )
+        em, eb = self._expected_shape()
+        if xr.dtype != dt or len(xr.shape) < 3 or min(xr.shape[:2]) < 1:
+            raise FormatError(f"fedsynth: x is {xr.dtype} {xr.shape}; expected {dt} [m, b, ...]")
+        m, b = xr.shape[:2]
+        if (em is not None and m != em) or (eb is not None and b != eb):
+            raise FormatError(f"fedsynth: x is [{m}, {b}, ...]; expected batches={em}, batch={eb}")
         if math.prod(xr.shape[2:]) > (1 << 26):
             raise FormatError(f"fedsynth: input shape {xr.shape[2:]} implausibly large")
         x = wire.tensor_from_bytes(xr.data, xr.dtype, xr.shape, "fedsynth x").to(torch.float32)
         if not torch.isfinite(x).all():
             raise FormatError("fedsynth: synthetic inputs contain non-finite values")
-        if self.params["labels"] == "fixed":
+        if mode == "fixed":
             if yr.dtype != _label_dtype(C) or yr.shape != (m, b):
-                raise FormatError(
-                    f"fedsynth: y is {yr.dtype} {yr.shape}; expected {_label_dtype(C)} [{m}, {b}]"
-                )
+                raise FormatError(f"fedsynth: y is {yr.dtype} {yr.shape}; expected {_label_dtype(C)} [{m}, {b}]")
             cls = wire.lossless_tensor(yr).to(torch.int64)
             if cls.numel() and (int(cls.min()) < 0 or int(cls.max()) >= C):
                 raise FormatError(f"fedsynth: class labels out of range [0, {C})")
@@ -152,17 +392,29 @@ class FedSynthCompressor(Compressor):
                 raise FormatError(f"fedsynth: y is {yr.dtype} {yr.shape}; expected {dt} [{m}, {b}, {C}]")
             y = wire.tensor_from_bytes(yr.data, yr.dtype, yr.shape, "fedsynth y").to(torch.float32)
             if not torch.isfinite(y).all():
-                raise FormatError("fedsynth: soft labels contain non-finite values")
-        return {"x": x, "y": y, "inner_lr": torch.tensor(lr, dtype=torch.float64)}
+                raise FormatError("fedsynth: labels contain non-finite values")
+            if mode != "raw":
+                _check_softmax_labels(y, mode, dt)
+        return {
+            "x": x,
+            "y": y,
+            "inner_lr": torch.tensor(lr, dtype=torch.float64),
+            "ref_norm": torch.tensor(ref, dtype=torch.float64),
+        }
 
     # -- federated round ----------------------------------------------------------------------
     def replay(self, payload: bytes, global_state: StateDict, ctx: RoundContext | None = None) -> StateDict:
         """Server side of Algorithm 1, line 12: w_syn = ClientUpdate(D_syn; w) for the decoded set."""
         if fedsynth_text.is_text_model(self.model):
             return fedsynth_text.replay(self, payload, global_state, ctx)
+        return self._replay(self.decompress(payload, ctx), global_state)
+
+    def _replay(self, d: dict, global_state: StateDict) -> StateDict:
         if self.model is None:
-            raise ValueError("fedsynth needs the model architecture to replay: call set_model(model) first")
-        d = self.decompress(payload, ctx or RoundContext())
+            raise ValueError(
+                "fedsynth needs the model architecture to replay: call set_model(model) first "
+                "(decompress(payload) alone gives the synthetic set, not the update)"
+            )
         params = _params(self.model, global_state)
         dev = next(iter(params.values())).device
         try:
@@ -173,8 +425,46 @@ class FedSynthCompressor(Compressor):
     def server_update(self, payload: bytes, global_state: StateDict, ctx: RoundContext) -> StateDict:
         if fedsynth_text.is_text_model(self.model):
             return fedsynth_text.server_update(self, payload, global_state, ctx)
-        w_syn = self.replay(payload, global_state, ctx)
-        return {k: (w_syn[k] - v) if k in w_syn else torch.zeros_like(v) for k, v in global_state.items()}
+        d = self.decompress(payload, ctx)
+        w_syn = self._replay(d, global_state)
+        if self.params["ratio"] is not None:
+            budget = _dense_bytes(global_state) / self.params["ratio"]
+            if len(payload) > budget:
+                raise FormatError(f"fedsynth: payload of {len(payload)} bytes exceeds the ratio budget ({budget:.0f})")
+        delta = {k: (w_syn[k] - v) if k in w_syn else torch.zeros_like(v) for k, v in global_state.items()}
+        g, ref = self.params["guard"], float(d["ref_norm"])
+        if g and ref > 0:
+            norm = _norm({k: delta[k] for k in w_syn})
+            if not norm <= g * ref:
+                raise FormatError(
+                    f"fedsynth: refused: the synthetic update's norm {norm:.4g} is {norm / ref:.3g}x the "
+                    f"client's SGD update norm {ref:.4g} (guard={g:g})"
+                )
+        return delta
+
+    def shape_for(self, global_state: StateDict, input_shape, classes: int, n: int, ctx: RoundContext) -> Shape:
+        """This client's shape: the spec's, or the ratio rule's (see ``shape_for_budget``)."""
+        p, g = self.params, self.given
+        if p["ratio"] is None:
+            m, b = p["batches"], p["batch"]
+            nbytes = payload_bytes(m, b, input_shape, classes, p["labels"], p["dtype"])
+            return Shape(m, b, p["inner_lr"], nbytes)
+        dense = _dense_bytes(global_state)
+        steps = ctx.epochs * math.ceil(n / ctx.batch_size)
+        return shape_for_budget(
+            int(dense // p["ratio"]),
+            input_shape,
+            classes,
+            labels=p["labels"],
+            dtype=p["dtype"],
+            local_steps=steps,
+            local_lr=ctx.lr,
+            batches=p["batches"] if "batches" in g else None,
+            batch=p["batch"] if "batch" in g else None,
+            inner_lr=p["inner_lr"] if "inner_lr" in g else None,
+            ratio=p["ratio"],
+            dense=dense,
+        )
 
     def client_update(self, model: nn.Module, global_state: StateDict, data, ctx: RoundContext) -> bytes:
         if fedsynth_text.is_text_model(model):
@@ -182,54 +472,105 @@ class FedSynthCompressor(Compressor):
         self.model = model
         p = self.params
         real_x, real_y = data
+        n = real_x.shape[0]
+        if n < 1:
+            raise ValueError("fedsynth: the client has no data")
+        names = [k for k, _ in model.named_parameters()]
+        ref_norm = 0.0
+        if p["guard"]:  # the client's own SGD update: what the synthetic one must not dwarf
+            local = local_sgd(model, global_state, (real_x, real_y), ctx)
+            ref_norm = _norm({k: local[k].float() - global_state[k].float() for k in names})
         model.load_state_dict(global_state)
         params = _params(model, global_state)
         dev = real_x.device
         real_x = real_x.to(torch.float32)
-        n = real_x.shape[0]
-        if n < 1:
-            raise ValueError("fedsynth: the client has no data")
+        with torch.no_grad():
+            C = int(torch.func.functional_call(model, params, (real_x[:1],)).shape[-1])
+        shape = self.shape_for(global_state, tuple(real_x.shape[1:]), C, n, ctx)
+        self.last_shape = shape
+        m, b, lr = shape.batches, shape.batch, shape.inner_lr
         if p["real_batch"] and p["real_batch"] < n:
             pick = torch.randperm(n, generator=ctx.generator(salt=53))[: p["real_batch"]].to(dev)
             real_x, real_y = real_x[pick], real_y[pick]
-        with torch.no_grad():
-            C = int(torch.func.functional_call(model, params, (real_x[:1],)).shape[-1])
-        m, b = p["batches"], p["batch"]
-        x, y = self._init(real_x, real_y, C, m, b, ctx)
+        x, y0 = self._init(real_x, real_y, C, m, b, ctx)
+        mode = self._mode
         x.requires_grad_(True)
         groups = [{"params": [x], "lr": p["lr_x"]}]
-        trainable = p["labels"] == "trainable"
-        if trainable:
-            y.requires_grad_(True)
-            groups.append({"params": [y], "lr": p["lr_y"]})
+        v = t = None
+        if mode in ("softmax", "softmax_scaled"):
+            # logits with p(true class) = 0.99: one-hot cannot be reached with finite logits
+            v = (y0 * math.log(0.99 * max(1, C - 1) / 0.01)).requires_grad_(True)
+            groups.append({"params": [v], "lr": p["lr_y"]})
+            if mode == "softmax_scaled":
+                t = torch.zeros(m, b, device=dev, requires_grad=True)
+                groups.append({"params": [t], "lr": p["lr_y"]})
+        elif mode == "raw":
+            y0.requires_grad_(True)
+            groups.append({"params": [y0], "lr": p["lr_y"]})
+
+        def labels_now():
+            if v is not None:
+                return softmax_labels(v.detach(), None if t is None else t.detach())
+            return y0.detach()
+
         opt = torch.optim.Adam(groups)
-        best = (math.inf, None, None)
-        for _ in range(p["outer_steps"]):
-            loss, gx, gy = synth.hypergradient(
-                model, params, x.detach(), y.detach(), p["inner_lr"], real_x, real_y
-            )
+        cands: list[tuple[float, int, torch.Tensor, torch.Tensor]] = []  # (loss, step, x, y)
+        init_set = (x.detach().clone(), labels_now().clone())
+        for step in range(p["outer_steps"] + 1):
+            y = labels_now()
+            if step == p["outer_steps"]:  # the final set: its loss only
+                loss = self._loss_of(model, params, x.detach(), y, lr, real_x, real_y)
+                if math.isfinite(loss) and torch.isfinite(x).all():
+                    cands.append((loss, step, x.detach().clone(), y.clone()))
+                break
+            loss, gx, gy = synth.hypergradient(model, params, x.detach(), y, lr, real_x, real_y)
             loss = float(loss)
             if not (math.isfinite(loss) and torch.isfinite(gx).all() and torch.isfinite(gy).all()):
-                break  # diverged (lr_x / lr_y too large): keep the best set so far
-            if loss < best[0]:
-                best = (loss, x.detach().clone(), y.detach().clone())
+                break  # diverged (lr_x / lr_y too large): keep the sets so far
+            cands.append((loss, step, x.detach().clone(), y.clone()))
+            cands = sorted(cands, key=lambda c: (c[0], c[1]))[:4]  # a few in reserve for the guard
             x.grad = gx
-            if trainable:
-                y.grad = gy
+            if v is not None:
+                v.grad, tg = softmax_labels_grad(v.detach(), None if t is None else t.detach(), gy)
+                if t is not None:
+                    t.grad = tg
+            elif mode == "raw":
+                y0.grad = gy
             opt.step()
-        send = {"x": x.detach(), "y": y.detach()}
-        finite = bool(torch.isfinite(send["x"]).all() and torch.isfinite(send["y"]).all())
-        final = self._loss_of(model, params, send, real_x, real_y) if finite else math.inf
-        if not math.isfinite(final):
-            final = math.inf
-        if best[1] is not None and not best[0] >= final:
-            send = {"x": best[1], "y": best[2]}
-        send["classes"] = torch.tensor(C)
-        payload = self.compress(send, ctx)
-        # the client's own w_syn: from the bytes it sends, with the server's code (exact replay)
-        self.last_w_syn = self.replay(payload, global_state, ctx)
-        self.last_real_loss = min(best[0], final)
-        return payload
+        cands.sort(key=lambda c: (c[0], c[1]))
+        self.last_real_loss = cands[0][0] if cands else math.inf
+        # the first candidate within the guard; then the initial (real-sample) set; then smaller lr
+        tries = [(c[2], c[3], lr, "" if i == 0 else "candidate") for i, c in enumerate(cands)]
+        tries.append((init_set[0], init_set[1], lr, "init"))
+        while True:
+            for cx, cy, clr, how in tries:
+                send = {
+                    "x": cx,
+                    "y": cy,
+                    "inner_lr": torch.tensor(clr, dtype=torch.float64),
+                    "ref_norm": torch.tensor(ref_norm, dtype=torch.float64),
+                    "classes": torch.tensor(C),
+                }
+                payload = self.compress(send, ctx)
+                d = self.decompress(payload, ctx)
+                # the client's own w_syn: from the bytes it sends, with the server's code (exact replay)
+                w_syn = self._replay(d, global_state)
+                norm = _norm({k: w_syn[k] - params[k] for k in names})
+                ratio = norm / ref_norm if ref_norm > 0 else math.nan
+                if not p["guard"] or ref_norm == 0 or norm <= p["guard"] * float(d["ref_norm"]):
+                    self.last_w_syn, self.last_update_ratio, self.last_fallback = w_syn, ratio, how
+                    if p["ratio"] is not None:  # the driver writes it to metrics.jsonl
+                        self.last_choice = {
+                            "batches": shape.batches,
+                            "batch": shape.batch,
+                            "inner_lr": clr,
+                            "bytes": len(payload),
+                        }
+                    return payload
+            if lr < 1e-12:
+                raise RuntimeError("fedsynth: no synthetic set meets the guard even at inner_lr 1e-12")
+            lr /= 2  # the initial set still overshoots: shorter steps (update ~ linear in lr)
+            tries = [(init_set[0], init_set[1], lr, "lr")]
 
     def _init(self, real_x, real_y, C, m, b, ctx):
         g = ctx.generator(salt=51)
@@ -246,9 +587,22 @@ class FedSynthCompressor(Compressor):
         y = F.one_hot(cls.to(torch.int64), C).to(torch.float32)
         return x.reshape((m, b) + tuple(real_x.shape[1:])).contiguous(), y.reshape(m, b, C).contiguous()
 
-    def _loss_of(self, model, params, send, real_x, real_y) -> float:
-        w = synth.unroll(model, params, send["x"], send["y"], self.params["inner_lr"])
-        return synth.real_loss(model, w, real_x, real_y)
+    def _loss_of(self, model, params, x, y, lr, real_x, real_y) -> float:
+        w = synth.unroll(model, params, x, y, lr)
+        loss = synth.real_loss(model, w, real_x, real_y)
+        return loss if math.isfinite(loss) else math.inf
+
+
+def _check_softmax_labels(y: torch.Tensor, mode: str, dt: torch.dtype) -> None:
+    if bool((y < 0).any()):
+        raise FormatError(f"fedsynth: {mode} labels have negative entries")
+    rows = y.double().sum(-1)
+    tol = _ROW_TOL[dt]
+    if mode == "softmax":
+        if not bool(((rows - 1).abs() <= tol).all()):
+            raise FormatError(f"fedsynth: softmax label rows must sum to 1 (found {float(rows.min()):.6g}..{float(rows.max()):.6g})")
+    elif not bool((rows <= MAX_LABEL_SCALE * (1 + tol)).all()):
+        raise FormatError(f"fedsynth: scaled softmax label rows must sum to at most {MAX_LABEL_SCALE:g}")
 
 
 def _params(model: nn.Module, state: StateDict) -> StateDict:
