@@ -112,36 +112,33 @@ def check_args(model, params, syn_e, syn_idx, syn_val, inner_lr, real_x=None, re
 
 
 # ---------------------------------------------------------------------------------------------
-# Hand-written LSTM forward / backward, optionally carrying a tangent (forward-over-reverse)
+# Hand-written LSTM forward / backward, and their tangents (forward-over-reverse)
 #
 # Per layer: A = X Wi^T + (bi + bh); a_t = A_t + h_{t-1} Wh^T; gates (i, f, g, o) = (s, s, tanh, s)
-# of the four slices; c_t = f c_{t-1} + i g; h_t = o tanh(c_t). A dotted name is the tangent.
+# of the four slices; c_t = f c_{t-1} + i g; h_t = o tanh(c_t). A name ending in ``d`` is the
+# tangent (derivative along the direction lam of the weights). The primal passes keep what the
+# tangent passes need, so the reverse sweep never recomputes a primal quantity: the unroll's
+# forward and backward of step j are reused when step j's tangent is taken (that saves 3 of the
+# 12 [N, h] x [h, V] products per step at V = 10k, the bulk of the work).
 
 
 class _Layer:
-    __slots__ = ("X", "Xd", "act", "D", "C", "TC", "H", "actd", "Cd", "Hd")
+    """One layer's primal forward (act, D = dact/da, C, TC = tanh C, H) and backward (dA, DS, DC)."""
+
+    __slots__ = ("X", "act", "D", "C", "TC", "H", "dA", "DS", "DC", "DH")
 
 
-def _lstm_layer_fwd(X, Wi, Wh, b, Xd=None, tan=None):
-    """Forward of one layer; ``tan`` = (Wid, Whd, bd) makes it carry tangents."""
+def _lstm_layer_fwd(X, Wi, Wh, b):
     B, T, din = X.shape
     h = Wh.shape[1]
     L = _Layer()
-    L.X, L.Xd = X, Xd
+    L.X = X
     A = torch.addmm(b, X.reshape(-1, din), Wi.t()).view(B, T, 4 * h)
     L.act = act = torch.empty_like(A)
-    L.D = D = torch.empty_like(A)  # d act / d a
+    L.D = D = torch.empty_like(A)
     L.C = C = X.new_empty(B, T, h)
     L.TC = TC = X.new_empty(B, T, h)
     L.H = H = X.new_empty(B, T, h)
-    if tan is not None:
-        Wid, Whd, bd = tan
-        Ad = torch.addmm(bd, X.reshape(-1, din), Wid.t()).view(B, T, 4 * h)
-        if Xd is not None:
-            Ad.view(-1, 4 * h).addmm_(Xd.reshape(-1, din), Wi.t())
-        L.actd = actd = torch.empty_like(A)
-        L.Cd = Cd = X.new_empty(B, T, h)
-        L.Hd = Hd = X.new_empty(B, T, h)
     g = slice(2 * h, 3 * h)
     for t in range(T):
         a = A[:, t] if t == 0 else torch.addmm(A[:, t], H[:, t - 1], Wh.t())
@@ -154,97 +151,127 @@ def _lstm_layer_fwd(X, Wi, Wh, b, Xd=None, tan=None):
         i, f, gg, o = s[:, :h], s[:, h : 2 * h], s[:, g], s[:, 3 * h :]
         c = i * gg if t == 0 else torch.addcmul(i * gg, f, C[:, t - 1])
         C[:, t] = c
-        tc = torch.tanh(c)
-        TC[:, t] = tc
-        torch.mul(o, tc, out=H[:, t])
-        if tan is not None:
-            ad = Ad[:, t]
-            if t > 0:
-                ad = ad.addmm(Hd[:, t - 1], Wh.t()).addmm_(H[:, t - 1], Whd.t())
-            sd = actd[:, t]
-            torch.mul(Dt, ad, out=sd)
-            idt, fdt, gdt, odt = sd[:, :h], sd[:, h : 2 * h], sd[:, g], sd[:, 3 * h :]
-            cd = idt * gg + i * gdt
-            if t > 0:
-                cd += fdt * C[:, t - 1] + f * Cd[:, t - 1]
-            Cd[:, t] = cd
-            Hd[:, t] = odt * tc + o * (1 - tc * tc) * cd
+        torch.tanh(c, out=TC[:, t])
+        torch.mul(o, TC[:, t], out=H[:, t])
     return L
 
 
-def _lstm_layer_bwd(L, Wi, Wh, dH, dHd=None, tan=None):
-    """BPTT of one layer given dL/dH (and its tangent). Returns (grads, grad tangents, dX, dXd)."""
+def _lstm_layer_bwd(L, Wi, Wh, dH, weight_grads=True):
+    """BPTT given dL/dH; keeps dA and the per-step dh, dc on L. Returns (dWi, dWh, db) and dX."""
     B, T, h = L.H.shape
     din = L.X.shape[2]
-    dA = torch.empty_like(L.act)
-    dAd = torch.empty_like(L.act) if tan is not None else None
+    L.dA = dA = torch.empty_like(L.act)
+    L.DH = DH = torch.empty_like(L.H)
+    L.DC = DC = torch.empty_like(L.H)
     g = slice(2 * h, 3 * h)
-    dh_next = dc_next = dhd_next = dcd_next = None
+    L.DS = DS = torch.empty_like(L.act)  # dL/d act
     for t in range(T - 1, -1, -1):
-        s, D, tc = L.act[:, t], L.D[:, t], L.TC[:, t]
+        s, tc = L.act[:, t], L.TC[:, t]
         i, f, gg, o = s[:, :h], s[:, h : 2 * h], s[:, g], s[:, 3 * h :]
-        c_prev = L.C[:, t - 1] if t > 0 else None
-        dh = dH[:, t] if dh_next is None else dH[:, t] + dh_next
-        one_m = 1 - tc * tc
-        dc = dh * o * one_m
-        if dc_next is not None:
-            dc += dc_next
-        ds = torch.empty_like(s)  # dL / d act
+        dh = DH[:, t]
+        if t == T - 1:
+            dh.copy_(dH[:, t])
+        else:
+            torch.addmm(dH[:, t], dA[:, t + 1], Wh, out=dh)
+        dc, ds = DC[:, t], DS[:, t]
+        torch.mul(dh * o, 1 - tc * tc, out=dc)
+        if t < T - 1:
+            dc.addcmul_(DC[:, t + 1], L.act[:, t + 1, h : 2 * h])
         torch.mul(dc, gg, out=ds[:, :h])
-        if c_prev is not None:
-            torch.mul(dc, c_prev, out=ds[:, h : 2 * h])
+        if t > 0:
+            torch.mul(dc, L.C[:, t - 1], out=ds[:, h : 2 * h])
         else:
             ds[:, h : 2 * h].zero_()
         torch.mul(dc, i, out=ds[:, g])
         torch.mul(dh, tc, out=ds[:, 3 * h :])
-        da = dA[:, t]
-        torch.mul(ds, D, out=da)
-        if tan is not None:
-            Whd = tan[1]
-            sd, cd = L.actd[:, t], L.Cd[:, t]
-            idt, fdt, gdt, odt = sd[:, :h], sd[:, h : 2 * h], sd[:, g], sd[:, 3 * h :]
-            dhd = dHd[:, t] if dhd_next is None else dHd[:, t] + dhd_next
-            tcd = one_m * cd
-            dcd = dhd * o * one_m + dh * odt * one_m - 2 * dh * o * tc * tcd
-            if dcd_next is not None:
-                dcd += dcd_next
-            dsd = torch.empty_like(s)
-            torch.addcmul(dcd * gg, dc, gdt, out=dsd[:, :h])
-            if c_prev is not None:
-                torch.addcmul(dcd * c_prev, dc, L.Cd[:, t - 1], out=dsd[:, h : 2 * h])
-            else:
-                dsd[:, h : 2 * h].zero_()
-            torch.addcmul(dcd * i, dc, idt, out=dsd[:, g])
-            torch.addcmul(dhd * tc, dh, tcd, out=dsd[:, 3 * h :])
-            # tangent of D: sigmoid s(1-s) -> sd(1-2s); tanh 1-g^2 -> -2 g gd
-            Dd = sd * (1 - 2 * s)
-            torch.mul(gg, gdt, out=Dd[:, g]).mul_(-2)
-            dad = dAd[:, t]
-            torch.mul(dsd, D, out=dad)
-            dad.addcmul_(ds, Dd)
-            dhd_next = dad @ Wh + da @ Whd
-            dcd_next = dcd * f
-            if c_prev is not None:
-                dcd_next += dc * fdt
-        dh_next = da @ Wh
-        dc_next = dc * f
+        torch.mul(ds, L.D[:, t], out=dA[:, t])
     dAf = dA.view(-1, 4 * h)
-    Xf = L.X.reshape(-1, din)
-    dWi = dAf.t() @ Xf
-    db = dAf.sum(0)
-    dWh = dA[:, 1:].reshape(-1, 4 * h).t() @ L.H[:, :-1].reshape(-1, h)
     dX = (dAf @ Wi).view(B, T, din)
-    if tan is None:
-        return (dWi, dWh, db), None, dX, None
-    Wid = tan[0]
-    dAdf = dAd.view(-1, 4 * h)
+    if not weight_grads:
+        return None, dX
+    dWi = dAf.t() @ L.X.reshape(-1, din)
+    dWh = dA[:, 1:].reshape(-1, 4 * h).t() @ L.H[:, :-1].reshape(-1, h)
+    return (dWi, dWh, dAf.sum(0)), dX
+
+
+def _lstm_layer_tan(L, Wi, Wh, Wid, Whd, bd, Xd, dHd):
+    """Tangents of one layer's forward and backward, from the kept primal quantities.
+
+    ``Xd``: tangent of the layer input (None for the synthetic embeddings, which do not move with
+    the weights); ``dHd(Hd)``: a callable that, given the tangent of H, returns the tangent of
+    dL/dH (the layer above needs Hd first). Returns ((dWi, dWh, db) tangents, dXd)."""
+    B, T, din = L.X.shape
+    h = Wh.shape[1]
+    g = slice(2 * h, 3 * h)
+    Xf = L.X.reshape(-1, din)
+    Ad = torch.addmm(bd, Xf, Wid.t()).view(B, T, 4 * h)
+    if Xd is not None:
+        Ad.view(-1, 4 * h).addmm_(Xd.reshape(-1, din), Wi.t())
+    actd = torch.empty_like(L.act)
+    Cd = L.X.new_empty(B, T, h)
+    Hd = L.X.new_empty(B, T, h)
+    # forward tangent: a_t' = A_t' + h'_{t-1} Wh^T + h_{t-1} Wh'^T
+    HWhd = torch.mm(L.H[:, :-1].reshape(-1, h), Whd.t()).view(B, T - 1, 4 * h) if T > 1 else None
+    for t in range(T):
+        ad = Ad[:, t]
+        if t > 0:
+            ad = torch.addmm(ad, Hd[:, t - 1], Wh.t()).add_(HWhd[:, t - 1])
+        s = L.act[:, t]
+        sd = actd[:, t]
+        torch.mul(L.D[:, t], ad, out=sd)
+        i, f, gg, o = s[:, :h], s[:, h : 2 * h], s[:, g], s[:, 3 * h :]
+        idt, fdt, gdt, odt = sd[:, :h], sd[:, h : 2 * h], sd[:, g], sd[:, 3 * h :]
+        cd = torch.addcmul(idt * gg, i, gdt)
+        if t > 0:
+            cd.addcmul_(fdt, L.C[:, t - 1]).addcmul_(f, Cd[:, t - 1])
+        Cd[:, t] = cd
+        tc = L.TC[:, t]
+        torch.addcmul(odt * tc, o * (1 - tc * tc), cd, out=Hd[:, t])
+    dHd = dHd(Hd)
+    # backward tangent, t = T-1 .. 0
+    dAd = torch.empty_like(L.act)
+    dsd = L.X.new_empty(B, 4 * h)
+    dcd_next = None
+    for t in range(T - 1, -1, -1):
+        s, sd, D, tc = L.act[:, t], actd[:, t], L.D[:, t], L.TC[:, t]
+        i, f, gg, o = s[:, :h], s[:, h : 2 * h], s[:, g], s[:, 3 * h :]
+        idt, fdt, gdt, odt = sd[:, :h], sd[:, h : 2 * h], sd[:, g], sd[:, 3 * h :]
+        dh, dc, cd = L.DH[:, t], L.DC[:, t], Cd[:, t]
+        # dh' = dHd_t + (dA'_{t+1} Wh + dA_{t+1} Wh')
+        dhd = dHd[:, t]
+        if t < T - 1:
+            dhd = torch.addmm(dhd, dAd[:, t + 1], Wh).addmm_(L.dA[:, t + 1], Whd)
+        one_m = 1 - tc * tc
+        tcd = one_m * cd
+        # dc' = dh' o (1 - tc^2) + dh o' (1 - tc^2) - 2 dh o tc tc' (+ dc'_{t+1} f + dc_{t+1} f')
+        dcd = (dhd * o + dh * odt) * one_m - 2 * dh * o * tc * tcd
+        if dcd_next is not None:
+            dcd += dcd_next
+        torch.addcmul(dcd * gg, dc, gdt, out=dsd[:, :h])
+        if t > 0:
+            torch.addcmul(dcd * L.C[:, t - 1], dc, Cd[:, t - 1], out=dsd[:, h : 2 * h])
+        else:
+            dsd[:, h : 2 * h].zero_()
+        torch.addcmul(dcd * i, dc, idt, out=dsd[:, g])
+        torch.addcmul(dhd * tc, dh, tcd, out=dsd[:, 3 * h :])
+        # D' : sigmoid s(1-s) -> s'(1-2s); tanh 1-g^2 -> -2 g g'.  dA' = ds' D + ds D'
+        Dd = sd * (1 - 2 * s)
+        torch.mul(gg, gdt, out=Dd[:, g]).mul_(-2)
+        ds = L.DS[:, t]
+        dad = dAd[:, t]
+        torch.mul(dsd, D, out=dad)
+        dad.addcmul_(ds, Dd)
+        if t > 0:
+            dcd_next = dcd * f
+            dcd_next.addcmul_(dc, fdt)
+    dAf, dAdf = L.dA.view(-1, 4 * h), dAd.view(-1, 4 * h)
     dWid = dAdf.t() @ Xf
-    dXd = dAdf @ Wi + dAf @ Wid
-    if L.Xd is not None:
-        dWid.addmm_(dAf.t(), L.Xd.reshape(-1, din))
+    if Xd is not None:
+        dWid.addmm_(dAf.t(), Xd.reshape(-1, din))
     dWhd = dAd[:, 1:].reshape(-1, 4 * h).t() @ L.H[:, :-1].reshape(-1, h)
-    dWhd.addmm_(dA[:, 1:].reshape(-1, 4 * h).t(), L.Hd[:, :-1].reshape(-1, h))
-    return (dWi, dWh, db), (dWid, dWhd, dAdf.sum(0)), dX, dXd.view(B, T, din)
+    dWhd.addmm_(dAf.view(B, T, 4 * h)[:, 1:].reshape(-1, 4 * h).t(), Hd[:, :-1].reshape(-1, h))
+    dXd = torch.addmm(dAdf @ Wi, dAf, Wid).view(B, T, din)
+    return (dWid, dWhd, dAdf.sum(0)), dXd
 
 
 def _unpack(P, layers):
@@ -255,7 +282,7 @@ def _unpack(P, layers):
     return lw, P["fc.weight"], P["fc.bias"]
 
 
-def _grad_dict(layers, lgrads, dWf, dbf) -> dict[str, Tensor]:
+def _grad_dict(lgrads, dWf, dbf) -> dict[str, Tensor]:
     out = {}
     for k, (dWi, dWh, db) in enumerate(lgrads):
         out[f"lstm.weight_ih_l{k}"] = dWi
@@ -267,69 +294,90 @@ def _grad_dict(layers, lgrads, dWf, dbf) -> dict[str, Tensor]:
     return out
 
 
-def _body_pass(P, layers, e, dz_fn, lam=None):
-    """Forward the body on embeddings ``e`` [B, T, d], take dL/dz from ``dz_fn(z, zd)`` (which also
-    returns what the caller wants from the head), and backpropagate. With ``lam`` (a tangent of
-    the body parameters) every quantity carries its tangent. Returns (grads, grad tangents, de,
-    ded, head_out)."""
+class _Step:
+    """What one primal pass (forward + backward) keeps for the tangent pass."""
+
+    __slots__ = ("Ls", "Hf", "S", "dz")
+
+
+def _body_grad(P, layers, e, dz_fn, keep=False):
+    """Forward the body on embeddings ``e`` [B, T, d] and backpropagate ``dz_fn(z) -> (dL/dz,
+    head_out)``. Returns (grads, head_out, step) where step (if ``keep``) serves ``_body_tangent``."""
     lw, Wf, bf = _unpack(P, layers)
-    tl = None
-    if lam is not None:
-        tl, Wfd, bfd = _unpack(lam, layers)
     Ls = []
-    X, Xd = e, None
+    X = e
     for k in range(layers):
-        L = _lstm_layer_fwd(X, *lw[k], Xd=Xd, tan=None if tl is None else tl[k])
+        L = _lstm_layer_fwd(X, *lw[k])
         Ls.append(L)
         X = L.H
-        Xd = L.Hd if tl is not None else None
     B, T, h = X.shape
     Hf = X.reshape(-1, h)
     z = torch.addmm(bf, Hf, Wf.t())
-    zd = None
-    if tl is not None:
-        zd = torch.addmm(bfd, Xd.reshape(-1, h), Wf.t()).addmm_(Hf, Wfd.t())
-    dz, dzd, head = dz_fn(z, zd)
+    dz, head = dz_fn(z)
     dWf = dz.t() @ Hf
     dbf = dz.sum(0)
     dH = (dz @ Wf).view(B, T, h)
-    dHd = None
-    tans = None
-    if tl is not None:
-        Hdf = Xd.reshape(-1, h)
-        dWfd = dzd.t() @ Hf
-        dWfd.addmm_(dz.t(), Hdf)
-        dHd = (dzd @ Wf).addmm_(dz, Wfd).view(B, T, h)
-        tans = [None] * layers
     grads = [None] * layers
     for k in range(layers - 1, -1, -1):
+        grads[k], dH = _lstm_layer_bwd(Ls[k], lw[k][0], lw[k][1], dH)
+    step = None
+    if keep:
+        step = _Step()
+        step.Ls, step.Hf, step.S, step.dz = Ls, Hf, head, dz
+    return _grad_dict(grads, dWf, dbf), head, step
+
+
+def _body_tangent(P, lam, layers, step, idx, val):
+    """Tangents along ``lam`` of the inner gradient (H lam), of dl/de and of dl/dval, from a kept
+    primal step (inner loss with sparse soft labels)."""
+    lw, Wf, bf = _unpack(P, layers)
+    tl, Wfd, bfd = _unpack(lam, layers)
+    Ls, Hf, S, dz = step.Ls, step.Hf, step.S, step.dz
+    k = idx.shape[-1]
+    idx2, val2 = idx.reshape(-1, k), val.reshape(-1, k)
+    N = idx2.shape[0]
+    tot = val2.sum(-1, keepdim=True)
+    B, T, h = Ls[-1].H.shape
+    out = {}
+
+    def top_dHd(Hd):  # the head: z' = H' Wf^T + H Wf'^T + bf'; dz' = tot/N * S * (z' - <S, z'>)
+        Hdf = Hd.reshape(-1, h)
+        zd = torch.addmm(bfd, Hdf, Wf.t()).addmm_(Hf, Wfd.t())
+        Szd = (S * zd).sum(-1, keepdim=True)
+        dzd = (zd - Szd).mul_(S).mul_(tot / N)
+        out["dvald"] = (zd.gather(-1, idx2) - Szd).div_(-N)  # tangent of -log_softmax(z)[idx] / N
+        out["dWfd"] = torch.addmm(dzd.t() @ Hf, dz.t(), Hdf)
+        out["dbfd"] = dzd.sum(0)
+        return torch.addmm(dzd @ Wf, dz, Wfd).view(B, T, h)
+
+    # layer k's dHd needs layer k+1's forward tangent first: recurse from the top down lazily
+    tans = [None] * layers
+
+    def run(k, Xd):
         Wi, Wh, _ = lw[k]
-        grads[k], tk, dH, dHd = _lstm_layer_bwd(Ls[k], Wi, Wh, dH, dHd, None if tl is None else tl[k])
-        if tl is not None:
-            tans[k] = tk
-    g = _grad_dict(layers, grads, dWf, dbf)
-    gt = _grad_dict(layers, tans, dWfd, dzd.sum(0)) if tl is not None else None
-    return g, gt, dH, dHd, head
+        Wid, Whd, bd = tl[k]
+        if k == layers - 1:
+            dHd_fn = top_dHd
+        else:
+            def dHd_fn(Hd, k=k):
+                return run(k + 1, Hd)
+        tans[k], dXd = _lstm_layer_tan(Ls[k], Wi, Wh, Wid, Whd, bd, Xd, dHd_fn)
+        return dXd
+
+    ded = run(0, None)
+    return _grad_dict(tans, out["dWfd"], out["dbfd"]), ded, out["dvald"]
 
 
 def _soft_dz(idx, val):
-    """dL/dz of the inner loss (sparse soft labels) and, with a tangent, dL/dz's tangent and the
-    tangent of dL/dval."""
+    """dL/dz of the inner loss with sparse soft labels; head_out = softmax(z) (kept for tangents)."""
     k = idx.shape[-1]
     idx2, val2 = idx.reshape(-1, k), val.reshape(-1, k)
     N = idx2.shape[0]
 
-    def fn(z, zd):
+    def fn(z):
         S = torch.softmax(z, -1)
-        tot = val2.sum(-1, keepdim=True)
-        dz = (S * tot).scatter_add_(-1, idx2, -val2).div_(N)
-        if zd is None:
-            return dz, None, None
-        Szd = (S * zd).sum(-1, keepdim=True)
-        Sd = S * (zd - Szd)
-        dzd = Sd.mul_(tot / N)
-        dvald = -(zd.gather(-1, idx2) - Szd) / N  # tangent of dL/dval = -log_softmax(z)[idx] / N
-        return dz, dzd, dvald
+        dz = (S * val2.sum(-1, keepdim=True)).scatter_add_(-1, idx2, -val2).div_(N)
+        return dz, S
 
     return fn
 
@@ -349,9 +397,9 @@ def _unroll(model, params, syn_e, syn_idx, syn_val, lr, keep):
     P = dict(params)
     hist = []
     for j in range(syn_e.shape[0]):
+        g, _, step = _body_grad(P, layers, syn_e[j], _soft_dz(syn_idx[j], syn_val[j]), keep)
         if keep:
-            hist.append(P)
-        g, _, _, _, _ = _body_pass(P, layers, syn_e[j], _soft_dz(syn_idx[j], syn_val[j]))
+            hist.append((P, step))
         P = _sgd(P, g, lr)
     return P, hist
 
@@ -370,13 +418,13 @@ def _real_dz(y, count):
     keep = yf != IGNORE
     ysafe = torch.where(keep, yf, torch.zeros_like(yf))
 
-    def fn(z, zd):
+    def fn(z):
         ls = torch.log_softmax(z, -1)
         loss = -(ls.gather(-1, ysafe[:, None])[:, 0] * keep).sum()
         dz = ls.exp_()
         dz.scatter_add_(-1, ysafe[:, None], -torch.ones_like(dz[:, :1]))
         dz.mul_(keep[:, None].to(dz.dtype) / count)
-        return dz, None, loss
+        return dz, loss
 
     return fn
 
@@ -409,18 +457,19 @@ def hypergradient_text(model, params, syn_e, syn_idx, syn_val, inner_lr, real_x,
         loss = syn_e.new_zeros(())
         for i in range(0, real_x.shape[0], real_chunk):
             e = F.embedding(real_x[i : i + real_chunk], E)
-            g, _, _, _, part = _body_pass(P, layers, e, _real_dz(real_y[i : i + real_chunk], count))
+            g, part, _ = _body_grad(P, layers, e, _real_dz(real_y[i : i + real_chunk], count))
             loss += part
             lam = g if lam is None else {k: lam[k] + g[k] for k in g}
         loss /= count
         ge = torch.empty_like(syn_e)
         gv = torch.empty_like(syn_val)
         for j in range(syn_e.shape[0] - 1, -1, -1):
-            _, hl, _, ded, dvald = _body_pass(hist[j], layers, syn_e[j], _soft_dz(syn_idx[j], syn_val[j]), lam)
+            Pj, step = hist[j]
+            hl, ded, dvald = _body_tangent(Pj, lam, layers, step, syn_idx[j], syn_val[j])
             hist[j] = None
             torch.mul(ded, -lr, out=ge[j])
             torch.mul(dvald.view_as(gv[j]), -lr, out=gv[j])
-            lam = {k: lam[k] - lr * hl[k] for k in lam}
+            lam = {k: v - lr * hl[k] for k, v in lam.items()}
     return loss, ge, gv
 
 
