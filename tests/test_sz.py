@@ -524,3 +524,52 @@ def test_zstd_section_with_forged_content_size_is_refused():
     for n in (999, 1001):
         with pytest.raises(fc.FormatError):
             zstd_decompress(good, n)
+
+
+# ---------------------------------------------------------------------------------------------
+# Sparse tensors: fewer blocks (codec.choose_block_size), same bytes on every backend
+
+
+def _sparse_update(n: int, live: float, seed: int = 0) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, generator=g) * 1e-4
+    idx = torch.rand(n, generator=g) < live
+    x[idx] = torch.randn(int(idx.sum()), generator=g) * 0.05
+    x[0] = 1.0
+    return x
+
+
+def _n_blocks(blob: bytes) -> int:
+    _, recs = wire.unpack(blob, wire.CODEC_SZ_TENSOR)
+    return C._HDR.unpack(bytes(recs[0].data[: C._HDR.size]))[5]
+
+
+def test_sparse_tensor_gets_fewer_blocks_identical_bytes(backend):
+    backend_or_skip("sz_encode", backend)
+    n = 2**17 + 5  # default_block_size: 4 blocks
+    x = _sparse_update(n, 0.002)
+    q = np.round(x.double().numpy() / (2e-2 * float(x.max() - x.min())))
+    assert (q != 0).mean() < 1 / 64  # sparse by the encoder's own test (checked independently here)
+    blob = fc.SZ(1e-2, backend=backend).encode(x)
+    assert blob == fc.SZ(1e-2, backend="torch").encode(x)
+    assert _n_blocks(blob) == 1
+    _check_bound(x, fc.SZ(backend=backend).decode(blob), 1e-2, "rel")
+    dense = fc.SZ(1e-2, backend="cpp" if backend != "triton" else backend, block_size=C.default_block_size(n)).encode(x)
+    assert _n_blocks(dense) == 4 and len(blob) < len(dense)
+
+
+def test_sparse_decision_both_sides():
+    n = 600_000
+    below = _sparse_update(n, 0.004)  # ~0.4% live: sparse
+    above = _sparse_update(n, 0.05)  # ~5% live: dense blocks
+    for x, want in ((below, 1), (above, 8)):
+        step, _ = C.quant_params(x, 1e-2, "rel")
+        q = np.round(x.numpy().astype(np.float64) / step)
+        assert ((q != 0).mean() < 1 / 64) == (want == 1)
+        assert _n_blocks(fc.SZ(1e-2, backend="cpp").encode(x)) == want
+    # NaN/Inf count as nonzero: a tensor of NaNs is not "sparse"
+    nan = torch.full((n,), float("nan"))
+    step, _ = C.quant_params(nan, 1e-2, "rel")
+    assert not C.is_sparse(nan, step)
+    # an explicit block_size always wins
+    assert _n_blocks(fc.SZ(1e-2, backend="cpp", block_size=1 << 16).encode(below)) == -(-n // (1 << 16))
