@@ -216,7 +216,11 @@ def check_update(comp: Compressor, update: Any) -> None:
     elif isinstance(update, (bytes, bytearray, memoryview)):
         hint = "bytes are a payload: decode them with decompress(payload, ctx)"
     elif isinstance(update, Mapping):
-        bad = next(f"{k!r}: {type(v).__name__}" for k, v in update.items() if not (isinstance(k, str) and isinstance(v, Tensor)))
+        bad = next(
+            f"{k!r}: {type(v).__name__}"
+            for k, v in update.items()
+            if not (isinstance(k, str) and isinstance(v, Tensor))
+        )
         hint = f"every key must be a str and every value a torch.Tensor (found {bad})"
     else:
         hint = "e.g. {name: local - global} from fc.api.state_delta(local_state, global_state)"
@@ -233,7 +237,10 @@ def check_payload(comp: Compressor, payload: Any) -> None:
     if isinstance(payload, Mapping):
         hint = "that is a state dict: compress(update, ctx) turns it into a payload"
     elif isinstance(payload, Tensor):
-        hint = "a tensor is not a payload; a blob from fc.SZ/fc.RandomMask.encode decodes with that codec's .decode(blob)"
+        hint = (
+            "a tensor is not a payload; a blob from fc.SZ/fc.RandomMask.encode decodes with that codec's "
+            ".decode(blob)"
+        )
     else:
         try:  # numpy uint8 arrays and other buffers are fine
             memoryview(payload)
@@ -241,7 +248,8 @@ def check_payload(comp: Compressor, payload: Any) -> None:
         except TypeError:
             hint = "pass the bytes that compress() (or client_update()) returned"
     raise ValueError(
-        f"{type(comp).__name__}.decompress takes the payload bytes from compress(), got {type(payload).__name__}: {hint}"
+        f"{type(comp).__name__}.decompress takes the payload bytes from compress(), got "
+        f"{type(payload).__name__}: {hint}"
     )
 
 

@@ -423,7 +423,8 @@ def execute(
             continue
         s = run.summary
         log(
-            f"[results] {i + 1}/{len(runs)} seed {run.seed} {run.part} {run.spec}: acc {s['final_accuracy'] * 100:.2f}% "
+            f"[results] {i + 1}/{len(runs)} seed {run.seed} {run.part} {run.spec}: "
+            f"acc {s['final_accuracy'] * 100:.2f}% "
             f"ratio {s['compression_ratio']:.2f}x {s['wall_seconds']:.0f}s"
         )
         if on_run is not None:
@@ -626,7 +627,8 @@ def report(plan: Plan, runs: list[Run], out: str, command: str, wall: float, wit
         f"FedSynth rows use outer_steps={plan.fedsynth_outer_steps}. pt = percentage points.\n",
     ]
     parts.append(
-        f"Read with care: {'one seed' if len(plan.seeds) == 1 else f'{len(plan.seeds)} seeds'}; the test split has 1,000 images, so 0.1 pt is one image and the "
+        ("Read with care: one seed" if len(plan.seeds) == 1 else f"Read with care: {len(plan.seeds)} seeds")
+        + "; the test split has 1,000 images, so 0.1 pt is one image and the "
         "0.5 pt goal is five; with these few rounds `none` itself is far from converged, so small "
         "gaps say little about the end of training. A goal counts the best row aimed at that ratio "
         "(its reached ratio is printed next to it; calibration on round 1 can drift, e.g. sz aimed at "

@@ -168,7 +168,8 @@ def test_missing_extension_warns_once_naming_the_fix():
 
 
 def test_explicit_torch_backend_does_not_warn():
-    code = _MISSING_C.replace("import sys, warnings", "import os, sys, warnings\nos.environ['FEDCOMPRESS_BACKEND'] = 'torch'")
+    forced = "import os, sys, warnings\nos.environ['FEDCOMPRESS_BACKEND'] = 'torch'"
+    code = _MISSING_C.replace("import sys, warnings", forced)
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd="/")
     assert r.returncode == 0, r.stderr
     assert r.stdout.startswith("0\n"), r.stdout

@@ -229,7 +229,8 @@ def readme_flower_commands() -> dict:
     import shlex
 
     sec = readme_flower_section()
-    ports = sorted({int(p) for ln in sec["superlink"] + sec["supernodes"] for p in re.findall(r"(?<=[ :])(\d{4,5})\b", ln)})
+    lines = sec["superlink"] + sec["supernodes"]
+    ports = sorted({int(p) for ln in lines for p in re.findall(r"(?<=[ :])(\d{4,5})\b", ln)})
     swap = {p: free_port() for p in ports}
 
     def sub(line: str) -> str:
