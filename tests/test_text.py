@@ -251,3 +251,9 @@ def test_run_fortunes_lstm_end_to_end(fortunes_dir, tmp_path):
     assert s["rounds"] == 2 and s["compression_ratio"] == 1.0
     assert 0.0 <= s["final_accuracy"] <= 1.0 and s["final_loss"] < s["initial_loss"]
     assert os.path.isfile(tmp_path / "out" / "summary.json")
+
+
+def test_fortunes_package_absent_says_what_to_do(monkeypatch, tmp_path):
+    monkeypatch.setattr(text, "FORTUNES_DIR", str(tmp_path / "not-installed"))
+    with pytest.raises(FileNotFoundError, match="apt-get install fortunes.*--data-dir"):
+        load_dataset("fortunes", clients=2)
