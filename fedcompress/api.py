@@ -143,6 +143,11 @@ class Compressor:
             fn = cls.__dict__.get(meth)
             if fn is not None and not getattr(fn, "_fc_checked", False):
                 setattr(cls, meth, _checked(fn, check))
+        fn = cls.__dict__.get("client_update")
+        if fn is not None and not getattr(fn, "_fc_checked", False):
+            # overrides unpack ``x, y = data``: give them a TensorDataset's tensors, the same data
+            # (a DataLoader stays a DataLoader: its batches are the caller's choice)
+            cls.client_update = _tensordataset_as_pair(fn)
 
     def __init__(self, **kwargs: Any) -> None:
         unknown = set(kwargs) - set(self.PARAMS)
@@ -194,6 +199,19 @@ def _checked(fn, check):
         elif first in kwargs:
             check(self, kwargs[first])
         return fn(self, *args, **kwargs)
+
+    wrapper._fc_checked = True
+    return wrapper
+
+
+def _tensordataset_as_pair(fn):
+    @functools.wraps(fn)
+    def wrapper(self, model, global_state, data, *args, **kwargs):
+        from torch.utils.data import TensorDataset
+
+        if isinstance(data, TensorDataset):
+            data = client_tensors(data)
+        return fn(self, model, global_state, data, *args, **kwargs)
 
     wrapper._fc_checked = True
     return wrapper

@@ -292,3 +292,22 @@ def test_client_tensors_reads_a_dataloader_whole():
     assert torch.equal(xx, x) and torch.equal(yy, y)
     with pytest.raises(ValueError, match="4 samples but y has 3"):
         api.client_tensors((torch.zeros(4, 2), torch.zeros(3)))
+
+
+def test_overridden_client_update_gets_a_tensordataset_as_its_tensors():
+    """Compressors that override client_update (SZ on weights, FedSynth) unpack ``x, y = data``."""
+    from torch.utils.data import TensorDataset
+
+    class Spy(fc.Compressor):
+        name = "spy"
+
+        def client_update(self, model, global_state, data, ctx):
+            x, y = data
+            return bytes([x.shape[0], y.shape[0]])
+
+    _, glob, x, y = _tiny_task()
+    assert Spy().client_update(None, glob, TensorDataset(x, y), fc.RoundContext()) == bytes([24, 24])
+    sz = fc.get_compressor("sz:rel=1e-2,target=weights")
+    model, glob, x, y = _tiny_task()
+    ctx = fc.RoundContext(round=1, client=0, seed=0, batch_size=8)
+    assert sz.client_update(model, glob, TensorDataset(x, y), ctx) == sz.client_update(model, glob, (x, y), ctx)
