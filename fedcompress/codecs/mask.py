@@ -463,6 +463,7 @@ class MaskCompressor(Compressor):
         return thr, max_values
 
     def compress(self, update: StateDict, ctx: RoundContext) -> bytes:
+        self.last_choice = None
         if self.params["ratio"] is None:
             return self._compress(update, ctx, self.thr_m1)
         thr, max_values = self._threshold_for(update)

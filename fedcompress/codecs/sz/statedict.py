@@ -72,6 +72,7 @@ class SZCompressor(Compressor):
 
     def compress(self, update: StateDict, ctx: RoundContext) -> bytes:
         p = self.params
+        self.last_choice = None
         ef = p["ef"] and p["target"] == "update"
         res = self._residual.get(ctx.client, {}) if ef else {}
         inputs: StateDict = {}
