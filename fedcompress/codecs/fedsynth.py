@@ -257,7 +257,7 @@ class FedSynthCompressor(Compressor):
         self.last_shape: Shape | None = None
         self.last_update_ratio: float | None = None  # |synthetic update| / |SGD update| sent
         self.last_fallback: str = ""  # "" | "candidate" | "init" | "lr" (which guard step was needed)
-        self.last_choice: dict | None = None  # with ratio=R: the shape chosen for the last update
+        self.last_choice: dict | None = None  # the shape and guard measure of the last update
 
     @property
     def spec(self) -> str:
@@ -559,13 +559,16 @@ class FedSynthCompressor(Compressor):
                 ratio = norm / ref_norm if ref_norm > 0 else math.nan
                 if not p["guard"] or ref_norm == 0 or norm <= p["guard"] * float(d["ref_norm"]):
                     self.last_w_syn, self.last_update_ratio, self.last_fallback = w_syn, ratio, how
-                    if p["ratio"] is not None:  # the driver writes it to metrics.jsonl
-                        self.last_choice = {
-                            "batches": shape.batches,
-                            "batch": shape.batch,
-                            "inner_lr": clr,
-                            "bytes": len(payload),
-                        }
+                    # the driver writes it to metrics.jsonl (per client): the shape, and the guard's
+                    # measure (always: it is how the guard's threshold was chosen, docs/fedsynth.md)
+                    self.last_choice = {
+                        "batches": shape.batches,
+                        "batch": shape.batch,
+                        "inner_lr": clr,
+                        "bytes": len(payload),
+                        "update_ratio": round(ratio, 4) if math.isfinite(ratio) else None,
+                        "guard_fallback": how,
+                    }
                     return payload
             if lr < 1e-12:
                 raise RuntimeError("fedsynth: no synthetic set meets the guard even at inner_lr 1e-12")
