@@ -5,7 +5,7 @@
 
 Subcommands live in ``SUBCOMMANDS`` (name -> ``"module:function"`` or a callable): the function
 takes the subparsers object and adds its parser, with ``set_defaults(handler=...)``; the handler
-takes the parsed args and returns an exit code. Adding ``bench`` = one function and one entry.
+takes the parsed args and returns an exit code. A new subcommand = one function and one entry.
 Exit codes: 0 ok, 2 bad input (unknown dataset/model/partition/compressor, bad numbers, missing
 local data), 1 anything else.
 """
@@ -21,6 +21,8 @@ import sys
 from collections.abc import Callable
 from typing import Any
 
+from .errors import BadInput
+
 EXIT_BAD_INPUT = 2
 
 # One torch thread by default, for two measured reasons: (1) on a 2-core machine shared with other
@@ -30,10 +32,6 @@ EXIT_BAD_INPUT = 2
 # reductions depend on the thread count, so a fixed count keeps "same seed, same run" true whatever
 # the machine's load. On an idle machine try --threads 2.
 DEFAULT_THREADS = 1
-
-
-class BadInput(Exception):
-    """Raised by handlers for user errors; main() prints it and exits with code 2."""
 
 
 # ---------------------------------------------------------------------------------------------
@@ -233,8 +231,6 @@ def cmd_run(args) -> int:
 
 
 def add_compare(sub) -> None:
-    from .results import add_table_args
-
     p = sub.add_parser(
         "compare",
         help="the papers' tables (docs/results.md), or several compressors side by side",
@@ -282,7 +278,7 @@ def split_specs(text: str) -> list[str]:
 
 
 def markdown_table(summaries: dict[str, dict[str, Any]]) -> str:
-    """One row per compressor. A summary that is a mean over seeds (``results.mean_summary``) shows
+    """One row per compressor. A summary that is a mean over seeds (``experiments.mean_summary``) shows
     accuracy as mean ± sample std, and bytes and ratio as the mean; seconds add up over the seeds."""
 
     def pm(s, key, scale, fmt):
@@ -308,10 +304,8 @@ def cmd_compare(args) -> int:
     from .fedavg.plots import plot_accuracy_vs_mb
 
     if args.compressors is None:  # the papers' tables
-        from .results import cmd_results
-
         return cmd_results(args)
-    from .results import load_cached, machine_line, mean_summary
+    from .experiments import load_cached, machine_line, mean_summary
 
     if args.rounds is None:
         args.rounds = DEFAULT_ROUNDS
@@ -378,15 +372,193 @@ def cmd_compare(args) -> int:
 
 
 # ---------------------------------------------------------------------------------------------
+# results and bench (the pipelines: fedcompress.experiments, fedcompress.benchtable)
+
+
+def add_table_args(p, out_flag: str = "--out") -> None:
+    """The report's options, shared by ``results`` and ``compare`` (without --compressors)."""
+    from .experiments.plan import ROW_LABELS
+
+    p.add_argument(
+        "--quick",
+        action="store_true",
+        help="digits, 12 clients, 2 rounds, ratio 16x only, sweep at 1e-2 (the test's mode)",
+    )
+    p.add_argument(
+        out_flag,
+        dest="report_dir",
+        default=None,
+        help="folder for results.md, results.json and plots (default: the --runs folder; the project's "
+        "docs/results.md is rewritten only with --report-dir docs)",
+    )
+    p.add_argument("--runs", default=None, help="run cache folder (default: runs/results[-quick])")
+    p.add_argument(
+        "--seeds",
+        type=parse_seeds,
+        default=None,
+        help="comma list of seeds, e.g. 0,1,2: every row runs once per seed (the seed fixes split, client "
+        "sampling and model init, the same for every row) and tables show mean ± sample std; each seed's "
+        "runs are cached on their own (default: --seed, else 0)",
+    )
+    p.add_argument("--no-reuse", action="store_true", help="re-run even where a cached run matches")
+    p.add_argument(
+        "--cached-only",
+        action="store_true",
+        help="train nothing: write the report from the runs already in --runs (missing rows say so)",
+    )
+    p.add_argument("--parts", default=None, help="comma list of iid,sweep,dirichlet (default: all)")
+    p.add_argument("--rows", default=None, help="iid rows, comma list of " + ",".join(ROW_LABELS))
+    p.add_argument("--noniid-rows", default=None, help="dirichlet rows (same names)")
+    p.add_argument("--ratios", default=None, help="comma list, default 8,16,64")
+    p.add_argument("--fedsynth-outer-steps", type=int, default=None)
+
+
+def parse_seeds(text: str) -> tuple[int, ...]:
+    """"0,1,2" -> (0, 1, 2): distinct integers >= 0 (an argparse type: errors exit with code 2)."""
+    try:
+        seeds = tuple(int(x) for x in text.split(",") if x.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--seeds {text!r}: expected comma-separated integers >= 0") from None
+    if not seeds or min(seeds) < 0 or len(set(seeds)) != len(seeds):
+        raise argparse.ArgumentTypeError(f"--seeds {text!r}: expected distinct integers >= 0, e.g. 0,1,2")
+    return seeds
+
+
+def add_results(sub) -> None:
+    p = sub.add_parser(
+        "results",
+        help="the papers' tables (the same as `compare` without --compressors)",
+        description="Run the matched-ratio tables (none, mask, sz, fedsynth) and the sz REL sweep; write "
+        "OUT/results.md, results.json and PNG plots (OUT: --out, default the --runs folder; `--out docs` "
+        "regenerates the project's docs/results.md). Runs are cached under --runs and reused.",
+    )
+    add_table_args(p)
+    p.add_argument("--rounds", type=int, default=None)
+    p.add_argument("--clients-per-round", type=int, default=None)
+    p.add_argument("--threads", type=int, default=1, help="torch threads (default: %(default)s)")
+    p.set_defaults(handler=cmd_results)
+
+
+def cmd_results(args) -> int:
+    import torch
+
+    from .experiments import ROW_LABELS, Plan, run_results
+
+    plan = Plan.quick() if args.quick else Plan()
+    try:
+        if args.rounds is not None:
+            plan.rounds = args.rounds
+        if args.clients_per_round is not None:
+            plan.clients_per_round = args.clients_per_round
+        if args.parts:
+            plan.parts = tuple(args.parts.split(","))
+        if args.rows:
+            plan.rows = tuple(args.rows.split(","))
+        if args.noniid_rows:
+            plan.noniid_rows = tuple(args.noniid_rows.split(","))
+        if args.ratios:
+            plan.ratios = tuple(int(x) for x in args.ratios.split(","))
+        if args.fedsynth_outer_steps is not None:
+            plan.fedsynth_outer_steps = args.fedsynth_outer_steps
+        if getattr(args, "seeds", None):
+            plan.seeds = args.seeds
+        elif getattr(args, "seed", None) is not None:  # compare's --seed
+            plan.seeds = (args.seed,)
+    except ValueError as e:
+        raise BadInput(str(e)) from None
+    bad = [p for p in plan.parts if p not in ("iid", "sweep", "dirichlet")]
+    bad += [r for r in plan.rows + plan.noniid_rows if r not in ROW_LABELS]
+    if bad or plan.rounds < 1 or not (1 <= plan.clients_per_round <= plan.clients) or not plan.ratios:
+        raise BadInput(
+            f"bad --parts/--rows/--rounds/--clients-per-round/--ratios ({bad or 'numbers'}); parts: "
+            f"iid,sweep,dirichlet; rows: {','.join(ROW_LABELS)}; clients-per-round in [1, {plan.clients}]"
+        )
+    torch.set_num_threads(args.threads)
+    runs_dir = args.runs or os.path.join("runs", "results-quick" if args.quick else "results")
+    report_dir = args.report_dir or runs_dir  # never the project's docs/ unless asked
+    command = (
+        "fedcompress " + " ".join(a for a in sys.argv[1:])
+        if sys.argv[1:2] in (["results"], ["compare"])
+        else ("fedcompress compare" + (" --quick" if args.quick else ""))
+    )
+
+    def log(msg):
+        print(msg, file=sys.stderr, flush=True)
+
+    text = run_results(
+        plan,
+        report_dir,
+        runs_dir,
+        reuse=not args.no_reuse,
+        cached_only=args.cached_only,
+        command=command,
+        log=log,
+        incremental=not args.quick,
+    )
+    print(text)
+    log(f"[results] wrote {os.path.join(report_dir, 'results.md')}")
+    return 0
+
+
+def add_bench(sub) -> None:
+    p = sub.add_parser(
+        "bench",
+        help="run the microbenchmarks in bench/ and print one table",
+        description="Run bench/bench_*.py with pytest-benchmark (source checkout) and print one table: op, "
+        "provider, input size, MB/s, ratio, speed against the peers of the same group.",
+    )
+    p.add_argument(
+        "--quick", action="store_true", help="about a minute: fewer rounds, skip the slowest groups"
+    )
+    p.add_argument("-k", default=None, help="pytest -k expression to pick benchmarks")
+    p.add_argument("--files", default=None, help="comma list of bench files, e.g. bench_mask.py")
+    p.add_argument(
+        "--bench-dir", default=None, help="folder holding bench_*.py (default: found automatically)"
+    )
+    p.set_defaults(handler=cmd_bench)
+
+
+def cmd_bench(args) -> int:
+    import importlib.util
+
+    from .benchtable import find_bench_dir, run_bench
+
+    missing = [m for m in ("pytest", "pytest_benchmark") if importlib.util.find_spec(m) is None]
+    if missing:
+        raise BadInput(
+            f"fedcompress bench needs the test extras ({', '.join(missing)} not installed): in the source "
+            'checkout run `pip install -e ".[test]"` (pytest, pytest-benchmark and the peer codecs it compares '
+            "against)"
+        )
+    d = args.bench_dir or find_bench_dir()
+    if d is None or not os.path.isdir(d):
+        raise BadInput(
+            "no bench/ folder found (looked beside the fedcompress package and under the current directory). "
+            "The microbenchmarks ship with the source checkout: run from the repository root, or after "
+            "`pip install -e .`, or pass --bench-dir."
+        )
+    rc, text = run_bench(
+        d,
+        args.quick,
+        args.k,
+        args.files.split(",") if args.files else None,
+        log=lambda m: print(m, file=sys.stderr, flush=True),
+    )
+    print(text)
+    return rc
+
+
+# ---------------------------------------------------------------------------------------------
 # Subcommand registry and entry point
 
 # name -> "module:function" (imported lazily) or the function; the function adds a parser to the
-# subparsers object and sets `handler`. `bench` will go here, e.g. "bench": "fedcompress.bench:add_bench".
+# subparsers object and sets `handler`. An optional one may be a string so that its import
+# failing leaves the other subcommands working.
 SUBCOMMANDS: dict[str, str | Callable[[Any], None]] = {
     "run": add_run,
     "compare": add_compare,
-    "results": "fedcompress.results:add_results",
-    "bench": "fedcompress.results:add_bench",
+    "results": add_results,
+    "bench": add_bench,
 }
 
 

@@ -1,4 +1,5 @@
-"""fedcompress results / bench tooling: the quick plan end to end, calibration, report, bench table."""
+"""fedcompress results / bench tooling (fedcompress.experiments, fedcompress.benchtable): the quick plan end to
+end, calibration, report, the bench table and its extra_info schema."""
 
 from __future__ import annotations
 
@@ -10,9 +11,11 @@ import numpy as np
 import pytest
 import torch
 
+from fedcompress import benchtable as B
 from fedcompress import cli
-from fedcompress import results as R
+from fedcompress import experiments as R
 from fedcompress.api import RoundContext, get_compressor
+from fedcompress.experiments.tables import _acc_text
 
 # ---------------------------------------------------------------------------------------------
 # calibration lands on the ratio (reference: the payload length measured here by hand)
@@ -174,7 +177,7 @@ def test_bench_rows_by_hand():
             },
         ]
     }
-    rows = R.bench_rows(data)
+    rows = B.bench_rows(data)
     assert len(rows) == 4
     cpp, naive, eng, topt = rows
     assert cpp["provider"] == "fedcompress_cpp_bytes" and cpp["op"] == "encode-25M"
@@ -186,7 +189,7 @@ def test_bench_rows_by_hand():
     assert cpp["vs_peers"] == {"naive_torch_rand": pytest.approx(4.0)}
     assert eng["median_s"] == 2.0 and eng["op"] == "synth:hypergradient"
     assert eng["vs_peers"] == {"torchopt": pytest.approx(4.0)}
-    table = R.bench_table(rows)
+    table = B.bench_table(rows)
     assert (
         "| encode-25M | fedcompress_cpp_bytes | 100.0 MB | 0.0500 | 2000.0 | 10.00 | naive_torch_rand 4.00x |"
         in table
@@ -200,7 +203,7 @@ def test_bench_cli_missing_dir(tmp_path, capsys):
 
 
 def test_find_bench_dir_in_checkout():
-    d = R.find_bench_dir()
+    d = B.find_bench_dir()
     assert d is not None and os.path.exists(os.path.join(d, "bench_mask.py"))
 
 
@@ -220,7 +223,7 @@ def test_bench_rows_peers_only_on_same_params():
             "extra_info": {"nbytes": 4_000_000, "ratio": ratio},
         }
 
-    rows = R.bench_rows(
+    rows = B.bench_rows(
         {
             "benchmarks": [
                 b("fc-cpp", "update", 0.1, 24.0),
@@ -329,7 +332,7 @@ def test_merge_seeds_says_when_a_seed_is_missing(tmp_path):
     a, b = _fake("iid", "none", 1, 0.9, 1.0), R.Run("iid", "none", 1, "none", 1.0, note="failed: boom", seed=1)
     (m,) = R.merge_seeds([a, b])
     assert m.summary["seeds"] == [0] and "seed 1: failed: boom" in m.note
-    assert R._acc_text(m) == "90.00 ± 0.00 [1 of 2 seeds]"
+    assert _acc_text(m) == "90.00 ± 0.00 [1 of 2 seeds]"
 
 
 def test_compare_seeds_runs_each_row_per_seed_and_caches(tmp_path, capsys):
@@ -377,3 +380,55 @@ def test_bench_without_test_extras_says_what_to_install(monkeypatch, capsys):
     assert cli.main(["bench", "--quick"]) == cli.EXIT_BAD_INPUT
     err = capsys.readouterr().err
     assert "pytest_benchmark not installed" in err and 'pip install -e ".[test]"' in err
+
+
+def _schema_bench(provider, median, case="update rel=0.01", peer=False, **extra):
+    ex = {"schema": B.BENCH_SCHEMA, "op": "sz encode", "provider": provider, "case": case, "input_bytes": 8_000_000,
+          "peer": peer, **extra}  # fmt: skip
+    # name and group deliberately misleading: a schema row is read from extra_info alone
+    return {"name": "test_zlib_memcpy", "group": "pysz", "fullname": "bench/bench_x.py::test_zlib_memcpy",
+            "params": {"provider": "naive"}, "stats": {"median": median}, "extra_info": ex}  # fmt: skip
+
+
+def test_bench_rows_read_the_extra_info_schema():
+    rows = B.bench_rows(
+        {
+            "benchmarks": [
+                _schema_bench("fc-cpp", 0.1, payload_bytes=400_000),
+                _schema_bench("pysz", 0.4, peer=True, payload_bytes=800_000),
+                _schema_bench("pysz", 0.01, case="kaiming rel=0.01", peer=True),
+                _schema_bench("fc-child", 9.0, times_s=[3.0, 1.0, 2.0]),
+            ]
+        }
+    )
+    fc_row, peer, other, child = rows
+    assert (fc_row["op"], fc_row["provider"], fc_row["is_peer"]) == ("sz encode update rel=0.01", "fc-cpp", False)
+    assert fc_row["MB/s"] == pytest.approx(8e6 / 1e6 / 0.1)  # 80 MB/s, input_bytes / median by hand
+    assert fc_row["ratio"] == pytest.approx(20.0) and peer["ratio"] == pytest.approx(10.0)
+    assert fc_row["vs_peers"] == {"pysz": pytest.approx(4.0)}  # 0.4 s / 0.1 s; not the kaiming case
+    assert fc_row["ratio_vs_peers"] == {"pysz": pytest.approx(2.0)}
+    assert peer["is_peer"] and peer["vs_peers"] == {} and other["op"] == "sz encode kaiming rel=0.01"
+    assert child["median_s"] == 2.0  # the bench's own times win over pytest-benchmark's 9.0
+    assert child["is_peer"] is False  # "naive"/"zlib"/"memcpy" in names no longer make a peer
+
+
+@pytest.mark.parametrize(
+    "change,word",
+    [({"schema": 99}, "schema"), ({"op": None}, "'op'"), ({"input_bytes": "8MB"}, "input_bytes"),
+     ({"peer": 1}, "peer"), ({"provider": None}, "provider")],
+)  # fmt: skip
+def test_bench_rows_reject_a_broken_schema_row(change, word):
+    b = _schema_bench("fc-cpp", 0.1)
+    for k, v in change.items():
+        if v is None:
+            del b["extra_info"][k]
+        else:
+            b["extra_info"][k] = v
+    with pytest.raises(ValueError, match=word):
+        B.bench_rows({"benchmarks": [b]})
+
+
+def test_extra_info_schema_lists_its_keys():
+    required = {k for k, (_, req, _) in B.EXTRA_INFO.items() if req}
+    assert required == {"schema", "op", "provider", "input_bytes"}
+    assert set(B.EXTRA_INFO) >= {"case", "payload_bytes", "peer", "times_s"}
