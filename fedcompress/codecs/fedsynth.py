@@ -476,10 +476,10 @@ class FedSynthCompressor(Compressor):
         if n < 1:
             raise ValueError("fedsynth: the client has no data")
         names = [k for k, _ in model.named_parameters()]
-        ref_norm = 0.0
-        if p["guard"]:  # the client's own SGD update: what the synthetic one must not dwarf
-            local = local_sgd(model, global_state, (real_x, real_y), ctx)
-            ref_norm = _norm({k: local[k].float() - global_state[k].float() for k in names})
+        # the client's own SGD update: what the synthetic one must not dwarf (computed with guard=0
+        # too: last_choice reports the ratio, which is how the guard's threshold was chosen)
+        local = local_sgd(model, global_state, (real_x, real_y), ctx)
+        ref_norm = _norm({k: local[k].float() - global_state[k].float() for k in names})
         model.load_state_dict(global_state)
         params = _params(model, global_state)
         dev = real_x.device
