@@ -14,9 +14,13 @@ smallest REL bound (one for every lossy tensor, as ``rel``) whose whole payload 
 The search runs on a grid of log2(rel) in steps of 1/``GRID`` between 2^``LOG2_MIN`` and 1:
 it encodes at rel = 1e-2, predicts the crossing from the encoded size (about one bit per value
 per halving of the bound), extrapolates by secant until the budget is bracketed, then narrows the
-bracket by safeguarded secant/bisection to one grid step. At most ``MAX_ENCODES`` encodes of the
-lossy tensors (each as costly as one plain ``sz`` compress), the last one reserved for rel = 1
-when nothing has fitted yet. It depends only on the update and the budget (same update -> same
+bracket to one grid step by secant through the two sizes nearest the budget (bisection after three
+probes in a row on one side). Each secant aims between the line through the sizes and the one
+through their logs (the size falls linearly at high rates, geometrically at low ones). At most
+``MAX_ENCODES`` encodes of the lossy tensors (each as costly as one plain ``sz`` compress), the
+last one reserved for rel = 1 when nothing has fitted yet. Below ~2.5x on CNN updates the codec
+switches blocks to verbatim values and the size jumps; the search may then stop at its cap with
+a bound looser than the smallest that fits (the payload still fits). It depends only on the update and the budget (same update -> same
 bound), always terminates, and treats the size as non-increasing in the bound (so a larger ratio
 gets a larger bound). If even rel = 1 does not fit, compress raises ValueError naming ``ratio``
 and the ratio rel = 1 reaches. ``last_choice`` = ``{"rel": bound, "encodes": n, "ratio": r}``.
@@ -129,10 +133,15 @@ class SZCompressor(Compressor):
             return (max(over) if over else None), (min(fit) if fit else None)
 
         def secant(k0: int, k1: int, target: float) -> float:
+            # The size falls ~linearly in k at high rates (a bit per value per halving) and ~
+            # geometrically at low rates (codes mostly 0), so the crossing lies between the secant
+            # through the sizes and the one through their logs: aim at the mean of the two.
             s0, s1 = sizes[k0], sizes[k1]
             if s0 == s1:
                 return math.nan
-            return k0 + (target - s0) * (k1 - k0) / (s1 - s0)
+            lin = k0 + (target - s0) * (k1 - k0) / (s1 - s0)
+            log = k0 + math.log(target / s0) * (k1 - k0) / math.log(s1 / s0)
+            return 0.5 * (lin + log)
 
         k = round(LOG2_START * GRID)
         size_at(k)
@@ -160,9 +169,11 @@ class SZCompressor(Compressor):
                 if not math.isfinite(guess):
                     guess = b - (limit - sizes[b]) * 8.0 / max(n_lossy, 1) * GRID
                 k = max(lo_k, min(b - 1, math.floor(guess) - 1))
-            else:  # bracketed: secant inside, bisection after two probes on the same side
-                guess = secant(a, b, limit)
-                if same_side >= 2 or not math.isfinite(guess):
+            else:  # bracketed: secant through the two sizes nearest the budget, kept inside the
+                # bracket; bisection after three probes in a row on the same side
+                near = sorted(sizes, key=lambda j: abs(math.log(sizes[j] / limit)))[:2]
+                guess = secant(near[0], near[1], limit)
+                if same_side >= 3 or not math.isfinite(guess):
                     guess = (a + b) / 2
                     same_side = 0
                 k = min(b - 1, max(a + 1, round(guess)))
