@@ -55,6 +55,24 @@ def test_hypergradient_matches_create_graph_float64(k, layers):
     assert float(ref[1].abs().max()) > 0 and float(ref[2].abs().max()) > 0  # not a trivial zero
 
 
+def test_public_hypergradient_takes_the_lstm_with_dense_labels():
+    # fc.synth.hypergradient / unroll (the generic entry points) route the text model here;
+    # dense soft labels [m, b, T, V] equal the sparse form with idx = arange(V)
+    model = _model(torch.float64)
+    P = _params(model)
+    e, idx, val, rx, ry = _problem(torch.float64, V)
+    got = fc.synth.hypergradient(model, P, e, val, 0.4, rx, ry)
+    ref = synth_lstm.hypergradient_text_ref(model, P, e, idx, val, 0.4, rx, ry)
+    for a, r in zip(got, ref, strict=True):
+        assert float((a - r).abs().max()) <= 1e-5 * max(1e-3, float(r.abs().max()))
+    w = fc.synth.unroll(model, P, e, val, 0.4)
+    w_sparse = synth_lstm.unroll_text(model, P, e, idx, val, 0.4)
+    for k in P:
+        torch.testing.assert_close(w[k], w_sparse[k], rtol=1e-12, atol=1e-12)
+    with pytest.raises(ValueError, match="dense"):
+        fc.synth.hypergradient(model, P, e, val[..., :3], 0.4, rx, ry)
+
+
 def test_hypergradient_float32_close_to_float64_reference():
     m64 = _model(torch.float64)
     m32 = _model(torch.float32)

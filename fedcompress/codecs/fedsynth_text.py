@@ -107,14 +107,14 @@ def compress(comp, update: StateDict, ctx: RoundContext | None = None) -> bytes:
     o = _opts(comp)
     V, d, _ = _model_dims(comp.model)
     dt = o["dtype"]
-    x, idx = update["x"], update["idx"]
+    x, idx = update["x"], update.get("idx")  # idx None: the whole vocabulary (topk=0)
     m, b, T, _ = x.shape
-    k = idx.shape[-1]
+    k = V if idx is None else idx.shape[-1]
     recs = [wire.Record("x", dt, tuple(x.shape), wire.tensor_bytes(x.to(dt)))]
-    if not (o["labels"] == "trainable" and o["topk"] == 0):
+    if idx is not None:
         recs.append(wire.lossless_record("y", idx.to(_label_dtype(V))))
     if o["labels"] == "trainable":
-        recs.append(wire.Record("v", dt, tuple(idx.shape), wire.tensor_bytes(update["v"].to(dt))))
+        recs.append(wire.Record("v", dt, (m, b, T, k), wire.tensor_bytes(update["v"].to(dt))))
     if o["embedding"] == "rows":
         rows = update["rows"].to(torch.int32)
         recs.append(wire.lossless_record("rows", rows))
@@ -132,7 +132,7 @@ def compress(comp, update: StateDict, ctx: RoundContext | None = None) -> bytes:
 
 
 def decompress(comp, payload: bytes, ctx: RoundContext | None = None) -> StateDict:
-    """``{"x": float32 [m, b, T, d], "idx": int64 [m, b, T, k], "val": float32 label weights,
+    """``{"x": float32 [m, b, T, d], "idx": int64 [m, b, T, k] (None: all V), "val": float32 weights,
     "inner_lr", "rows"/"emb"}``; FormatError for anything that does not fit the spec or model."""
     o = _opts(comp)
     V, d, T_model = _model_dims(comp.model)
@@ -179,8 +179,7 @@ def decompress(comp, payload: bytes, ctx: RoundContext | None = None) -> StateDi
     if not torch.isfinite(x).all():
         raise FormatError("fedsynth text: synthetic embeddings contain non-finite values")
     if dense:
-        wire.check_alloc(m * b * T * V * 8, "fedsynth label ids")
-        idx = torch.arange(V).expand(m, b, T, V)
+        idx = None  # the whole vocabulary, in id order
     else:
         yr = rec["y"]
         if yr.dtype != _label_dtype(V) or yr.shape != (m, b, T, k):
@@ -234,7 +233,7 @@ def replay(comp, payload: bytes, global_state: StateDict, ctx: RoundContext | No
     dev = next(iter(P.values())).device
     try:
         w = synth_lstm.unroll_text(
-            comp.model, P, d["x"].to(dev), d["idx"].to(dev), d["val"].to(dev), float(d["inner_lr"])
+            comp.model, P, d["x"].to(dev), _to(d["idx"], dev), d["val"].to(dev), float(d["inner_lr"])
         )
     except ValueError as e:
         raise FormatError(f"fedsynth text: payload does not fit the model: {e}") from e
@@ -243,6 +242,10 @@ def replay(comp, payload: bytes, global_state: StateDict, ctx: RoundContext | No
         E.index_add_(0, d["rows"].to(dev), d["emb"].to(dev))
         w["embedding.weight"] = E
     return w
+
+
+def _to(t, dev):
+    return None if t is None else t.to(dev)
 
 
 def server_update(comp, payload: bytes, global_state: StateDict, ctx: RoundContext) -> StateDict:
@@ -271,7 +274,7 @@ def client_update(comp, model, global_state: StateDict, data, ctx: RoundContext)
     m, b, k = o["m"], o["b"], _k(o, V)
     e, idx, lab = _init(model, P, real_x, real_y, m, b, k, o, ctx, p.get("init", "real"))
     trainable = o["labels"] == "trainable"
-    v = torch.zeros(idx.shape, dtype=torch.float32, device=e.device)
+    v = torch.zeros((m, b, T, k), dtype=torch.float32, device=e.device)
     if trainable:  # softmax puts most weight (e^2 / (e^2 + k - 1)) on the label
         v.scatter_(-1, lab if k == V else torch.zeros_like(lab), 2.0)
     e.requires_grad_(True)
@@ -330,7 +333,7 @@ def _init(model, P, real_x, real_y, m, b, k, o, ctx, init):
         lab = torch.randint(4, V, (count, T), generator=g).to(E.device)
     idx = lab.unsqueeze(-1)
     if k == V:  # the whole vocabulary in id order (not sent); the label is marked by its logit
-        idx = torch.arange(V, device=E.device).expand(count, T, V)
+        idx = None
     elif k > 1:  # the label, then the model's k-1 likeliest other words at w
         with torch.no_grad():
             z = torch.func.functional_call(model, P, (e,)).transpose(1, 2)  # [count, T, V]
@@ -338,7 +341,8 @@ def _init(model, P, real_x, real_y, m, b, k, o, ctx, init):
             others = z.topk(k - 1, dim=-1).indices
         idx = torch.cat([idx, others], -1)
     lab = lab.reshape(m, b, T, 1)
-    return e.reshape(m, b, T, d).contiguous(), idx.reshape(m, b, T, k).contiguous(), lab
+    idx = None if idx is None else idx.reshape(m, b, T, k).contiguous()
+    return e.reshape(m, b, T, d).contiguous(), idx, lab
 
 
 def _embedding_rows(model, global_state, data, ctx):

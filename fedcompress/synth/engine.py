@@ -32,6 +32,7 @@ from torch import nn
 from torch.func import functional_call
 
 from . import chain
+from . import lstm as _text  # the next-word LSTM: embedding-space synthetic data
 
 Tensor = torch.Tensor
 
@@ -228,6 +229,8 @@ def hypergradient(
     Nothing here builds an autograd graph through the m steps; gradients of the result are not
     tracked (call it under any grad mode).
     """
+    if _text.is_text_model(model):  # syn_x [m, b, T, d], syn_y [m, b, T, V], real [n, T]
+        return _text.hypergradient_dense(model, params, syn_x, syn_y, inner_lr, real_x, real_y, real_chunk=real_chunk)
     params = check_args(model, params, syn_x, syn_y, inner_lr, real_x, real_y)
     if not isinstance(real_chunk, int) or real_chunk < 1:
         raise ValueError(f"real_chunk must be an integer >= 1, got {real_chunk!r}")
@@ -258,6 +261,8 @@ def unroll(model, params, syn_x, syn_y, inner_lr, *, backend: str | None = None)
     The FedSynth client and the server both call this (same code, same order of operations), so
     the server's replay equals the client's w_syn bit for bit on the same machine and backend.
     """
+    if _text.is_text_model(model):
+        return _text.unroll_dense(model, params, syn_x, syn_y, inner_lr)
     params = check_args(model, params, syn_x, syn_y, inner_lr)
     plan = chain_plan(model)
     with torch.no_grad():

@@ -31,7 +31,6 @@ import math
 
 import torch
 import torch.nn.functional as F
-from torch import nn
 from torch.func import functional_call
 
 Tensor = torch.Tensor
@@ -84,14 +83,19 @@ def check_args(model, params, syn_e, syn_idx, syn_val, inner_lr, real_x=None, re
     m, b, T = syn_e.shape[:3]
     if m < 1 or b < 1 or T < 1:
         raise ValueError(f"syn_e must have m, b, T >= 1, got {tuple(syn_e.shape)}")
-    if not isinstance(syn_idx, Tensor) or syn_idx.dtype != torch.int64 or syn_idx.dim() != 4:
-        raise ValueError("syn_idx must be int64 [m, b, T, k] vocabulary ids")
-    if syn_idx.shape[:3] != (m, b, T) or not 1 <= syn_idx.shape[3] <= V:
-        raise ValueError(f"syn_idx must be [m={m}, b={b}, T={T}, k in 1..{V}], got {tuple(syn_idx.shape)}")
-    if syn_idx.numel() and (int(syn_idx.min()) < 0 or int(syn_idx.max()) >= V):
-        raise ValueError(f"syn_idx values must lie in [0, {V})")
-    if not isinstance(syn_val, Tensor) or syn_val.shape != syn_idx.shape or syn_val.dtype != syn_e.dtype:
-        raise ValueError(f"syn_val must be {syn_e.dtype} of syn_idx's shape {tuple(syn_idx.shape)}")
+    if syn_idx is None:  # dense soft labels over the whole vocabulary
+        if not isinstance(syn_val, Tensor) or syn_val.shape != (m, b, T, V) or syn_val.dtype != syn_e.dtype:
+            got = tuple(syn_val.shape) if isinstance(syn_val, Tensor) else type(syn_val).__name__
+            raise ValueError(f"syn_val (dense, syn_idx=None) must be {syn_e.dtype} [{m}, {b}, {T}, {V}], got {got}")
+    else:
+        if not isinstance(syn_idx, Tensor) or syn_idx.dtype != torch.int64 or syn_idx.dim() != 4:
+            raise ValueError("syn_idx must be int64 [m, b, T, k] vocabulary ids (or None with dense syn_val)")
+        if syn_idx.shape[:3] != (m, b, T) or not 1 <= syn_idx.shape[3] <= V:
+            raise ValueError(f"syn_idx must be [m={m}, b={b}, T={T}, k in 1..{V}], got {tuple(syn_idx.shape)}")
+        if syn_idx.numel() and (int(syn_idx.min()) < 0 or int(syn_idx.max()) >= V):
+            raise ValueError(f"syn_idx values must lie in [0, {V})")
+        if not isinstance(syn_val, Tensor) or syn_val.shape != syn_idx.shape or syn_val.dtype != syn_e.dtype:
+            raise ValueError(f"syn_val must be {syn_e.dtype} of syn_idx's shape {tuple(syn_idx.shape)}")
     try:
         lr = float(inner_lr)
     except (TypeError, ValueError):
@@ -333,9 +337,9 @@ def _body_tangent(P, lam, layers, step, idx, val):
     lw, Wf, bf = _unpack(P, layers)
     tl, Wfd, bfd = _unpack(lam, layers)
     Ls, Hf, S, dz = step.Ls, step.Hf, step.S, step.dz
-    k = idx.shape[-1]
-    idx2, val2 = idx.reshape(-1, k), val.reshape(-1, k)
-    N = idx2.shape[0]
+    k = val.shape[-1]
+    idx2, val2 = (None if idx is None else idx.reshape(-1, k)), val.reshape(-1, k)
+    N = val2.shape[0]
     tot = val2.sum(-1, keepdim=True)
     B, T, h = Ls[-1].H.shape
     out = {}
@@ -345,7 +349,8 @@ def _body_tangent(P, lam, layers, step, idx, val):
         zd = torch.addmm(bfd, Hdf, Wf.t()).addmm_(Hf, Wfd.t())
         Szd = (S * zd).sum(-1, keepdim=True)
         dzd = (zd - Szd).mul_(S).mul_(tot / N)
-        out["dvald"] = (zd.gather(-1, idx2) - Szd).div_(-N)  # tangent of -log_softmax(z)[idx] / N
+        zk = zd if idx2 is None else zd.gather(-1, idx2)
+        out["dvald"] = (zk - Szd).div_(-N)  # tangent of -log_softmax(z)[idx] / N
         out["dWfd"] = torch.addmm(dzd.t() @ Hf, dz.t(), Hdf)
         out["dbfd"] = dzd.sum(0)
         return torch.addmm(dzd @ Wf, dz, Wfd).view(B, T, h)
@@ -370,22 +375,31 @@ def _body_tangent(P, lam, layers, step, idx, val):
 
 def _soft_dz(idx, val):
     """dL/dz of the inner loss with sparse soft labels; head_out = softmax(z) (kept for tangents)."""
-    k = idx.shape[-1]
-    idx2, val2 = idx.reshape(-1, k), val.reshape(-1, k)
-    N = idx2.shape[0]
+    k = val.shape[-1]
+    val2 = val.reshape(-1, k)
+    N = val2.shape[0]
 
     def fn(z):
         S = torch.softmax(z, -1)
-        dz = (S * val2.sum(-1, keepdim=True)).scatter_add_(-1, idx2, -val2).div_(N)
-        return dz, S
+        dz = S * val2.sum(-1, keepdim=True)
+        if idx is None:
+            dz.sub_(val2)
+        else:
+            dz.scatter_add_(-1, idx.reshape(-1, k), -val2)
+        return dz.div_(N), S
 
     return fn
 
 
 def _inner_loss(z, idx, val):
-    k = idx.shape[-1]
+    k = val.shape[-1]
     ls = torch.log_softmax(z, -1)
-    return -(val.reshape(-1, k) * ls.gather(-1, idx.reshape(-1, k))).sum() / idx.reshape(-1, k).shape[0]
+    lk = ls if idx is None else ls.gather(-1, idx.reshape(-1, k))
+    return -(val.reshape(-1, k) * lk).sum() / lk.shape[0]
+
+
+def _at(idx, j):
+    return None if idx is None else idx[j]
 
 
 def _sgd(P, g, lr):
@@ -397,7 +411,7 @@ def _unroll(model, params, syn_e, syn_idx, syn_val, lr, keep):
     P = dict(params)
     hist = []
     for j in range(syn_e.shape[0]):
-        g, _, step = _body_grad(P, layers, syn_e[j], _soft_dz(syn_idx[j], syn_val[j]), keep)
+        g, _, step = _body_grad(P, layers, syn_e[j], _soft_dz(_at(syn_idx, j), syn_val[j]), keep)
         if keep:
             hist.append((P, step))
         P = _sgd(P, g, lr)
@@ -465,7 +479,7 @@ def hypergradient_text(model, params, syn_e, syn_idx, syn_val, inner_lr, real_x,
         gv = torch.empty_like(syn_val)
         for j in range(syn_e.shape[0] - 1, -1, -1):
             Pj, step = hist[j]
-            hl, ded, dvald = _body_tangent(Pj, lam, layers, step, syn_idx[j], syn_val[j])
+            hl, ded, dvald = _body_tangent(Pj, lam, layers, step, _at(syn_idx, j), syn_val[j])
             hist[j] = None
             torch.mul(ded, -lr, out=ge[j])
             torch.mul(dvald.view_as(gv[j]), -lr, out=gv[j])
@@ -483,7 +497,7 @@ def hypergradient_text_ref(model, params, syn_e, syn_idx, syn_val, inner_lr, rea
     w = {k: params[k].detach().clone().requires_grad_(names.count(k) > 0) for k in params}
     for j in range(e.shape[0]):
         z = functional_call(model, w, (e[j],)).transpose(1, 2).reshape(-1, model.fc.out_features)
-        lj = _inner_loss(z, syn_idx[j], v[j])
+        lj = _inner_loss(z, _at(syn_idx, j), v[j])
         g = torch.autograd.grad(lj, [w[k] for k in names], create_graph=True)
         w = {**w, **{k: w[k] - lr * gk for k, gk in zip(names, g, strict=True)}}
     loss = F.cross_entropy(functional_call(model, w, (real_x,)), real_y)
@@ -491,5 +505,12 @@ def hypergradient_text_ref(model, params, syn_e, syn_idx, syn_val, inner_lr, rea
     return loss.detach(), ge, gv
 
 
-def embedding_of(model: nn.Module) -> nn.Embedding:
-    return model.embedding
+def hypergradient_dense(model, params, syn_x, syn_y, inner_lr, real_x, real_y, *, real_chunk: int = 64):
+    """``fc.synth.hypergradient``'s signature for the text model: syn_x [m, b, T, d] embeddings,
+    syn_y [m, b, T, V] soft labels, real_x / real_y int64 [n, T] (-100: ignored)."""
+    return hypergradient_text(model, params, syn_x, None, syn_y, inner_lr, real_x, real_y, real_chunk=real_chunk)
+
+
+def unroll_dense(model, params, syn_x, syn_y, inner_lr) -> dict[str, Tensor]:
+    """``fc.synth.unroll``'s signature for the text model (dense soft labels [m, b, T, V])."""
+    return unroll_text(model, params, syn_x, None, syn_y, inner_lr)
