@@ -8,7 +8,7 @@ and busy side by side; K = the machine's core count is the issue's setting on 2 
     python bench/bench_threads.py /tmp/thr.json      # default / 1-thread time per op and load
 
 Threads: "1" = fedcompress.set_num_threads(1) and torch.set_num_threads(1) (the FedSynth kernels take
-torch's count); "default" = neither set (torch's default: all cores). Medians of 21 rounds of each,
+torch's count); "default" = neither set (torch's default: all cores). Medians of 31 rounds of each,
 alternating 1 / default within one test, so both see the same background.
 Inputs: an FL-update-like float32 tensor (582K values, half zeros, REL 1e-2, the issue's case) and a
 3.15M one (SZ); 4M values at keep 0.1 and 10 clients x 1M (mask); the FedAvg CNN's first layer on
@@ -30,7 +30,7 @@ import torch
 import fedcompress as fc
 from fedcompress import _ops
 
-ROUNDS = 21
+ROUNDS = 31
 
 
 def _need_cpp():

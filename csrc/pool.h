@@ -4,10 +4,12 @@
 // Why not OpenMP: an OpenMP parallel region ends in a barrier that every thread of the team must
 // reach, so the caller waits for a worker the OS has not scheduled yet. On a machine whose cores are
 // busy (FL simulations run many clients per machine) that wait is a scheduler time slice, and libgomp
-// spins while it waits (its default wait policy), burning the caller's own share: measured in issue 18
-// on 2 busy cores, a 582K-value SZ encode took 23.9 ms on 2 OpenMP threads against 3.0 ms on one.
-// OMP_WAIT_POLICY / GOMP_SPINCOUNT would help, but libgomp reads them once when it is loaded, which
-// is when torch is imported (torch and this extension share one libgomp.so.1), before our code runs.
+// spins while it waits (its default wait policy), burning the caller's own share: on 2 busy cores
+// the OpenMP build's SZ encode and decode ran several times slower on 2 threads than on one (issue
+// 18). OMP_WAIT_POLICY / GOMP_SPINCOUNT would help, but libgomp reads them once, when it is loaded:
+// that is when torch is imported (torch ships libgomp.so.1, and this extension's libgomp.so.1
+// dependency resolves to that already-loaded copy), before our code runs; and omp_set_dynamic
+// adjusts by the 15-minute load average, far too slow for a load that comes and goes.
 //
 // Here the caller claims tasks from a shared counter like any helper and waits only for tasks a
 // helper has already claimed; a helper that has not started by the time the counter runs out finds
