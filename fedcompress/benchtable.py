@@ -159,8 +159,8 @@ def bench_table(rows: list[dict]) -> str:
 # --quick: the bench files fix their own rounds (benchmark.pedantic), so speed comes from the
 # selection: mask encode against naive torch and memcpy (25M floats), and bench_sz on the real
 # client update at REL 1e-2 (every provider but the slow torch reference). The
-# FedSynth hypergradient (one child process per provider, several minutes in all on the shared 2-core
-# machine) and the 100-client decode_mean groups run only without --quick.
+# FedSynth hypergradient (one child process per provider: the slowest group) and the 100-client
+# decode_mean groups run only without --quick.
 QUICK_K = (
     "(bench_mask and encode and not randperm and not triton) or "
     "(bench_sz and update and not fc-torch and not 0.001)"

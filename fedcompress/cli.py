@@ -25,10 +25,9 @@ from .errors import BadInput
 
 EXIT_BAD_INPUT = 2
 
-# One torch thread by default, for two measured reasons: (1) on a 2-core machine shared with other
-# jobs (load average 6-8), local SGD of the CNN on 400 images (E=2, B=20) took a median 1.38 s with
-# 1 thread vs 11.0 s with 2 (OpenMP workers wait on descheduled peers), and the full 10-round
-# mnist5k run took 139 s with 1 thread vs 549 s with 2 (separate runs, similar load); (2) float
+# One torch thread by default, for two reasons: (1) on a small machine shared with other jobs, OpenMP
+# workers wait on descheduled peers, so more threads can make local SGD several times slower (compare
+# `fedcompress run --threads 1` with `--threads 2`: summary.json's wall_seconds); (2) float
 # reductions depend on the thread count, so a fixed count keeps "same seed, same run" true whatever
 # the machine's load. On an idle machine try --threads 2.
 DEFAULT_THREADS = 1
@@ -213,7 +212,7 @@ def cmd_run(args) -> int:
     data = load_data(cfg)
     out = args.out or os.path.join("runs", _safe_name(args.compressor))
     summary = run_experiment(cfg, out_dir=out, progress=not args.no_progress, data=data)
-    # the driver's plot has no title; redraw it with one saying what was run (~0.3 s)
+    # the driver's plot has no title; redraw it with one saying what was run
     from .fedavg.plots import plot_accuracy_vs_mb
 
     plot_accuracy_vs_mb(

@@ -26,8 +26,8 @@ class Plan:
     alpha: float = 0.3
     ratios: tuple[int, ...] = RATIOS
     sweep: tuple[float, ...] = SWEEP_REL
-    # 5 outer steps, not FedSynth's default 30: a FedSynth client update costs ~9-25 s at 30 steps on
-    # the shared 2-core machine (vs ~0.4 s of local SGD), which would make one run take ~20 min
+    # 5 outer steps, not FedSynth's default 30: every outer step is one hypergradient, so at 30 the
+    # FedSynth rows would take most of the report's time (results.json lists each run's wall_seconds)
     fedsynth_outer_steps: int = 5
     parts: tuple[str, ...] = ("iid", "sweep", "dirichlet")
     rows: tuple[str, ...] = ("none", "mask", "mask-unbiased", "sz", "fedsynth-fixed", "fedsynth-trainable")

@@ -136,7 +136,7 @@ def run_results(
     if "sweep" in plan.parts and not any(r.part == "iid" and r.row == "none" for r in runs):
         # the sweep's baseline
         runs[:0] = [Run("iid", "none", 1.0, "none", 1.0, seed=seed) for seed in plan.seeds]
-    # cheap rows first, FedSynth (the slowest, ~10x a plain run) last; the report is rewritten after
+    # cheap rows first, FedSynth (the slowest: see each run's wall_seconds) last; the report is rewritten after
     # every run, so an interrupted invocation still leaves a report of what finished
     runs.sort(key=lambda r: (r.row.startswith("fedsynth"), r.part == "dirichlet"))
     cmd = command or "fedcompress compare"
