@@ -16,6 +16,8 @@ from typing import Any
 
 import torch
 
+from .wire import U64_MASK
+
 Tensor = torch.Tensor
 StateDict = dict[str, Tensor]
 
@@ -47,13 +49,10 @@ class RoundContext:
         return g
 
 
-_M64 = (1 << 64) - 1
-
-
 def _splitmix64(x: int) -> int:
-    x = (x + 0x9E3779B97F4A7C15) & _M64
-    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & _M64
-    x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & _M64
+    x = (x + 0x9E3779B97F4A7C15) & U64_MASK
+    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & U64_MASK
+    x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & U64_MASK
     return x ^ (x >> 31)
 
 
@@ -61,7 +60,7 @@ def mix_seed(*parts: int) -> int:
     """Stable (across runs and platforms) 63-bit hash of integers; Python's hash() is salted."""
     h = 0x6A09E667F3BCC909
     for p in parts:
-        h = _splitmix64(h ^ (int(p) & _M64))
+        h = _splitmix64(h ^ (int(p) & U64_MASK))
     return h >> 1
 
 

@@ -83,6 +83,7 @@ CODE_DTYPES = {v: k for k, v in DTYPE_CODES.items()}
 FLOAT_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
 
 MAX_NDIM = 16
+U64_MASK = (1 << 64) - 1  # seeds travel as u64: the one home of this mask (api, codecs/mask, kernels/mask)
 MAX_NAME_BYTES = 4096
 MAX_RECORDS = 1 << 20
 
@@ -323,9 +324,13 @@ def unpack(blob, expect_codec: int) -> tuple[memoryview, list[Record]]:
     if n > MAX_RECORDS or n > r.remaining // 12:  # a record takes at least 12 bytes
         raise FormatError(f"record count {n} impossible for a payload of {len(buf)} bytes")
     records = []
+    names = set()
     total = 0
     for _ in range(n):
         name = r.str()
+        if name in names:  # every codec's records are keyed by name: the one check, for all of them
+            raise FormatError(f"payload names tensor {name!r} twice")
+        names.add(name)
         code = r.u8()
         if code not in CODE_DTYPES:
             raise FormatError(f"record {name!r}: unknown dtype code {code}")
