@@ -253,3 +253,44 @@ def test_run_plot_has_a_title(tmp_path, monkeypatch):
     assert cli.main(["run", *TINY, "--rounds", "1", "--compressor", "fp16", "--out", str(tmp_path)]) == 0
     assert titles[-1] == "fp16: digits, 3 clients, 1 rounds, seed 0"
     assert (tmp_path / "accuracy_vs_mb.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_pipelines_do_not_import_the_command_line():
+    """BadInput lives in fedcompress.errors: the results and bench pipelines raise it without importing
+    cli.py, and cli.py imports them only inside handlers (no cli <-> results cycle)."""
+    code = (
+        "import sys, fedcompress.experiments, fedcompress.benchtable, fedcompress.errors as e\n"
+        "print('fedcompress.cli' in sys.modules)\n"
+        "import fedcompress.cli as c\n"
+        "print(c.BadInput is e.BadInput, 'fedcompress.experiments.report' in sys.modules)\n"
+    )
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.split() == ["False", "True", "True"]
+
+
+def test_bench_cli_prints_the_schema_table(tmp_path, capsys):
+    """`fedcompress bench` end to end on a two-benchmark folder written here, following the extra_info
+    schema: the table's op, provider, size, ratio and peer speed come from extra_info."""
+    pytest.importorskip("pytest_benchmark")
+    d = tmp_path / "bench"
+    d.mkdir()
+    (d / "bench_copy.py").write_text(
+        "import time\n"
+        "def _run(benchmark, provider, peer, secs):\n"
+        "    benchmark.pedantic(time.sleep, args=(secs,), rounds=3, iterations=1)\n"
+        "    benchmark.extra_info.update(schema=1, op='copy', provider=provider, input_bytes=2_000_000,\n"
+        "                                payload_bytes=500_000, peer=peer)\n"
+        "def test_fast(benchmark):\n"
+        "    _run(benchmark, 'fc-fast', False, 0.01)\n"
+        "def test_slow(benchmark):\n"
+        "    _run(benchmark, 'other-lib', True, 0.04)\n"
+    )
+    rc = cli.main(["bench", "--bench-dir", str(d)])
+    out = capsys.readouterr().out
+    assert rc == 0, out
+    fast = next(line for line in out.splitlines() if "| fc-fast |" in line)
+    assert fast.startswith("| copy | fc-fast | 2.0 MB |") and "| 4.00 |" in fast  # ratio 2e6 / 5e5
+    speed = float(fast.split("other-lib ")[1].split("x")[0])
+    assert 2.0 < speed < 6.0  # 40 ms vs 10 ms sleeps, measured
+    assert "| copy | other-lib | 2.0 MB |" in out and "(peer)" in out
