@@ -26,6 +26,7 @@ EXTRA_INFO: dict[str, tuple[type | tuple[type, ...], bool, str]] = {
     "case": (str, False, "the input, when an op runs on several (e.g. 'update rel=0.01'); default ''"),
     "input_bytes": ((int, float), True, "bytes of input the op reads (MB/s is input_bytes / median)"),
     "payload_bytes": ((int, float), False, "bytes it produced (compressed size: ratio = input / payload)"),
+    "load": (str, False, "the machine load it ran under ('quiet', 'busy': bench/conftest.py sets it); default ''"),
     "peer": (bool, False, "True for a yardstick (another library, plain torch, memcpy); default False"),
     "times_s": (list, False, "per-call seconds measured by the benchmark itself (child processes); the "
                 "table takes their median instead of pytest-benchmark's"),
@@ -58,7 +59,7 @@ def schema_fields(b: dict) -> dict:
         if not isinstance(ex[key], typ) or (typ is not bool and isinstance(ex[key], bool)):
             raise ValueError(f"benchmark {b.get('fullname', b.get('name'))}: extra_info[{key!r}] = {ex[key]!r} "
                              f"is not {typ} ({meaning})")
-    op = ex["op"] + (" " + ex["case"] if ex.get("case") else "")
+    op = " ".join(s for s in (ex["op"], ex.get("case", ""), f"load={ex['load']}" if ex.get("load") else "") if s)
     return {"op": op, "provider": ex["provider"], "input_bytes": float(ex["input_bytes"]),
             "payload_bytes": ex.get("payload_bytes"), "peer": bool(ex.get("peer", False)),
             "times": ex.get("times_s")}  # fmt: skip

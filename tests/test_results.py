@@ -431,4 +431,6 @@ def test_bench_rows_reject_a_broken_schema_row(change, word):
 def test_extra_info_schema_lists_its_keys():
     required = {k for k, (_, req, _) in B.EXTRA_INFO.items() if req}
     assert required == {"schema", "op", "provider", "input_bytes"}
-    assert set(B.EXTRA_INFO) >= {"case", "payload_bytes", "peer", "times_s"}
+    assert set(B.EXTRA_INFO) >= {"case", "load", "payload_bytes", "peer", "times_s"}
+    b = _schema_bench("fc-cpp", 0.1, load="busy")
+    assert B.bench_rows({"benchmarks": [b]})[0]["op"] == "sz encode update rel=0.01 load=busy"
