@@ -1,4 +1,5 @@
-"""Backend dispatch (fedcompress/_ops.py), proven on the SZ pre-quantizer in all three backends."""
+"""Backend dispatch (fedcompress/_ops.py), proven on the SZ pre-quantizer in all three backends, on CPU
+and (when present) CUDA tensors."""
 
 import subprocess
 import sys
@@ -26,31 +27,32 @@ def _numpy_prequantize(x: np.ndarray, eb: float) -> np.ndarray:
 
 @pytest.mark.parametrize("n", SIZES)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16])
-def test_prequantize_matches_numpy(backend, n, dtype):
+def test_prequantize_matches_numpy(backend, device, n, dtype):
     backend_or_skip("prequantize", backend)
     g = torch.Generator().manual_seed(n)
     x = (torch.randn(n, generator=g) * 30).to(dtype)
     if n >= 7:
         x[:6] = torch.tensor([float("nan"), float("inf"), -float("inf"), 0.5, 1.5, 6e4]).to(dtype)
     eb = 0.25  # inv = 2: x=0.5 -> y=1.0; x=0.25 multiples land exactly on .5 boundaries below
-    got = _ops.call("prequantize", x, inverse_step(eb), backend=backend)
+    got = _ops.call("prequantize", x.to(device), inverse_step(eb), backend=backend)
     want = _numpy_prequantize(x.to(torch.float32).numpy(), eb)
-    assert got.dtype == torch.int32
-    np.testing.assert_array_equal(got.numpy(), want)
+    assert got.dtype == torch.int32 and got.device.type == device
+    np.testing.assert_array_equal(got.cpu().numpy(), want)
 
 
-def test_prequantize_rounds_half_to_even_on_every_backend(backend):
+def test_prequantize_rounds_half_to_even_on_every_backend(backend, device):
     backend_or_skip("prequantize", backend)
-    x = torch.tensor([0.5, 1.5, 2.5, -0.5, -1.5, -2.5, 4194303.5, 4194304.0])
-    got = _ops.call("prequantize", x, 1.0, backend=backend)
+    x = torch.tensor([0.5, 1.5, 2.5, -0.5, -1.5, -2.5, 4194303.5, 4194304.0], device=device)
+    got = _ops.call("prequantize", x, 1.0, backend=backend).cpu()
     assert got.tolist() == [0, 2, 2, 0, -2, -2, 4194304, UNQUANTIZED]  # 4194303.5 -> even
 
 
-def test_backends_agree_bit_for_bit_on_non_contiguous_input(backend):
+def test_backends_agree_bit_for_bit_on_non_contiguous_input(backend, device):
     backend_or_skip("prequantize", backend)
     x = (torch.randn(300, 301) * 7)[:, ::2]
     inv = inverse_step(1e-3)
-    assert torch.equal(_ops.call("prequantize", x, inv, backend=backend), prequantize_ref(x, inv))
+    got = _ops.call("prequantize", x.to(device), inv, backend=backend)
+    assert torch.equal(got.cpu(), prequantize_ref(x, inv))
 
 
 def test_automatic_choice_prefers_cpp_on_cpu():
