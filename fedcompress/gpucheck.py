@@ -75,12 +75,17 @@ def median_seconds(fn: Callable[[], object], device: str, reps: int) -> float:
 def _pair(check, size_text, nbytes, device, reps, base_name, base_fn, rows_fn) -> list[Row]:
     """Time the baseline and each (provider, fn, verdict) of ``rows_fn``; speeds against the baseline."""
     tb = median_seconds(base_fn, device, reps)
-    out = [Row(check, base_name, size_text, tb * 1e3, nbytes / tb / 1e9, "(baseline)")]
+    out = [Row(check, base_name, size_text, tb * 1e3, nbytes / tb / 1e9 if nbytes else None, "(baseline)")]
     for name, fn, verdict in rows_fn:
         t = median_seconds(fn, device, reps)
         failed = verdict is not None and verdict != "ok"
-        out.append(Row(check, name, size_text, t * 1e3, nbytes / t / 1e9, f"{tb / t:.2f}x", verdict or "ok", failed))
+        gbs = nbytes / t / 1e9 if nbytes else None
+        out.append(Row(check, name, size_text, t * 1e3, gbs, f"{tb / t:.2f}x", verdict or "ok", failed))
     return out
+
+
+def _mb(nbytes: int) -> str:
+    return f"{nbytes / 1e6:.0f} MB" if nbytes >= 10e6 else f"{nbytes / 1e6:.3g} MB"
 
 
 def _decode_to(codec, blob, device):
@@ -115,7 +120,7 @@ def bench_mask(device: str, n: int = 25_000_000, clients: int = 16, n_mean: int 
     on_device = back.device.type == torch.device(device).type
     ok = on_device and torch.allclose(back[kept], x[kept] * scale, rtol=1e-6, atol=0)
     verdict = "ok" if ok else "decode(encode(x)) is not x / keep on the kept coordinates"
-    rows = _pair("mask encode", f"{n * 4 / 1e6:.0f} MB", n * 4, device, reps, "torch x[rand < keep]", plain_encode,
+    rows = _pair("mask encode", _mb(n * 4), n * 4, device, reps, "torch x[rand < keep]", plain_encode,
                  [("fc RandomMask.encode", lambda: rm.encode(x, seed=7), verdict)])  # fmt: skip
 
     xs = [torch.randn(n_mean, device=device) for _ in range(clients)]
@@ -137,7 +142,7 @@ def bench_mask(device: str, n: int = 25_000_000, clients: int = 16, n_mean: int 
     want = torch.stack([_decode_to(rm, b, device) for b in blobs]).mean(0)
     err = float((fc_mean() - want).abs().max()) if n_mean else 0.0
     verdict = "ok" if err <= 1e-5 * max(1.0, float(want.abs().max()) if n_mean else 1.0) else f"max err {err:.3g}"
-    rows += _pair("mask decode_mean", f"{clients}x{n_mean * 4 / 1e6:.0f} MB", clients * n_mean * 4, device, reps,
+    rows += _pair("mask decode_mean", f"{clients}x{_mb(n_mean * 4)}", clients * n_mean * 4, device, reps,
                   "torch scatter per client", plain_mean,
                   [("fc RandomMask.decode_mean", fc_mean, verdict)])  # fmt: skip
     return rows
@@ -154,12 +159,12 @@ def bench_sz(device: str, n: int = 4_000_000, reps: int = 3):
     cpu = fc.SZ(1e-2, "rel", backend="cpp" if _cpp_ok() else "torch")
     blob_dev, blob_cpu = codec.encode(x), cpu.encode(x.cpu())
     verdict = "ok" if blob_dev == blob_cpu else "bytes differ from the CPU path"
-    rows = _pair("sz encode", f"{n * 4 / 1e6:.0f} MB", n * 4, device, reps, "CPU path incl. x.cpu()",
+    rows = _pair("sz encode", _mb(n * 4), n * 4, device, reps, "CPU path incl. x.cpu()",
                  lambda: cpu.encode(x.cpu()),
                  [("fc SZ.encode(x on device)", lambda: codec.encode(x), verdict)])  # fmt: skip
     y_dev, y_cpu = _decode_to(codec, blob_cpu, device), cpu.decode(blob_cpu).to(device)
     verdict = "ok" if torch.equal(y_dev, y_cpu) and y_dev.device.type == torch.device(device).type else "differs"
-    rows += _pair("sz decode", f"{n * 4 / 1e6:.0f} MB", n * 4, device, reps, "CPU path incl. .to(device)",
+    rows += _pair("sz decode", _mb(n * 4), n * 4, device, reps, "CPU path incl. .to(device)",
                   lambda: cpu.decode(blob_cpu).to(device),
                   [("fc SZ.decode -> device", lambda: _decode_to(codec, blob_cpu, device), verdict)])  # fmt: skip
     return rows
@@ -182,8 +187,8 @@ def bench_hypergradient(device: str, m: int = 10, b: int = 10, n_real: int = 256
     out, ref = fc.synth.hypergradient(*args), fc.synth.hypergradient_ref(*args)
     rel = max(float((a - r).abs().max() / r.abs().max().clamp_min(1e-30)) for a, r in zip(out, ref, strict=True))
     verdict = "ok" if rel <= 1e-4 else f"rel err {rel:.3g} vs autograd"
-    nbytes = sum(v.numel() * v.element_size() for v in params.values())
-    return _pair("hypergradient", f"m={m} b={b} real={n_real}", nbytes, device, reps, "torch autograd (create_graph)",
+    # GB/s means nothing here (no single input stream): the row gives times only
+    return _pair("hypergradient", f"m={m} b={b} real={n_real}", None, device, reps, "torch autograd (create_graph)",
                  lambda: fc.synth.hypergradient_ref(*args),
                  [("fc.synth.hypergradient", lambda: fc.synth.hypergradient(*args), verdict)])  # fmt: skip
 
@@ -194,11 +199,17 @@ def _cpp_ok() -> bool:
     return _ops.available("sz_encode", "cpp", "cpu")[0]
 
 
-BENCHES: list[tuple[str, Callable[..., list[Row]]]] = [
-    ("mask", bench_mask),
-    ("sz", bench_sz),
-    ("hypergradient", bench_hypergradient),
-]
+def _n(full: int, scale: float) -> int:
+    return max(1000, int(full * scale))
+
+
+# name -> (device, reps, scale) -> rows; scale 1 is the GPU check's size, tests use ~0.001 on CPU
+BENCHES: list[tuple[str, Callable[[str, int, float], list[Row]]]] = [
+    ("mask", lambda dev, reps, s: bench_mask(dev, _n(25_000_000, s), 16 if s >= 0.1 else 3, _n(1_000_000, s), reps)),
+    ("sz", lambda dev, reps, s: bench_sz(dev, _n(4_000_000, s), reps)),
+    ("hypergradient", lambda dev, reps, s: bench_hypergradient(dev, *((10, 10, 256, 28) if s >= 0.1 else (2, 2, 8, 12)),
+                                                                reps=reps)),
+]  # fmt: skip
 
 
 # ---------------------------------------------------------------------------------------------
@@ -236,7 +247,8 @@ def run_tests(tests_dir: str, timeout_s: float, expr: str = "cuda") -> list[Row]
     with tempfile.TemporaryDirectory() as tmp:
         xml = os.path.join(tmp, "junit.xml")
         cmd = [sys.executable, "-m", "pytest", tests_dir, "-k", expr, "-q", "-p", "no:cacheprovider",
-               "-m", "not slow", f"--junitxml={xml}", "--rootdir", os.path.dirname(tests_dir)]  # fmt: skip
+               "-m", "not slow", "--continue-on-collection-errors", f"--junitxml={xml}",
+               "--rootdir", os.path.dirname(tests_dir)]  # fmt: skip
         env = dict(os.environ, FEDCOMPRESS_SKIP_SANITIZERS="1")
         try:
             proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout_s)
@@ -282,24 +294,30 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--no-tests", action="store_true", help="skip the CUDA-parametrized tests")
     p.add_argument("--no-bench", action="store_true", help="skip the microbenchmarks")
     p.add_argument("--reps", type=int, default=5, help="timed calls per row after one warm-up (default %(default)s)")
+    # for checking the check itself on a machine without a GPU (tests/test_gpucheck.py)
+    p.add_argument("--device", default="cuda", help=argparse.SUPPRESS)
+    p.add_argument("--scale", type=float, default=1.0, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
-    if not torch.cuda.is_available():
+    device = args.device
+    if device == "cuda" and not torch.cuda.is_available():
         why = "this torch has no CUDA support" if torch.version.cuda is None else "no CUDA device is visible"
         print(f"fedcompress gpucheck: no CUDA ({why}; torch {torch.__version__}): nothing to check on a GPU. "
               "The CPU and interpreted-Triton paths are covered by `pytest tests`.")  # fmt: skip
         return 0
     t0 = time.perf_counter()
-    device = "cuda"
     try:
         import triton
 
         tv = triton.__version__
     except ImportError:
         tv = "not installed (Triton rows fall back to the torch reference)"
-    print(f"fedcompress gpucheck: {torch.cuda.get_device_name(0)}, torch {torch.__version__} "
+    name = torch.cuda.get_device_name(0) if device == "cuda" else device
+    print(f"fedcompress gpucheck: {name}, torch {torch.__version__} "
           f"(CUDA {torch.version.cuda}), triton {tv}, budget {args.budget_s:.0f} s", flush=True)  # fmt: skip
     rows = dispatch_rows(device)
     if not args.no_tests:
+        # "-k cuda" picks the CUDA parametrizations; with --device cpu (checking the check) the same
+        # expression runs nothing useful, so tests are for the GPU run
         d = find_tests_dir()
         if d is None:
             rows.append(Row("tests -k cuda", "pytest", result="skipped: no tests/ (not a source checkout)"))
@@ -314,11 +332,12 @@ def main(argv: list[str] | None = None) -> int:
                 continue
             print(f"[gpucheck] bench {name} ...", flush=True)
             try:
-                rows += bench(device, reps=args.reps)
+                rows += bench(device, args.reps, args.scale)
             except Exception as e:  # one broken bench must not hide the others' rows
                 rows.append(Row(name, "—", result=f"{type(e).__name__}: {str(e)[:200]}", failed=True))
             finally:
-                torch.cuda.empty_cache()
+                if device == "cuda":
+                    torch.cuda.empty_cache()
     print(table(rows), end="")
     print(f"[gpucheck] {time.perf_counter() - t0:.0f} s")
     return 1 if any(r.failed for r in rows) else 0

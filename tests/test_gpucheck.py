@@ -86,3 +86,17 @@ def test_find_tests_dir_in_checkout():
     d = G.find_tests_dir()
     assert d is not None and os.path.isfile(os.path.join(d, "test_gpucheck.py"))
 
+
+
+def test_main_end_to_end_on_cpu_prints_one_table(capsys):
+    """The whole flow of the GPU run (dispatch rows, every bench, the table, the exit code), pointed at
+    CPU with tiny sizes: what the first run on a GPU machine will execute, minus the device."""
+    torch.set_num_threads(1)
+    rc = G.main(["--device", "cpu", "--scale", "0.001", "--no-tests", "--reps", "1", "--budget-s", "300"])
+    out = capsys.readouterr().out
+    assert rc == 0, out
+    assert out.count("| check | provider |") == 1
+    for check in ("dispatch mask_encode", "mask encode", "mask decode_mean", "sz encode", "sz decode",
+                  "hypergradient"):  # fmt: skip
+        assert f"| {check} |" in out, check
+    assert "FAILED" not in out
