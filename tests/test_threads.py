@@ -259,3 +259,32 @@ def test_set_num_threads_roundtrip():
     finally:
         fc.set_num_threads(None)
     assert np.int64(C.thread_override()) == 0
+
+
+def _encode_in_child(conn, x):
+    # no torch compute here: torch's own OpenMP hangs in a child forked after it ran (not ours)
+    conn.send(fc.SZ(1e-2, backend="cpp").encode(x))
+    conn.close()
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork()")
+def test_fork_after_threads_used(forced):
+    """A child forked after the pool ran has no helper threads: it gets a fresh pool and still
+    encodes on 2 threads (never waits for the parent's helpers, which do not exist in it)."""
+    import multiprocessing as mp
+
+    forced(2)
+    x = _update_like(600_000)
+    jobs, want = _jobs(lambda: fc.SZ(1e-2, backend="cpp").encode(x))
+    assert jobs >= 1  # the parent's helpers exist now
+    ctx = mp.get_context("fork")
+    a, b = ctx.Pipe(duplex=False)
+    p = ctx.Process(target=_encode_in_child, args=(b, x))
+    p.start()
+    try:
+        assert a.poll(60), "child did not answer within 60 s"
+        assert a.recv() == want
+    finally:
+        p.join(10)
+        if p.is_alive():
+            p.kill()
