@@ -481,6 +481,49 @@ def test_statedict_altered_counts_are_format_errors():
 
 
 # ---------------------------------------------------------------------------------------------
+# Golden bytes: payloads written by the code before the mask package split (commit b46a02e,
+# FEDCOMPRESS_BACKEND=torch; cpp wrote the same), checked into the test as hex. The wire format is a
+# promise: a change here breaks every stored or in-flight payload.
+
+_GOLDEN_X = "46434d50010011000e0000000700000000000080ffffff7f010101000000000001012800000000000000600000000000000000" \
+    "0020c0000010c00000d0bf0000c0bf0000b0bf000080bf000060bf000040bf000000bf0000c0be000000be000000000000c03e000000" \
+    "3f0000203f0000403f0000603f0000903f0000a03f0000b03f0000c03f0000d03f0000f03f00000840579b6933"
+_GOLDEN_FP16 = "46434d50010011000e0000000300000000000000ffffff3f0003010000000000020205000000000000000800000000000000" \
+    "1400000000000000c0c000bf00bc00bb0030803c003d003e803e803f5a039648"
+_GOLDEN_SD = "46434d50010004000e0000005e98f031fb8a6245ffffff7f0101030000000100770102040000000000000006000000000000" \
+    "001c00000000000000000030c00000e0bf0000a0bf000040bf000000bf000080be0000803f01006e05000800000000000000050000" \
+    "0000000000010062030102000000000000000000000000000000859ebfc9"
+
+
+def _golden_inputs():
+    x = (torch.arange(40, dtype=torch.float32) - 20) / 8
+    sd = {
+        "w": (torch.arange(24, dtype=torch.float32).reshape(4, 6) - 12) / 4,
+        "n": torch.tensor(5),
+        "b": torch.tensor([0.5, -1.5], dtype=torch.float16),
+    }
+    return x, sd
+
+
+def test_golden_bytes(backend, device):
+    backend_or_skip("mask_encode", backend)
+    x, sd = _golden_inputs()
+    rm = M.RandomMask(0.5, backend=backend)
+    assert rm.encode(x.to(device), seed=2**63 + 7).hex() == _GOLDEN_X
+    rm16 = M.RandomMask(0.25, unbiased=False, values="fp16", backend=backend)
+    assert rm16.encode(x.reshape(5, 8).double().to(device), seed=3).hex() == _GOLDEN_FP16
+    comp = fc.get_compressor("mask:keep=0.5")
+    comp.backend = backend
+    ctx = fc.RoundContext(round=2, client=3, seed=1)
+    assert comp.compress({k: v.to(device) for k, v in sd.items()}, ctx).hex() == _GOLDEN_SD
+    # and they decode to the hand-built answer (kept values x scale, zeros elsewhere)
+    m = torch.from_numpy(_mask_by_hand(40, 2**63 + 7, 0.5).copy())
+    assert torch.equal(rm.decode(bytes.fromhex(_GOLDEN_X)), torch.where(m, x * 2, torch.zeros(())))
+    out = comp.decompress(bytes.fromhex(_GOLDEN_SD), ctx)
+    assert int(out["n"]) == 5 and out["b"].dtype == torch.float16 and out["w"].shape == (4, 6)
+
+
+# ---------------------------------------------------------------------------------------------
 # CUDA source
 
 
