@@ -18,8 +18,8 @@ is the same ``fedsynth:...`` (``batches`` m, ``batch`` b, ``labels``, ``outer_st
   the server adds them to the replayed update. docs/fedsynth.md has the measured comparison.
 
 Client: w = global weights; m*b synthetic sequences start as E[x] of sampled real sequences
-(``init=real``; labels their next words, ignored positions labelled PAD) or N(0, std(E)) with
-random words (``init=noise``); then ``outer_steps`` Adam steps on the hypergradient
+(``init=real``; labels their next words, an ignored target replaced by the next input token) or
+N(0, std(E)) with random words (``init=noise``); then ``outer_steps`` Adam steps on the hypergradient
 (``fedcompress.synth.lstm.hypergradient_text``), keeping the set with the lowest real loss.
 
 Payload (codec CODEC_FEDSYNTH, format byte ``FORMAT_TEXT`` = 16, distinct from the image formats):
@@ -327,7 +327,10 @@ def _init(model, P, real_x, real_y, m, b, k, o, ctx, init):
         pick = pick.to(real_x.device)
         e = F.embedding(real_x[pick], E).clone()
         lab = real_y[pick].clone()
-        lab[lab < 0] = PAD  # ignored positions (e.g. after a BOS): a label no metric counts
+        # ignored targets (a BOS after an EOS, padding): the next input token is the true one;
+        # at the last position, PAD (a label no metric counts)
+        nxt = torch.cat([real_x[pick][:, 1:], torch.full_like(lab[:, :1], PAD)], 1)
+        lab = torch.where(lab < 0, nxt, lab)
     else:
         e = torch.randn(count, T, d, generator=g).to(E.device) * float(E.std())
         lab = torch.randint(4, V, (count, T), generator=g).to(E.device)
