@@ -60,7 +60,6 @@ def _sz_cases():
 
 def _ops_for():
     """name -> (callable, input bytes); built once per process."""
-    from fedcompress.codecs import mask as M
     from fedcompress.synth import ops as S
 
     out = {}
@@ -69,7 +68,7 @@ def _ops_for():
         blob = c.encode(x)
         out[f"{name} encode"] = (lambda c=c, x=x: c.encode(x), x.numel() * 4)
         out[f"{name} decode"] = (lambda c=c, b=blob: c.decode(b), x.numel() * 4)
-    thr = M.keep_threshold(0.1)
+    thr = max(int(0.1 * 4294967296.0), 1) - 1  # keep 0.1 (docs/mask.md: word <= floor(keep 2^32) - 1)
     g = torch.Generator().manual_seed(2)
     x = torch.randn(4_000_000, generator=g)
     enc = _ops.get("mask_encode", "cpu", "cpp")

@@ -19,7 +19,6 @@ import torch
 
 import fedcompress as fc
 from fedcompress import _ops
-from fedcompress.codecs import mask as M
 
 try:
     C = _ops.native()
@@ -40,6 +39,15 @@ def forced():
     finally:
         fc.set_num_threads(None)
         C.pool_load_gate(True)
+
+
+def _thr(keep: float) -> int:
+    """The mask's keep threshold (docs/mask.md: kept iff the Philox word <= floor(keep * 2^32) - 1)."""
+    return max(int(keep * 4294967296.0), 1) - 1
+
+
+def _mask_encode(backend):
+    return _ops.get("mask_encode", "cpu", backend)
 
 
 def _jobs(fn):
@@ -78,15 +86,15 @@ def test_sz_bytes_independent_of_threads(forced, dtype):
 def test_mask_independent_of_threads(forced):
     g = torch.Generator().manual_seed(3)
     xs = [torch.randn(n, generator=g) for n in (1_000_003, 4097, 300_000)]
-    thr = M.keep_threshold(0.1)
+    thr = _thr(0.1)
     rm = fc.RandomMask(0.1, backend="cpp")
     res = {}
     for t in (1, 2, 4):
         forced(t)
-        vals, counts = M.mask_encode_cpp(xs, [11, 12, 13], thr)
+        vals, counts = _mask_encode("cpp")(xs, [11, 12, 13], thr)
         blobs = [rm.encode(x, seed=50 + i) for i, x in enumerate(xs[:1] * 3)]
         res[t] = (vals.numpy().tobytes(), counts, blobs, rm.decode(blobs[0]), rm.decode_mean(blobs))
-    ref_vals, ref_counts = M.mask_encode_ref(xs, [11, 12, 13], thr)
+    ref_vals, ref_counts = _mask_encode("torch")(xs, [11, 12, 13], thr)
     assert res[1][0] == ref_vals.numpy().tobytes() and res[1][1] == ref_counts
     for t in (2, 4):
         assert res[t][0] == res[1][0] and res[t][1] == res[1][1] and res[t][2] == res[1][2]
@@ -157,13 +165,13 @@ def test_sz_threshold_both_sides(forced):
 
 def test_mask_threshold_both_sides(forced):
     forced(2)
-    thr = M.keep_threshold(0.25)
+    thr = _thr(0.25)
     below = torch.randn((1 << 18) - 1)  # 2 x 2^17 elements: mask.cpp for_units
     at = torch.randn(1 << 18)
-    assert _jobs(lambda: M.mask_encode_cpp([below], [5], thr))[0] == 0
-    n, (vals, counts) = _jobs(lambda: M.mask_encode_cpp([at], [5], thr))
+    assert _jobs(lambda: _mask_encode("cpp")([below], [5], thr))[0] == 0
+    n, (vals, counts) = _jobs(lambda: _mask_encode("cpp")([at], [5], thr))
     assert n == 2  # count pass and compaction pass
-    rv, rc = M.mask_encode_ref([at], [5], thr)
+    rv, rc = _mask_encode("torch")([at], [5], thr)
     assert counts == rc and torch.equal(vals, rv)
 
 
