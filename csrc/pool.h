@@ -76,13 +76,15 @@ inline std::atomic<int>& spinning_helpers() {  // ours, runnable while they spin
   static std::atomic<int> n{0};
   return n;
 }
-// Cores nobody else is running on right now: CPUs - (runnable tasks - this caller - our spinning
-// helpers), from /proc/loadavg's instantaneous "running/total" field (~5 us to read; an op that gets
-// here takes >= ~0.2 ms). A helper only pays when it gets a core of its own: on a busy machine it
-// would wait in the run queue while holding a task, and the caller must wait for every task taken.
-// Where /proc/loadavg is unreadable: every CPU counts as free.
+// Cores nobody else is running on right now: online CPUs - (runnable tasks - this caller - our
+// spinning helpers), at most the CPUs we may use, from /proc/loadavg's instantaneous "running/total"
+// field (system-wide; ~5 us to read; an op that gets here takes >= ~0.2 ms). A helper only pays
+// when it gets a core of its own: on a busy machine it would wait in the run queue while holding a
+// task, and the caller must wait for every task taken. Where /proc/loadavg is unreadable: every CPU
+// we may use counts as free.
 inline int free_cpus() {
   const int ncpu = affinity_cpus();
+  static const long online = std::max(1L, sysconf(_SC_NPROCESSORS_ONLN));
   const int fd = ::open("/proc/loadavg", O_RDONLY | O_CLOEXEC);
   if (fd < 0) return ncpu;
   char buf[128];
@@ -96,7 +98,7 @@ inline int free_cpus() {
   const long running = std::strtol(p, nullptr, 10);
   if (running <= 0) return ncpu;
   const long others = running - 1 - spinning_helpers().load(std::memory_order_relaxed);
-  return int(std::max<long>(0, ncpu - std::max<long>(0, others)));
+  return int(std::min<long>(ncpu, std::max<long>(0, online - std::max<long>(0, others))));
 }
 // Back-off: when a job's caller had to wait long for a task a helper had claimed (the helper was
 // preempted: the load came after free_cpus looked), jobs run on the caller alone for a while, 20 ms
