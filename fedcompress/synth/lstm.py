@@ -403,7 +403,7 @@ def _at(idx, j):
 
 
 def _sgd(P, g, lr):
-    return {k: (v - lr * g[k]) if k in g else v for k, v in P.items()}
+    return {k: torch.add(v, g[k], alpha=-lr) if k in g else v for k, v in P.items()}  # one pass, no temporary
 
 
 def _unroll(model, params, syn_e, syn_idx, syn_val, lr, keep):
@@ -483,7 +483,7 @@ def hypergradient_text(model, params, syn_e, syn_idx, syn_val, inner_lr, real_x,
             hist[j] = None
             torch.mul(ded, -lr, out=ge[j])
             torch.mul(dvald.view_as(gv[j]), -lr, out=gv[j])
-            lam = {k: v - lr * hl[k] for k, v in lam.items()}
+            lam = {k: torch.add(v, hl[k], alpha=-lr) for k, v in lam.items()}
     return loss, ge, gv
 
 
