@@ -132,7 +132,9 @@ def test_op(benchmark, op):
                 times[mode].append(time.perf_counter() - t0)
     finally:
         th.set("default")
-    benchmark.extra_info.update(op=op, nbytes=nbytes, threads_default=fc.get_num_threads(),
+    # schema 1 of fedcompress/benchtable.py (`fedcompress bench`): the default-thread calls are the row
+    benchmark.extra_info.update(schema=1, op=op, provider="fc-cpp (default threads)", input_bytes=nbytes,
+                                times_s=times["default"], nbytes=nbytes, threads_default=fc.get_num_threads(),
                                 t1=statistics.median(times["1"]), tdefault=statistics.median(times["default"]))
     benchmark.pedantic(fn, rounds=3, iterations=1)
 
