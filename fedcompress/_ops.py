@@ -105,21 +105,17 @@ def _triton(target: str, dtypes: tuple[torch.dtype, ...] | None = None) -> Impl:
 # on bfloat16, the C++ conv ops on anything but float32), the table says so, so that removing those
 # in-function fallbacks changes no answer.
 _TABLE: dict[str, dict[str, Impl]] = {
-    "prequantize": {
-        "torch": _ref("fedcompress.codecs.sz.quantize:prequantize_ref"),
-        "cpp": _cpp("fedcompress.codecs.sz.quantize:prequantize_cpp", FLOATS),
-        "triton": _triton("fedcompress.kernels.sz:prequantize_triton", FLOATS),
-    },
-    # Random mask (fedcompress/codecs/mask.py is the spec; same bytes on every backend). Values travel
-    # as float32 (fp16 on the wire is a cast of those), so every float dtype is served.
+    # Random mask (fedcompress/codecs/mask/spec.py is the spec; same bytes on every backend). Values
+    # travel as float32 (fp16 on the wire is a cast of those), so every float dtype is served. The C++
+    # adapters live in fedcompress/cpp/, named as kernels/ is.
     "mask_encode": {
-        "torch": _ref("fedcompress.codecs.mask:mask_encode_ref"),
-        "cpp": _cpp("fedcompress.codecs.mask:mask_encode_cpp", FLOATS),
+        "torch": _ref("fedcompress.codecs.mask.spec:mask_encode_ref"),
+        "cpp": _cpp("fedcompress.cpp.mask:mask_encode_cpp", FLOATS),
         "triton": _triton("fedcompress.kernels.mask:mask_encode_triton", FLOATS),
     },
     "mask_decode": {
-        "torch": _ref("fedcompress.codecs.mask:mask_decode_ref"),
-        "cpp": _cpp("fedcompress.codecs.mask:mask_decode_cpp", FLOATS),
+        "torch": _ref("fedcompress.codecs.mask.spec:mask_decode_ref"),
+        "cpp": _cpp("fedcompress.cpp.mask:mask_decode_cpp", FLOATS),
         "triton": _triton("fedcompress.kernels.mask:mask_decode_triton", FLOATS),
     },
     # SZ blocks section (fedcompress/codecs/sz/codec.py is the spec; same bytes on every backend)

@@ -1,4 +1,4 @@
-"""Random-mask kernels in Triton. Reference: fedcompress/codecs/mask.py (mask_encode_ref, mask_decode_ref).
+"""Random-mask kernels in Triton. Reference: fedcompress/codecs/mask/spec.py (mask_encode_ref, mask_decode_ref).
 
 The keep decision is ``word <= thr_m1`` where element i draws word i % 4 of ``tl.randint4x(seed, i // 4)``
 (Philox4x32-10, key (seed lo, seed hi), counter (i//4 lo, i//4 hi, 0, 0)): the convention of the
@@ -19,8 +19,11 @@ import torch
 import triton
 import triton.language as tl
 
+from fedcompress.codecs.mask.spec import count_message
+from fedcompress.errors import FormatError
+from fedcompress.wire import U64_MASK
+
 BLOCK = 16384  # >= 16K elements: the interpreter costs ~0.5 ms per program instance
-_M64 = (1 << 64) - 1
 
 
 @triton.jit
@@ -112,7 +115,7 @@ def _units(lens: list[int], device) -> tuple[torch.Tensor, ...]:
 
 def _seed_tensor(seeds, device) -> torch.Tensor:
     # int64 bit patterns of the 64-bit seeds (tl.randint casts to uint64)
-    s = np.asarray([int(v) & _M64 for v in seeds], dtype=np.uint64).view(np.int64)
+    s = np.asarray([int(v) & U64_MASK for v in seeds], dtype=np.uint64).view(np.int64)
     return torch.from_numpy(s.copy()).to(device)
 
 
@@ -136,9 +139,6 @@ def mask_encode_triton(xs, seeds, thr_m1: int):
 
 
 def mask_decode_triton(vals, expected, seeds, lens, weights, thr_m1: int, accumulate: bool):
-    from fedcompress.codecs.mask import _count_message
-    from fedcompress.errors import FormatError
-
     device = vals[0].device if vals else torch.device("cpu")
     C, S = len(vals), len(lens)
     useg, ustart, ulen, uflat = _units(list(lens), device)
@@ -153,7 +153,7 @@ def mask_decode_triton(vals, expected, seeds, lens, weights, thr_m1: int, accumu
     bad = (per_seg != exp).nonzero()  # one sync, not one per (client, tensor)
     if bad.numel():
         c, s = (int(v) for v in bad[0])
-        raise FormatError(_count_message(c, s, int(exp[c, s]), int(per_seg[c, s])))
+        raise FormatError(count_message(c, s, int(exp[c, s]), int(per_seg[c, s])))
     sent = torch.tensor([v.numel() for v in vals], dtype=torch.int64, device=device)
     if C and not torch.equal(per_seg.sum(1), sent):
         c = int((per_seg.sum(1) != sent).nonzero()[0])

@@ -5,7 +5,6 @@ here, Triton runs on CPU tensors under the interpreter."""
 
 import warnings
 
-import numpy as np
 import pytest
 import torch
 from conftest import backend_or_skip
@@ -13,8 +12,8 @@ from conftest import backend_or_skip
 from fedcompress import _ops
 from fedcompress.codecs import mask as M
 from fedcompress.codecs.sz.codec import decode_section_ref, encode_section_ref
-from fedcompress.codecs.sz.quantize import inverse_of_step
 from fedcompress.errors import BackendUnavailable
+from fedcompress.synth.ops import conv_pool_ref
 
 # ---------------------------------------------------------------------------------------------
 # The table
@@ -52,8 +51,13 @@ def test_undeclared_dtype_runs_the_reference_quietly():
         # named explicitly: the backend serves the device, so the dtype takes the declared fallback
         assert _ops.choose("synth_conv_pool", "cpu", backend="cpp", dtype=torch.float64) == "torch"
         assert _ops.choose("synth_conv_pool", "cpu", backend="cpp", dtype=torch.float32) == "cpp"
-    x = torch.tensor([0.5, 1.5, 2.5], dtype=torch.float64)
-    assert _ops.call("prequantize", x, 1.0).tolist() == [0, 2, 2]  # call() passes x's dtype along
+    # call() passes x's dtype along: float64 reaches the reference, whatever is built
+    xs = torch.randn(1, 6, 6, 2, dtype=torch.float64)  # [N, Hp, Wp, C] channels last
+    w = torch.randn(3, 2, 3, 3, dtype=torch.float64)
+    assert _ops.get("synth_conv_pool", "cpu", dtype=torch.float64) is conv_pool_ref
+    out, arg = _ops.call("synth_conv_pool", xs, w, None, 2)
+    want = torch.relu(torch.nn.functional.max_pool2d(torch.nn.functional.conv2d(xs.permute(0, 3, 1, 2), w), 2))
+    assert out.dtype == torch.float64 and torch.allclose(out, want)
 
 
 def test_explicit_backend_on_a_device_it_does_not_declare_raises():
@@ -85,17 +89,6 @@ N = 2**16 + 3  # more than one Triton block; odd tail
 def _x(n: int, dtype=torch.float32, seed: int = 0) -> torch.Tensor:
     g = torch.Generator().manual_seed(seed)
     return (torch.randn(n, generator=g) * 3).to(dtype)
-
-
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
-def test_prequantize_on_device(backend, device, dtype):
-    backend_or_skip("prequantize", backend)
-    x = _x(N, dtype)
-    inv = inverse_of_step(2e-3)
-    got = _ops.call("prequantize", x.to(device), inv, backend=backend)
-    assert got.device.type == device and got.dtype == torch.int32
-    y = x.to(torch.float32).numpy() * np.float32(inv)  # numpy: float32 multiply, rint is half-to-even
-    assert np.array_equal(got.cpu().numpy(), np.rint(y).astype(np.int32))
 
 
 def test_mask_encode_decode_on_device(backend, device):

@@ -12,7 +12,6 @@ import torch
 
 from .. import wire
 from ..api import Compressor, RoundContext, StateDict, register
-from ..errors import FormatError
 from .budget import RATIO_PARAM, RATIO_VALID, budget_bytes, check_reachable, dense_payload_bytes, spec_without
 
 
@@ -85,15 +84,8 @@ class FP16Compressor(Compressor):
                 out[r.name] = wire.tensor_from_bytes(r.data, torch.float16, r.shape, r.name).to(r.dtype)
             else:
                 out[r.name] = wire.lossless_tensor(r)
-        _check_unique(records)
         return out
 
 
-def _check_unique(records: list[wire.Record]) -> None:
-    if len({r.name for r in records}) != len(records):
-        raise FormatError("payload names the same tensor twice")
-
-
 def _records_to_state(records: list[wire.Record]) -> StateDict:
-    _check_unique(records)
     return {r.name: wire.lossless_tensor(r) for r in records}

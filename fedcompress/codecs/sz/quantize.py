@@ -18,25 +18,12 @@ UNQUANTIZED = -(2**31)  # INT32_MIN
 MAX_QUANT = 2.0**22
 
 
-def inverse_step(eb: float) -> float:
-    """The float32 multiplier 1/(2 eb) every backend uses (so all of them agree bit for bit)."""
-    return float(np.float32(0.5 / eb))
-
-
 def prequantize_ref(x: torch.Tensor, inv: float) -> torch.Tensor:
     """Reference: flat int32 codes of ``x`` (any float dtype, any device)."""
     y = x.reshape(-1).to(torch.float32) * torch.tensor(inv, dtype=torch.float32, device=x.device)
     ok = y.abs() < MAX_QUANT  # False for NaN
     q = torch.round(torch.where(ok, y, torch.zeros_like(y)))  # torch.round is half-to-even
     return torch.where(ok, q.to(torch.int32), torch.full_like(q, UNQUANTIZED, dtype=torch.int32))
-
-
-def prequantize_cpp(x: torch.Tensor, inv: float) -> torch.Tensor:
-    """C++ (OpenMP) backend: zero-copy on contiguous float32 CPU tensors."""
-    from ..._ops import native
-
-    xf = x.detach().reshape(-1).to(torch.float32).contiguous()
-    return torch.from_numpy(native().prequantize(xf.numpy(), inv))
 
 
 def inverse_of_step(step: float) -> float:

@@ -20,10 +20,11 @@ through their logs (the size falls linearly at high rates, geometrically at low 
 ``MAX_ENCODES`` encodes of the lossy tensors (each as costly as one plain ``sz`` compress), the
 last one reserved for rel = 1 when nothing has fitted yet. Below ~2.5x on CNN updates the codec
 switches blocks to verbatim values and the size jumps; the search may then stop at its cap with
-a bound looser than the smallest that fits (the payload still fits). It depends only on the update and the budget (same update -> same
-bound), always terminates, and treats the size as non-increasing in the bound (so a larger ratio
-gets a larger bound). If even rel = 1 does not fit, compress raises ValueError naming ``ratio``
-and the ratio rel = 1 reaches. ``last_choice`` = ``{"rel": bound, "encodes": n, "ratio": r}``.
+a bound looser than the smallest that fits (the payload still fits). It depends only on the update
+and the budget (same update -> same bound), always terminates, and treats the size as
+non-increasing in the bound (so a larger ratio gets a larger bound). If even rel = 1 does not
+fit, compress raises ValueError naming ``ratio`` and the ratio rel = 1 reaches.
+``last_choice`` = ``{"rel": bound, "encodes": n, "ratio": r}``.
 """
 
 from __future__ import annotations
@@ -197,8 +198,6 @@ class SZCompressor(Compressor):
         _, records = wire.unpack(payload, self.codec)
         out: StateDict = {}
         for r in records:
-            if r.name in out:
-                raise FormatError(f"payload names tensor {r.name!r} twice")
             if len(r.data) < 1:
                 raise FormatError(f"record {r.name!r}: empty")
             kind, body = r.data[0], r.data[1:]
