@@ -182,6 +182,42 @@ def test_decode_mean_matches_numpy(backend, n):
     assert torch.allclose(eq, sum(rm.decode(b) for b in blobs) / C, rtol=1e-5, atol=1e-6)
 
 
+def test_decode_on_device(backend, device, monkeypatch):
+    """decode/decode_mean return on ``device`` and dispatch by it (a CUDA device reaches Triton on
+    CUDA tensors); the values equal numpy by hand."""
+    backend_or_skip("mask_decode", backend)
+    n, keep, seeds = 2**16 + 3, 0.3, [5, 2**63 + 1]
+    xs = [torch.randn(n, generator=torch.Generator().manual_seed(s % 1000)) for s in seeds]
+    blobs = [M.RandomMask(keep, backend="torch").encode(x, seed=s) for x, s in zip(xs, seeds, strict=True)]
+    asked = []
+    get = _ops.get
+    monkeypatch.setattr(_ops, "get", lambda op, dev="cpu", *a, **k: asked.append((op, dev)) or get(op, dev, *a, **k))
+    rm = M.RandomMask(keep, backend=backend)
+    scale = np.float32(2**32 / (M.keep_threshold(keep) + 1))
+    out = rm.decode(blobs[0], device=device)
+    assert out.device.type == device and out.dtype == torch.float32
+    m0 = _mask_by_hand(n, seeds[0], keep)
+    want = np.zeros(n, dtype=np.float32)
+    want[m0] = xs[0].numpy()[m0] * scale
+    assert torch.equal(out.cpu(), torch.from_numpy(want))
+    mean = rm.decode_mean(blobs, weights=[1.0, 3.0], device=device)
+    acc = np.zeros(n, dtype=np.float32)
+    for x, s, w in zip(xs, seeds, [0.25, 0.75], strict=True):
+        m = _mask_by_hand(n, s, keep)
+        acc[m] = acc[m] + x.numpy()[m] * np.float32(scale * w)
+    assert mean.device.type == device and torch.equal(mean.cpu(), torch.from_numpy(acc))
+    assert [(op, torch.device(d).type) for op, d in asked] == [("mask_decode", device)] * 2
+
+
+def test_decode_default_device_is_cpu_and_a_bad_device_is_a_value_error():
+    blob = M.RandomMask(0.5).encode(torch.randn(100), seed=1)
+    assert M.RandomMask(0.5).decode(blob).device.type == "cpu"
+    with pytest.raises(ValueError, match="device"):
+        M.RandomMask(0.5).decode(blob, device="gpu0")
+    with pytest.raises(ValueError, match="device"):
+        M.RandomMask(0.5).decode_mean([blob], device=3.5)
+
+
 def test_cpp_same_bytes_one_and_two_threads():
     C = _native()
     if C is None:
@@ -310,6 +346,30 @@ def test_statedict_server_mean_matches_per_client_decode(backend):
             assert int(mean[k]) == want
     with pytest.raises(fc.FormatError):
         comp.server_mean(blobs, ctxs[::-1], weights)
+
+
+def test_statedict_decodes_on_the_global_states_device(backend, device):
+    """server_update returns the delta on the global state's device, decoded there; decompress takes
+    ``device=`` (default CPU). Same values as the CPU decode, lossless tensors exact."""
+    backend_or_skip("mask_decode", backend)
+    comp = fc.get_compressor("mask:keep=0.25")
+    comp.backend = backend
+    ctx = fc.RoundContext(round=2, client=5, seed=1)
+    sd = _state()
+    blob = comp.compress(sd, ctx)
+    ref = fc.get_compressor("mask:keep=0.25")
+    ref.backend = "torch"
+    want = ref.decompress(blob, ctx)
+    assert all(v.device.type == "cpu" for v in comp.decompress(blob, ctx).values())
+    global_state = {k: torch.zeros_like(v).to(device) for k, v in sd.items()}
+    for got in (comp.server_update(blob, global_state, ctx), comp.decompress(blob, ctx, device=device)):
+        assert list(got) == list(sd)
+        for k, v in got.items():
+            assert v.device.type == device and v.dtype == sd[k].dtype, k
+            assert torch.equal(v.cpu(), want[k]), k
+    mean = comp.server_mean([blob, blob], [ctx, ctx], device=device)
+    assert all(v.device.type == device for v in mean.values())
+    torch.testing.assert_close(mean["3.weight"].cpu(), want["3.weight"], rtol=1e-6, atol=0)
 
 
 def test_statedict_wrong_context_is_format_error():
