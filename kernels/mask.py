@@ -184,5 +184,8 @@ def mask_decode_triton(vals, expected, seeds, lens, weights, thr_m1: int, accumu
             C,
             ACCUMULATE=bool(accumulate),
             BLOCK=BLOCK,
+            # the spec sums float32(v * w) products: a fused multiply-add (Triton's default on GPUs)
+            # would round once instead of twice and change the last bit against C++ and the reference
+            enable_fp_fusion=False,
         )
     return out
