@@ -101,9 +101,9 @@ def _triton(target: str, dtypes: tuple[torch.dtype, ...] | None = None) -> Impl:
 
 
 # op name -> backend -> Impl. Every op has "torch". Dtypes name what the implementation computes
-# itself; where it still hands a dtype to the reference inside the function (sz's Triton quantizer
-# on bfloat16, the C++ conv ops on anything but float32), the table says so, so that removing those
-# in-function fallbacks changes no answer.
+# itself; where it still hands a dtype to the reference inside the function (the C++ conv ops on
+# anything but float32), the table says so, so that removing those in-function fallbacks changes no
+# answer.
 _TABLE: dict[str, dict[str, Impl]] = {
     # Random mask (fedcompress/codecs/mask/spec.py is the spec; same bytes on every backend). Values
     # travel as float32 (fp16 on the wire is a cast of those), so every float dtype is served. The C++
@@ -118,15 +118,17 @@ _TABLE: dict[str, dict[str, Impl]] = {
         "cpp": _cpp("fedcompress.cpp.mask:mask_decode_cpp", FLOATS),
         "triton": _triton("fedcompress.kernels.mask:mask_decode_triton", FLOATS),
     },
-    # SZ blocks section (fedcompress/codecs/sz/codec.py is the spec; same bytes on every backend)
+    # SZ blocks section (fedcompress/codecs/sz/codec.py is the spec; same bytes on every backend).
+    # Dispatch by the input's device and dtype (encode) or the requested output's (decode). Triton:
+    # float32/64/16, the kernels' KIND table; bfloat16 runs on the reference by this declaration.
     "sz_encode": {
         "torch": _ref("fedcompress.codecs.sz.codec:encode_section_ref"),
-        "cpp": _cpp("fedcompress.codecs.sz.codec:encode_section_cpp", FLOATS),
+        "cpp": _cpp("fedcompress.cpp.sz:encode_section_cpp", FLOATS),
         "triton": _triton("fedcompress.kernels.sz:encode_section_triton", FLOATS[:3]),
     },
     "sz_decode": {
         "torch": _ref("fedcompress.codecs.sz.codec:decode_section_ref"),
-        "cpp": _cpp("fedcompress.codecs.sz.codec:decode_section_cpp", FLOATS),
+        "cpp": _cpp("fedcompress.cpp.sz:decode_section_cpp", FLOATS),
         "triton": _triton("fedcompress.kernels.sz:decode_section_triton", FLOATS[:3]),
     },
     # FedSynth hypergradient engine (fedcompress/synth/ops.py, kernels/synth.py): float32 buffers. No

@@ -1,4 +1,11 @@
-"""SZ kernels in Triton. Reference: fedcompress/codecs/sz/quantize.py (prequantize_ref)."""
+"""SZ kernels in Triton: the parallel stages of ``sz_encode`` / ``sz_decode`` on the tensor's device.
+
+References and the format: fedcompress/codecs/sz/quantize.py (quantize_ref, reconstruct_ref),
+entropy.py (tokenize_ref) and codec.py (the rest). ``fedcompress._ops`` declares these for CUDA
+tensors (CPU under TRITON_INTERPRET=1) of float32, float64 and float16 (``DTYPES``): bfloat16 runs on
+the reference by that declaration (the interpreter truncates fp32 -> bf16 casts, so a bf16 check here
+would not be the decoder's rounding), and nothing here falls back by itself.
+"""
 
 from __future__ import annotations
 
@@ -6,33 +13,7 @@ import torch
 import triton
 import triton.language as tl
 
-UNQUANTIZED = -(2**31)
 BLOCK = 16384  # >= 16K elements: the interpreter costs ~0.5 ms per program instance
-
-
-@triton.jit
-def _prequantize_kernel(x_ptr, q_ptr, n, inv, BLOCK: tl.constexpr):
-    pid = tl.program_id(0)
-    offs = pid.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-    m = offs < n
-    x = tl.load(x_ptr + offs, mask=m, other=0.0).to(tl.float32)
-    y = x * inv
-    ok = tl.abs(y) < 4194304.0  # 2^22; NaN compares false
-    # round half to even: adding 1.5 * 2^23 leaves no fraction bits (no tl.math.round / rint here)
-    r = (tl.where(ok, y, 0.0) + 12582912.0) - 12582912.0
-    q = tl.where(ok, r.to(tl.int32), -2147483648)
-    tl.store(q_ptr + offs, q, mask=m)
-
-
-def prequantize_triton(x: torch.Tensor, inv: float) -> torch.Tensor:
-    xf = x.detach().reshape(-1).contiguous()
-    if xf.dtype not in (torch.float32, torch.float16):
-        xf = xf.to(torch.float32)
-    n = xf.numel()
-    q = torch.empty(n, dtype=torch.int32, device=xf.device)
-    if n:
-        _prequantize_kernel[(triton.cdiv(n, BLOCK),)](xf, q, n, inv, BLOCK=BLOCK)
-    return q
 
 
 # ---------------------------------------------------------------------------------------------
@@ -106,59 +87,69 @@ def _reconstruct_kernel(q_ptr, out_ptr, n, step, KIND: tl.constexpr, BLOCK: tl.c
 
 
 _KINDS = {torch.float32: 0, torch.float64: 1, torch.float16: 2}
+DTYPES = tuple(_KINDS)  # what _ops declares for these kernels (tests/test_dispatch.py checks it)
+
+
+def _kind(dtype: torch.dtype) -> int:
+    k = _KINDS.get(dtype)
+    if k is None:  # _ops dispatches only DTYPES here; a direct call with another is a caller's bug
+        raise TypeError(f"the Triton SZ kernels serve {', '.join(map(str, DTYPES))}, not {dtype}")
+    return k
 
 
 def quantize_triton(x: torch.Tensor, step: float, bound: float):
-    """(codes int64 numpy, outlier mask numpy) for flat ``x``; bfloat16 goes through the reference
-    (the interpreter truncates fp32 -> bf16 casts, so the check would not be the decoder's)."""
-    from fedcompress.codecs.sz.codec import quantize_all_ref
+    """(codes int64 numpy, outlier mask numpy) for flat ``x``, computed on ``x``'s device."""
     from fedcompress.codecs.sz.quantize import inverse_of_step
 
-    if x.dtype not in _KINDS:
-        return quantize_all_ref(x.cpu(), step, bound)
+    kind = _kind(x.dtype)
     xf = x.detach().reshape(-1).contiguous()
     n = xf.numel()
     q = torch.empty(n, dtype=torch.int32, device=xf.device)
     bad = torch.empty(n, dtype=torch.int8, device=xf.device)
     if n:
         _quantize_check_kernel[(triton.cdiv(n, BLOCK),)](
-            xf, q, bad, n, inverse_of_step(step), step, bound, torch.finfo(x.dtype).tiny, KIND=_KINDS[x.dtype],
+            xf, q, bad, n, inverse_of_step(step), step, bound, torch.finfo(x.dtype).tiny, KIND=kind,
             BLOCK=BLOCK)
     return q.cpu().numpy().astype("int64"), bad.cpu().numpy().astype(bool)
 
 
-def plain_tokens_triton(q_eff, outlier, lorenzo: bool):
+def plain_tokens_triton(q_eff, outlier, lorenzo: bool, device: torch.device | str = "cpu"):
+    """One block's plain-mode tokens and histogram (codec.plain_tokens_ref), computed on ``device``
+    (the held codes come from the host: the outlier hold is sequential)."""
     import numpy as np
 
-    q = torch.from_numpy(np.ascontiguousarray(q_eff, dtype=np.int32))
-    bad = torch.from_numpy(np.ascontiguousarray(outlier, dtype=np.int8))
+    q = torch.from_numpy(np.ascontiguousarray(q_eff, dtype=np.int32)).to(device)
+    bad = torch.from_numpy(np.ascontiguousarray(outlier, dtype=np.int8)).to(device)
     n = q.numel()
-    tok = torch.empty(n, dtype=torch.int32)
-    hist = torch.zeros(65536, dtype=torch.int32)
+    tok = torch.empty(n, dtype=torch.int32, device=q.device)
+    hist = torch.zeros(65536, dtype=torch.int32, device=q.device)
     if n:
         _plain_tokens_kernel[(triton.cdiv(n, BLOCK),)](q, bad, tok, hist, n, LORENZO=bool(lorenzo), BLOCK=BLOCK)
-    return tok.numpy().astype(np.uint16), hist.numpy().astype(np.int64)
+    return tok.cpu().numpy().astype(np.uint16), hist.cpu().numpy().astype(np.int64)
 
 
 def reconstruct_triton(q: torch.Tensor, step: float, dtype: torch.dtype) -> torch.Tensor:
-    from fedcompress.codecs.sz.quantize import reconstruct_ref
-
-    if dtype not in _KINDS:
-        return reconstruct_ref(q, step, dtype)
+    """Dequantize codes ``q`` on their device (codec.decode_block_ref puts them on the output's)."""
+    kind = _kind(dtype)
     q = q.contiguous()
     out = torch.empty(q.numel(), dtype=dtype, device=q.device)
     if q.numel():
-        _reconstruct_kernel[(triton.cdiv(q.numel(), BLOCK),)](q, out, q.numel(), step, KIND=_KINDS[dtype], BLOCK=BLOCK)
+        _reconstruct_kernel[(triton.cdiv(q.numel(), BLOCK),)](q, out, q.numel(), step, KIND=kind, BLOCK=BLOCK)
     return out
 
 
 def encode_section_triton(x: torch.Tensor, step: float, bound: float, block_size: int) -> bytes:
+    import functools
+
     from fedcompress.codecs.sz.codec import encode_section_ref
 
-    return encode_section_ref(x, step, bound, block_size, quantize=quantize_triton, tokens=plain_tokens_triton)
+    tokens = functools.partial(plain_tokens_triton, device=x.device)
+    return encode_section_ref(x, step, bound, block_size, quantize=quantize_triton, tokens=tokens)
 
 
-def decode_section_triton(section, dtype: torch.dtype, n: int, block_size: int, step: float) -> torch.Tensor:
+def decode_section_triton(section, dtype: torch.dtype, n: int, block_size: int, step: float,
+                          device: torch.device | str = "cpu") -> torch.Tensor:
+    """``n`` values on ``device``: entropy decoding on the host, dequantization by the kernel there."""
     from fedcompress.codecs.sz.codec import decode_section_ref
 
-    return decode_section_ref(section, dtype, n, block_size, step, reconstruct=reconstruct_triton)
+    return decode_section_ref(section, dtype, n, block_size, step, device, reconstruct=reconstruct_triton)

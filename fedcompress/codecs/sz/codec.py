@@ -48,7 +48,6 @@ BLK_LORENZO = 1
 BLK_RUN = 2
 BLK_RAW = 4
 _HDR = struct.Struct("<BBddII")
-_NP = {torch.float32: np.float32, torch.float64: np.float64, torch.float16: np.float16, torch.bfloat16: None}
 MAX_EB = 1e300
 
 
@@ -112,9 +111,9 @@ def choose_block_size(x: torch.Tensor, step: float) -> int:
 def finite_range(x: torch.Tensor) -> tuple[float, float] | None:
     """(min, max) of the finite values as float64, or None when there are none."""
     if x.device.type == "cpu" and x.numel() and _ops.available("sz_encode", "cpp")[0]:
-        arr, code = _native_view(x.reshape(-1).contiguous())
-        lo, hi, cnt = _ops.native().sz_finite_range(arr.view(np.uint8), code, x.numel())
-        return (lo, hi) if cnt else None
+        from ...cpp.sz import finite_range_cpp  # the C++ adapters import this package's siblings
+
+        return finite_range_cpp(x)
     xd = x.reshape(-1)
     fin = torch.isfinite(xd)
     if not bool(fin.all()):
@@ -156,9 +155,9 @@ def _raw_bytes(x: torch.Tensor) -> bytes:
     return bytes(wire.tensor_bytes(x))
 
 
-def quantize_all_ref(x: torch.Tensor, step: float, bound: float, prequantize=None) -> tuple[np.ndarray, np.ndarray]:
+def quantize_all_ref(x: torch.Tensor, step: float, bound: float) -> tuple[np.ndarray, np.ndarray]:
     """Stage 1 over the whole flat tensor: (codes int64, outlier mask)."""
-    q = (prequantize or prequantize_ref)(x, inverse_of_step(step)).cpu()
+    q = prequantize_ref(x, inverse_of_step(step)).cpu()
     _, out = quantize_ref(x, step, bound, q)
     return q.numpy().astype(np.int64), out.numpy()
 
@@ -212,8 +211,13 @@ def _pack_block(x, pred, run, tok, hist, wide, outlier) -> bytes:
     return raw if len(blk) >= len(raw) else blk
 
 
-def decode_block_ref(buf, n: int, dtype: torch.dtype, step: float, reconstruct=None) -> torch.Tensor:
-    """Block bytes -> ``n`` values of ``dtype``. FormatError on anything inconsistent."""
+def decode_block_ref(buf, n: int, dtype: torch.dtype, step: float, reconstruct=None,
+                     device: torch.device | str = "cpu") -> torch.Tensor:
+    """Block bytes -> ``n`` values of ``dtype`` on ``device``. FormatError on anything inconsistent.
+
+    The entropy stages are sequential and run on the host; the codes go to ``device`` once and are
+    dequantized there (``reconstruct``: the reference, or Triton's kernel on CUDA), outliers too.
+    """
     isz = wire.itemsize(dtype)
     r = wire.Reader(buf, "sz block")
     flags = r.u8()
@@ -222,7 +226,7 @@ def decode_block_ref(buf, n: int, dtype: torch.dtype, step: float, reconstruct=N
     if flags & BLK_RAW:
         out = wire.tensor_from_bytes(r.take(n * isz), dtype, (n,), "sz raw block")
         r.expect_end()
-        return out
+        return out.to(device)
     pb = r.u8()
     if not ent.MIN_PB <= pb <= ent.MAX_PB:
         raise FormatError(f"sz block: model precision {pb} outside [{ent.MIN_PB}, {ent.MAX_PB}]")
@@ -242,23 +246,23 @@ def decode_block_ref(buf, n: int, dtype: torch.dtype, step: float, reconstruct=N
     if int(is_out.sum()) != n_out:
         raise FormatError("sz block: outlier count mismatch")
     q = lorenzo_inverse_ref(d) if flags & BLK_LORENZO else d
-    out = (reconstruct or reconstruct_ref)(torch.from_numpy(q.astype(np.int32)), step, dtype)
+    out = (reconstruct or reconstruct_ref)(torch.from_numpy(q.astype(np.int32)).to(device), step, dtype)
     if n_out:
         # through an integer view: index_put on bfloat16 goes via float and canonicalises NaN payloads
         # (0xFFFF came back as 0x7FC0 from 64 elements up; found by the property tests)
         iv = {2: torch.int16, 4: torch.int32, 8: torch.int64}[isz]
-        out.view(iv)[torch.from_numpy(is_out)] = outl.view(iv)
+        out.view(iv)[torch.from_numpy(is_out).to(device)] = outl.view(iv).to(device)
     return out
 
 
-def encode_section_ref(x: torch.Tensor, step: float, bound: float, block_size: int, prequantize=None,
-                       quantize=None, tokens=None) -> bytes:
+def encode_section_ref(x: torch.Tensor, step: float, bound: float, block_size: int, quantize=None,
+                       tokens=None) -> bytes:
     """Reference encoder of the blocks section. ``quantize``/``tokens`` are pluggable stages (Triton)."""
     x = x.detach().reshape(-1)
     if quantize is not None:
         q_all, out_all = quantize(x, step, bound)
     else:
-        q_all, out_all = quantize_all_ref(x.cpu(), step, bound, prequantize)
+        q_all, out_all = quantize_all_ref(x.cpu(), step, bound)
     x = x.cpu()
     blocks = [
         encode_block_ref(x[i : i + block_size], q_all[i : i + block_size], out_all[i : i + block_size], step, bound,
@@ -281,41 +285,16 @@ def split_section(section, n: int, block_size: int, n_blocks: int) -> list[memor
 
 
 def decode_section_ref(section, dtype: torch.dtype, n: int, block_size: int, step: float,
-                       reconstruct=None) -> torch.Tensor:
+                       device: torch.device | str = "cpu", reconstruct=None) -> torch.Tensor:
+    """Reference decoder of the blocks section: ``n`` values of ``dtype`` on ``device``.
+    ``reconstruct`` is the pluggable dequantizer (Triton)."""
     n_blocks = -(-n // block_size)
     blocks = split_section(section, n, block_size, n_blocks)
     if not blocks:
-        return torch.empty(0, dtype=dtype)
-    parts = [decode_block_ref(b, min(block_size, n - i * block_size), dtype, step, reconstruct)
+        return torch.empty(0, dtype=dtype, device=device)
+    parts = [decode_block_ref(b, min(block_size, n - i * block_size), dtype, step, reconstruct, device)
              for i, b in enumerate(blocks)]
     return torch.cat(parts)
-
-
-def _native_view(xf: torch.Tensor) -> tuple[np.ndarray, int]:
-    """A numpy view of a contiguous flat CPU float tensor and its wire dtype code (16-bit as int16)."""
-    if xf.dtype in (torch.bfloat16, torch.float16):
-        return xf.view(torch.int16).numpy(), wire.DTYPE_CODES[xf.dtype]
-    return xf.numpy(), wire.DTYPE_CODES[xf.dtype]
-
-
-def encode_section_cpp(x: torch.Tensor, step: float, bound: float, block_size: int) -> bytes:
-    xf = x.detach().reshape(-1).contiguous()
-    arr, code = _native_view(xf)
-    return _ops.native().sz_encode(arr.view(np.uint8), code, xf.numel(), step, bound, block_size)
-
-
-def decode_section_cpp(section, dtype: torch.dtype, n: int, block_size: int, step: float) -> torch.Tensor:
-    out = torch.empty(n, dtype=dtype)
-    if n:
-        dst = out.view(torch.uint8) if dtype.itemsize == 1 else out.view(torch.int16 if dtype.itemsize == 2 else
-                                                                        torch.int32 if dtype.itemsize == 4 else torch.int64)
-        try:
-            _ops.native().sz_decode(
-                np.frombuffer(section, np.uint8), dst.numpy().view(np.uint8), wire.DTYPE_CODES[dtype], n, block_size, step
-            )
-        except ValueError as e:
-            raise FormatError(str(e)) from None
-    return out
 
 
 # ---------------------------------------------------------------------------------------------
@@ -330,7 +309,7 @@ def encode_stream(x: torch.Tensor, error_bound: float, mode: str, *, block_size:
     if x.numel() == 0:
         section = b""
     else:
-        section = _ops.get("sz_encode", x.device, backend)(x, step, bound, block_size)
+        section = _ops.get("sz_encode", x.device, backend, x.dtype)(x, step, bound, block_size)
     n_blocks = -(-x.numel() // block_size)
     hdr = _HDR.pack(VERSION, lossless_mode, step, bound, block_size, n_blocks)
     if lossless_mode == lossless.LOSSLESS_ZSTD:
@@ -338,7 +317,21 @@ def encode_stream(x: torch.Tensor, error_bound: float, mode: str, *, block_size:
     return hdr + section
 
 
-def decode_stream(data, dtype: torch.dtype, shape: tuple[int, ...], backend: str | None = None) -> torch.Tensor:
+def check_device(device) -> torch.device:
+    """``device`` as a torch.device (None: CPU); a bad value is a ValueError naming the argument."""
+    if device is None:
+        return torch.device("cpu")
+    try:
+        return torch.device(device)
+    except (TypeError, RuntimeError) as e:
+        raise ValueError(f"device={device!r} is not a torch device (e.g. 'cpu', 'cuda', 'cuda:1')") from e
+
+
+def decode_stream(data, dtype: torch.dtype, shape: tuple[int, ...], backend: str | None = None,
+                  device: torch.device | str | None = None) -> torch.Tensor:
+    """One stream -> a tensor of ``dtype`` and ``shape`` on ``device`` (default CPU), decoded by the
+    backend chosen for that device and dtype (CUDA: Triton dequantizes on the device)."""
+    dev = check_device(device)
     if dtype not in wire.FLOAT_DTYPES:
         raise FormatError(f"sz stream for a non-float dtype {dtype}")
     n = math.prod(shape)
@@ -364,8 +357,8 @@ def decode_stream(data, dtype: torch.dtype, shape: tuple[int, ...], backend: str
     if n == 0:
         if len(section):
             raise FormatError("sz stream: data for an empty tensor")
-        return torch.empty(shape, dtype=dtype)
-    out = _ops.get("sz_decode", "cpu", backend)(section, dtype, n, block_size, step)
+        return torch.empty(shape, dtype=dtype, device=dev)
+    out = _ops.get("sz_decode", dev, backend, dtype)(section, dtype, n, block_size, step, dev)
     return out.reshape(shape)
 
 
@@ -378,8 +371,9 @@ class SZ:
 
     ``SZ(error_bound=1e-2, mode="rel")``: every finite value comes back within ``eb`` where
     ``eb = error_bound`` (ABS) or ``error_bound * (max - min)`` of the finite values (REL);
-    NaN, +-Inf and subnormals come back bit-exact. ``encode(t) -> bytes``, ``decode(b) -> Tensor``
-    (same dtype and shape; CPU). ``lossless="zstd"`` adds a zstd pass; ``backend`` forces one of
+    NaN, +-Inf and subnormals come back bit-exact. ``encode(t) -> bytes`` (CPU or CUDA ``t``, encoded
+    where it lives), ``decode(b, device=None) -> Tensor`` (same dtype and shape, on ``device``, default
+    CPU, and decoded by that device's backend). ``lossless="zstd"`` adds a zstd pass; ``backend`` forces one of
     torch / cpp / triton (default: automatic, see fedcompress._ops).
     """
 
@@ -414,9 +408,10 @@ class SZ:
                              backend=self.backend)
         return wire.pack(wire.CODEC_SZ_TENSOR, [wire.Record("", t.dtype, tuple(t.shape), data)])
 
-    def decode(self, blob) -> torch.Tensor:
+    def decode(self, blob, device=None) -> torch.Tensor:
+        dev = check_device(device)
         _, records = wire.unpack(blob, wire.CODEC_SZ_TENSOR)
         if len(records) != 1:
             raise FormatError(f"sz tensor payload has {len(records)} records, expected 1")
         rec = records[0]
-        return decode_stream(rec.data, rec.dtype, rec.shape, backend=self.backend)
+        return decode_stream(rec.data, rec.dtype, rec.shape, backend=self.backend, device=dev)

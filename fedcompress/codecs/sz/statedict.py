@@ -7,6 +7,10 @@ Spec keys: ``rel`` (REL bound, default 1e-2), ``abs`` (ABS bound; > 0 switches t
 FedSZ does; ``server_update`` returns the delta either way), ``ef=0|1`` (error feedback: the part
 of the update the bound threw away is added to the client's next update).
 
+Decoding follows a device: ``decompress(payload, ctx, device=None)`` returns every tensor on
+``device`` (default CPU), the SZ streams decoded by that device's backend (CUDA: Triton), and
+``server_update`` decodes on the global state's device.
+
 Record data starts with one kind byte: 0 = raw bytes of the dtype, 1 = an SZ stream (codec.py).
 
 Byte budget (``sz:ratio=R``, codecs/budget.py; exclusive with ``rel``/``abs``): per update, the
@@ -37,7 +41,16 @@ from ... import wire
 from ...api import Compressor, Param, RoundContext, StateDict, boolean, choice, local_sgd, register, state_delta
 from ...errors import FormatError
 from ..budget import RATIO_PARAM, budget_bytes, dense_payload_bytes, payload_overhead, spec_without
-from .codec import decode_stream, encode_stream
+from .codec import check_device, decode_stream, encode_stream
+
+def state_device(state: StateDict) -> torch.device:
+    """Where a state dict lives: its first float tensor's device (else its first tensor's; else CPU)."""
+    tensors = list(state.values())
+    for t in tensors:
+        if t.is_floating_point():
+            return t.device
+    return tensors[0].device if tensors else torch.device("cpu")
+
 
 KIND_RAW = 0
 KIND_SZ = 1
@@ -97,7 +110,7 @@ class SZCompressor(Compressor):
             if name in streams:
                 data = streams[name]
                 if ef:
-                    new_res[name] = t.cpu() - decode_stream(data, t.dtype, tuple(t.shape))
+                    new_res[name] = t - decode_stream(data, t.dtype, tuple(t.shape), device=t.device)
                 records.append(wire.Record(name, t.dtype, tuple(t.shape), b"\x01" + data))
             else:
                 records.append(wire.Record(name, t.dtype, tuple(t.shape), b"\x00" + bytes(wire.tensor_bytes(t))))
@@ -194,7 +207,9 @@ class SZCompressor(Compressor):
         self.last_choice = {"rel": 2.0 ** (b / GRID), "encodes": len(sizes)}
         return best["streams"]
 
-    def decompress(self, payload: bytes, ctx: RoundContext) -> StateDict:
+    def decompress(self, payload: bytes, ctx: RoundContext, device=None) -> StateDict:
+        """The tensors in ``payload``, each on ``device`` (default CPU), SZ streams decoded there."""
+        dev = check_device(device)
         _, records = wire.unpack(payload, self.codec)
         out: StateDict = {}
         for r in records:
@@ -202,9 +217,9 @@ class SZCompressor(Compressor):
                 raise FormatError(f"record {r.name!r}: empty")
             kind, body = r.data[0], r.data[1:]
             if kind == KIND_RAW:
-                out[r.name] = wire.tensor_from_bytes(body, r.dtype, r.shape, f"record {r.name!r}")
+                out[r.name] = wire.tensor_from_bytes(body, r.dtype, r.shape, f"record {r.name!r}").to(dev)
             elif kind == KIND_SZ:
-                out[r.name] = decode_stream(body, r.dtype, r.shape)
+                out[r.name] = decode_stream(body, r.dtype, r.shape, device=dev)
             else:
                 raise FormatError(f"record {r.name!r}: unknown kind {kind}")
         return out
@@ -216,7 +231,7 @@ class SZCompressor(Compressor):
         return super().client_update(model, global_state, data, ctx)
 
     def server_update(self, payload: bytes, global_state: StateDict, ctx: RoundContext) -> StateDict:
-        decoded = self.decompress(payload, ctx)
+        decoded = self.decompress(payload, ctx, device=state_device(global_state))
         if self.params["target"] == "weights":
             missing = set(global_state) - set(decoded)
             if missing:
