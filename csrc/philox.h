@@ -1,5 +1,5 @@
 // Philox4x32-10 (Salmon et al., SC'11; the Random123 generator), as pure functions shared by the
-// C++ kernels (csrc/mask.cpp) and the CUDA kernel (csrc/cuda/mask.cu).
+// C++ kernels (csrc/mask.cpp); kernels/mask.py follows the same convention in Triton.
 //
 // Convention (Triton's tl.randint4x, so a Triton kernel can call it directly):
 //   key     = (seed & 0xFFFFFFFF, seed >> 32)

@@ -115,7 +115,7 @@ def test_quick_plan_end_to_end(tmp_path):
         if row != "none":  # each compressor landed near 16x (mask: keep=1/16 plus headers)
             assert 13 < r["compression_ratio"] < 19.5, r
     # the ratio in the table is the driver's: dense / upstream from the run's own summary.json
-    mask_dir = os.path.join(runs_dir, "seed0", "iid", "mask_keep=0.0625")
+    mask_dir = os.path.join(runs_dir, "seed0", "iid", "mask_keep=0.0625_unbiased=false")
     s = json.load(open(os.path.join(mask_dir, "summary.json")))
     assert s["compression_ratio"] == pytest.approx(s["dense_upstream_bytes"] / s["upstream_bytes"])
     assert f"{s['compression_ratio']:.2f}x" in text
@@ -247,7 +247,7 @@ def test_compare_without_compressors_writes_the_report(tmp_path, capsys):
             "--rows", "none,mask", "--parts", "iid", "--no-progress"]
     assert cli.main(args) == 0
     text = open(tmp_path / "docs" / "results.md").read()
-    assert text.startswith("# Results") and "| mask (keep=1/ratio) |" in text
+    assert text.startswith("# Results") and "| mask (keep=1/ratio, unbiased=false) |" in text
     assert "fedcompress compare --quick" in text
     res = json.loads(open(tmp_path / "docs" / "results.json").read())
     assert {r["row"] for r in res["runs"]} == {"none", "mask"}

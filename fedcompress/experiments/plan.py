@@ -56,7 +56,7 @@ class Plan:
 
 ROW_LABELS = {
     "none": "none",
-    "mask": "mask (keep=1/ratio)",
+    "mask": "mask (keep=1/ratio, unbiased=false)",
     "mask-unbiased": "mask (keep=1/ratio, unbiased=true)",
     "sz": "sz (update, REL calibrated)",
     "fedsynth-fixed": "fedsynth (labels=fixed)",
