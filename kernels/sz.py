@@ -13,6 +13,7 @@ import torch
 import triton
 import triton.language as tl
 
+UNQUANTIZED = -(2**31)  # quantize.UNQUANTIZED; the kernels write it as the literal -2147483648
 BLOCK = 16384  # >= 16K elements: the interpreter costs ~0.5 ms per program instance
 
 

@@ -95,6 +95,9 @@ def test_triton_sz_limits_equal_python():
     src = _source(SZ_TRITON)
     m = re.search(r"^UNQUANTIZED = (.+)$", src, re.M)
     assert m and eval(m[1], {}) == quantize.UNQUANTIZED  # a literal such as -(2**31)
+    # inside @triton.jit kernels a module global is not readable, so they spell it out
+    spelled = {int(v) for v in re.findall(r"(-\d{6,})\b", src)}
+    assert spelled == {quantize.UNQUANTIZED}, spelled
     limits = {float(v) for v in re.findall(r"tl\.abs\(y\) < ([0-9.]+)", src)}
     assert limits == {quantize.MAX_QUANT}, "every Triton quantizer must stop at quantize.MAX_QUANT"
     # round half to even by adding 1.5 * 2^23: exact only while |y| < 2^22 = MAX_QUANT

@@ -52,7 +52,7 @@ def adversarial(draw):
 
 @pytest.mark.parametrize("dtype", FLOAT_DTYPES, ids=str)
 @pytest.mark.parametrize("mode", ["abs", "rel"])
-def test_sz_bound_on_adversarial_values(backend, dtype, mode):
+def test_sz_bound_on_adversarial_values(backend, device, dtype, mode):
     backend_or_skip("sz_encode", backend)
 
     @SETTINGS
@@ -61,8 +61,9 @@ def test_sz_bound_on_adversarial_values(backend, dtype, mode):
         vals, eb = case
         x = torch.tensor(vals, dtype=torch.float64).to(dtype)
         codec = fc.SZ(eb, mode, backend=backend)
-        y = codec.decode(codec.encode(x))
-        assert y.dtype == dtype and y.shape == x.shape
+        y = codec.decode(codec.encode(x.to(device)), device=device)  # encoded and decoded on the device
+        assert y.dtype == dtype and y.shape == x.shape and y.device.type == device
+        y = y.cpu()
         fin = torch.isfinite(x)
         if mode == "abs":
             bound = eb
@@ -113,7 +114,7 @@ def test_mask_bytes_identical_across_backends(backend):
     check()
 
 
-def test_sz_nan_payload_bits_survive_on_every_backend(backend):
+def test_sz_nan_payload_bits_survive_on_every_backend(backend, device):
     # regression: the reference decoder's bool-index assignment canonicalised bfloat16 NaNs (0xFFFF ->
     # 0x7FC0) from 64 elements up
     backend_or_skip("sz_encode", backend)
@@ -123,5 +124,5 @@ def test_sz_nan_payload_bits_survive_on_every_backend(backend):
         bits[0] = -1
         bits[77] = -1
         codec = fc.SZ(1e-7, "rel", backend=backend)
-        y = codec.decode(codec.encode(x))
-        assert np.array_equal(_bits(y), _bits(x)), dtype
+        y = codec.decode(codec.encode(x.to(device)), device=device)
+        assert y.device.type == device and np.array_equal(_bits(y.cpu()), _bits(x)), dtype

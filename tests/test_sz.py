@@ -34,7 +34,8 @@ def _data(n: int, dtype: torch.dtype, kind: str = "gauss", seed: int = 0) -> tor
         x = torch.randn(n, generator=g, dtype=torch.float64) * (torch.rand(n, generator=g) < 0.1)
         x[: n // 3] = 0
     elif kind == "smooth":
-        x = torch.sin(torch.arange(n, dtype=torch.float64) / 50) + 1e-3 * torch.randn(n, generator=g, dtype=torch.float64)
+        x = torch.sin(torch.arange(n, dtype=torch.float64) / 50)
+        x += 1e-3 * torch.randn(n, generator=g, dtype=torch.float64)
     else:
         raise ValueError(kind)
     return x.to(dtype)
@@ -55,7 +56,8 @@ def _check_bound(x: torch.Tensor, y: torch.Tensor, eb: float, mode: str) -> floa
 
 
 def _bits(t: torch.Tensor) -> np.ndarray:
-    return t.contiguous().view({1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}[t.element_size()]).numpy()
+    iv = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}[t.element_size()]
+    return t.contiguous().view(iv).numpy()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -573,3 +575,244 @@ def test_sparse_decision_both_sides():
     assert not C.is_sparse(nan, step)
     # an explicit block_size always wins
     assert _n_blocks(fc.SZ(1e-2, backend="cpp", block_size=1 << 16).encode(below)) == -(-n // (1 << 16))
+
+
+# ---------------------------------------------------------------------------------------------
+# Decoding where the caller wants it: the output's device (and the dtype) pick the backend
+
+
+def _spy_backends(monkeypatch, op: str) -> list[str]:
+    """Replace every implementation of ``op`` by a wrapper that records its backend, so a test sees
+    which one the dispatch ran (the dispatch cache is emptied so it picks the wrappers up)."""
+    import importlib
+
+    ran: list[str] = []
+    depth = [0]  # Triton's section functions call the reference's with its stages plugged in: count the outer one
+    for b, impl in fc._ops.implementations(op).items():
+        mod, fn = impl.target.split(":")
+        try:
+            m = importlib.import_module(mod)
+        except ImportError:  # triton not installed: that backend cannot be chosen anyway
+            continue
+        real = getattr(m, fn)
+
+        def spy(*args, _real=real, _b=b, **kwargs):
+            if not depth[0]:
+                ran.append(_b)
+            depth[0] += 1
+            try:
+                return _real(*args, **kwargs)
+            finally:
+                depth[0] -= 1
+
+        monkeypatch.setattr(m, fn, spy)
+    monkeypatch.setattr(fc._ops, "_DISPATCH", {})
+    return ran
+
+
+def _served(backend: str, dtype: torch.dtype) -> str:
+    """The backend that must run: Triton serves float32/64/16 (bfloat16 is declared to the
+    reference; the interpreter cannot reproduce the decoder's bf16 rounding), C++ every float dtype."""
+    if backend == "triton" and dtype == torch.bfloat16:
+        return "torch"
+    return backend
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_decode_returns_on_device_and_dispatches_by_it(backend, device, dtype, monkeypatch):
+    backend_or_skip("sz_decode", backend)
+    x, ref, y_ref = _reference_case(dtype, "sparse")  # CPU torch reference bytes and decode
+    ran = _spy_backends(monkeypatch, "sz_decode")
+    y = fc.SZ(backend=backend).decode(ref, device=device)
+    assert y.device.type == device and y.dtype == dtype and y.shape == x.shape
+    assert set(ran) == {_served(backend, dtype)}
+    assert np.array_equal(_bits(y.cpu()), _bits(y_ref))
+    # the state-dict compressor decodes the same stream on the same device, by the same backend
+    ran.clear()
+    monkeypatch.setenv("FEDCOMPRESS_BACKEND", backend)
+    comp = fc.get_compressor("sz:rel=1e-2")
+    payload = wire.pack(wire.CODEC_SZ, [wire.Record("w", dtype, tuple(x.shape), b"\x01" + _stream(ref))])
+    out = comp.decompress(payload, fc.RoundContext(), device=device)
+    assert out["w"].device.type == device and set(ran) == {_served(backend, dtype)}
+    assert np.array_equal(_bits(out["w"].cpu()), _bits(y_ref))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_encode_dispatches_by_device_and_dtype(backend, device, dtype, monkeypatch):
+    backend_or_skip("sz_encode", backend)
+    x, ref, _ = _reference_case(dtype, "gauss")
+    ran = _spy_backends(monkeypatch, "sz_encode")
+    assert fc.SZ(1e-2, backend=backend, block_size=BLOCK).encode(x.to(device)) == ref
+    assert set(ran) == {_served(backend, dtype)}
+
+
+def test_automatic_backend_follows_the_device(device, monkeypatch):
+    """No backend named: CPU decodes with C++ (when built), CUDA with Triton (when importable); the
+    decoder used to dispatch as CPU whatever the caller wanted."""
+    want = "cpp" if device == "cpu" else "triton"
+    if not fc._ops.available("sz_decode", want, device)[0]:
+        pytest.skip(f"{want} unavailable for sz_decode on {device}")
+    monkeypatch.delenv("FEDCOMPRESS_BACKEND", raising=False)
+    x, ref, y_ref = _reference_case(torch.float32, "smooth")
+    ran = _spy_backends(monkeypatch, "sz_decode")
+    y = fc.SZ().decode(ref, device=device)
+    assert ran == [want] * len(ran) and ran and y.device.type == device
+    assert np.array_equal(_bits(y.cpu()), _bits(y_ref))
+
+
+def test_decode_device_argument():
+    blob = fc.SZ(1e-2).encode(torch.randn(100))
+    assert fc.SZ().decode(blob).device.type == "cpu"  # default, as before
+    assert fc.SZ().decode(blob, device=torch.device("cpu")).device.type == "cpu"
+    for bad in ("gpu0", 3.5, "cuda:x"):
+        with pytest.raises(ValueError, match="device"):
+            fc.SZ().decode(blob, device=bad)
+    comp = fc.get_compressor("sz:rel=1e-2")
+    with pytest.raises(ValueError, match="device"):
+        comp.decompress(comp.compress({"w": torch.randn(2000)}, fc.RoundContext()), fc.RoundContext(), device="nope")
+
+
+def test_triton_kernels_refuse_what_they_do_not_serve():
+    """No silent fallback inside the kernels: _ops declares bfloat16 to the reference instead."""
+    if not fc._ops.available("sz_decode", "triton")[0]:
+        pytest.skip("triton unavailable here")
+    from fedcompress.kernels import sz as K
+
+    assert tuple(K.DTYPES) == fc._ops.implementations("sz_decode")["triton"].dtypes
+    assert tuple(K.DTYPES) == fc._ops.implementations("sz_encode")["triton"].dtypes
+    with pytest.raises(TypeError, match="bfloat16"):
+        K.reconstruct_triton(torch.zeros(4, dtype=torch.int32), 0.5, torch.bfloat16)
+    with pytest.raises(TypeError, match="bfloat16"):
+        K.quantize_triton(torch.zeros(4, dtype=torch.bfloat16), 0.5, 0.25)
+
+
+def test_statedict_decodes_on_the_global_states_device(device):
+    sd = {k: v.to(device) for k, v in _state().items()}
+    comp = fc.get_compressor("sz:rel=1e-2,min_lossy=1000")
+    ctx = fc.RoundContext()
+    payload = comp.compress(sd, ctx)
+    on_cpu = comp.decompress(payload, ctx)
+    delta = comp.server_update(payload, sd, ctx)
+    for k, v in sd.items():
+        assert on_cpu[k].device.type == "cpu"
+        assert delta[k].device == v.device and delta[k].dtype == v.dtype, k
+        assert np.array_equal(_bits(delta[k].cpu()), _bits(on_cpu[k])), k
+        if v.is_floating_point() and v.numel() >= 1000:
+            _check_bound(v.cpu(), delta[k].cpu(), 1e-2, "rel")
+        else:
+            assert torch.equal(delta[k].cpu(), v.cpu()), k
+    # error feedback keeps its residual where the update lives
+    ef = fc.get_compressor("sz:rel=0.2,ef=1")
+    u = {"w": torch.linspace(-1, 1, 4096, device=device) ** 3}
+    ef.compress(u, ctx)
+    assert ef._residual[ctx.client]["w"].device == u["w"].device
+
+
+# ---------------------------------------------------------------------------------------------
+# Golden bytes: payloads written by the code before decode(device=) and the C++ adapters' move
+# (commit 0f20ae9, torch backend; cpp and triton wrote the same bytes). ``a`` has a Lorenzo block,
+# a Lorenzo block with zero runs, a plain block, NaN/+-Inf, a subnormal and an unquantizable value;
+# ``h`` (float16 at a bound below its resolution) is one raw block; ``sd`` a state dict with lossy,
+# lossless-float and int tensors.
+
+_GOLDEN_A = (
+    "46434d5001001000000000000100000000000101580200000000000042050000000000000200fca9f1d24d62603ffca9"
+    "f1d24d62503fc80000000300000051010000000000005c010000000000006302000000000000010cc800000000000000"
+    "040000003500c8025302004e504e52f801524e504e000000500000004e00505452a20100a401a801a6014ea401a20150"
+    "545254a20100f8010200f20150cc0200f6019c03f20198039603b406ea03e705be01d9e08201a3bf049adf1092e0a101"
+    "cb803ea8a08901cce0ed01f5bfeb02fcda04f955a09803ecd31bf4f302ebd301c99103e99117aab016decf16bdce01a3"
+    "8d02bacc0ea20bc1ca07d46881a9839c04a18702aea7a0ce05b7e5d0f501f0248d83daf6019ca39fa501e58191e1033a"
+    "00000074601451f8205d32d463c28398741e250b36e6458f56fcb671a7e9177c0846b93d09a6497c3aef2ab30b8eab4f"
+    "dd78dcfcbcda8bbf2544da03ec633d8dddb7bfb34fa41d53af793fb97fbd9f755fb59fb6dd5b4dfb5b2e4c0d8bdd4983"
+    "d9ebe8ebe8ac67ac6746e7b7d6cf250ac50ac514943d940000c07f0000807f000080ff00002000030c6b000000000000"
+    "00000000005a00e90401ae029b0101010001040101010001010301010101010001050102000100010600010001010103"
+    "010101000001040100010101020103000101010101010101010000010201010001010100010201010100010100010101"
+    "0000a101049f010101000001010001000001010001000001020100a101019e0101000000000001010000000100000000"
+    "a0019e010100a0010000009801b602b80200b702a004e1bf8b208cd18e20f7d4db07d6d8eb0181dd930187bd4cc0daed"
+    "03b796d90fc4d2f003d2eeed07e7cacf0fbd8723f58323cf8323958724de8a24cd8e24add210a1d6108a9a04e61edfdd"
+    "10e9d910e09524c99124d98d24908a24a58623baa222be8424ad8824e8cb1020000000a692f510bac2828470563c2844"
+    "7a1e2c4ebe94dfaeada6cb92b9a0f7b225ea63576267412cf3ceb4e0d6d458a02ab24cca6e023f9aecf86a14b918672a"
+    "656eb3000cc80000000000000001000000c8005401030001010102000103000000010300010500010200010000010200"
+    "010200010000010200010500010300000001030001020101000101000101010300010200010000010200010500010200"
+    "010000010300010201010001010001010102000103000000010300010500010200010000010200010200010000010200"
+    "010500010300000001030001020101000101020101010200010300010000010200010500010200010000010200010200"
+    "010100010100010101020001030000000103000105000101000101000102000102000100000102000105000102000100"
+    "000103000102010100010201010102000103000000010300010500010200010000010200010200010000010200010500"
+    "010300000001030001020101000101000101010300010200010000010200d1b25fd9b556a8e35adedb5ab8ac56e6ec5a"
+    "a0db5aeda256a1d6f7e7018ef2d0e701fac6e7dc01969fb6f301eac8d6e701c290c8f301f197a7f3018cc18fdd01c399"
+    "bff301d6cec7dc01c9aac7dc01b6dde3e7018d85d6dc018df4c7f301c7b4d4e701ddc4eae701fdbcb9f30191abd3e701"
+    "a0aef8e70181baaaf301bee1dbdc01d297c2f301e6b0cee701bd88f0e70148000000be6f9f33f618447b487178bda176"
+    "09c6076799b5640e3f02584af7f9a722cc1e35c56407ac5c7060128c2a8881e46daf51234129f4ea9041cb3d46e66226"
+    "aa4d82810d6b27796a13808f8d54166818cca727754c38a04cacef77c104440f2c637ce9bbdaf2d1185ef625b9465f3d"
+    "34c15c8bd968be33d0ef289478a8b8bbaf10ec2c31577685841e6ff2305a124a7b72caf24971ed030041"
+)
+_GOLDEN_H = (
+    "46434d500100100000000000010000000000030206000000000000000800000000000000830000000000000002002d43"
+    "1cebe2362a3f2d431cebe2361a3f300000000100000061000000000000000400c41440ff2c88bfb0c364407e33e8be60"
+    "c3b4403e3648be10c304415f38a9bdc0c254419e3909bd70c2a441de3a69bc21c2f3410f3c92bbd1c14342af3c53ba81"
+    "c193424f3d13b931c1e342ee3da7b7e1c033438e3e27b591c083432e3f50b144765894"
+)
+_GOLDEN_SD = (
+    "46434d50010003000000000003000000010077010208000000000000001000000000000000d700000000000000010200"
+    "666666664d62703f666666664d62603f8000000001000000b400000000000000010c8000000000000000000000000a00"
+    "810b038001fe018006fe0280098002fe0d7eff0728e0bfd4950580a1afa001c0e3d5e202e0e29a3c80cbd56da0eabd84"
+    "01a0f3a271c0a99926a0bbaf54c0efe81bc0b3eb31c09cd56d80bba1e00280b4ff3b80b1aba001c0fcb48401a0ca9844"
+    "a0b1948401e0889b46c0898726e0c48733e0c4873380e1979f01c0a2ab48c0a6aaa80380e8a548c0acfa8701c0cda270"
+    "e0baf64ba0b9dd14e0b7da14c0f5832600000000010062030105000000000000000b000000000000000000bc00b80000"
+    "0038003c01006e05000900000000000000000500000000000000e79fc1ec"
+)
+
+
+def _golden_inputs():
+    i = torch.arange(600, dtype=torch.float64)
+    a = torch.sin(i / 20)  # block 0: smooth (Lorenzo)
+    a[200:300] = torch.sin(i[200:300] / 5)  # block 1: smooth, then a run of zeros
+    a[300:400] = 0.0
+    a[400:] = torch.remainder(i[400:] * 0.618034, 1.0) - 0.5  # block 2: no structure
+    a = a.to(torch.float32)
+    a[3], a[4], a[5] = float("nan"), float("inf"), float("-inf")
+    a[6] = torch.finfo(torch.float32).tiny / 4  # subnormal: verbatim
+    a[450] = 1e30  # unquantizable: verbatim
+    h = (torch.remainder(torch.arange(48, dtype=torch.float64) * 0.7548777, 1.0) * 8 - 4).to(torch.float16)
+    sd = {"w": (torch.cos(torch.arange(128, dtype=torch.float64) / 7) * 0.1).to(torch.float32).reshape(8, 16),
+          "b": torch.linspace(-1, 1, 5, dtype=torch.float16), "n": torch.tensor(5)}
+    return a, h.reshape(6, 8), sd
+
+
+def _stream(blob: bytes) -> bytes:
+    _, recs = wire.unpack(blob, wire.CODEC_SZ_TENSOR)
+    return bytes(recs[0].data)
+
+
+def _block_flags(blob: bytes) -> list[int]:
+    d = _stream(blob)
+    n_blocks = C._HDR.unpack(d[: C._HDR.size])[5]
+    pos = C._HDR.size + 8 * n_blocks
+    flags = []
+    for k in np.frombuffer(d[C._HDR.size : pos], "<u8"):
+        flags.append(d[pos])
+        pos += int(k)
+    return flags
+
+
+def test_golden_bytes(backend, device, monkeypatch):
+    backend_or_skip("sz_encode", backend)
+    a, h, sd = _golden_inputs()
+    assert fc.SZ(1e-3, "abs", block_size=200, backend=backend).encode(a.to(device)).hex() == "".join(_GOLDEN_A)
+    assert fc.SZ(1e-4, "abs", backend=backend).encode(h.to(device)).hex() == "".join(_GOLDEN_H)
+    monkeypatch.setenv("FEDCOMPRESS_BACKEND", backend)
+    comp = fc.get_compressor("sz:rel=1e-2,min_lossy=64")
+    ctx = fc.RoundContext()
+    assert comp.compress({k: v.to(device) for k, v in sd.items()}, ctx).hex() == "".join(_GOLDEN_SD)
+    # the golden payloads hold what the comment says, and decode on the device within their bounds
+    ga, gh = bytes.fromhex(_GOLDEN_A), bytes.fromhex(_GOLDEN_H)
+    assert _block_flags(ga) == [C.BLK_LORENZO, C.BLK_LORENZO | C.BLK_RUN, 0] and _block_flags(gh) == [C.BLK_RAW]
+    ya = fc.SZ(backend=backend).decode(ga, device=device)
+    assert ya.device.type == device
+    _check_bound(a, ya.cpu(), 1e-3, "abs")
+    special = ~torch.isfinite(a) | (a.abs() < torch.finfo(torch.float32).tiny) & (a != 0) | (a.abs() > 1e29)
+    assert np.array_equal(_bits(a)[special.numpy()], _bits(ya.cpu())[special.numpy()])
+    assert torch.equal(fc.SZ(backend=backend).decode(gh, device=device).cpu(), h)
+    out = comp.decompress(bytes.fromhex(_GOLDEN_SD), ctx, device=device)
+    _check_bound(sd["w"], out["w"].cpu(), 1e-2, "rel")
+    assert torch.equal(out["b"].cpu(), sd["b"]) and int(out["n"]) == 5 and out["n"].dtype == torch.int64
