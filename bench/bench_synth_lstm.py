@@ -138,6 +138,8 @@ def child(name: str, reps: int, out_npy: str | None, threads: int = 0) -> dict:
         "cpu_s": cpu,
         "peak_extra_mb": (peak - base) / 1024 if reset else float("nan"),
         "threads": torch.get_num_threads(),
+        # what one call reads (w_0, synthetic embeddings and labels, the real batch): benchtable's input_bytes
+        "input_bytes": sum(t.numel() * t.element_size() for t in (*params.values(), *args)),
     }
 
 
@@ -168,7 +170,7 @@ def run_all(providers=PROVIDERS, rounds: int = 3, reps: int = 5, threads: int = 
             err = float(np.abs(v - ref).max() / np.abs(ref).max())
             # per output (the loss dominates max|ref|, which hides the gradients' error)
             cuts = np.cumsum([1, M * B * T * 64])
-            for name, a, r in zip(("loss", "grad_e", "grad_val"), np.split(v, cuts), np.split(ref, cuts)):
+            for name, a, r in zip(("loss", "grad_e", "grad_val"), np.split(v, cuts), np.split(ref, cuts), strict=True):
                 parts[name] = float(np.abs(a - r).max() / max(np.abs(r).max(), 1e-30))
         table[p] = {
             "rel_err_by_output": parts,
@@ -193,7 +195,9 @@ try:
         npy = str(tmp_path / f"{provider}.npy")
         threads = int(os.environ.get("BENCH_SYNTH_THREADS", "1"))
         r = benchmark.pedantic(run_one, args=(provider, 3, npy, threads), rounds=1, iterations=1)
-        benchmark.extra_info.update(r)
+        # schema 1 of fedcompress/benchtable.py (`fedcompress bench`); times_s: the child's own calls
+        benchmark.extra_info.update(r, schema=1, op="synth hypergradient", case="lstm",
+                                    peer=provider in ("create_graph", "higher", "torchopt"))
         _RESULTS[provider] = dict(r, npy=npy)
 
     def test_table_lstm(benchmark):

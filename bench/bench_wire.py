@@ -27,4 +27,6 @@ def test_crc32(benchmark, provider, size):
     benchmark.group = f"crc32-{size}"
     got = benchmark.pedantic(fn, args=(data,), rounds=21, warmup_rounds=1)
     assert got == zlib.crc32(data)
-    benchmark.extra_info.update(nbytes=len(data))
+    # schema 1 of fedcompress/benchtable.py (`fedcompress bench`): zlib is the yardstick
+    benchmark.extra_info.update(schema=1, op="crc32", case=size, provider=provider, input_bytes=len(data),
+                                peer=provider == "zlib")
