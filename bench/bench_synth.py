@@ -154,6 +154,8 @@ def child(name: str, reps: int, out_npy: str | None, threads: int = 0) -> dict:
         "cpu_s": cpu,
         "peak_extra_mb": (peak - base) / 1024 if reset else float("nan"),
         "threads": torch.get_num_threads(),
+        # what one call reads (w_0, synthetic x and y, the real batch): benchtable's input_bytes
+        "input_bytes": sum(t.numel() * t.element_size() for t in (*params.values(), sx, sy, rx, ry)),
     }
 
 
@@ -242,7 +244,8 @@ try:
         # 10-50x slower (OpenMP threads waiting for a core); BENCH_SYNTH_THREADS=2 on an idle one
         threads = int(os.environ.get("BENCH_SYNTH_THREADS", "1"))
         r = benchmark.pedantic(run_one, args=(provider, 5, npy, threads), rounds=1, iterations=1)
-        benchmark.extra_info.update(r)
+        # schema 1 of fedcompress/benchtable.py (`fedcompress bench`); times_s: the child's own calls
+        benchmark.extra_info.update(r, schema=1, op="synth hypergradient", case="cnn", peer=provider in PEERS)
         _RESULTS[provider] = dict(r, npy=npy)
 
     def test_table(benchmark):
