@@ -482,3 +482,17 @@ def test_guard_on_a_non_iid_client_that_used_to_blow_up():
     ctx.epochs, ctx.batch_size = 1, 4
     comp.client_update(model, state, data, ctx)
     assert comp.last_fallback == "" and comp.last_update_ratio < 10
+
+
+def test_client_update_takes_a_dataloader_or_tensordataset_like_a_pair():
+    # issue 16: client_update(model, state, data, ctx) accepts the three forms local SGD accepts;
+    # FedSynth needs all the client's data at once, so a DataLoader is read whole, in its order
+    from torch.utils.data import DataLoader, TensorDataset
+
+    x, y = _data()
+    spec = "fedsynth:batches=2,batch=2,outer_steps=2,labels=fixed"
+    blobs = []
+    for data in ((x, y), TensorDataset(x, y), DataLoader(TensorDataset(x, y), batch_size=5)):
+        model, state, comp, ctx = _setup(spec)
+        blobs.append(comp.client_update(model, state, data, ctx))
+    assert blobs[0] == blobs[1] == blobs[2]

@@ -62,6 +62,7 @@ from ..api import (
     StateDict,
     boolean,
     choice,
+    client_tensors,
     local_sgd,
     positive_float,
     positive_int,
@@ -467,6 +468,7 @@ class FedSynthCompressor(Compressor):
         )
 
     def client_update(self, model: nn.Module, global_state: StateDict, data, ctx: RoundContext) -> bytes:
+        data = client_tensors(data)  # an (x, y) pair, a TensorDataset or a DataLoader: all of it at once
         if fedsynth_text.is_text_model(model):
             return fedsynth_text.client_update(self, model, global_state, data, ctx)
         self.model = model
