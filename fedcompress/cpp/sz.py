@@ -48,9 +48,8 @@ def decode_section_cpp(section, dtype: torch.dtype, n: int, block_size: int, ste
     if n:
         dst = out.view(_INT_VIEW[dtype.itemsize])
         try:
-            _ops.native().sz_decode(
-                np.frombuffer(section, np.uint8), dst.numpy().view(np.uint8), wire.DTYPE_CODES[dtype], n, block_size, step
-            )
+            _ops.native().sz_decode(np.frombuffer(section, np.uint8), dst.numpy().view(np.uint8),
+                                    wire.DTYPE_CODES[dtype], n, block_size, step)
         except ValueError as e:
             raise FormatError(str(e)) from None
     return out.to(device)

@@ -43,6 +43,7 @@ from ...errors import FormatError
 from ..budget import RATIO_PARAM, budget_bytes, dense_payload_bytes, payload_overhead, spec_without
 from .codec import check_device, decode_stream, encode_stream
 
+
 def state_device(state: StateDict) -> torch.device:
     """Where a state dict lives: its first float tensor's device (else its first tensor's; else CPU)."""
     tensors = list(state.values())
