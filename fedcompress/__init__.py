@@ -20,6 +20,8 @@ __all__ = [
     "get_compressor",
     "available_compressors",
     "register",
+    "set_num_threads",
+    "get_num_threads",
     "synth",
     "wire",
 ]

@@ -222,7 +222,7 @@ def check_update(comp: Compressor, update: Any) -> None:
         return
     if isinstance(update, Tensor):
         hint = (
-            f"for one tensor pass {{'name': t}}, or use the tensor codecs fc.SZ(...).encode(t) / "
+            "for one tensor pass {'name': t}, or use the tensor codecs fc.SZ(...).encode(t) / "
             "fc.RandomMask(...).encode(t, seed=...)"
         )
     elif isinstance(update, torch.nn.Module):

@@ -304,7 +304,7 @@ def run_cases(names: list[str], cases: int, seed: int, limit_mb: int, hang_secon
     rss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     done = 0
     spent = dict.fromkeys(names, 0.0)
-    for done in range(1, cases + 1):
+    for done in range(1, cases + 1):  # noqa: B007 (read after the loop: how many cases ran)
         # equal time per target rather than equal cases: interpreted Triton decoders are far slower
         name = min(names, key=spent.__getitem__)
         t = TARGETS[name]

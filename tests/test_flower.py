@@ -601,6 +601,7 @@ def test_readme_flower_commands_fit_one_machine():
     """Two SuperNodes on one machine: distinct ports and partition-ids 0..N-1; the config.toml
     connection is the one `flwr run` names and points at the SuperLink's port."""
     import shlex
+
     import tomllib
 
     sec = readme_flower_section()
@@ -622,6 +623,7 @@ def test_readme_flower_commands_fit_one_machine():
 
 def test_readme_flwr_run_line_names_the_app_and_its_config_keys():
     import shlex
+
     import tomllib
 
     sec = readme_flower_section()

@@ -64,8 +64,8 @@ def test_cpp_ops_under_asan_and_ubsan(tmp_path):
     )
     code = (
         "import fedcompress._C as C, sys; assert C.__file__.startswith(sys.argv[1]), C.__file__;"
-        "import pytest; sys.exit(pytest.main(['-q', '-x', '-p', 'no:cacheprovider', '-k', 'not triton and not cuda_source',"
-        " '--rootdir', sys.argv[2]] + sys.argv[3:]))"
+        "import pytest; sys.exit(pytest.main(['-q', '-x', '-p', 'no:cacheprovider',"
+        " '-k', 'not triton and not cuda_source', '--rootdir', sys.argv[2]] + sys.argv[3:]))"
     )
     r = subprocess.run([sys.executable, "-c", code, str(src), str(ROOT)] + tests, cwd=tmp_path, env=env,
                        capture_output=True, text=True, timeout=1200)

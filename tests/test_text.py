@@ -7,8 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from fedcompress.fedavg import ExperimentConfig, build_model, evaluate, load_dataset, run_experiment
-from fedcompress.fedavg import text
+from fedcompress.fedavg import ExperimentConfig, build_model, evaluate, load_dataset, run_experiment, text
 from fedcompress.fedavg.text import BOS, EOS, IGNORE, PAD, UNK
 
 
@@ -147,7 +146,8 @@ def _leaf(folder, split, users):
 
 def test_reddit_leaf_reader(tmp_path):
     _leaf(tmp_path, "train", {"u1": {"x": _U1_X, "y": _U1_Y}, "u2": {"x": _U2_X, "y": _U2_Y}})
-    _leaf(tmp_path, "test", {"u1": {"x": [[["<BOS>", "i", "like", "birds"]]], "y": [{"target_tokens": [["i", "like", "birds", "<EOS>"]]}]}})
+    test_u1 = {"x": [[["<BOS>", "i", "like", "birds"]]], "y": [{"target_tokens": [["i", "like", "birds", "<EOS>"]]}]}
+    _leaf(tmp_path, "test", {"u1": test_u1})
     ds = text.load_reddit_leaf(str(tmp_path), seq_len=4, vocab_size=100)
     # vocabulary from train: cats 3, like 3, ... ties alphabetical
     assert ds.vocab.words[4:] == ["cats", "like", "a", "dogs", "i", "lot", "me"]
@@ -202,7 +202,8 @@ def test_reddit_errors(tmp_path):
     _leaf(tmp_path, "train", {"u": {"x": [], "y": []}})
     with pytest.raises(ValueError, match="empty"):
         text.load_reddit_leaf(str(tmp_path), seq_len=2)
-    _leaf(tmp_path, "train", {"u": {"x": [[["a", "b"]]], "y": [{"target_tokens": [["b", "c"]]}]}, "v": {"x": [], "y": []}})
+    one = {"x": [[["a", "b"]]], "y": [{"target_tokens": [["b", "c"]]}]}
+    _leaf(tmp_path, "train", {"u": one, "v": {"x": [], "y": []}})
     with pytest.raises(ValueError, match="'v' has no full sequence"):
         text.load_reddit_leaf(str(tmp_path), seq_len=2)
     _leaf(tmp_path, "train", {"u": {"x": [[["a", "b", "c"]]], "y": [{"target_tokens": [["b", "c", "d"]]}]}})

@@ -134,7 +134,9 @@ class Shape:
     nbytes: int  # the payload's exact length
 
 
-def payload_bytes(batches: int, batch: int, input_shape, classes: int, labels: str = "fixed", dtype: str = "fp16") -> int:
+def payload_bytes(
+    batches: int, batch: int, input_shape, classes: int, labels: str = "fixed", dtype: str = "fp16"
+) -> int:
     """The exact length of a fedsynth payload of this shape (every byte the driver counts)."""
     comp = FedSynthCompressor(batches=batches, batch=batch, labels=labels, dtype=dtype)
     x = torch.zeros((batches, batch) + tuple(input_shape))
@@ -318,7 +320,9 @@ class FedSynthCompressor(Compressor):
         if not torch.isfinite(xs).all() and torch.isfinite(x).all():  # overflow of the cast; the
             # server would refuse it, so say so here (non-finite input is passed on: tests build
             # hostile payloads this way)
-            raise ValueError(f"fedsynth: synthetic inputs are not finite in {p['dtype']} (|x| up to {float(x.abs().max()):.3g})")
+            raise ValueError(
+                f"fedsynth: synthetic inputs are not finite in {p['dtype']} (|x| up to {float(x.abs().max()):.3g})"
+            )
         x_rec = wire.Record("x", dt, tuple(x.shape), wire.tensor_bytes(xs))
         lr = float(update.get("inner_lr", p["inner_lr"]))
         meta = wire.Writer()
@@ -605,7 +609,9 @@ def _check_softmax_labels(y: torch.Tensor, mode: str, dt: torch.dtype) -> None:
     tol = _ROW_TOL[dt]
     if mode == "softmax":
         if not bool(((rows - 1).abs() <= tol).all()):
-            raise FormatError(f"fedsynth: softmax label rows must sum to 1 (found {float(rows.min()):.6g}..{float(rows.max()):.6g})")
+            raise FormatError(
+                f"fedsynth: softmax label rows must sum to 1 (found {float(rows.min()):.6g}..{float(rows.max()):.6g})"
+            )
     elif not bool((rows <= MAX_LABEL_SCALE * (1 + tol)).all()):
         raise FormatError(f"fedsynth: scaled softmax label rows must sum to at most {MAX_LABEL_SCALE:g}")
 

@@ -183,7 +183,9 @@ def decompress(comp, payload: bytes, ctx: RoundContext | None = None) -> StateDi
     else:
         yr = rec["y"]
         if yr.dtype != _label_dtype(V) or yr.shape != (m, b, T, k):
-            raise FormatError(f"fedsynth text: y is {yr.dtype} {yr.shape}; expected {_label_dtype(V)} [{m}, {b}, {T}, {k}]")
+            raise FormatError(
+                f"fedsynth text: y is {yr.dtype} {yr.shape}; expected {_label_dtype(V)} [{m}, {b}, {T}, {k}]"
+            )
         idx = wire.lossless_tensor(yr).to(torch.int64)
         if idx.numel() and (int(idx.min()) < 0 or int(idx.max()) >= V):
             raise FormatError(f"fedsynth text: label ids out of range [0, {V})")

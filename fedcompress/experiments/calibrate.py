@@ -99,7 +99,8 @@ def build_runs(plan: Plan, data_by_part: dict, log=print) -> list[Run]:
                 if row == "none":
                     continue
                 if row in ("mask", "mask-unbiased"):
-                    spec = f"mask:keep={1 / ratio:.6g}" + (",unbiased=true" if row == "mask-unbiased" else ",unbiased=false")
+                    flag = ",unbiased=true" if row == "mask-unbiased" else ",unbiased=false"
+                    spec = f"mask:keep={1 / ratio:.6g}" + flag
                     runs.append(Run(part, row, ratio, spec, _ratio(spec, upd, dense)))
                 elif row == "sz":
                     if sz_missing:
