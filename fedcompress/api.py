@@ -270,6 +270,25 @@ def check_payload(comp: Compressor, payload: Any) -> None:
     )
 
 
+def check_device(device) -> torch.device:
+    """``device`` as a torch.device (None: CPU); a bad value is a ValueError naming the argument."""
+    if device is None:
+        return torch.device("cpu")
+    try:
+        return torch.device(device)
+    except (TypeError, RuntimeError) as e:
+        raise ValueError(f"device={device!r} is not a torch device (e.g. 'cpu', 'cuda', 'cuda:1')") from e
+
+
+def state_device(state: StateDict) -> torch.device:
+    """Where a state dict lives: its first float tensor's device (else its first tensor's; else CPU)."""
+    tensors = list(state.values())
+    for t in tensors:
+        if t.is_floating_point():
+            return t.device
+    return tensors[0].device if tensors else torch.device("cpu")
+
+
 def state_delta(new: StateDict, old: StateDict) -> StateDict:
     """new − old per tensor, in each tensor's own dtype (bool: xor)."""
     out = {}

@@ -1,6 +1,6 @@
 """Python adapters of the C++ extension ``fedcompress._C``, one module per op family, named as kernels/
-(Triton) and csrc/ (C++) are: ``cpp/mask.py`` adapts csrc/mask.cpp as ``kernels/mask.py`` is the Triton
-side of the same ops. Each adapter turns CPU tensors into numpy views, calls ``_C`` and raises
+(Triton) and csrc/ (C++) are: ``cpp/mask.py`` adapts csrc/mask.cpp and ``cpp/sz.py`` csrc/sz.cpp, as
+``kernels/mask.py`` and ``kernels/sz.py`` are the Triton side of the same ops. Each adapter turns CPU tensors into numpy views, calls ``_C`` and raises
 ``FormatError`` for what the kernel reports as bad input; ``fedcompress._ops`` declares them.
 
 Importing this package never imports ``_C``: an adapter reaches it through ``_ops.native()`` when

@@ -11,10 +11,10 @@ import numpy as np
 import torch
 
 from ... import _ops, wire
+from ...api import check_device
 from ...errors import FormatError
 from .framing import VALUE_DTYPES, check_alloc_bits, pack_meta, unpack_meta, values_bytes, values_from
 from .spec import (
-    check_device,
     check_keep,
     check_seed,
     client_weights,

@@ -20,22 +20,24 @@ import math
 import torch
 
 from ... import _ops, wire
-from ...api import Compressor, Param, RoundContext, StateDict, boolean, choice, mix_seed, register
+from ...api import (
+    Compressor,
+    Param,
+    RoundContext,
+    StateDict,
+    boolean,
+    check_device,
+    choice,
+    mix_seed,
+    register,
+    state_device,
+)
 from ...errors import FormatError
 from ..budget import RATIO_PARAM, budget_bytes, dense_payload_bytes, payload_overhead, spec_without
 from .framing import META_LEN, VALUE_DTYPES, check_alloc_bits, pack_meta, unpack_meta, values_bytes, values_from
-from .spec import check_device, client_weights, keep_threshold, unbiased_scale
+from .spec import client_weights, keep_threshold, unbiased_scale
 
 MASK_SALT = 0x4D41534B  # "MASK": RoundContext.subseed salt for the state-dict mask id
-
-
-def state_device(state: StateDict) -> torch.device:
-    """Where a state dict lives: its first float tensor's device (else its first tensor's; else CPU)."""
-    tensors = list(state.values())
-    for t in tensors:
-        if t.is_floating_point():
-            return t.device
-    return tensors[0].device if tensors else torch.device("cpu")
 
 
 # A budgeted keep leaves room for the kept count to land this many standard deviations above its

@@ -64,16 +64,6 @@ def check_seed(seed) -> int:
     return int(seed)
 
 
-def check_device(device) -> torch.device:
-    """``device`` as a torch.device (None: CPU); a bad value is a ValueError naming the argument."""
-    if device is None:
-        return torch.device("cpu")
-    try:
-        return torch.device(device)
-    except (TypeError, RuntimeError) as e:
-        raise ValueError(f"device={device!r} is not a torch device (e.g. 'cpu', 'cuda', 'cuda:1')") from e
-
-
 # ---------------------------------------------------------------------------------------------
 # Torch reference: Philox4x32-10 on int64 tensors (32-bit words held in [0, 2^32))
 

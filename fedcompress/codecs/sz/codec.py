@@ -36,6 +36,7 @@ import numpy as np
 import torch
 
 from ... import _ops, wire
+from ...api import check_device
 from ...errors import FormatError
 from . import entropy as ent
 from . import lossless
@@ -315,16 +316,6 @@ def encode_stream(x: torch.Tensor, error_bound: float, mode: str, *, block_size:
     if lossless_mode == lossless.LOSSLESS_ZSTD:
         return hdr + struct.pack("<Q", len(section)) + lossless.zstd_compress(section)
     return hdr + section
-
-
-def check_device(device) -> torch.device:
-    """``device`` as a torch.device (None: CPU); a bad value is a ValueError naming the argument."""
-    if device is None:
-        return torch.device("cpu")
-    try:
-        return torch.device(device)
-    except (TypeError, RuntimeError) as e:
-        raise ValueError(f"device={device!r} is not a torch device (e.g. 'cpu', 'cuda', 'cuda:1')") from e
 
 
 def decode_stream(data, dtype: torch.dtype, shape: tuple[int, ...], backend: str | None = None,

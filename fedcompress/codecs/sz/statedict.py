@@ -38,20 +38,22 @@ import math
 import torch
 
 from ... import wire
-from ...api import Compressor, Param, RoundContext, StateDict, boolean, choice, local_sgd, register, state_delta
+from ...api import (
+    Compressor,
+    Param,
+    RoundContext,
+    StateDict,
+    boolean,
+    check_device,
+    choice,
+    local_sgd,
+    register,
+    state_delta,
+    state_device,
+)
 from ...errors import FormatError
 from ..budget import RATIO_PARAM, budget_bytes, dense_payload_bytes, payload_overhead, spec_without
-from .codec import check_device, decode_stream, encode_stream
-
-
-def state_device(state: StateDict) -> torch.device:
-    """Where a state dict lives: its first float tensor's device (else its first tensor's; else CPU)."""
-    tensors = list(state.values())
-    for t in tensors:
-        if t.is_floating_point():
-            return t.device
-    return tensors[0].device if tensors else torch.device("cpu")
-
+from .codec import decode_stream, encode_stream
 
 KIND_RAW = 0
 KIND_SZ = 1
