@@ -19,6 +19,7 @@ import torch
 
 import fedcompress as fc
 from fedcompress import _ops
+from fedcompress.benchtable import BENCH_SCHEMA
 from fedcompress.codecs import mask as M
 
 N_ENCODE = 25_000_000
@@ -31,11 +32,10 @@ def _has(backend: str, device: str = "cpu") -> bool:
     return _ops.available("mask_encode", backend, device)[0] and not (backend == "triton" and device == "cpu")
 
 
-def _run(benchmark, fn, nbytes, rounds=7):
-    benchmark.extra_info["input_GB"] = nbytes / 1e9
-    out = benchmark.pedantic(fn, rounds=rounds, iterations=1, warmup_rounds=1)
-    benchmark.extra_info["GB/s (median)"] = nbytes / 1e9 / benchmark.stats.stats.median
-    return out
+def _run(benchmark, fn, nbytes, op, provider, peer=False, rounds=7):
+    """Time ``fn`` and state what was measured in fedcompress.benchtable's extra_info schema."""
+    benchmark.extra_info.update(schema=BENCH_SCHEMA, op=op, provider=provider, input_bytes=nbytes, peer=peer)
+    return benchmark.pedantic(fn, rounds=rounds, iterations=1, warmup_rounds=1)
 
 
 @pytest.fixture(scope="module")
@@ -52,7 +52,7 @@ def test_encode_fedcompress_cpp_op(benchmark, x25):
     if not _has("cpp"):
         pytest.skip("extension not built")
     fn = _ops.get("mask_encode", "cpu", "cpp")
-    _run(benchmark, lambda: fn([x25], [1234], THR), x25.numel() * 4)
+    _run(benchmark, lambda: fn([x25], [1234], THR), x25.numel() * 4, "mask encode", "fc-cpp op")
 
 
 @pytest.mark.benchmark(group="encode-25M")
@@ -60,7 +60,7 @@ def test_encode_fedcompress_cpp_bytes(benchmark, x25):
     if not _has("cpp"):
         pytest.skip("extension not built")
     rm = fc.RandomMask(KEEP, backend="cpp")
-    blob = _run(benchmark, lambda: rm.encode(x25, seed=1234), x25.numel() * 4)
+    blob = _run(benchmark, lambda: rm.encode(x25, seed=1234), x25.numel() * 4, "mask encode", "fc-cpp bytes")
     benchmark.extra_info["payload_bytes"] = len(blob)
 
 
@@ -76,13 +76,14 @@ def test_encode_fedcompress_triton_cuda(benchmark, x25):
         torch.cuda.synchronize()
         return out
 
-    _run(benchmark, run, x25.numel() * 4)
+    _run(benchmark, run, x25.numel() * 4, "mask encode", "fc-triton cuda")
 
 
 @pytest.mark.benchmark(group="encode-25M")
 def test_encode_naive_torch_rand(benchmark, x25):
     g = torch.Generator().manual_seed(1234)
-    _run(benchmark, lambda: x25[torch.rand(x25.numel(), generator=g) < KEEP], x25.numel() * 4)
+    _run(benchmark, lambda: x25[torch.rand(x25.numel(), generator=g) < KEEP], x25.numel() * 4,
+         "mask encode", "naive torch rand", peer=True)
 
 
 @pytest.mark.benchmark(group="encode-25M")
@@ -94,12 +95,12 @@ def test_encode_naive_torch_randperm_indices(benchmark, x25):
         idx = torch.randperm(x25.numel(), generator=g)[:k]
         return idx, x25[idx]
 
-    _run(benchmark, run, x25.numel() * 4, rounds=3)
+    _run(benchmark, run, x25.numel() * 4, "mask encode", "naive torch randperm", peer=True, rounds=3)
 
 
 @pytest.mark.benchmark(group="encode-25M")
 def test_encode_memcpy(benchmark, x25):
-    _run(benchmark, lambda: x25.clone(), x25.numel() * 4)
+    _run(benchmark, lambda: x25.clone(), x25.numel() * 4, "mask encode", "memcpy", peer=True)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -128,7 +129,7 @@ def test_decode_mean_fedcompress_cpp(benchmark, clients):
     if not _has("cpp"):
         pytest.skip("extension not built")
     rm = fc.RandomMask(KEEP, backend="cpp")
-    _run(benchmark, lambda: rm.decode_mean(clients[0]), CLIENTS * N_CLIENT * 4, rounds=5)
+    _run(benchmark, lambda: rm.decode_mean(clients[0]), CLIENTS * N_CLIENT * 4, "mask decode_mean", "fc-cpp", rounds=5)
 
 
 @pytest.mark.benchmark(group="decode_mean-100x1M")
@@ -143,7 +144,7 @@ def test_decode_mean_naive_torch_loop(benchmark, clients):
             acc.index_put_((m,), v, accumulate=True)  # ~10x faster here than the idiomatic acc[m] += v
         return acc / CLIENTS
 
-    _run(benchmark, run, CLIENTS * N_CLIENT * 4, rounds=3)
+    _run(benchmark, run, CLIENTS * N_CLIENT * 4, "mask decode_mean", "naive torch loop", peer=True, rounds=3)
 
 
 @pytest.mark.benchmark(group="decode_mean-100x1M")
@@ -158,7 +159,7 @@ def test_decode_mean_naive_torch_loop_masked_scatter(benchmark, clients):
             acc += torch.zeros(N_CLIENT).masked_scatter_(m, v)  # the fastest torch form found
         return acc / CLIENTS
 
-    _run(benchmark, run, CLIENTS * N_CLIENT * 4, rounds=3)
+    _run(benchmark, run, CLIENTS * N_CLIENT * 4, "mask decode_mean", "naive torch masked_scatter", peer=True, rounds=3)
 
 
 @pytest.mark.benchmark(group="decode_mean-100x1M")
@@ -171,7 +172,7 @@ def test_decode_mean_naive_torch_indices(benchmark, clients):
             acc.index_add_(0, idx, v)
         return acc / CLIENTS
 
-    _run(benchmark, run, CLIENTS * N_CLIENT * 4, rounds=3)
+    _run(benchmark, run, CLIENTS * N_CLIENT * 4, "mask decode_mean", "naive torch indices", peer=True, rounds=3)
 
 
 # ---------------------------------------------------------------------------------------------
