@@ -101,9 +101,7 @@ def _triton(target: str, dtypes: tuple[torch.dtype, ...] | None = None) -> Impl:
 
 
 # op name -> backend -> Impl. Every op has "torch". Dtypes name what the implementation computes
-# itself; where it still hands a dtype to the reference inside the function (the C++ conv ops on
-# anything but float32), the table says so, so that removing those in-function fallbacks changes no
-# answer.
+# itself; no implementation hands a dtype to the reference inside the function: the table does.
 _TABLE: dict[str, dict[str, Impl]] = {
     # Random mask (fedcompress/codecs/mask/spec.py is the spec; same bytes on every backend). Values
     # travel as float32 (fp16 on the wire is a cast of those), so every float dtype is served. The C++
@@ -150,26 +148,28 @@ _TABLE: dict[str, dict[str, Impl]] = {
         "torch": _ref("fedcompress.synth.ops:reverse_step_ref"),
         "triton": _triton("fedcompress.kernels.synth:reverse_step_triton", (torch.float32,)),
     },
-    # fused small-C_in conv + relu + max-pool (csrc/synth.cpp), float32 on CPU; CUDA runs the reference
+    # fused small-C_in conv + relu + max-pool, im2col, col2im (csrc/synth.cpp; adapters in
+    # fedcompress/cpp/synth.py), float32 on CPU; other dtypes and CUDA run the reference. The dispatch
+    # (synth/ops.py) passes the dtype all tensor arguments share, weights included.
     "synth_conv_pool": {
         "torch": _ref("fedcompress.synth.ops:conv_pool_ref"),
-        "cpp": _cpp("fedcompress.synth.ops:conv_pool_cpp", (torch.float32,)),
+        "cpp": _cpp("fedcompress.cpp.synth:conv_pool_cpp", (torch.float32,)),
     },
     "synth_conv_at": {
         "torch": _ref("fedcompress.synth.ops:conv_at_ref"),
-        "cpp": _cpp("fedcompress.synth.ops:conv_at_cpp", (torch.float32,)),
+        "cpp": _cpp("fedcompress.cpp.synth:conv_at_cpp", (torch.float32,)),
     },
     "synth_conv_at_bwd": {
         "torch": _ref("fedcompress.synth.ops:conv_at_bwd_ref"),
-        "cpp": _cpp("fedcompress.synth.ops:conv_at_bwd_cpp", (torch.float32,)),
+        "cpp": _cpp("fedcompress.cpp.synth:conv_at_bwd_cpp", (torch.float32,)),
     },
     "synth_col2im": {
         "torch": _ref("fedcompress.synth.ops:col2im_ref"),
-        "cpp": _cpp("fedcompress.synth.ops:col2im_cpp", (torch.float32,)),
+        "cpp": _cpp("fedcompress.cpp.synth:col2im_cpp", (torch.float32,)),
     },
     "synth_im2col": {
         "torch": _ref("fedcompress.synth.ops:im2col_ref"),
-        "cpp": _cpp("fedcompress.synth.ops:im2col_cpp", (torch.float32,)),
+        "cpp": _cpp("fedcompress.cpp.synth:im2col_cpp", (torch.float32,)),
     },
 }
 

@@ -60,6 +60,44 @@ def test_undeclared_dtype_runs_the_reference_quietly():
     assert out.dtype == torch.float64 and torch.allclose(out, want)
 
 
+def test_synth_dispatch_sees_the_weights_dtype():
+    """The C++ conv kernels are float32-only for every tensor argument (declared in _ops): the
+    dispatch in synth/ops.py passes the dtype they share, so float64 weights never reach the kernel,
+    mixed dtypes are refused by name, and the adapter itself refuses instead of falling back."""
+    from fedcompress.synth import ops
+
+    g = torch.Generator().manual_seed(3)
+    xs = torch.randn(2, 7, 7, 2, generator=g)  # [N, Hp, Wp, C] channels last
+    w = torch.randn(3, 2, 3, 3, generator=g)
+    b = torch.randn(3, generator=g)
+    want = torch.relu(torch.nn.functional.max_pool2d(torch.nn.functional.conv2d(
+        xs.double().permute(0, 3, 1, 2), w.double(), b.double()), 2))  # fmt: skip
+    backends = ["torch"] + (["cpp"] if _ops.available("synth_conv_pool", "cpp")[0] else [])
+    for backend in backends:
+        out, _ = ops.conv_pool(xs.double(), w.double(), b.double(), 2, backend=backend)
+        assert out.dtype == torch.float64 and torch.allclose(out, want)  # the reference, by declaration
+        out, _ = ops.conv_pool(xs, w, b, 2, backend=backend)
+        assert out.dtype == torch.float32 and torch.allclose(out.double(), want, rtol=1e-5, atol=1e-5)
+        with pytest.raises(ValueError, match=r"share one dtype.*w=float64"):
+            ops.conv_pool(xs, w.double(), b, 2, backend=backend)
+        _, arg = ops.conv_pool(xs, w, b, 2, backend=backend)
+        gout = torch.randn(2, 3, 2, 2, generator=g)
+        with pytest.raises(ValueError, match=r"share one dtype.*gout2=float64"):
+            ops.conv_at_bwd(gout, xs, w, 2, arg, True, gout.double(), w, backend=backend)
+    if "cpp" in backends:
+        from fedcompress.cpp.synth import conv_at_bwd_cpp, conv_pool_cpp
+
+        with pytest.raises(ValueError, match=r"float32 CPU tensors only.*w is float64"):
+            conv_pool_cpp(xs, w.double(), b, 2)
+        _, arg = ops.conv_pool(xs, w, b, 2)
+        gout = torch.randn(2, 3, 2, 2, generator=g)
+        with pytest.raises(ValueError, match=r"gout2 is float64"):
+            conv_at_bwd_cpp(gout, xs, w, 2, arg, True, gout.double(), w)
+        # a float64 engine resolves every conv op to its reference; float32 to the kernels
+        k64, k32 = ops.Bound("cpu", None, torch.float64), ops.Bound("cpu", None, torch.float32)
+        assert k64.conv_pool is conv_pool_ref and k32.conv_pool is conv_pool_cpp
+
+
 def test_explicit_backend_on_a_device_it_does_not_declare_raises():
     with pytest.raises(BackendUnavailable, match="CPU tensors"):
         _ops.choose("synth_conv_pool", "cuda", backend="cpp")

@@ -64,9 +64,8 @@ def _pair(v) -> tuple[int, int]:
 
 class Conv2d:
     """Two routes. Big (real) batches: mkldnn, channels_last. Small (synthetic, b-image) batches:
-    im2col + GEMM, because mkldnn re-lays out the weight on every call and is slow at that size
-    (conv 32->64 5x5 on 2 images, one core: forward 0.22 ms vs 0.03 ms im2col + 0.14 ms GEMM; weight
-    + input gradient 0.63 ms vs 0.12 ms GEMM + 0.11 ms GEMM and C++ col2im). The columns are ordered
+    im2col + GEMM, because mkldnn re-lays out the weight on every call, which dominates at that
+    size (``bench/bench_synth.py`` times the engine built this way). The columns are ordered
     (kh, kw, c) like the channels_last weight in the flat buffer, so the weight is a [O, kh*kw*C]
     matrix view and the GEMM output [N*OH*OW, O] is the channels_last activation; the columns of a
     synthetic input are kept for the reverse pass (410 KB per step for the FedAvg CNN's conv2)."""
@@ -130,7 +129,7 @@ class Conv2d:
     def _wgemm(self, left, right, sink, P, more=None):
         """Weight gradient left @ right (+ more[0] @ more[1]) as [O, kh*kw*C]: written straight
         into the sink's buffer when it has one (returns None), else returned as a weight tensor
-        (the copy into the flat buffer cost 0.08 ms per call: 40 per hypergradient)."""
+        (saves a copy into the flat buffer, two per step)."""
         dst = sink.target(self.w)
         if dst is not None:
             dst = self._wmat(dst)
@@ -151,8 +150,8 @@ class Conv2d:
         z = self._gemm(cols, P[self.w], b).view(n, oh, ow, -1).permute(0, 3, 1, 2)
         return z, [a, cols, (n, oh, ow)]
 
-    # The columns are dropped after the step's backward and rebuilt in the reverse pass (0.02 ms
-    # with the C++ im2col): keeping 20 x 410 KB cost ~2,000 page faults (~5 ms) per hypergradient.
+    # The columns are dropped after the step's backward and rebuilt in the reverse pass (one C++
+    # im2col, a memcpy per tap): keeping m x 410 KB costs fresh pages (page faults) every call.
     def _cols(self, saved):
         cols = saved[1]
         return cols if cols is not None else self._im2col(saved[0])[0]
@@ -332,10 +331,10 @@ class MaxPool2d:
         self.s = _pair(stride) if stride is not None and stride != [] else self.k
         self.p, self.d, self.ceil = _pair(padding), _pair(dilation), bool(ceil_mode)
 
-    # CPU: max_pool2d_with_indices is ~7x faster on channels_last (vectorised over channels): 9 ms
-    # vs 63 ms for [256, 32, 24, 24] on one core; the chain runs 4-d activations channels_last.
+    # CPU: max_pool2d_with_indices is vectorised over channels on channels_last input (NCHW walks
+    # each plane), so the chain runs 4-d activations channels_last.
     def forward(self, a, P):
-        a = a.contiguous(memory_format=_CL)  # 0.05 ms (copy + pool) vs 0.21 ms NCHW, [2, 32, 24, 24]
+        a = a.contiguous(memory_format=_CL)  # even with the copy, cheaper than pooling NCHW
         out, idx = F.max_pool2d(a, self.k, self.s, self.p, self.d, self.ceil, return_indices=True)
         return out, (idx, a)
 
@@ -385,9 +384,8 @@ class ConvReluPool:
     csrc/synth.cpp). The pre-pool map is never stored: the forward keeps the pooled output and, per
     output, which window element was the max; with that fixed the layer is linear in (x, W, b)
     (``conv_at``) times the relu mask, so the backward, tangent forward and tangent backward are
-    ``conv_at`` and its gradients. For the FedAvg CNN's first layer (1 -> 32, 5x5, pool 2) on 64
-    real images: 1.6-1.9 ms forward + ~2 ms backward vs ~10 ms for conv, pool and their backward
-    unfused (one core; the unfused path materialises, zero-fills and scatters [64, 32, 24, 24])."""
+    ``conv_at`` and its gradients. Unfused, the FedAvg CNN's first layer (1 -> 32, 5x5, pool 2)
+    would materialise, zero-fill and scatter [n, 32, 24, 24] per real chunk of n images."""
 
     has_params = True
     lowrank: list[str] = []
@@ -664,7 +662,7 @@ class Layout:
     @staticmethod
     def _view(seg: Tensor, shape) -> Tensor:
         # conv weights are stored channels_last (O, kh, kw, I): the convolutions want that layout,
-        # and re-laying out [64, 32, 5, 5] costs 0.17 ms per call (4 calls per step). The flat
+        # and re-laying out [64, 32, 5, 5] would cost a copy per call (4 calls per step). The flat
         # buffers (w, grads, lam, hv) all share the layout, so the flat ops are unaffected.
         if len(shape) == 4:
             o, i, kh, kw = shape
@@ -766,7 +764,7 @@ def check_logits(z: Tensor, y: Tensor) -> None:
 def unroll_chain(layers, params: dict[str, Tensor], syn_x, syn_y, lr, keep: bool, backend=None):
     """m SGD steps from ``params``; returns (layout, P, wd, history). Weights updated in place."""
     m, b = syn_x.shape[:2]
-    K = ops.Bound(syn_x.device, backend)
+    K = ops.Bound(syn_x.device, backend, syn_x.dtype)
     for layer in layers:  # conv layers call ops themselves (the plan is cached per model)
         if hasattr(layer, "kernels"):
             layer.kernels = K

@@ -171,7 +171,7 @@ def _lstm_layer_bwd(L, Wi, Wh, dH, weight_grads=True):
     L.DS = DS = torch.empty_like(L.act)  # dL/d act
     for t in range(T - 1, -1, -1):
         s, tc = L.act[:, t], L.TC[:, t]
-        i, f, gg, o = s[:, :h], s[:, h : 2 * h], s[:, g], s[:, 3 * h :]
+        i, _f, gg, o = s[:, :h], s[:, h : 2 * h], s[:, g], s[:, 3 * h :]
         dh = DH[:, t]
         if t == T - 1:
             dh.copy_(dH[:, t])

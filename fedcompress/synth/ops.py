@@ -24,13 +24,15 @@ torch calls on tensors of ``b x C`` (a few dozen floats) or one flat parameter b
   ``arg`` fixed, the layer is this linear map, so its tangent and gradients are those of ``conv_at``.
 - ``conv_at_bwd``: the gradients of ``conv_at`` for an output cotangent: (dw, db, dx or None), dx
   with respect to ``xs``; optionally a second (cotangent, weight) pair adds to dx.
-- ``im2col``: channels_last columns of a zero-padded input (C++: a memcpy per tap; 0.02 ms vs
-  0.19 ms for torch's strided copy, conv2's input on 2 images).
+- ``im2col``: channels_last columns of a zero-padded input (C++: a memcpy per tap, where torch
+  makes a strided gather copy).
 - ``col2im``: the input gradient of a convolution run as im2col + GEMM (channels_last columns);
-  the engine's small-batch convolutions (C++: 0.01 ms vs 0.22 ms for conv_transpose2d, conv2 of
-  the FedAvg CNN on 2 images, after its GEMM).
-These five have a C++ kernel (``csrc/synth.cpp``, float32 CPU tensors): the [N, O, H, W] map
-before pooling is never materialised (see there for why).
+  the engine's small-batch convolutions (C++: a scatter-add per tap, where the reference folds).
+These five have a C++ kernel (``csrc/synth.cpp``; adapters in ``fedcompress/cpp/synth.py``): the
+[N, O, H, W] map before pooling is never materialised (see there for why). The kernels are
+float32-only and ``_ops`` declares them so; the dispatch below passes the dtype that all tensor
+arguments share, so another dtype runs on the reference by that declaration, not by a check inside
+the kernel's adapter. ``bench/bench_synth.py`` times the engine that uses them.
 """
 
 from __future__ import annotations
@@ -120,71 +122,6 @@ def conv_at_bwd_ref(gout, xs, w, pool: int, arg, need_dx: bool, gout2=None, w2=N
     return dw, db, dx
 
 
-def _cpp_ok(*ts) -> bool:
-    return all(t is None or (t.dtype == torch.float32 and t.device.type == "cpu") for t in ts)
-
-
-def _np(t: Tensor):
-    return t.contiguous().numpy()
-
-
-def _ohwc(w: Tensor):
-    return _np(w.permute(0, 2, 3, 1))  # a view of the engine's flat buffer (its conv layout)
-
-
-def _bias(b: Tensor | None):
-    return _np(b) if b is not None else _EMPTY
-
-
-_EMPTY = torch.empty(0).numpy()
-
-
-def _pooled(xs: Tensor, w: Tensor, pool: int, dtype) -> Tensor:
-    ph, pw = (xs.shape[1] - w.shape[2] + 1) // pool, (xs.shape[2] - w.shape[3] + 1) // pool
-    return torch.empty((xs.shape[0], ph, pw, w.shape[0]), dtype=dtype)  # NHWC; returned as NCHW views
-
-
-def _arg_nhwc(arg: Tensor):
-    return _np(arg.permute(0, 2, 3, 1))
-
-
-def conv_pool_cpp(xs: Tensor, w: Tensor, b: Tensor | None, pool: int):
-    if not _cpp_ok(xs, w, b):  # the kernel is float32-only
-        return conv_pool_ref(xs, w, b, pool)
-    out, arg = _pooled(xs, w, pool, torch.float32), _pooled(xs, w, pool, torch.uint8)
-    _ops.native().synth_conv_pool(_np(xs), _ohwc(w), _bias(b), pool, out.numpy(), arg.numpy(), torch.get_num_threads())
-    return out.permute(0, 3, 1, 2), arg.permute(0, 3, 1, 2)
-
-
-def conv_at_cpp(xs: Tensor, w: Tensor, b: Tensor | None, pool: int, arg: Tensor) -> Tensor:
-    if not _cpp_ok(xs, w, b):
-        return conv_at_ref(xs, w, b, pool, arg)
-    out = _pooled(xs, w, pool, torch.float32)
-    _ops.native().synth_conv_at(_np(xs), _ohwc(w), _bias(b), pool, _arg_nhwc(arg), out.numpy(), torch.get_num_threads())
-    return out.permute(0, 3, 1, 2)
-
-
-def conv_at_bwd_cpp(gout, xs, w, pool: int, arg, need_dx: bool, gout2=None, w2=None):
-    if not _cpp_ok(gout, xs, w, gout2, w2):
-        return conv_at_bwd_ref(gout, xs, w, pool, arg, need_dx, gout2, w2)
-    dw = torch.empty((w.shape[0], w.shape[2], w.shape[3], w.shape[1]), dtype=torch.float32)
-    dx = torch.empty_like(xs, memory_format=torch.contiguous_format) if need_dx else None
-    two = need_dx and gout2 is not None
-    _ops.native().synth_conv_at_bwd(
-        _np(gout.permute(0, 2, 3, 1)),
-        _np(xs),
-        _ohwc(w),
-        pool,
-        _arg_nhwc(arg),
-        dw.numpy(),
-        dx.numpy() if need_dx else None,
-        _np(gout2.permute(0, 2, 3, 1)) if two else None,
-        _ohwc(w2) if two else None,
-        torch.get_num_threads(),
-    )
-    return dw.permute(0, 3, 1, 2), gout.sum((0, 2, 3)), dx
-
-
 def im2col_ref(xs: Tensor, k, stride, dilation) -> Tensor:
     """xs [N, H, W, C] (channels last, already zero-padded) -> cols [N*OH*OW, kh*kw*C], columns in
     (kh, kw, c) order (the channels_last weight's), so a conv is ``cols @ W.view(O, -1).t()``."""
@@ -194,17 +131,6 @@ def im2col_ref(xs: Tensor, k, stride, dilation) -> Tensor:
     s = xs.stride()
     cols = xs.as_strided((n, oh, ow, kh, kw, c), (s[0], s[1] * sh, s[2] * sw, s[1] * dh, s[2] * dw, s[3]))
     return cols.reshape(n * oh * ow, kh * kw * c)
-
-
-def im2col_cpp(xs: Tensor, k, stride, dilation) -> Tensor:
-    if not _cpp_ok(xs):
-        return im2col_ref(xs, k, stride, dilation)
-    n, h, w, c = xs.shape
-    (kh, kw), (sh, sw), (dh, dw) = k, stride, dilation
-    oh, ow = (h - dh * (kh - 1) - 1) // sh + 1, (w - dw * (kw - 1) - 1) // sw + 1
-    cols = torch.empty((n * oh * ow, kh * kw * c), dtype=torch.float32)
-    _ops.native().synth_im2col(_np(xs), kh, kw, tuple(stride), tuple(dilation), cols.numpy(), torch.get_num_threads())
-    return cols
 
 
 def col2im_ref(cols: Tensor, shape, k, stride, padding, dilation) -> Tensor:
@@ -220,56 +146,67 @@ def col2im_ref(cols: Tensor, shape, k, stride, padding, dilation) -> Tensor:
     return torch.nn.functional.fold(cols, (h, w), (kh, kw), tuple(dilation), tuple(padding), tuple(stride))
 
 
-def col2im_cpp(cols: Tensor, shape, k, stride, padding, dilation) -> Tensor:
-    if not _cpp_ok(cols):
-        return col2im_ref(cols, shape, k, stride, padding, dilation)
-    n, c, h, w = shape
-    dx = torch.empty((n, h, w, c), dtype=torch.float32)
-    _ops.native().synth_col2im(
-        _np(cols), k[0], k[1], tuple(stride), tuple(padding), tuple(dilation), dx.numpy(), torch.get_num_threads()
-    )
-    return dx.permute(0, 3, 1, 2)
-
-
 # ---------------------------------------------------------------------------------------------
-# Dispatch (one call site per op; FEDCOMPRESS_BACKEND / backend= as for every other op)
+# Dispatch (one call site per op; FEDCOMPRESS_BACKEND / backend= as for every other op). The dtype
+# that governs is the one every tensor argument shares (the C++ kernels read weights and inputs as
+# float32 alike), so dispatch by the input's dtype alone cannot send a float64 weight to them.
+
+
+def _dtype(op: str, **ts: Tensor | None) -> torch.dtype:
+    """The one dtype of the tensor arguments, or ValueError naming the ones that differ."""
+    given = {k: t.dtype for k, t in ts.items() if t is not None}
+    if len(set(given.values())) > 1:
+        got = ", ".join(f"{k}={str(d).replace('torch.', '')}" for k, d in given.items())
+        raise ValueError(f"{op}: the tensor arguments must share one dtype, got {got}")
+    return next(iter(given.values()))
 
 
 def soft_ce(z: Tensor, y: Tensor, scale: float, backend: str | None = None):
-    return _ops.get("synth_soft_ce", z.device, backend)(z, y, scale)
+    return _ops.get("synth_soft_ce", z.device, backend, _dtype("soft_ce", z=z, y=y))(z, y, scale)
 
 
 def soft_ce_jvp(p: Tensor, y: Tensor, zdot: Tensor, scale: float, backend: str | None = None):
-    return _ops.get("synth_soft_ce_jvp", p.device, backend)(p, y, zdot, scale)
+    dt = _dtype("soft_ce_jvp", p=p, y=y, zdot=zdot)
+    return _ops.get("synth_soft_ce_jvp", p.device, backend, dt)(p, y, zdot, scale)
 
 
 def sgd_step(w: Tensor, g: Tensor, lr: float, backend: str | None = None) -> Tensor:
-    return _ops.get("synth_sgd_step", w.device, backend)(w, g, lr)
+    return _ops.get("synth_sgd_step", w.device, backend, _dtype("sgd_step", w=w, g=g))(w, g, lr)
 
 
 def reverse_step(w: Tensor, g: Tensor | None, lam: Tensor, hv: Tensor, lr: float, backend: str | None = None):
-    return _ops.get("synth_reverse_step", w.device, backend)(w, g, lam, hv, lr)
+    dt = _dtype("reverse_step", w=w, g=g, lam=lam, hv=hv)
+    return _ops.get("synth_reverse_step", w.device, backend, dt)(w, g, lam, hv, lr)
 
 
 def conv_pool(xs: Tensor, w: Tensor, b: Tensor | None, pool: int, backend: str | None = None):
-    return _ops.get("synth_conv_pool", xs.device, backend)(xs, w, b, pool)
+    dt = _dtype("conv_pool", xs=xs, w=w, b=b)
+    return _ops.get("synth_conv_pool", xs.device, backend, dt)(xs, w, b, pool)
 
 
 def conv_at(xs: Tensor, w: Tensor, b: Tensor | None, pool: int, arg: Tensor, backend: str | None = None):
-    return _ops.get("synth_conv_at", xs.device, backend)(xs, w, b, pool, arg)
+    dt = _dtype("conv_at", xs=xs, w=w, b=b)
+    return _ops.get("synth_conv_at", xs.device, backend, dt)(xs, w, b, pool, arg)
 
 
 def conv_at_bwd(gout, xs, w, pool: int, arg, need_dx: bool, gout2=None, w2=None, backend: str | None = None):
-    return _ops.get("synth_conv_at_bwd", xs.device, backend)(gout, xs, w, pool, arg, need_dx, gout2, w2)
+    dt = _dtype("conv_at_bwd", gout=gout, xs=xs, w=w, gout2=gout2, w2=w2)
+    return _ops.get("synth_conv_at_bwd", xs.device, backend, dt)(gout, xs, w, pool, arg, need_dx, gout2, w2)
+
+
+def im2col(xs: Tensor, k, stride, dilation, backend: str | None = None) -> Tensor:
+    return _ops.get("synth_im2col", xs.device, backend, xs.dtype)(xs, k, stride, dilation)
 
 
 def col2im(cols: Tensor, shape, k, stride, padding, dilation, backend: str | None = None) -> Tensor:
-    return _ops.get("synth_col2im", cols.device, backend)(cols, shape, k, stride, padding, dilation)
+    return _ops.get("synth_col2im", cols.device, backend, cols.dtype)(cols, shape, k, stride, padding, dilation)
 
 
 class Bound:
-    """Every op above resolved once for a device and backend: the engine makes ~200 op calls per
-    hypergradient, and dispatching each one (``_ops.get``, two env lookups) cost ~3 ms of 0.2 s.
+    """Every op above resolved once for a device, dtype and backend: the engine makes a few hundred
+    op calls per hypergradient, all on buffers of its one dtype (syn_x's: weights, cotangents and
+    activations are cast to it), so one dispatch per op and call is enough. A dtype an
+    implementation does not declare (the C++ and Triton kernels: float32) runs on the reference.
     The conv/col2im ops have no Triton kernel; under ``backend="triton"`` they take the automatic
     choice."""
 
@@ -285,11 +222,7 @@ class Bound:
         "im2col": "synth_im2col",
     }
 
-    def __init__(self, device, backend: str | None = None):
+    def __init__(self, device, backend: str | None = None, dtype: torch.dtype = torch.float32):
         for attr, op in self._OPS.items():
             b = None if backend == "triton" and attr.startswith(("conv", "col2im", "im2col")) else backend
-            setattr(self, attr, _ops.get(op, device, b))
-
-
-def im2col(xs: Tensor, k, stride, dilation, backend: str | None = None) -> Tensor:
-    return _ops.get("synth_im2col", xs.device, backend)(xs, k, stride, dilation)
+            setattr(self, attr, _ops.get(op, device, b, dtype))
