@@ -1,7 +1,8 @@
 """Datasets (mnist5k, digits, MNIST IDX folder, LEAF FEMNIST folder) and partitions.
 
-The IDX and LEAF fixtures are written here, into tmp_path, with struct/json directly (not with the
-library's own writers), so the readers are checked against an independent encoder.
+The IDX and LEAF fixtures are written here, into tmp_path, with struct/json directly (the library
+has no writers: it only reads these formats), so the readers are checked against an independent
+encoder.
 """
 
 import gzip

@@ -345,15 +345,6 @@ def load_fashion_mnist(data_dir: str | os.PathLike | None = None) -> Dataset:
     )
 
 
-def write_idx(path: str, array: np.ndarray) -> None:
-    """Write a uint8 array as an IDX file (``.gz`` compresses); used by tests and for exporting."""
-    a = np.ascontiguousarray(array, dtype=np.uint8)
-    head = struct.pack(">HBB", 0, 0x08, a.ndim) + struct.pack(">" + "I" * a.ndim, *a.shape)
-    opener = gzip.open if str(path).endswith(".gz") else open
-    with opener(path, "wb") as f:
-        f.write(head + a.tobytes())
-
-
 # -- LEAF FEMNIST -------------------------------------------------------------------------------
 
 FEMNIST_CLASSES = 62
@@ -432,19 +423,6 @@ def load_femnist_leaf(folder: str) -> Dataset:
         writers=torch.from_numpy(writers),
         writer_names=names,
     )
-
-
-def write_leaf_json(path: str, users: dict[str, tuple[np.ndarray, np.ndarray]]) -> None:
-    """Write ``{user: (x [n, 784] in [0, 1], y [n])}`` as one LEAF JSON file (tests, exports)."""
-    doc = {
-        "users": list(users),
-        "num_samples": [len(y) for _, y in users.values()],
-        "user_data": {
-            u: {"x": np.asarray(x).tolist(), "y": np.asarray(y).tolist()} for u, (x, y) in users.items()
-        },
-    }
-    with open(path, "w") as f:
-        json.dump(doc, f)
 
 
 # ---------------------------------------------------------------------------------------------
