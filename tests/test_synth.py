@@ -182,6 +182,77 @@ def test_fused_layer_used_for_fedavg_cnn():
     assert [type(layer).__name__ for layer in plan][:3] == ["ConvReluPool", "Conv2d", "ReluMaxPool2d"]
 
 
+def test_chain_layers_follow_the_protocol_and_hold_no_call_state():
+    """Every traced layer implements layer.Layer; a hypergradient leaves the cached plan's objects
+    exactly as it found them (per-call state is passed per call, never stored on the plan)."""
+    import copy
+
+    from fedcompress.synth.layer import Layer
+
+    models = pytest.importorskip("fedcompress.fedavg.models")
+    model = models.FedAvgCNN((1, 16, 16), 10)
+    plan = fc.synth.chain_plan(model)
+    assert plan and all(isinstance(layer, Layer) for layer in plan)
+    before = [sorted(vars(layer)) for layer in plan]
+    snap = [copy.copy(vars(layer)) for layer in plan]
+    params, sx, sy, rx, ry = _problem(model, (1, 16, 16), 10, m=2, b=2, n=20)
+    fc.synth.hypergradient(model, params, sx, sy, 0.05, rx, ry)
+    assert [sorted(vars(layer)) for layer in plan] == before
+    for layer, old in zip(plan, snap, strict=True):
+        assert all(vars(layer)[k] is v for k, v in old.items())
+
+
+def test_engine_reentrant_nested_and_threaded(monkeypatch):
+    """Two hypergradients on one model (one cached plan) interleaved, a second one nested inside the
+    first's reverse pass (between a conv layer's tangent forward and backward, with another dtype and
+    backend) and several on two threads, give bit for bit what the calls give one after another."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    models = pytest.importorskip("fedcompress.fedavg.models")
+    torch.manual_seed(11)
+    model = models.FedAvgCNN((1, 16, 16), 10)
+    pa = _problem(model, (1, 16, 16), 10, m=3, b=2, n=20, seed=1)
+    pb = _problem(model, (1, 16, 16), 10, m=3, b=2, n=20, seed=2, dtype=torch.float64)
+
+    def hg(p, **kw):
+        return fc.synth.hypergradient(model, p[0], p[1], p[2], 0.05, p[3], p[4], **kw)
+
+    def same(x, y):
+        return all(u.dtype == v.dtype and torch.equal(u, v) for u, v in zip(x, y, strict=True))
+
+    ra, rb = hg(pa), hg(pb, backend="torch")  # sequential: the reference for both
+    assert ra[1].dtype == torch.float32 and rb[1].dtype == torch.float64
+
+    real_bound, nested = ops.Bound, {}
+
+    class NestingBound(real_bound):
+        """The engine's per-call ops; the outer call's first soft_ce_jvp runs a whole second call."""
+
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            jvp = self.soft_ce_jvp
+
+            def soft_ce_jvp(*a, **k):
+                if "inner" not in nested:
+                    nested["inner"] = None  # set first: the nested call makes a NestingBound too
+                    nested["inner"] = hg(pb, backend="torch")
+                return jvp(*a, **k)
+
+            self.soft_ce_jvp = soft_ce_jvp
+
+    monkeypatch.setattr(ops, "Bound", NestingBound)
+    outer = hg(pa)
+    monkeypatch.undo()
+    assert same(nested["inner"], rb), "the nested call"
+    assert same(outer, ra), "the call that a second one interrupted"
+
+    jobs = [(pa, {}), (pb, {"backend": "torch"})] * 3
+    with ThreadPoolExecutor(2) as ex:
+        got = list(ex.map(lambda job: hg(job[0], **job[1]), jobs))
+    for (p, _), r in zip(jobs, got, strict=True):
+        assert same(r, ra if p is pa else rb)
+
+
 @pytest.mark.parametrize("backend_", ["torch", None])
 def test_engine_backends_match(backend_):
     """The whole engine (fused conv layer, col2im, low-rank Linear weights) on the torch references
