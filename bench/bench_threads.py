@@ -60,7 +60,7 @@ def _sz_cases():
 
 def _ops_for():
     """name -> (callable, input bytes); built once per process."""
-    from fedcompress.synth import ops as S
+    from fedcompress.cpp import synth as S
 
     out = {}
     for name, x in _sz_cases().items():

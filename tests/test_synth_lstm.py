@@ -96,11 +96,12 @@ def test_unroll_equals_autograd_sgd_on_nn_lstm():
         loss = -(y * torch.log_softmax(z, -1)).sum(-1).mean()
         names = [k for k in ref if k != "embedding.weight"]
         g = torch.autograd.grad(loss, [ref[k] for k in names])
-        ref = {**ref, **{k: (ref[k] - 0.3 * gk).detach().requires_grad_(True) for k, gk in zip(names, g)}}
+        ref = {**ref, **{k: (ref[k] - 0.3 * gk).detach().requires_grad_(True) for k, gk in zip(names, g, strict=True)}}
     for k in P:
         torch.testing.assert_close(w[k], ref[k].detach(), rtol=1e-12, atol=1e-12)
     assert torch.equal(w["embedding.weight"], P["embedding.weight"])  # never touched
-    want = F.cross_entropy(functional_call(model, w, (torch.randint(0, V, (4, T)),)), torch.zeros(4, T, dtype=torch.long))
+    logits = functional_call(model, w, (torch.randint(0, V, (4, T)),))
+    want = F.cross_entropy(logits, torch.zeros(4, T, dtype=torch.long))
     assert torch.isfinite(want)
 
 
@@ -263,7 +264,9 @@ def test_hostile_payloads():
     server = _server(spec)
     d = server.decompress(payload)
     cases = {
-        "label ids out of range": lambda m, r: _set(r, "y", torch.full(tuple(d["idx"].shape), V + 3, dtype=torch.uint8)),
+        "label ids out of range": lambda m, r: _set(
+            r, "y", torch.full(tuple(d["idx"].shape), V + 3, dtype=torch.uint8)
+        ),
         "strictly increasing": lambda m, r: _set(r, "rows", torch.flip(d["rows"].to(torch.int32), [0])),
         "non-finite": lambda m, r: _set(r, "x", torch.full(tuple(d["x"].shape), float("nan"))),
         "expected int32": lambda m, r: _set(r, "rows", torch.arange(V + 5, dtype=torch.int32)),

@@ -102,7 +102,8 @@ def test_mask_independent_of_threads(forced):
 
 
 def test_synth_kernels_independent_of_threads(forced):
-    from fedcompress.synth import ops as S
+    from fedcompress.cpp import synth as S
+    from fedcompress.synth.ops import conv_pool_ref
 
     g = torch.Generator().manual_seed(4)
     xs = torch.randn(37, 32, 32, 1, generator=g)  # 37 images: 3 weight-gradient blocks, the last short
@@ -126,13 +127,13 @@ def test_synth_kernels_independent_of_threads(forced):
         for a, b_ in zip(res[1], res[t], strict=True):
             assert torch.equal(a, b_)
     # and against the torch reference (the kernels' own tests check tolerances; here: same shapes, close)
-    ref_out, ref_arg = S.conv_pool_ref(xs, w, b, 2)
+    ref_out, ref_arg = conv_pool_ref(xs, w, b, 2)
     assert torch.equal(res[2][1], ref_arg) and torch.allclose(res[2][0], ref_out, atol=1e-4)
 
 
 def test_set_num_threads_caps_synth(forced):
     """fedcompress.set_num_threads(1) keeps the FedSynth kernels on one thread whatever torch says."""
-    from fedcompress.synth import ops as S
+    from fedcompress.cpp import synth as S
 
     xs = torch.randn(64, 32, 32, 1)
     w, b = torch.randn(32, 1, 5, 5), torch.randn(32)

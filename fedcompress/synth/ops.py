@@ -41,9 +41,7 @@ import torch
 
 from .. import _ops
 
-# the C++ adapters live in fedcompress/cpp/synth.py (as kernels/synth.py holds the Triton ones);
-# re-exported here beside their references, as codecs/mask re-exports the mask adapters
-from ..cpp.synth import col2im_cpp, conv_at_bwd_cpp, conv_at_cpp, conv_pool_cpp, im2col_cpp  # noqa: F401
+# the C++ adapters live in fedcompress/cpp/synth.py (as kernels/synth.py holds the Triton ones)
 
 Tensor = torch.Tensor
 
