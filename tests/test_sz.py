@@ -245,6 +245,30 @@ def test_long_and_chunk_crossing_runs_decode_exactly(portable, request):
     _check_bound(t, y, 1e-3, "abs")
 
 
+@pytest.mark.parametrize("case", ["plain", "escape", "low_entropy", "odd_length"])
+def test_plain_blocks_without_predictor_decode_exactly(case):
+    # float32 plain blocks without a predictor decode in one fused pass (AVX-512: rANS slot -> value,
+    # no token pass) unless their table holds an escape; each case against the torch reference's
+    # bytes and values: noise, noise with NaN/Inf (escapes: the two-pass path), a block so
+    # predictable that ~300 values decode in the scalar tail (< 32 rANS words left), a length that
+    # is no multiple of the 32 lanes
+    backend_or_skip("sz_encode", "cpp")
+    g = torch.Generator().manual_seed(21)
+    n = 50_003 if case == "odd_length" else 2**16
+    x = torch.randn(n, generator=g)
+    if case == "escape":
+        x[[5, 700, 40_000]] = torch.tensor([float("nan"), float("inf"), -float("inf")])
+    if case == "low_entropy":  # codes -1, 0, 1 (1.6 bits a value): ~300 values after the last 32 words
+        x = torch.randint(-1, 2, (n,), generator=g).float() * 0.02 + 0.002 * torch.randn(n, generator=g)
+    blob = fc.SZ(1e-2, "abs", backend="cpp", block_size=BLOCK).encode(x)
+    assert blob == fc.SZ(1e-2, "abs", backend="torch", block_size=BLOCK).encode(x)
+    sec = wire.unpack(blob, wire.CODEC_SZ_TENSOR)[1][0].data[C._HDR.size :]
+    assert all(b[0] == 0 for b in C.split_section(sec, n, BLOCK, -(-n // BLOCK)))  # plain, no predictor
+    y = fc.SZ(backend="cpp").decode(blob)
+    assert np.array_equal(_bits(y), _bits(fc.SZ(backend="torch").decode(blob)))
+    _check_bound(x, y, 1e-2, "abs")
+
+
 def test_all_block_kinds_exercised():
     """The mixed data really produces lorenzo, zero-run and raw blocks (so the tests above cover them)."""
     seen = set()
