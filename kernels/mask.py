@@ -23,7 +23,7 @@ from fedcompress.codecs.mask.spec import count_message
 from fedcompress.errors import FormatError
 from fedcompress.wire import U64_MASK
 
-BLOCK = 16384  # >= 16K elements: the interpreter costs ~0.5 ms per program instance
+from . import BLOCK
 
 
 @triton.jit

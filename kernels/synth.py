@@ -14,7 +14,7 @@ import torch
 import triton
 import triton.language as tl
 
-FLAT_BLOCK = 16384  # >= 16K elements: the interpreter pays a fixed cost per program instance
+from . import BLOCK as FLAT_BLOCK
 
 
 @triton.jit

@@ -13,8 +13,9 @@ import torch
 import triton
 import triton.language as tl
 
+from . import BLOCK
+
 UNQUANTIZED = -(2**31)  # quantize.UNQUANTIZED; the kernels write it as the literal -2147483648
-BLOCK = 16384  # >= 16K elements: the interpreter costs ~0.5 ms per program instance
 
 
 # ---------------------------------------------------------------------------------------------
