@@ -911,7 +911,7 @@ __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,popcnt"))) static int6
   const __m512i lane = _mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0);
   const __m512i zero = _mm512_setzero_si512(), one = _mm512_set1_epi32(1), two = _mm512_set1_epi32(2);
   const __m512i nv = _mm512_set1_epi32(int32_t(n)), lowest = _mm512_set1_epi32(INT32_MIN);
-  const __m512i minus1 = _mm512_set1_epi32(-1);
+  const __m512i minus1 = _mm512_set1_epi32(-1), thirty2 = _mm512_set1_epi32(32);
   alignas(64) int32_t av[16], bv[16];
   int64_t pos = rs.pos;
   uint64_t runlen = rs.runlen;
@@ -951,7 +951,18 @@ __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,popcnt"))) static int6
     const __m512i at = _mm512_add_epi32(_mm512_set1_epi32(p0), excl);
     if (_mm512_mask_cmpge_epi32_mask(ord, at, nv)) break;  // past the block: the scalar kernel throws
     const __m512 v = _mm512_mask_i32gather_ps(_mm512_setzero_ps(), ord, t, lut, 4);
-    _mm512_mask_i32scatter_ps(dst, ord, at, v, 4);
+    if (!_mm512_mask_cmpge_epi32_mask(ord, excl, thirty2)) {
+      // every value lands in [p0, p0 + 32): two masked stores of the values expanded to their
+      // positions (a 16-lane scatter costs more); bit r of `bits` = a value at p0 + r
+      const uint32_t bits = uint32_t(_mm512_reduce_or_epi32(_mm512_maskz_sllv_epi32(ord, one, excl)));
+      const __m512 vc = _mm512_maskz_compress_ps(ord, v);
+      const __mmask16 lo = __mmask16(bits), hi = __mmask16(bits >> 16);
+      _mm512_mask_storeu_ps(dst + p0, lo, _mm512_maskz_expand_ps(lo, vc));
+      const __m512 vh = _mm512_permutexvar_ps(_mm512_add_epi32(lane, _mm512_set1_epi32(_mm_popcnt_u32(lo))), vc);
+      _mm512_mask_storeu_ps(dst + p0 + 16, hi, _mm512_maskz_expand_ps(hi, vh));
+    } else {
+      _mm512_mask_i32scatter_ps(dst, ord, at, v, 4);
+    }
     if (ord) {
       const int last = 31 - __builtin_clz(uint32_t(ord));
       const int64_t s_last = (int64_t(av[last]) << runk) + bv[last];
@@ -1031,10 +1042,10 @@ static void decode_block(const uint8_t* buf, size_t len, typename D::T* out, int
     if (t >= kTokens) throw FormatError("sz block: token out of range in the frequency table");
     if (fs < 1 || fs > int64_t(m - total)) throw FormatError("sz block: frequency out of range in the frequency table");
     const uint32_t f = uint32_t(fs);
-    for (uint32_t j = 0; j < f; ++j) {
-      S.ent[total + j] = f | (j << 16);
-      S.stok[total + j] = uint16_t(t);
-    }
+    // two plain loops (one store stream each) vectorise; one loop over both stored 16 bits a step
+    uint32_t* ep = S.ent.data() + total;
+    for (uint32_t j = 0; j < f; ++j) ep[j] = f | (j << 16);
+    std::fill(S.stok.data() + total, S.stok.data() + total + f, uint16_t(t));
     if (t >= int64_t(kTokenBase)) {
       const int64_t d = unzigzag(uint64_t(t - kTokenBase));
       S.dlut[t] = int32_t(d);
@@ -1070,7 +1081,9 @@ static void decode_block(const uint8_t* buf, size_t len, typename D::T* out, int
     dst = S.buf.data();
   } else if (runmode) {
     const T zv = D::recon(0, step);
-    std::fill(out, out + n, zv);
+    T zero{};
+    if (std::memcmp(&zv, &zero, isz) == 0) std::memset(out, 0, size_t(n) * isz);  // +0.0: libc's wide stores
+    else std::fill(out, out + n, zv);
     S.lut[kRunA] = S.lut[kRunB] = zv;
   }
   RunState rs;
