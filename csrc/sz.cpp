@@ -776,7 +776,7 @@ static void rans_tokens_scalar(RansDec& R, uint16_t* tk, int64_t cnt) {
 // stay inside the stream); returns the steps done. Same arithmetic and word order as the scalar
 // pass: lanes in order 0..31, each needing lane takes the next word. A slot's entry is 64 bits,
 // ent | token << 32 (DecScratch::ent64), so 16 lanes take two 8-lane gathers instead of one 16-lane
-// gather for ent and one for the token (Kaiming REL 1e-2, one thread: -9% a decode, A/B). VALUES:
+// gather for ent and one for the token (fewer gathered elements: the gathers bound this loop). VALUES:
 // the high half is the value's float32 bits, stored to `dst` (float*) instead of tokens, so a plain
 // block without a predictor or escapes needs no pass 2 (see decode_block).
 template <bool VALUES>
@@ -1036,7 +1036,7 @@ static void decode_block(const uint8_t* buf, size_t len, typename D::T* out, int
   S.stok.resize(m + 1);
   // Fused pass 1 (plain float32 blocks without a predictor, with AVX-512): the slot table (ent64)
   // holds the value itself, and pass 1 writes values, not tokens, so the block needs no pass 2 (a gather and
-  // a store per value: ~1/3 of a Kaiming block's decode). Only where every symbol is an ordinary
+  // a store per value). Only where every symbol is an ordinary
   // token: tokens come ascending, so the first one decides (an escape or run token is < 4).
   bool fused = std::is_same<D, F32>::value && !runmode && !lor && use_avx512();
   const bool wide = use_avx512();
