@@ -23,7 +23,6 @@ train/eval mode it is in (use a deterministic forward: the server replays it).
 
 from __future__ import annotations
 
-import math
 import weakref
 
 import torch
@@ -31,10 +30,12 @@ import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call
 
+from ..api import positive_float
 from . import chain
 from . import lstm as _text  # the next-word LSTM: embedding-space synthetic data
 
 Tensor = torch.Tensor
+INNER_LR = positive_float(0.0)  # the inner SGD step size: a finite number > 0
 
 # ---------------------------------------------------------------------------------------------
 # Argument checks (ValueError naming the argument)
@@ -74,12 +75,7 @@ def check_args(model, params, syn_x, syn_y, inner_lr, real_x=None, real_y=None) 
         raise ValueError("syn_y must have C >= 1 classes")
     if syn_y.dtype != syn_x.dtype:
         raise ValueError(f"syn_y dtype {syn_y.dtype} differs from syn_x dtype {syn_x.dtype}")
-    try:
-        lr = float(inner_lr)
-    except (TypeError, ValueError):
-        raise ValueError(f"inner_lr must be a finite number > 0, got {inner_lr!r}") from None
-    if not (math.isfinite(lr) and lr > 0):
-        raise ValueError(f"inner_lr must be a finite number > 0, got {inner_lr!r}")
+    INNER_LR.parse("inner_lr", inner_lr)
     if real_x is not None:
         if not isinstance(real_x, Tensor) or real_x.shape[1:] != syn_x.shape[2:] or real_x.shape[0] < 1:
             got = tuple(real_x.shape) if isinstance(real_x, Tensor) else type(real_x).__name__

@@ -27,11 +27,11 @@ Implementations, same results:
 
 from __future__ import annotations
 
-import math
-
 import torch
 import torch.nn.functional as F
 from torch.func import functional_call
+
+from ..api import positive_float
 
 Tensor = torch.Tensor
 IGNORE = -100
@@ -96,12 +96,7 @@ def check_args(model, params, syn_e, syn_idx, syn_val, inner_lr, real_x=None, re
             raise ValueError(f"syn_idx values must lie in [0, {V})")
         if not isinstance(syn_val, Tensor) or syn_val.shape != syn_idx.shape or syn_val.dtype != syn_e.dtype:
             raise ValueError(f"syn_val must be {syn_e.dtype} of syn_idx's shape {tuple(syn_idx.shape)}")
-    try:
-        lr = float(inner_lr)
-    except (TypeError, ValueError):
-        raise ValueError(f"inner_lr must be a finite number > 0, got {inner_lr!r}") from None
-    if not (math.isfinite(lr) and lr > 0):
-        raise ValueError(f"inner_lr must be a finite number > 0, got {inner_lr!r}")
+    positive_float(0.0).parse("inner_lr", inner_lr)  # as engine.INNER_LR (engine imports this module)
     if real_x is not None:
         if not isinstance(real_x, Tensor) or real_x.dtype != torch.int64 or real_x.dim() != 2 or real_x.shape[0] < 1:
             raise ValueError("real_x must be int64 token ids [n >= 1, T]")
