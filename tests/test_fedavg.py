@@ -317,3 +317,13 @@ def test_codec_clock_counts_only_compress(digits_small):
     assert 3 * 0.02 <= r["decode_seconds"] < 3 * 0.02 + 0.5
     # local SGD of 100 digits per client takes a few ms each; the 0.6 s of sleeps are not training
     assert r["train_seconds"] < 3 * 0.2
+
+
+def test_final_line_names_the_spec_as_typed():
+    from fedcompress.fedavg.driver import final_line
+
+    s = {"compressor": "sz:rel=0.01,abs=0.0,min_lossy=1024,target=update,ef=False",
+         "config": {"compressor": "sz:rel=1e-2"}, "final_accuracy": 0.907, "rounds": 2, "upstream_bytes": 4_165_000, "dense_upstream_bytes": 46_569_000,
+         "compression_ratio": 11.18, "wall_seconds": 7.4}
+    assert final_line(s).startswith("sz:rel=1e-2: accuracy 90.70% after 2 rounds, 4.165 MB sent up")
+    assert final_line({k: v for k, v in s.items() if k != "config"}).startswith("sz:rel=0.01,abs=0.0")

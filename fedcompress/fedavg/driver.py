@@ -370,7 +370,9 @@ def final_line(summary: dict[str, Any]) -> str:
     """The one-line result the CLI prints: accuracy, MB sent up, ratio."""
     s = summary
     return (
-        f"{s['compressor']}: accuracy {s['final_accuracy'] * 100:.2f}% after {s['rounds']} rounds, "
+        # the spec as typed (config) rather than the expanded one with every default spelled out
+        f"{s.get('config', {}).get('compressor') or s['compressor']}: accuracy {s['final_accuracy'] * 100:.2f}% "
+        f"after {s['rounds']} rounds, "
         f"{s['upstream_bytes'] / 1e6:.3f} MB sent up (dense {s['dense_upstream_bytes'] / 1e6:.3f} MB), "
         f"ratio {s['compression_ratio']:.2f}x, {s['wall_seconds']:.1f} s"
     )
