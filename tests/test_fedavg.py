@@ -323,7 +323,8 @@ def test_final_line_names_the_spec_as_typed():
     from fedcompress.fedavg.driver import final_line
 
     s = {"compressor": "sz:rel=0.01,abs=0.0,min_lossy=1024,target=update,ef=False",
-         "config": {"compressor": "sz:rel=1e-2"}, "final_accuracy": 0.907, "rounds": 2, "upstream_bytes": 4_165_000, "dense_upstream_bytes": 46_569_000,
-         "compression_ratio": 11.18, "wall_seconds": 7.4}
+         "config": {"compressor": "sz:rel=1e-2"}, "final_accuracy": 0.907, "rounds": 2,
+         "upstream_bytes": 4_165_000, "dense_upstream_bytes": 46_569_000, "compression_ratio": 11.18,
+         "wall_seconds": 7.4}
     assert final_line(s).startswith("sz:rel=1e-2: accuracy 90.70% after 2 rounds, 4.165 MB sent up")
     assert final_line({k: v for k, v in s.items() if k != "config"}).startswith("sz:rel=0.01,abs=0.0")
