@@ -114,16 +114,18 @@ def _rss_kb(field="VmRSS"):
     return 0
 
 
-def child(name: str, reps: int, out_npy: str | None, threads: int = 0) -> dict:
+def measure(name: str, reps: int, out_npy: str | None, threads: int, problem, provider) -> dict:
+    """One provider in this (fresh) process: ``problem()`` -> (model, params, *args), ``provider(name,
+    model, params)`` -> fn(*args) returning (loss, grads...). Shared with bench_synth_lstm.py."""
     import numpy as np
     import torch
 
     if threads:
         torch.set_num_threads(threads)
 
-    model, params, sx, sy, rx, ry = _problem()
-    fn = _provider(name, model, params)
-    res = fn(sx, sy, rx, ry)  # warm-up (lazy init of kernels, thread pools)
+    model, params, *args = problem()
+    fn = provider(name, model, params)
+    res = fn(*args)  # warm-up (lazy init of kernels, thread pools)
     del res
     gc.collect()
     try:
@@ -137,12 +139,12 @@ def child(name: str, reps: int, out_npy: str | None, threads: int = 0) -> dict:
             f.write("5")
     except OSError:
         reset = False
-    res = fn(sx, sy, rx, ry)
+    res = fn(*args)
     peak = _rss_kb("VmHWM")
     times, cpu = [], []
     for _ in range(reps):
         t, c = time.perf_counter(), time.process_time()
-        fn(sx, sy, rx, ry)
+        fn(*args)
         times.append(time.perf_counter() - t)
         cpu.append(time.process_time() - c)
     if out_npy:
@@ -154,50 +156,52 @@ def child(name: str, reps: int, out_npy: str | None, threads: int = 0) -> dict:
         "cpu_s": cpu,
         "peak_extra_mb": (peak - base) / 1024 if reset else float("nan"),
         "threads": torch.get_num_threads(),
-        # what one call reads (w_0, synthetic x and y, the real batch): benchtable's input_bytes
-        "input_bytes": sum(t.numel() * t.element_size() for t in (*params.values(), sx, sy, rx, ry)),
+        # what one call reads (w_0, the synthetic data, the real batch): benchtable's input_bytes
+        "input_bytes": sum(t.numel() * t.element_size() for t in (*params.values(), *args)),
     }
+
+
+def child(name: str, reps: int, out_npy: str | None, threads: int = 0) -> dict:
+    return measure(name, reps, out_npy, threads, _problem, _provider)
 
 
 # ---------------------------------------------------------------------------------------------
 # Parent: run every provider in its own process, interleaved rounds
 
 
-def run_one(name: str, reps: int, out_npy: str | None, threads: int = 0) -> dict:
-    env = dict(os.environ)
-    cmd = [
-        sys.executable,
-        os.path.abspath(__file__),
-        "--child",
-        name,
-        "--reps",
-        str(reps),
-        "--threads",
-        str(threads),
-    ]
+def run_one(name: str, reps: int, out_npy: str | None, threads: int = 0, script: str = __file__) -> dict:
+    """``script --child name`` in a fresh process; its JSON result."""
+    cmd = [sys.executable, os.path.abspath(script), "--child", name, "--reps", str(reps), "--threads", str(threads)]
     if out_npy:
         cmd += ["--npy", out_npy]
-    out = subprocess.run(cmd, env=env, capture_output=True, text=True, check=False)
+    out = subprocess.run(cmd, capture_output=True, text=True, check=False)
     if out.returncode != 0:
         raise RuntimeError(f"provider {name} failed:\n{out.stderr[-3000:]}")
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
-def run_all(providers=PROVIDERS, rounds: int = 3, reps: int = 7, threads: int = 0) -> dict[str, dict]:
+def run_all(providers=PROVIDERS, rounds: int = 3, reps: int = 7, threads: int = 0, script: str = __file__,
+            outputs: dict[str, int] | None = None) -> dict[str, dict]:
+    """Every provider of ``script`` in its own process, rounds interleaved; medians over rounds.
+    ``outputs`` (name -> number of values, in order) adds the max relative error per output."""
     import numpy as np
 
     tmp = tempfile.mkdtemp(prefix="bench_synth_")
     runs: dict[str, list[dict]] = {p: [] for p in providers}
     for r in range(rounds):
         for p in providers:
-            runs[p].append(run_one(p, reps, os.path.join(tmp, f"{p}.npy") if r == 0 else None, threads))
+            runs[p].append(run_one(p, reps, os.path.join(tmp, f"{p}.npy") if r == 0 else None, threads, script))
     ref = np.load(os.path.join(tmp, "create_graph.npy")) if "create_graph" in providers else None
     table = {}
     for p, rs in runs.items():
-        err = float("nan")
+        err, parts = float("nan"), {}
         if ref is not None:
             v = np.load(os.path.join(tmp, f"{p}.npy"))
             err = float(np.abs(v - ref).max() / np.abs(ref).max())
+            if outputs:  # the loss dominates max|ref|, which hides the gradients' error
+                cuts = np.cumsum(list(outputs.values()))[:-1]
+                for name, a, b in zip(outputs, np.split(v, cuts), np.split(ref, cuts), strict=True):
+                    parts[name] = float(np.abs(a - b).max() / max(np.abs(b).max(), 1e-30))
         table[p] = {
             "median_s": statistics.median(t for r in rs for t in r["times_s"]),
             "cpu_s": statistics.median(t for r in rs for t in r["cpu_s"]),
@@ -205,6 +209,8 @@ def run_all(providers=PROVIDERS, rounds: int = 3, reps: int = 7, threads: int = 
             "max_rel_err": err,
             "threads": rs[0]["threads"],
         }
+        if outputs:
+            table[p]["rel_err_by_output"] = parts
     return table
 
 
@@ -228,6 +234,24 @@ def markdown(table: dict[str, dict]) -> str:
     return "\n".join(lines)
 
 
+def print_table(results: dict[str, dict]) -> None:
+    """The pytest entry's closing table (``results``: provider -> run_one's dict plus its ``npy``);
+    fails when the engine's result is off create_graph's by more than 1e-5."""
+    import numpy as np
+    import pytest
+
+    if "create_graph" not in results:
+        pytest.skip("run the provider benchmarks first")
+    ref = np.load(results["create_graph"]["npy"])
+    table = {}
+    for p, r in results.items():
+        v = np.load(r["npy"])
+        table[p] = dict(r, max_rel_err=float(np.abs(v - ref).max() / np.abs(ref).max()),
+                        cpu_s=statistics.median(r["cpu_s"]))
+    print("\n" + markdown(table))
+    assert table["engine"]["max_rel_err"] <= 1e-5
+
+
 # ---------------------------------------------------------------------------------------------
 # pytest-benchmark entry: one benchmark per provider (each call = one fresh process); the child's
 # own median and memory go to extra_info, and the table prints at the end.
@@ -249,23 +273,9 @@ try:
         _RESULTS[provider] = dict(r, npy=npy)
 
     def test_table(benchmark):
-        import numpy as np
-
         benchmark.pedantic(lambda: None, rounds=1, iterations=1)  # so --benchmark-only keeps it
 
-        if "create_graph" not in _RESULTS:
-            pytest.skip("run the provider benchmarks first")
-        ref = np.load(_RESULTS["create_graph"]["npy"])
-        table = {}
-        for p, r in _RESULTS.items():
-            v = np.load(r["npy"])
-            table[p] = dict(
-                r,
-                max_rel_err=float(np.abs(v - ref).max() / np.abs(ref).max()),
-                cpu_s=statistics.median(r["cpu_s"]),
-            )
-        print("\n" + markdown(table))
-        assert table["engine"]["max_rel_err"] <= 1e-5
+        print_table(_RESULTS)
 except ImportError:  # pragma: no cover
     pass
 

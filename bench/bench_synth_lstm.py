@@ -17,18 +17,13 @@ from __future__ import annotations
 
 import argparse
 import copy
-import ctypes
-import gc
 import json
 import os
-import statistics
-import subprocess
 import sys
-import tempfile
-import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from bench_synth import _rss_kb, markdown  # noqa: E402
+from bench_synth import markdown, measure, print_table, run_one  # noqa: E402
+from bench_synth import run_all as run_all_providers  # noqa: E402
 
 PROVIDERS = ("create_graph", "higher", "torchopt", "engine")
 M, B, T, N_REAL, LR, V = 10, 4, 10, 64, 0.5, 10_000
@@ -100,87 +95,12 @@ def _provider(name, model, params):
 
 
 def child(name: str, reps: int, out_npy: str | None, threads: int = 0) -> dict:
-    import numpy as np
-    import torch
-
-    if threads:
-        torch.set_num_threads(threads)
-    model, params, *args = _problem()
-    fn = _provider(name, model, params)
-    res = fn(*args)  # warm-up
-    del res
-    gc.collect()
-    try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except OSError:
-        pass
-    base = _rss_kb()
-    reset = True
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-    except OSError:
-        reset = False
-    res = fn(*args)
-    peak = _rss_kb("VmHWM")
-    times, cpu = [], []
-    for _ in range(reps):
-        t, c = time.perf_counter(), time.process_time()
-        fn(*args)
-        times.append(time.perf_counter() - t)
-        cpu.append(time.process_time() - c)
-    if out_npy:
-        np.save(out_npy, torch.cat([r.detach().reshape(-1).double() for r in res]).numpy())
-    return {
-        "provider": name,
-        "median_s": statistics.median(times),
-        "times_s": times,
-        "cpu_s": cpu,
-        "peak_extra_mb": (peak - base) / 1024 if reset else float("nan"),
-        "threads": torch.get_num_threads(),
-        # what one call reads (w_0, synthetic embeddings and labels, the real batch): benchtable's input_bytes
-        "input_bytes": sum(t.numel() * t.element_size() for t in (*params.values(), *args)),
-    }
-
-
-def run_one(name: str, reps: int, out_npy: str | None, threads: int = 0) -> dict:
-    cmd = [sys.executable, os.path.abspath(__file__), "--child", name, "--reps", str(reps), "--threads", str(threads)]
-    if out_npy:
-        cmd += ["--npy", out_npy]
-    out = subprocess.run(cmd, capture_output=True, text=True, check=False)
-    if out.returncode != 0:
-        raise RuntimeError(f"provider {name} failed:\n{out.stderr[-3000:]}")
-    return json.loads(out.stdout.strip().splitlines()[-1])
+    return measure(name, reps, out_npy, threads, _problem, _provider)
 
 
 def run_all(providers=PROVIDERS, rounds: int = 3, reps: int = 5, threads: int = 1) -> dict[str, dict]:
-    import numpy as np
-
-    tmp = tempfile.mkdtemp(prefix="bench_synth_lstm_")
-    runs: dict[str, list[dict]] = {p: [] for p in providers}
-    for r in range(rounds):
-        for p in providers:
-            runs[p].append(run_one(p, reps, os.path.join(tmp, f"{p}.npy") if r == 0 else None, threads))
-    ref = np.load(os.path.join(tmp, "create_graph.npy")) if "create_graph" in providers else None
-    table = {}
-    for p, rs in runs.items():
-        err, parts = float("nan"), {}
-        if ref is not None:
-            v = np.load(os.path.join(tmp, f"{p}.npy"))
-            err = float(np.abs(v - ref).max() / np.abs(ref).max())
-            # per output (the loss dominates max|ref|, which hides the gradients' error)
-            cuts = np.cumsum([1, M * B * T * 64])
-            for name, a, r in zip(("loss", "grad_e", "grad_val"), np.split(v, cuts), np.split(ref, cuts), strict=True):
-                parts[name] = float(np.abs(a - r).max() / max(np.abs(r).max(), 1e-30))
-        table[p] = {
-            "rel_err_by_output": parts,
-            "median_s": statistics.median(t for r in rs for t in r["times_s"]),
-            "cpu_s": statistics.median(t for r in rs for t in r["cpu_s"]),
-            "peak_extra_mb": statistics.median(r["peak_extra_mb"] for r in rs),
-            "max_rel_err": err,
-            "threads": rs[0]["threads"],
-        }
-    return table
+    outputs = {"loss": 1, "grad_e": M * B * T * 64, "grad_val": M * B * T}  # grad_val: fixed labels, k = 1
+    return run_all_providers(providers, rounds, reps, threads, __file__, outputs)
 
 
 # pytest-benchmark entry (as bench_synth.py): one benchmark per provider, each call one fresh
@@ -194,29 +114,15 @@ try:
     def test_hypergradient_lstm(benchmark, provider, tmp_path):
         npy = str(tmp_path / f"{provider}.npy")
         threads = int(os.environ.get("BENCH_SYNTH_THREADS", "1"))
-        r = benchmark.pedantic(run_one, args=(provider, 3, npy, threads), rounds=1, iterations=1)
+        r = benchmark.pedantic(run_one, args=(provider, 3, npy, threads, __file__), rounds=1, iterations=1)
         # schema 1 of fedcompress/benchtable.py (`fedcompress bench`); times_s: the child's own calls
         benchmark.extra_info.update(r, schema=1, op="synth hypergradient", case="lstm",
                                     peer=provider in ("create_graph", "higher", "torchopt"))
         _RESULTS[provider] = dict(r, npy=npy)
 
     def test_table_lstm(benchmark):
-        import numpy as np
-
         benchmark.pedantic(lambda: None, rounds=1, iterations=1)  # so --benchmark-only keeps it
-        if "create_graph" not in _RESULTS:
-            pytest.skip("run the provider benchmarks first")
-        ref = np.load(_RESULTS["create_graph"]["npy"])
-        table = {}
-        for p, r in _RESULTS.items():
-            v = np.load(r["npy"])
-            table[p] = dict(
-                r,
-                max_rel_err=float(np.abs(v - ref).max() / np.abs(ref).max()),
-                cpu_s=statistics.median(r["cpu_s"]),
-            )
-        print("\n" + markdown(table))
-        assert table["engine"]["max_rel_err"] <= 1e-5
+        print_table(_RESULTS)
 except ImportError:  # pragma: no cover
     pass
 
