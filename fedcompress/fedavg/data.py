@@ -350,17 +350,22 @@ def load_fashion_mnist(data_dir: str | os.PathLike | None = None) -> Dataset:
 FEMNIST_CLASSES = 62
 
 
-def _read_leaf_split(folder: str, split: str) -> tuple[list[str], list[np.ndarray], list[np.ndarray]]:
+def leaf_split_files(folder: str, split: str, what: str = "LEAF") -> list[str]:
+    """The JSON files of one LEAF split (``folder/split/*.json``, sorted), or a FileNotFoundError
+    naming what is expected. Shared by FEMNIST here and Reddit in text.py."""
     d = os.path.join(folder, split)
     files = sorted(f for f in os.listdir(d) if f.endswith(".json")) if os.path.isdir(d) else []
     if not files:
         raise FileNotFoundError(
-            f"LEAF folder {folder!r} has no {split}/*.json; expected train/*.json and test/*.json "
+            f"{what} folder {folder!r} has no {split}/*.json; expected train/*.json and test/*.json "
             "(LEAF format: users, num_samples, user_data{user: {x, y}})"
         )
+    return [os.path.join(d, f) for f in files]
+
+
+def _read_leaf_split(folder: str, split: str) -> tuple[list[str], list[np.ndarray], list[np.ndarray]]:
     users, xs, ys = [], [], []
-    for fn in files:
-        path = os.path.join(d, fn)
+    for path in leaf_split_files(folder, split):
         try:
             doc = json.loads(_read_limited(path))
         except (json.JSONDecodeError, UnicodeDecodeError) as e:

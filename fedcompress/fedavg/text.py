@@ -41,6 +41,7 @@ import numpy as np
 import torch
 
 from ..errors import FormatError
+from .data import leaf_split_files
 
 PAD, UNK, BOS, EOS = 0, 1, 2, 3
 SPECIALS = ("<pad>", "<unk>", "<bos>", "<eos>")
@@ -240,17 +241,6 @@ def load_fortunes(
 # -- LEAF Reddit ---------------------------------------------------------------------------------
 
 
-def _leaf_files(folder: str, split: str) -> list[str]:
-    d = os.path.join(folder, split)
-    files = sorted(f for f in os.listdir(d) if f.endswith(".json")) if os.path.isdir(d) else []
-    if not files:
-        raise FileNotFoundError(
-            f"LEAF Reddit folder {folder!r} has no {split}/*.json; expected train/*.json and "
-            "test/*.json (LEAF format: users, num_samples, user_data{user: {x, y}})"
-        )
-    return [os.path.join(d, f) for f in files]
-
-
 def _token_seqs(obj, path: str, user: str, what: str) -> list[list[str]]:
     """LEAF nests sequences in comments: [comment [sequence [token]]]; flatten to sequences."""
     if not isinstance(obj, list):
@@ -271,7 +261,7 @@ def _token_seqs(obj, path: str, user: str, what: str) -> list[list[str]]:
 def read_reddit_split(folder: str, split: str):
     """(users, [(x sequences, y sequences)]) of one LEAF split; every sequence checked."""
     users, data = [], []
-    for path in _leaf_files(folder, split):
+    for path in leaf_split_files(folder, split, "LEAF Reddit"):
         with open(path, "rb") as f:
             raw = f.read(MAX_TEXT_BYTES + 1)
         if len(raw) > MAX_TEXT_BYTES:
