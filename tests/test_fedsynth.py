@@ -90,7 +90,7 @@ def test_learning_lowers_real_loss_and_payload_size():
     )
     x, y = _data()
     payload = comp.client_update(model, state, (x, y), ctx)
-    # the initial set's loss (outer_steps=0 is not allowed, so: the same init, unrolled)
+    # the initial set's loss: the same init, unrolled
     init_x, init_y = comp._init(x, y, 4, 4, 2, ctx)
     params = {k: state[k] for k, _ in model.named_parameters()}
     w0 = fc.synth.unroll(model, params, init_x, init_y, comp.params["inner_lr"])
@@ -99,6 +99,19 @@ def test_learning_lowers_real_loss_and_payload_size():
     # every byte counted: x (fp16, the default) + softmax labels (fp16) + framing
     assert len(payload) >= 4 * 2 * 64 * 2 + 4 * 2 * 4 * 2
     assert len(payload) <= 4 * 2 * 64 * 2 + 4 * 2 * 4 * 2 + 200
+
+
+def test_outer_steps_zero_sends_the_real_subset_unoptimised():
+    """The results' "real subset" control: the payload holds the client's own samples, as drawn."""
+    model, state, comp, ctx = _setup("fedsynth:batches=4,batch=2,outer_steps=0,dtype=fp32")
+    x, y = _data()
+    payload = comp.client_update(model, state, (x, y), ctx)
+    init_x, init_y = comp._init(x, y, 4, 4, 2, ctx)
+    d = comp.decompress(payload, ctx)
+    assert torch.equal(d["x"].float(), init_x)
+    assert torch.equal(d["y"].float(), init_y)
+    # every sent image is one of the client's images
+    assert all(any(torch.equal(s, r) for r in x) for s in d["x"].reshape(-1, *x.shape[1:]))
 
 
 @pytest.mark.parametrize("dtype", ["fp32", "fp16"])
@@ -132,6 +145,8 @@ def test_spec_validation():
         "fedsynth:inner_lr=nan",
         "fedsynth:init=zeros",
         "fedsynth:outer_steps=1.5",
+        "fedsynth:outer_steps=-1",
+        "fedsynth:outer_steps=0,init=noise",
         "fedsynth:colour=red",
         "fedsynth:ratio=1",
         "fedsynth:ratio=0.5",

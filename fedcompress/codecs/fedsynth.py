@@ -237,7 +237,8 @@ class FedSynthCompressor(Compressor):
         "batch": positive_int(5),
         "labels": choice("fixed", "trainable", "raw"),
         "label_scale": Param(boolean, False, None, "true or false (only with labels=trainable)"),
-        "outer_steps": positive_int(30),
+        # 0 = send the initial real-sample set unoptimised: the "real subset" control of the results
+        "outer_steps": Param(int, 30, lambda v: v >= 0, "an integer >= 0 (0 = the real-sample init, unoptimised)"),
         "lr_x": positive_float(0.03),
         "lr_y": positive_float(0.03),
         "inner_lr": positive_float(0.1),
@@ -254,6 +255,8 @@ class FedSynthCompressor(Compressor):
         self.given = frozenset(kwargs)  # keys the spec set explicitly (they win over the ratio rule)
         if self.params["label_scale"] and self.params["labels"] != "trainable":
             raise ValueError("label_scale=true needs labels=trainable")
+        if self.params["outer_steps"] == 0 and self.params["init"] != "real":
+            raise ValueError("outer_steps=0 sends the initial set unoptimised: it needs init=real")
         self.model = model
         self.last_w_syn: StateDict | None = None  # the client's w_syn of its last update (tests)
         self.last_real_loss: float | None = None
