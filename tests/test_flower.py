@@ -22,8 +22,10 @@ import subprocess
 import sys
 import tempfile
 import time
+import warnings
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -693,3 +695,104 @@ def test_text_round_through_mod_and_strategy(task_identity, tmp_path):
     model.load_state_dict(got)
     acc, loss = fedavg_driver.evaluate(model, ds.x_test, ds.y_test)
     assert 0.0 <= acc <= 1.0 and loss == loss  # top-1 over real tokens, finite
+
+
+# ---------------------------------------------------------------------------------------------
+# Codec time: the Mod times call_next and its own work, the Strategy its decoding
+
+from fedcompress.flower.common import (  # noqa: E402
+    ENCODE_KEY,
+    TRAIN_KEY,
+    array_view,
+    state_from_record,
+    update_from_records,
+)
+
+TRAIN_SLEEP, ENCODE_SLEEP, DECODE_SLEEP = 0.3, 0.05, 0.02
+
+
+class _SlowNone(fc.Compressor):
+    """``none`` that sleeps in compress and decompress: where each sleep lands is known exactly."""
+
+    def compress(self, update, ctx):
+        time.sleep(ENCODE_SLEEP)
+        return fc.get_compressor("none").compress(update, ctx)
+
+    def decompress(self, payload, ctx):
+        time.sleep(DECODE_SLEEP)
+        return fc.get_compressor("none").decompress(payload, ctx)
+
+
+def test_round_metrics_carry_codec_time(task_identity):
+    def slow_train(msg, ctxt):
+        time.sleep(TRAIN_SLEEP)
+        return fake_train(msg, ctxt)
+
+    fc.register("test-slow-flower")(_SlowNone)
+    try:
+        strategy = CompressedFedAvg("test-slow-flower", seed=5)
+        glob = small_state(0)
+        msgs = list(strategy.configure_train(1, ArrayRecord({k: Array(v.numpy()) for k, v in glob.items()}),
+                                             ConfigRecord(), StubGrid()))  # fmt: skip
+        mod = compression_mod("test-slow-flower")
+        replies = [mod(m, node_context(m.metadata.dst_node_id), slow_train) for m in msgs]
+        # an old client's reply without times adds nothing (and is not dropped)
+        old = fake_train(msgs[0], node_context(msgs[0].metadata.dst_node_id))
+        old.content.array_records["arrays"] = replies[0].content.array_records["arrays"]
+        old.content["metrics"][CLIENT_KEY] = replies[0].content["metrics"][CLIENT_KEY]
+        arrays, metrics = strategy.aggregate_train(1, replies + [old])
+    finally:
+        fc.api._REGISTRY.pop("test-slow-flower", None)
+    enc = [r.content["metrics"][ENCODE_KEY] for r in replies]
+    tr = [r.content["metrics"][TRAIN_KEY] for r in replies]
+    for e, t in zip(enc, tr, strict=True):
+        assert TRAIN_SLEEP <= t < TRAIN_SLEEP + 0.25  # the ClientApp's sleep, not compress's
+        assert ENCODE_SLEEP <= e < TRAIN_SLEEP  # compress's sleep, not the ClientApp's
+    assert metrics["replies-accepted"] == 3
+    assert metrics["encode-seconds"] == pytest.approx(sum(enc), rel=1e-12)
+    assert metrics["train-seconds"] == pytest.approx(sum(tr), rel=1e-12)
+    assert 3 * DECODE_SLEEP <= metrics["decode-seconds"] < TRAIN_SLEEP
+    e, d, t = metrics["encode-seconds"], metrics["decode-seconds"], metrics["train-seconds"]
+    assert metrics["codec-overhead"] == pytest.approx((e + d) / (t + e + d), rel=1e-12)
+    assert strategy.codec_overhead == pytest.approx(metrics["codec-overhead"], rel=1e-12)
+    assert ENCODE_KEY not in metrics and TRAIN_KEY not in metrics  # not FedAvg-averaged
+    assert strategy.history[-1]["decode-seconds"] == metrics["decode-seconds"]
+
+
+def _odd_state() -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(3)
+    return {
+        "w": torch.randn(7, 5, generator=g),
+        "h": torch.randn(4, generator=g).half(),
+        "d": torch.randn(3, 2, generator=g, dtype=torch.float64),
+        "scalar": torch.tensor(1.25),
+        "n": torch.tensor([3, -9], dtype=torch.int64),
+        "flag": torch.tensor([True, False, True]),
+        "empty": torch.zeros(0, 4),
+    }
+
+
+def test_mod_update_equals_state_delta():
+    # the Mod's zero-copy update against api.state_delta on copies of the same records
+    glob = _odd_state()
+    local = {k: (v + 1 if v.dtype != torch.bool else ~v) if k != "w" else v * 1.5 for k, v in glob.items()}
+    rg = ArrayRecord({k: Array(v.numpy()) for k, v in glob.items()})
+    arrays = {k: Array(v.numpy()) for k, v in local.items()}
+    arrays["w"] = Array(np.asfortranarray(local["w"].numpy()))  # Fortran order: np.load's path
+    rl = ArrayRecord(arrays)
+    views = {k: array_view(v) for k, v in rg.items()}
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # torch warns when it wraps a read-only numpy array
+        got = update_from_records(rl, views)
+    want = fc.api.state_delta(state_from_record(rl), state_from_record(rg))
+    assert list(got) == list(want)
+    for k in want:
+        assert got[k].dtype == want[k].dtype and got[k].shape == want[k].shape
+        assert torch.equal(got[k], want[k]), k
+    for v in rg.values():
+        assert np.array_equal(array_view(v), v.numpy())
+    with pytest.raises(ValueError, match="shapes"):
+        update_from_records(ArrayRecord({**{k: rl[k] for k in rl}, "w": Array(np.zeros((5, 7), np.float32))}),
+                            views)  # fmt: skip
+    with pytest.raises(ValueError, match="names"):
+        update_from_records(ArrayRecord({k: rl[k] for k in list(rl)[1:]}), views)

@@ -14,6 +14,10 @@ not as a bytes value in a ConfigRecord):
 
 from __future__ import annotations
 
+import io
+import math
+
+import numpy as np
 import torch
 from flwr.app import Array, ArrayRecord
 
@@ -26,6 +30,10 @@ SPEC_KEY = "fedcompress-spec"  # train ConfigRecord: the server's compressor spe
 SEED_KEY = "fedcompress-seed"  # train ConfigRecord: experiment seed for RoundContext
 CLIENT_KEY = "fedcompress-client"  # reply MetricRecord: client id used in the RoundContext
 PARTITION_KEY = "partition-id"  # node_config key giving the client id (flwr's simulation sets it)
+# reply MetricRecord: the client's seconds in the Mod's own work (reading the received model, the
+# update, compress, wrapping the payload) and in the wrapped ClientApp (call_next: local training)
+ENCODE_KEY = "fedcompress-encode-seconds"
+TRAIN_KEY = "fedcompress-train-seconds"
 
 
 def canonical_spec(spec: str) -> str:
@@ -58,7 +66,63 @@ def payload_bytes(record: ArrayRecord) -> bytes:
 
 def state_from_record(record: ArrayRecord) -> dict[str, torch.Tensor]:
     """An ArrayRecord of numpy Arrays as a torch state dict (copies, writable, in record order)."""
-    return {k: torch.from_numpy(v.numpy().copy()) for k, v in record.items()}
+    # Array.numpy() is np.load of the bytes: already a fresh writable array, so no second copy.
+    out = {}
+    for k, v in record.items():
+        a = v.numpy()
+        out[k] = torch.from_numpy(a if a.flags.writeable else a.copy())
+    return out
+
+
+def array_view(arr: Array) -> np.ndarray:
+    """A read-only numpy view of a numpy-stype Array's bytes (no copy), else ``arr.numpy()``.
+
+    The Mod reads the received global model and the ClientApp's local weights only to subtract
+    them: parsing each .npy header and viewing the data in place spares the two copies per tensor
+    that ``state_from_record`` makes (np.load, then a writable copy); on the FedAvg CNN (582K
+    values) that was about half of the Mod's time besides ``compress`` (0.86 -> 0.39 ms of thread
+    CPU per reply, ``python bench/fl_overhead.py --mod-only``, 2026-11-29, shared machine).
+    Anything unusual (another .npy version, Fortran order, object dtype, short data) takes
+    ``arr.numpy()``'s path, which raises what np.load raises.
+    """
+    data = arr.data
+    if arr.stype == "numpy.ndarray" and isinstance(data, bytes):
+        try:
+            f = io.BytesIO(data)
+            major, _ = np.lib.format.read_magic(f)
+            read = {1: np.lib.format.read_array_header_1_0, 2: np.lib.format.read_array_header_2_0}.get(major)
+            if read is not None:
+                shape, fortran, dtype = read(f)
+                n = math.prod(shape)
+                if not fortran and not dtype.hasobject and f.tell() + n * dtype.itemsize == len(data):
+                    return np.frombuffer(data, dtype=dtype, count=n, offset=f.tell()).reshape(shape)
+        except ValueError:
+            pass
+    return arr.numpy()
+
+
+def update_from_records(local: ArrayRecord, global_views: dict[str, np.ndarray]) -> dict[str, torch.Tensor]:
+    """``local − global`` per tensor as ``api.state_delta`` computes it (each tensor's own dtype;
+    bool: xor), in one pass over views of both records' bytes; the result tensors are writable.
+    ValueError if the names or shapes differ."""
+    if list(local) != list(global_views):
+        raise ValueError("the reply's arrays do not match the received model (names)")
+    views = {k: array_view(local[k]) for k in global_views}
+    if any(views[k].shape != g.shape for k, g in global_views.items()):
+        raise ValueError("the reply's arrays do not match the received model (shapes)")
+    out = {}
+    for k, g in global_views.items():
+        v = views[k]
+        if v.dtype != g.dtype:  # a ClientApp replying in another dtype: torch's type promotion
+            out[k] = torch.from_numpy(v.copy()) - torch.from_numpy(g.copy())
+            continue
+        res = np.empty_like(v)
+        if v.dtype == np.bool_:
+            np.logical_xor(v, g, out=res)
+        else:
+            np.subtract(v, g, out=res)
+        out[k] = torch.from_numpy(res)
+    return out
 
 
 def round_context(server_round: int, client: int, seed: int) -> RoundContext:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from logging import DEBUG, ERROR
 
 from flwr.app import ArrayRecord, ConfigRecord, Context, Error, Message, MessageType, MetricRecord
@@ -9,18 +10,21 @@ from flwr.clientapp.typing import ClientAppCallable, Mod
 from flwr.common.constant import ErrorCode
 from flwr.supercore import log
 
-from ..api import get_compressor, state_delta
+from ..api import get_compressor
 from .common import (
     CLIENT_KEY,
+    ENCODE_KEY,
     PARTITION_KEY,
     PAYLOAD_KEY,
     SEED_KEY,
     SPEC_KEY,
+    TRAIN_KEY,
+    array_view,
     is_payload_record,
     payload_array,
     payload_bytes,
     round_context,
-    state_from_record,
+    update_from_records,
 )
 
 _INT63 = (1 << 63) - 1
@@ -43,10 +47,14 @@ def compression_mod(spec: str) -> Mod:
 
     The wrapped ClientApp trains as usual and returns its local weights in one ArrayRecord; the Mod
     replaces that record by ``{"fedcompress": Array(stype="fedcompress.payload")}`` holding
-    ``compress(local − received global, RoundContext(server-round, client, seed))`` and adds the
-    client id to the reply's MetricRecord. A ClientApp whose compressor owns local training
-    (FedSynth: ``compressor.client_update``) may reply with that payload record itself; the Mod then
-    only adds the client id. Other message types pass through untouched.
+    ``compress(local − received global, RoundContext(server-round, client, seed))`` and adds to the
+    reply's MetricRecord the client id and two wall-clock times for :class:`CompressedFedAvg`'s
+    ``codec-overhead``: ``fedcompress-train-seconds`` (the wrapped ClientApp, ``call_next``: its
+    local training) and ``fedcompress-encode-seconds`` (the Mod's own work: reading the received
+    model, the update, ``compress``, wrapping the payload). A ClientApp whose compressor owns local
+    training (FedSynth: ``compressor.client_update``) may reply with that payload record itself;
+    the Mod then only adds the client id and the times (its compression is then in train-seconds).
+    Other message types pass through untouched.
     Pair it with :class:`fedcompress.flower.CompressedFedAvg` on the server (same spec): a train
     message without the server's spec, or with a different one, gets an error reply.
     Raises ValueError at construction for an unknown or invalid spec.
@@ -57,6 +65,7 @@ def compression_mod(spec: str) -> Mod:
     def fedcompress_mod(msg: Message, ctxt: Context, call_next: ClientAppCallable) -> Message:
         if msg.metadata.message_type.split(".")[0] != MessageType.TRAIN:
             return call_next(msg, ctxt)
+        t_start = time.perf_counter()
         arrays = list(msg.content.array_records.values())
         configs = list(msg.content.config_records.values())
         if len(arrays) != 1 or len(configs) != 1:
@@ -70,9 +79,12 @@ def compression_mod(spec: str) -> Mod:
         if server_spec != canonical:
             return _error(msg, f"server compressor {server_spec!r} differs from this client's {canonical!r}")
         seed, rnd = config.get(SEED_KEY, 0), config.get("server-round", 0)
-        global_state = state_from_record(arrays[0])
+        # views of the received bytes, not copies: the Mod only subtracts them (common.array_view)
+        global_views = {k: array_view(v) for k, v in arrays[0].items()}
 
+        t_call = time.perf_counter()
         out = call_next(msg, ctxt)
+        train_seconds = time.perf_counter() - t_call
         if out.has_error():
             return out
         replies = list(out.content.array_records.items())
@@ -84,18 +96,20 @@ def compression_mod(spec: str) -> Mod:
             # Already a payload: the compressor ran its own client_update (FedSynth); pass it on.
             payload = payload_bytes(record)
         else:
-            local = state_from_record(record)
-            if list(local) != list(global_state) or any(
-                local[k].shape != v.shape for k, v in global_state.items()
-            ):
-                return _error(msg, "the reply's arrays do not match the received model (names or shapes)")
-            payload = comp.compress(state_delta(local, global_state), round_context(int(rnd), cid, int(seed)))
+            try:
+                update = update_from_records(record, global_views)
+            except ValueError as e:
+                return _error(msg, str(e))
+            payload = comp.compress(update, round_context(int(rnd), cid, int(seed)))
             out.content.array_records[key] = ArrayRecord({PAYLOAD_KEY: payload_array(payload)})
         metrics = list(out.content.metric_records.values())
-        if metrics:
-            metrics[0][CLIENT_KEY] = cid
-        else:
-            out.content["metrics"] = MetricRecord({CLIENT_KEY: cid})
+        if not metrics:
+            out.content["metrics"] = MetricRecord()
+            metrics = [out.content["metrics"]]
+        metrics[0][CLIENT_KEY] = cid
+        metrics[0][TRAIN_KEY] = train_seconds
+        # everything the Mod did on this path except call_next (the metric writes are negligible)
+        metrics[0][ENCODE_KEY] = time.perf_counter() - t_start - train_seconds
         log(
             DEBUG,
             "fedcompress_mod: round %s client %s sends %d bytes (%s)",

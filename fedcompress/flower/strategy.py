@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import time
 from collections.abc import Iterable
 from dataclasses import dataclass
 from logging import INFO, WARNING
@@ -17,7 +18,16 @@ from flwr.supercore import log
 from ..api import StateDict, apply_delta, get_compressor
 from ..errors import FormatError
 from ..fedavg.driver import dense_payload_bytes, weighted_average
-from .common import CLIENT_KEY, SEED_KEY, SPEC_KEY, payload_bytes, round_context, state_from_record
+from .common import (
+    CLIENT_KEY,
+    ENCODE_KEY,
+    SEED_KEY,
+    SPEC_KEY,
+    TRAIN_KEY,
+    payload_bytes,
+    round_context,
+    state_from_record,
+)
 
 
 @dataclass
@@ -42,6 +52,14 @@ class CompressedFedAvg(FedAvg):
     ``dense-upstream-bytes`` (the ``none`` payload of the same replies), ``compression-ratio``,
     ``replies-accepted``, ``replies-dropped`` and ``replies-failed`` (error replies) to FedAvg's
     averaged client metrics; ``self.history`` keeps the same per round as dicts.
+
+    Codec time, as the in-process driver reports it (wall seconds summed over the round's replies):
+    ``encode-seconds`` and ``train-seconds`` from what each client's Mod measured
+    (``fedcompress-encode-seconds``: the Mod's own work; ``fedcompress-train-seconds``: the wrapped
+    ClientApp), ``decode-seconds`` spent here unpacking and decoding replies (``server_update``),
+    and ``codec-overhead`` = (encode + decode) / (train + encode + decode) for the round;
+    :attr:`codec_overhead` gives it over every round so far. Replies without valid times (a client
+    without the Mod's timing) add nothing to encode or train.
 
     ``model``: a torch module with the global model's architecture, for compressors that replay
     training on the server (FedSynth: ``compressor.set_model``); required for those, ignored by the
@@ -92,6 +110,7 @@ class CompressedFedAvg(FedAvg):
         glob = self._global
         accepted: list[_Decoded] = []
         failed = dropped = upstream = carried = 0
+        encode = train = decode = 0.0
         for msg in replies:
             node = int(msg.metadata.src_node_id)
             if msg.has_error():
@@ -104,9 +123,14 @@ class CompressedFedAvg(FedAvg):
                     msg.error.reason,
                 )
                 continue
+            enc, tr = _client_seconds(msg.content)
+            encode += enc
+            train += tr
+            t0 = time.perf_counter()
             try:
                 payload, client, weight = self._unpack(msg.content)
             except FormatError as e:
+                decode += time.perf_counter() - t0
                 dropped += 1
                 log(WARNING, "fedcompress: round %d, dropped reply of node %d: %s", server_round, node, e)
                 continue
@@ -118,6 +142,7 @@ class CompressedFedAvg(FedAvg):
                 )
                 _check_delta(delta, glob)
             except FormatError as e:
+                decode += time.perf_counter() - t0
                 dropped += 1
                 log(
                     WARNING,
@@ -129,6 +154,7 @@ class CompressedFedAvg(FedAvg):
                     e,
                 )
                 continue
+            decode += time.perf_counter() - t0
             accepted.append(_Decoded(client, node, weight, delta, msg.content))
 
         # Client-id order: the in-process driver sums its sorted clients in this order, so both
@@ -150,6 +176,10 @@ class CompressedFedAvg(FedAvg):
             "replies-accepted": len(accepted),
             "replies-dropped": dropped,
             "replies-failed": failed,
+            "encode-seconds": encode,
+            "decode-seconds": decode,
+            "train-seconds": train,
+            "codec-overhead": _overhead(encode, decode, train),
         }
         self.history.append(row)
         for k, v in row.items():
@@ -157,7 +187,8 @@ class CompressedFedAvg(FedAvg):
                 metrics[k] = v
         log(
             INFO,
-            "fedcompress: round %d, %d bytes up (dense %d, ratio %.2f), %d accepted, %d dropped, %d failed",
+            "fedcompress: round %d, %d bytes up (dense %d, ratio %.2f), %d accepted, %d dropped, %d failed, "
+            "codec overhead %.2f %%",
             server_round,
             upstream,
             dense,
@@ -165,6 +196,7 @@ class CompressedFedAvg(FedAvg):
             len(accepted),
             dropped,
             failed,
+            100 * row["codec-overhead"],
         )
         return arrays, metrics
 
@@ -196,9 +228,32 @@ class CompressedFedAvg(FedAvg):
         except Exception as e:  # inconsistent client metrics must not cost the round's model
             log(WARNING, "fedcompress: could not aggregate client metrics: %s", e)
             return MetricRecord()
-        if CLIENT_KEY in out:
-            del out[CLIENT_KEY]
+        for key in (CLIENT_KEY, ENCODE_KEY, TRAIN_KEY):  # ours: summed in the round's row instead
+            if key in out:
+                del out[key]
         return out
+
+    @property
+    def codec_overhead(self) -> float:
+        """(encode + decode) / (train + encode + decode) over every round so far (0.0 before any)."""
+        keys = ("encode-seconds", "decode-seconds", "train-seconds")
+        return _overhead(*(sum(r[k] for r in self.history) for k in keys))
+
+
+def _overhead(encode: float, decode: float, train: float) -> float:
+    total = encode + decode + train
+    return (encode + decode) / total if total > 0 else 0.0
+
+
+def _client_seconds(content: RecordDict) -> tuple[float, float]:
+    """(encode, train) seconds a client's Mod reported; (0, 0) where missing or not a finite
+    number >= 0 (a timing is not worth dropping a reply for)."""
+    out = []
+    for key in (ENCODE_KEY, TRAIN_KEY):
+        v = next((m[key] for m in content.metric_records.values() if key in m), None)
+        ok = isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and v >= 0
+        out.append(float(v) if ok else 0.0)
+    return out[0], out[1]
 
 
 def _check_delta(delta: StateDict, glob: StateDict) -> None:
