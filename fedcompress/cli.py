@@ -233,11 +233,13 @@ def add_compare(sub) -> None:
     p = sub.add_parser(
         "compare",
         help="the papers' tables (docs/results.md), or several compressors side by side",
-        description="Without --compressors: FedSynth's Table 1 shape (none, mask, sz, fedsynth at matched "
-        "~8/16/64x on mnist5k, 60 clients), FedSZ's sz sweep and a non-iid table, written to "
-        "--report-dir/results.md with plots (default: the run cache, runs/results; `--report-dir docs` "
-        "regenerates the project's docs/results.md). Its setup is fixed; --rounds, --clients-per-round, "
-        "--seeds and --threads apply. With --compressors: FedAvg once per spec (same seed, split and model "
+        description="Without --compressors: the results tables (rows none, fp16, mask, sz, sz with error "
+        "feedback, fedsynth with fixed and trainable labels, and the real-subset control, at byte budgets "
+        "8x..256x) for each setting (mnist5k-10, mnist5k-10-dirichlet, fashion-60, the extra mnist5k-60) "
+        "and FedSZ's sz sweep, written to --report-dir/results.md with plots (default: the run cache, "
+        "runs/results; `--report-dir docs` regenerates the project's docs/results.md). The settings are "
+        "fixed; --parts, --rows, --ratios, --seeds and --threads pick what runs. "
+        "With --compressors: FedAvg once per spec (same seed, split and model "
         "init) and one table; with --seeds, once per spec and seed, and mean ± std.",
     )
     add_experiment_args(p)
@@ -302,7 +304,12 @@ def cmd_compare(args) -> int:
     from .fedavg.driver import final_line, run_experiment
     from .fedavg.plots import plot_accuracy_vs_mb
 
-    if args.compressors is None:  # the papers' tables
+    if args.compressors is None:  # the results tables: their settings are fixed (experiments.plan)
+        if args.rounds is not None or args.clients_per_round is not None:
+            raise BadInput(
+                "--rounds/--clients-per-round apply with --compressors; the tables' settings are fixed "
+                "(pick them with --parts, see docs/results.md)"
+            )
         return cmd_results(args)
     from .experiments import load_cached, machine_line, mean_summary
 
@@ -376,12 +383,12 @@ def cmd_compare(args) -> int:
 
 def add_table_args(p, out_flag: str = "--out") -> None:
     """The report's options, shared by ``results`` and ``compare`` (without --compressors)."""
-    from .experiments.plan import ROW_LABELS
+    from .experiments.plan import PARTS, ROW_LABELS
 
     p.add_argument(
         "--quick",
         action="store_true",
-        help="digits, 12 clients, 2 rounds, ratio 16x only, sweep at 1e-2 (the test's mode)",
+        help="digits, 12 clients, 2 rounds, budget 16x only, sweep at 1e-2 (the test's mode)",
     )
     p.add_argument(
         out_flag,
@@ -405,11 +412,15 @@ def add_table_args(p, out_flag: str = "--out") -> None:
         action="store_true",
         help="train nothing: write the report from the runs already in --runs (missing rows say so)",
     )
-    p.add_argument("--parts", default=None, help="comma list of iid,sweep,dirichlet (default: all)")
-    p.add_argument("--rows", default=None, help="iid rows, comma list of " + ",".join(ROW_LABELS))
-    p.add_argument("--noniid-rows", default=None, help="dirichlet rows (same names)")
-    p.add_argument("--ratios", default=None, help="comma list, default 8,16,64")
-    p.add_argument("--fedsynth-outer-steps", type=int, default=None)
+    p.add_argument(
+        "--parts",
+        default=None,
+        help="comma list of " + ",".join(PARTS) + " (default: mnist5k-10,mnist5k-10-dirichlet,fashion-60,sweep)",
+    )
+    p.add_argument("--rows", default=None, help="comma list of " + ",".join(ROW_LABELS) + " (default: all)")
+    p.add_argument(
+        "--ratios", default=None, help="byte budgets, comma list (default: each setting's, 8..256 for iid)"
+    )
 
 
 def parse_seeds(text: str) -> tuple[int, ...]:
@@ -426,14 +437,12 @@ def parse_seeds(text: str) -> tuple[int, ...]:
 def add_results(sub) -> None:
     p = sub.add_parser(
         "results",
-        help="the papers' tables (the same as `compare` without --compressors)",
-        description="Run the matched-ratio tables (none, mask, sz, fedsynth) and the sz REL sweep; write "
+        help="the results tables (the same as `compare` without --compressors)",
+        description="Run the results tables (rows x byte budgets per setting) and the sz REL sweep; write "
         "OUT/results.md, results.json and PNG plots (OUT: --out, default the --runs folder; `--out docs` "
         "regenerates the project's docs/results.md). Runs are cached under --runs and reused.",
     )
     add_table_args(p)
-    p.add_argument("--rounds", type=int, default=None)
-    p.add_argument("--clients-per-round", type=int, default=None)
     p.add_argument("--threads", type=int, default=1, help="torch threads (default: %(default)s)")
     p.set_defaults(handler=cmd_results)
 
@@ -442,35 +451,28 @@ def cmd_results(args) -> int:
     import torch
 
     from .experiments import ROW_LABELS, Plan, run_results
+    from .experiments.plan import PARTS
 
     plan = Plan.quick() if args.quick else Plan()
     try:
-        if args.rounds is not None:
-            plan.rounds = args.rounds
-        if args.clients_per_round is not None:
-            plan.clients_per_round = args.clients_per_round
         if args.parts:
-            plan.parts = tuple(args.parts.split(","))
+            plan.parts = tuple(x for x in args.parts.split(",") if x)
         if args.rows:
-            plan.rows = tuple(args.rows.split(","))
-        if args.noniid_rows:
-            plan.noniid_rows = tuple(args.noniid_rows.split(","))
+            plan.rows = tuple(x for x in args.rows.split(",") if x)
         if args.ratios:
-            plan.ratios = tuple(int(x) for x in args.ratios.split(","))
-        if args.fedsynth_outer_steps is not None:
-            plan.fedsynth_outer_steps = args.fedsynth_outer_steps
+            plan.budgets = tuple(int(x) for x in args.ratios.split(","))
         if getattr(args, "seeds", None):
             plan.seeds = args.seeds
         elif getattr(args, "seed", None) is not None:  # compare's --seed
             plan.seeds = (args.seed,)
     except ValueError as e:
         raise BadInput(str(e)) from None
-    bad = [p for p in plan.parts if p not in ("iid", "sweep", "dirichlet")]
-    bad += [r for r in plan.rows + plan.noniid_rows if r not in ROW_LABELS]
-    if bad or plan.rounds < 1 or not (1 <= plan.clients_per_round <= plan.clients) or not plan.ratios:
+    parts = ("quick", "sweep") if args.quick else PARTS
+    bad = [p for p in plan.parts if p not in parts] + [r for r in plan.rows if r not in ROW_LABELS]
+    if bad or not plan.parts or not plan.rows or (plan.budgets is not None and min(plan.budgets) < 2):
         raise BadInput(
-            f"bad --parts/--rows/--rounds/--clients-per-round/--ratios ({bad or 'numbers'}); parts: "
-            f"iid,sweep,dirichlet; rows: {','.join(ROW_LABELS)}; clients-per-round in [1, {plan.clients}]"
+            f"bad --parts/--rows/--ratios ({bad or 'empty, or a budget < 2'}); parts: {','.join(parts)}; "
+            f"rows: {','.join(ROW_LABELS)}; budgets: integers >= 2"
         )
     torch.set_num_threads(args.threads)
     runs_dir = args.runs or os.path.join("runs", "results-quick" if args.quick else "results")

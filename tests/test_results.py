@@ -1,10 +1,9 @@
-"""fedcompress results / bench tooling (fedcompress.experiments, fedcompress.benchtable): the quick plan end to
-end, calibration, report, the bench table and its extra_info schema."""
+"""fedcompress results / bench tooling (fedcompress.experiments, fedcompress.benchtable): the plan, the quick
+plan end to end, the report and its iso-accuracy column, the bench table and its extra_info schema."""
 
 from __future__ import annotations
 
 import json
-import math
 import os
 
 import numpy as np
@@ -14,85 +13,90 @@ import torch
 from fedcompress import benchtable as B
 from fedcompress import cli
 from fedcompress import experiments as R
-from fedcompress.api import RoundContext, get_compressor
 from fedcompress.experiments.tables import _acc_text
 
 # ---------------------------------------------------------------------------------------------
-# calibration lands on the ratio (reference: the payload length measured here by hand)
+# the plan: settings x rows x budgets x seeds, every budget through the compressors' ratio=R key
 
 
-@pytest.fixture(scope="module")
-def update():
-    g = torch.Generator().manual_seed(0)
-    state = {"w": torch.randn(300, 200, generator=g) * 1e-2, "b": torch.randn(200, generator=g) * 1e-2}
-    dense = len(get_compressor("none").compress(state, RoundContext()))
-    return state, dense
-
-
-@pytest.mark.parametrize("ratio", [8, 16, 64])
-def test_calibrate_sz_lands_near_ratio(update, ratio):
-    if R.compressor_available("sz"):
-        pytest.skip("sz state-dict compressor not available")
-    state, dense = update
-    spec, reached = R.calibrate_sz(state, dense, ratio)
-    by_hand = dense / len(get_compressor(spec).compress(state, RoundContext(round=1, client=0, seed=0)))
-    assert reached == pytest.approx(by_hand)
-    assert spec.startswith("sz:rel=")
-    assert abs(math.log(reached / ratio)) < math.log(1.35), (spec, reached)
-
-
-@pytest.mark.parametrize("labels", ["fixed", "trainable"])
-@pytest.mark.parametrize("ratio", [8, 64])
-def test_fedsynth_shape_payload_matches(labels, ratio):
-    dense = 755_000  # about the digits CNN's dense payload
-    m, b, r = R.fedsynth_shape(ratio, (1, 8, 8), 10, dense, labels)
-    spec = f"fedsynth:batches={m},batch={b},labels={labels}"
-    y = torch.zeros(m, b, 10)
-    y[..., 3] = 1
-    n = len(get_compressor(spec).compress({"x": torch.randn(m, b, 1, 8, 8), "y": y}, RoundContext()))
-    assert r == pytest.approx(dense / n)
-    # per sample: 64 fp32 pixels + 1 byte label (fixed) or 10 fp32 (trainable); ratio within ~3%
-    assert abs(r / ratio - 1) < 0.03, (m, b, r)
+def test_plan_runs_and_specs():
+    plan = R.Plan(parts=("mnist5k-10", "sweep"), seeds=(0, 1))
+    runs = R.build_runs(plan)
+    one_seed = [r for r in runs if r.seed == 0]
+    budgets = R.SETTINGS["mnist5k-10"].budgets
+    assert budgets == (8, 16, 32, 64, 128, 256)
+    # none + fp16, 6 budgeted rows x 6 budgets, the sweep's 2 targets x 4 bounds
+    assert len(one_seed) == 2 + 6 * 6 + 2 * 4 and len(runs) == 2 * len(one_seed)
+    spec = {(r.part, r.row, r.target): r.spec for r in one_seed}
+    assert spec[("mnist5k-10", "mask", 64)] == "mask:ratio=64"
+    assert spec[("mnist5k-10", "sz-ef", 8)] == "sz:ratio=8,ef=1"
+    assert spec[("mnist5k-10", "fedsynth-trainable", 256)] == "fedsynth:ratio=256,labels=trainable"
+    assert spec[("mnist5k-10", "real-subset", 16)] == "fedsynth:ratio=16,outer_steps=0"
+    assert spec[("mnist5k-10", "fp16", 2)] == "fp16"
+    assert spec[("sweep", "sz-weights", 1e-3)] == "sz:rel=0.001,target=weights"
+    # FedSynth (the slowest) after everything else, for every seed
+    first_fs = min(i for i, r in enumerate(runs) if r.spec.startswith("fedsynth"))
+    assert all(r.spec.startswith("fedsynth") for r in runs[first_fs:])
+    # the sweep shares its setting's run folder (one none run for both tables)
+    sweep = next(r for r in runs if r.part == "sweep")
+    assert R.run_dir(plan, "runs", sweep).startswith(os.path.join("runs", "seed0", "mnist5k-10"))
+    cfg = R.config(plan, "mnist5k-10-dirichlet", "none", 2)
+    assert (cfg.partition, cfg.alpha, cfg.clients, cfg.clients_per_round, cfg.seed) == ("dirichlet", 0.3, 10, 10, 2)
+    # --ratios narrows each setting to the budgets it has
+    assert R.Plan(budgets=(16, 128)).budgets_of("mnist5k-10-dirichlet") == (16,)
 
 
 # ---------------------------------------------------------------------------------------------
-# report: goals said plainly
+# report: the setting table and its iso-accuracy column, by hand
 
 
-def _fake(part, row, target, acc, ratio, rounds=2):
+def _fake(part, row, target, acc, ratio, rounds=2, seed=0):
     hist = [{"round": i + 1, "accuracy": acc, "upstream_bytes": 1000 * (i + 1)} for i in range(rounds)]
     s = {
         "final_accuracy": acc,
         "compression_ratio": ratio,
         "initial_accuracy": 0.1,
         "history": hist,
-        "wall_seconds": 1,
+        "wall_seconds": 60,
+        "codec_overhead": 0.01,
     }
-    return R.Run(part, row, target, f"{row}:x", ratio, summary=s)
+    return R.Run(part, row, target, f"{row}:ratio={target:g}", summary=s, seed=seed)
 
 
-def test_report_goals_reached_and_not(tmp_path):
-    plan = R.Plan(ratios=(16, 64), parts=("iid", "sweep"), rows=("none", "mask", "sz"), sweep=(1e-1, 1e-2))
+def test_iso_ratio_is_the_largest_ratio_within_half_a_point():
+    runs = [_fake("s", "mask", 16, 0.970, 16.1), _fake("s", "mask", 64, 0.966, 64.3),
+            _fake("s", "mask", 256, 0.950, 257.0), _fake("s", "mask", 32, 0.964, 32.2)]  # fmt: skip
+    assert R.iso_ratio(runs, 97.0).target == 64  # 97.0 - 96.6 = 0.4 <= 0.5; 96.4 and 95.0 are not
+    assert R.iso_ratio(runs, 97.4).target == 16  # only 97.0 is within 0.5 pt of 97.4
+    assert R.iso_ratio(runs, 99.0) is None
+
+
+def test_report_setting_table(tmp_path):
+    plan = R.Plan(parts=("mnist5k-10", "sweep"), rows=("none", "fp16", "mask", "sz"), budgets=(16, 64),
+                  sweep=(1e-1, 1e-2))  # fmt: skip
+    p = "mnist5k-10"
     runs = [
-        _fake("iid", "none", 1, 0.90, 1.0),
-        _fake("iid", "mask", 16, 0.80, 15.9),
-        _fake("iid", "sz", 16, 0.897, 16.2),  # -0.3 pt: reached
-        _fake("iid", "mask", 64, 0.70, 63.0),
-        _fake("iid", "sz", 64, 0.88, 64.5),  # -2 pt: not reached
-        _fake("sweep", "sz-update", 1e-1, 0.85, 40.0),  # -5 pt
-        _fake("sweep", "sz-update", 1e-2, 0.899, 12.0),  # < 20x
+        _fake(p, "none", 1, 0.90, 1.0),
+        _fake(p, "fp16", 2, 0.901, 2.0),
+        _fake(p, "mask", 16, 0.80, 16.3),
+        _fake(p, "sz", 16, 0.897, 16.2),  # -0.3 pt: within 0.5
+        _fake(p, "mask", 64, 0.70, 64.9),
+        _fake(p, "sz", 64, 0.88, 64.5),  # -2 pt
+        _fake("sweep", "sz-update", 1e-1, 0.85, 40.0),
         _fake("sweep", "sz-weights", 1e-2, 0.90, 5.0),
     ]
-    text = R.report(plan, runs, str(tmp_path), "fedcompress results", 3.0)
-    assert "Goal at 16x" in text and "-0.30 pt" in text and "**reached**" in text
-    assert "Goal at 64x" in text and "-2.00 pt" in text and "**NOT reached**" in text
-    assert "sz on updates >= 20x" in text and "**NOT reached** by any REL bound" in text
-    assert "| sz (update, REL calibrated) | 89.70 % (16.20x, -0.30 pt) | 88.00 % (64.50x, -2.00 pt) |" in text
-    for name in ("results_iid_acc_vs_round.png", "results_iid_acc_vs_mb.png"):
+    text = R.report(plan, runs, str(tmp_path), "fedcompress compare", 3.0)
+    assert "| compressor | 16x | 64x | largest ratio within 0.5 pt of none |" in text
+    assert "| sz (bound searched per update) | 89.70 (16.2x) | 88.00 (64.5x) | 16.2x |" in text
+    assert "| mask (unbiased) | 80.00 (16.3x) | 70.00 (64.9x) | none of these (all > 0.5 pt below) |" in text
+    assert "fp16 90.10 (2.0x), +0.10 pt" in text
+    assert "| update | 0.1 | 40.00x | 85.00 | -5.00 |" in text  # the sweep reads its setting's none
+    assert "| mnist5k-10 | 6 | 6.0 | fp16 1.00 %, mask 1.00 %, sz 1.00 % |" in text  # time per part
+    for name in ("results_mnist5k-10_acc_vs_round.png", "results_mnist5k-10_acc_vs_mb.png"):
         size = os.path.getsize(tmp_path / name)
         assert 0 < size < 200_000
     assert (tmp_path / "results.md").read_text() == text
-    assert json.loads((tmp_path / "results.json").read_text())["runs"][2]["row"] == "sz"
+    assert json.loads((tmp_path / "results.json").read_text())["runs"][3]["row"] == "sz"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -106,26 +110,26 @@ def test_quick_plan_end_to_end(tmp_path):
     text = R.run_results(plan, out, runs_dir, log=lambda m: None, incremental=False)
     res = json.loads(open(os.path.join(out, "results.json")).read())
     by = {(r["part"], r["row"], r["target"]): r for r in res["runs"]}
-    sz_ok = R.compressor_available("sz") is None
+    available = {n: R.compressor_available(n) is None for n in ("sz", "mask", "fedsynth")}
     for row in plan.rows:
-        if row == "sz" and not sz_ok:
+        r = by[("quick", row, {"none": 1.0, "fp16": 2.0}.get(row, 16.0))]
+        if not available.get(r["spec"].split(":")[0], True):
+            assert "not available" in r["note"]
             continue
-        r = by[("iid", row, 1.0 if row == "none" else 16)]
         assert r["final_accuracy"] is not None, r
-        if row != "none":  # each compressor landed near 16x (mask: keep=1/16 plus headers)
-            assert 13 < r["compression_ratio"] < 19.5, r
+        if row not in ("none", "fp16"):  # the budget: every upload <= dense / 16, so the run's ratio >= 16
+            assert 16 <= r["compression_ratio"] < 17.5, r
     # the ratio in the table is the driver's: dense / upstream from the run's own summary.json
-    mask_dir = os.path.join(runs_dir, "seed0", "iid", "mask_keep=0.0625_unbiased=false")
-    s = json.load(open(os.path.join(mask_dir, "summary.json")))
+    s = json.load(open(os.path.join(runs_dir, "seed0", "quick", "mask_ratio=16", "summary.json")))
     assert s["compression_ratio"] == pytest.approx(s["dense_upstream_bytes"] / s["upstream_bytes"])
-    assert f"{s['compression_ratio']:.2f}x" in text
-    assert "## FedSZ sweep" in text and "Dirichlet alpha=0.3" in text
+    assert f"({s['compression_ratio']:.1f}x)" in text
+    assert "## FedSZ sweep" in text and "control: real subset" in text
     # second call reuses every cached run (no training: fast, same numbers)
     logs = []
     text2 = R.run_results(plan, out, runs_dir, log=logs.append, incremental=False)
     assert any("reused" in m for m in logs) and not any("acc " in m for m in logs)
     strip = lambda t: t.split("\n", 3)[3]  # noqa: E731  (drop the dated header)
-    assert strip(text2) == strip(text)
+    assert strip(text2).split("## Time per part")[0] == strip(text).split("## Time per part")[0]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -244,14 +248,17 @@ def test_compare_without_compressors_writes_the_report(tmp_path, capsys):
     from fedcompress import cli
 
     args = ["compare", "--quick", "--runs", str(tmp_path / "runs"), "--report-dir", str(tmp_path / "docs"),
-            "--rows", "none,mask", "--parts", "iid", "--no-progress"]
+            "--rows", "none,mask", "--parts", "quick", "--no-progress"]
     assert cli.main(args) == 0
     text = open(tmp_path / "docs" / "results.md").read()
-    assert text.startswith("# Results") and "| mask (keep=1/ratio, unbiased=false) |" in text
+    assert text.startswith("# Results") and "| mask (unbiased) |" in text
     assert "fedcompress compare --quick" in text
     res = json.loads(open(tmp_path / "docs" / "results.json").read())
     assert {r["row"] for r in res["runs"]} == {"none", "mask"}
-    assert res["plan"]["rounds"] == R.Plan.quick().rounds  # compare's own --rounds default does not leak in
+    assert res["plan"]["settings"]["quick"]["rounds"] == 2
+    # the tables' settings are fixed: --rounds belongs to --compressors
+    assert cli.main(args + ["--rounds", "3"]) == cli.EXIT_BAD_INPUT
+    assert "--rounds" in capsys.readouterr().err
 
 
 # ---------------------------------------------------------------------------------------------
@@ -265,7 +272,7 @@ def test_compare_default_report_goes_under_runs_not_docs(tmp_path, monkeypatch, 
     monkeypatch.chdir(tmp_path)
     (tmp_path / "docs").mkdir()
     (tmp_path / "docs" / "results.md").write_text("committed\n")
-    assert cli.main(["compare", "--quick", "--rows", "none", "--parts", "iid", "--no-progress"]) == 0
+    assert cli.main(["compare", "--quick", "--rows", "none", "--parts", "quick", "--no-progress"]) == 0
     assert (tmp_path / "docs" / "results.md").read_text() == "committed\n"
     assert sorted(p.name for p in (tmp_path / "docs").iterdir()) == ["results.md"]
     text = (tmp_path / "runs" / "results-quick" / "results.md").read_text()
@@ -286,8 +293,8 @@ def test_machine_line_is_measured():
 
 
 def test_report_prints_the_machine(tmp_path):
-    plan = R.Plan(ratios=(16,), parts=("iid",), rows=("none",))
-    text = R.report(plan, [_fake("iid", "none", 1, 0.9, 1.0)], str(tmp_path), "fedcompress compare", 1.0)
+    plan = R.Plan(budgets=(16,), parts=("mnist5k-10",), rows=("none",))
+    text = R.report(plan, [_fake("mnist5k-10", "none", 1, 0.9, 1.0)], str(tmp_path), "fedcompress compare", 1.0)
     assert f"machine (as measured): {R.machine_line()}".split(", load")[0] in text
     assert "2-core CPU shared" not in text
 
@@ -300,15 +307,14 @@ def test_mean_std_against_numpy(values):
 
 
 def test_merge_seeds_and_report_mean_std(tmp_path):
-    plan = R.Plan(ratios=(16,), parts=("iid",), rows=("none", "sz"), seeds=(0, 1, 2))
+    plan = R.Plan(budgets=(16,), parts=("mnist5k-10",), rows=("none", "sz"), seeds=(0, 1, 2))
     accs = {"none": [0.90, 0.92, 0.91], "sz": [0.89, 0.90, 0.88]}
     ratios = [16.0, 16.5, 17.5]
     runs = []
     for i, seed in enumerate(plan.seeds):
         for row in ("none", "sz"):
-            r = _fake("iid", row, 1 if row == "none" else 16, accs[row][i], 1.0 if row == "none" else ratios[i])
-            r.seed = seed
-            runs.append(r)
+            t, ratio = (1, 1.0) if row == "none" else (16, ratios[i])
+            runs.append(_fake("mnist5k-10", row, t, accs[row][i], ratio, seed=seed))
     merged = {r.row: r for r in R.merge_seeds(runs)}
     sz = merged["sz"].summary
     assert sz["final_accuracy"] == pytest.approx(np.mean(accs["sz"]))
@@ -320,8 +326,9 @@ def test_merge_seeds_and_report_mean_std(tmp_path):
     text = R.report(plan, runs, str(tmp_path), "fedcompress compare --seeds 0,1,2", 1.0)
     d = (np.mean(accs["sz"]) - np.mean(accs["none"])) * 100
     acc_sz, std_sz = np.mean(accs["sz"]) * 100, np.std(accs["sz"], ddof=1) * 100
-    cell = f"{acc_sz:.2f} ± {std_sz:.2f} % ({np.mean(ratios):.2f}x, {d:+.2f} pt)"
+    cell = f"| {acc_sz:.2f} ± {std_sz:.2f} ({np.mean(ratios):.1f}x) |"
     assert cell in text, text
+    assert d < -0.5 and "none of these" in text  # the mean is what the iso column judges
     assert "seeds 0, 1, 2" in text and "goals judged on the mean" in text
     res = json.loads((tmp_path / "results.json").read_text())
     assert sorted(r["seed"] for r in res["runs"]) == [0, 0, 1, 1, 2, 2]
@@ -329,7 +336,7 @@ def test_merge_seeds_and_report_mean_std(tmp_path):
 
 
 def test_merge_seeds_says_when_a_seed_is_missing(tmp_path):
-    a, b = _fake("iid", "none", 1, 0.9, 1.0), R.Run("iid", "none", 1, "none", 1.0, note="failed: boom", seed=1)
+    a, b = _fake("s", "none", 1, 0.9, 1.0), R.Run("s", "none", 1, "none", note="failed: boom", seed=1)
     (m,) = R.merge_seeds([a, b])
     assert m.summary["seeds"] == [0] and "seed 1: failed: boom" in m.note
     assert _acc_text(m) == "90.00 ± 0.00 [1 of 2 seeds]"

@@ -1,43 +1,45 @@
-"""``fedcompress results`` (also ``compare`` without --compressors): the papers' tables, re-measured.
+"""``fedcompress compare`` without --compressors: the results tables (docs/results.md), re-measured.
 
-``results`` reproduces the shape of FedSynth's Table 1 (rows none, mask, sz, fedsynth with fixed and
-trainable labels, each at matched upstream ratios ~8x, 16x, 64x) and FedSZ's REL sweep (1e-1 .. 1e-4,
-on updates and on weights), on an iid split and on a Dirichlet(0.3) split, with the FedAvg driver
-``fedcompress.fedavg.run_experiment`` (same seed, split, rounds and model init for every row).
-Parameters are chosen to land on each ratio:
+Settings (``plan.SETTINGS``): mnist5k with 10 clients of ~500 images (iid and Dirichlet 0.3),
+Fashion-MNIST with 60 clients of 1,000 images, and the paper's 60-client mnist5k as a labelled extra;
+each runs for as many rounds as ``none`` needs to plateau. Rows (``plan.ROWS``): none, fp16, mask,
+sz, sz with error feedback, FedSynth with fixed and with trainable labels, and the control "real
+subset" (FedSynth's payload shape filled with the client's own samples, not optimised), at byte
+budgets 8x .. 256x through each compressor's own ``ratio=R`` key (every upload <= dense / R), plus
+FedSZ's REL sweep (1e-1 .. 1e-4, on updates and on weights).
 
-* mask: ``keep = 1 / ratio``;
-* sz: the REL error bound found by bisection (in log space) on one real update (client 0's first
-  local SGD update from the initial model) so that ``len(none payload) / len(sz payload)`` is near
-  the ratio; weights-target rows are calibrated on the client's weights;
-* fedsynth: the (batches, batch) pair whose payload length, computed by compressing a synthetic set
-  of that shape, puts ``dense / payload`` nearest the ratio.
+With several seeds (``--seeds 0,1,2``) every run happens once per seed (the seed fixes the split, the
+client sampling and the model init, the same for every row) and the tables show mean ± sample std;
+goals are judged on the mean. Every run writes ``<runs>/seed<S>/<setting>/<spec>/summary.json`` and
+``metrics.jsonl``; a run whose summary has the same config is reused, so ``--parts`` regenerates one
+part and a report can be rewritten from the cache (``--cached-only``).
 
-With several seeds (``--seeds 0,1,2``) every row runs once per seed (the seed fixes the split, the
-client sampling and the model init, the same for every row), with the parameters calibrated on the
-first seed, and the tables show the mean over seeds ± the sample standard deviation (``mean_std``);
-goals are judged on the mean. Every run writes ``<runs>/seed<S>/<partition>/<name>/summary.json``
-and ``metrics.jsonl``; a run whose summary exists with the same config and spec is reused, so the
-report can be regenerated (e.g. when a compressor lands or a seed is added) without re-running the
-rest. The ratio printed is the one the run reached. The report goes to ``--report-dir`` (default:
-the run cache folder, under runs/); the project's docs/ are written only when asked
-(``--report-dir docs``).
-
-Modules, in pipeline order: ``plan`` (what runs), ``calibrate`` (parameters per ratio), ``cache``
-(the run cache and running what it lacks), ``summary`` (mean over seeds, the machine line),
-``tables`` and ``plots`` (the report's pieces), ``report`` (all of it: ``run_results``). The
-command-line options live in ``fedcompress.cli``; the bench table in ``fedcompress.benchtable``.
+Modules, in pipeline order: ``plan`` (what runs), ``cache`` (the run cache and running what it
+lacks), ``summary`` (mean over seeds, the machine line), ``tables`` and ``plots`` (the report's
+pieces), ``report`` (all of it: ``run_results``). The command-line options live in
+``fedcompress.cli``; the bench table in ``fedcompress.benchtable``.
 """
 
-from .cache import execute, load_cached
-from .calibrate import build_runs, calibrate_sz, fedsynth_shape, first_update
-from .plan import RATIOS, ROW_LABELS, SWEEP_REL, Plan, Run, compressor_available
+from .cache import execute, load_cached, run_dir
+from .plan import (
+    BUDGETS,
+    ROW_LABELS,
+    ROWS,
+    SETTINGS,
+    SWEEP_REL,
+    Plan,
+    Run,
+    Setting,
+    build_runs,
+    compressor_available,
+    config,
+)  # fmt: skip
 from .report import report, run_results
 from .summary import machine_info, machine_line, mean_std, mean_summary, merge_seeds
-from .tables import goal_lines, sweep_table, table1
+from .tables import iso_ratio, setting_table, sweep_table
 
 __all__ = [
-    "RATIOS", "ROW_LABELS", "SWEEP_REL", "Plan", "Run", "build_runs", "calibrate_sz", "compressor_available",
-    "execute", "fedsynth_shape", "first_update", "goal_lines", "load_cached", "machine_info", "machine_line",
-    "mean_std", "mean_summary", "merge_seeds", "report", "run_results", "sweep_table", "table1",
+    "BUDGETS", "ROWS", "ROW_LABELS", "SETTINGS", "SWEEP_REL", "Plan", "Run", "Setting", "build_runs",
+    "compressor_available", "config", "execute", "iso_ratio", "load_cached", "machine_info", "machine_line",
+    "mean_std", "mean_summary", "merge_seeds", "report", "run_dir", "run_results", "setting_table", "sweep_table",
 ]  # fmt: skip

@@ -1,4 +1,4 @@
-"""The run cache (``<runs>/seed<S>/<partition>/<spec>/``) and running what it lacks."""
+"""The run cache (``<runs>/seed<S>/<setting>/<spec>/``) and running what it lacks."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import json
 import os
 import re
 
-from .plan import Plan, Run, _config
+from .plan import Plan, Run, config
 
 
 def load_cached(out: str, config: dict, rounds: int) -> dict | None:
@@ -28,6 +28,11 @@ def _safe(s: str) -> str:
     return re.sub(r"[^A-Za-z0-9._=-]+", "_", s).strip("_")
 
 
+def run_dir(plan: Plan, runs_dir: str, run: Run) -> str:
+    """``<runs>/seed<S>/<setting>/<spec>``: the sweep shares its setting's folder (one none run)."""
+    return os.path.join(runs_dir, f"seed{run.seed}", plan.folder(run.part), _safe(run.spec))
+
+
 def execute(
     plan: Plan,
     runs: list[Run],
@@ -44,10 +49,10 @@ def execute(
     for i, run in enumerate(runs):
         if run.note:
             continue
-        cfg = _config(plan, run.part, run.spec, run.seed)
-        data_part = "iid" if run.part == "sweep" else run.part
-        out = os.path.join(runs_dir, f"seed{run.seed}", data_part, _safe(run.spec))
-        s = load_cached(out, cfg.to_dict(), plan.rounds) if reuse else None
+        cfg = config(plan, run.part, run.spec, run.seed)
+        data_part = plan.folder(run.part)
+        out = run_dir(plan, runs_dir, run)
+        s = load_cached(out, cfg.to_dict(), cfg.rounds) if reuse else None
         if s is not None:
             run.summary = s
             log(f"[results] {i + 1}/{len(runs)} reused seed {run.seed} {run.part} {run.spec}")

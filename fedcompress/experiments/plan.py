@@ -1,84 +1,126 @@
-"""What ``fedcompress results`` runs: the plan (rows, ratios, sweep), its rows' labels and one Run."""
+"""What ``fedcompress compare`` (without --compressors) runs: settings, rows, budgets, one Run.
+
+A *setting* is one federated setup (dataset, clients, rounds, partition); a *row* is a compressor
+family; a *budget* is a byte budget R (every upload <= dense / R, the compressors' own ``ratio=R``
+key, so no calibration is needed). Each (setting, row, budget, seed) is one FedAvg run.
+"""
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
-RATIOS = (8, 16, 64)
+BUDGETS = (8, 16, 32, 64, 128, 256)
 SWEEP_REL = (1e-1, 1e-2, 1e-3, 1e-4)
-# The issue's goals, in accuracy points (pt = percentage points of test accuracy).
-GOAL_16X_PT, GOAL_64X_PT, GOAL_SWEEP_RATIO, GOAL_SWEEP_PT = 0.5, 1.0, 20.0, 0.5
+ISO_PT = 0.5  # the iso-accuracy column: the largest ratio whose mean is within this of none's
+
+
+@dataclass(frozen=True)
+class Setting:
+    """One federated setup. ``rounds``: as many as ``none`` needs to plateau (docs/results.md says
+    how each was decided)."""
+
+    dataset: str
+    clients: int
+    rounds: int
+    clients_per_round: int = 10
+    partition: str = "iid"
+    alpha: float = 0.5  # the driver's default; only read by the Dirichlet partition
+    budgets: tuple[int, ...] = BUDGETS
+    title: str = ""
+
+
+# mnist5k, 10 clients: none plateaus by ~40 rounds (the mean of rounds 36-40 is within 0.2 pt of rounds
+# 26-30; a 60-round run adds 0.2 pt more, docs/results.md). Fashion: 60 clients of 1,000 images.
+SETTINGS: dict[str, Setting] = {
+    "mnist5k-10": Setting("mnist5k", 10, 40, title="mnist5k, 10 clients (~500 images each), iid"),
+    "mnist5k-10-dirichlet": Setting(
+        "mnist5k", 10, 40, partition="dirichlet", alpha=0.3, budgets=(16, 64, 256),
+        title="mnist5k, 10 clients, Dirichlet alpha=0.3",
+    ),
+    "fashion-60": Setting("fashion", 60, 100, title="Fashion-MNIST, 60 clients (1,000 images each), 10 per round, iid"),
+    "mnist5k-60": Setting(
+        "mnist5k", 60, 30, budgets=(16, 64),
+        title="extra: mnist5k, 60 clients (~67 images each; too small for the synthetic set to be a compression)",
+    ),
+}  # fmt: skip
+SWEEP_SETTING = "mnist5k-10"  # FedSZ's REL sweep runs on this setting
+
+# row -> (label, spec at budget R; None for the fixed-ratio rows none/fp16)
+ROWS: dict[str, tuple[str, Any]] = {
+    "none": ("none", None),
+    "fp16": ("fp16", None),
+    "mask": ("mask (unbiased)", lambda r: f"mask:ratio={r}"),
+    "sz": ("sz (bound searched per update)", lambda r: f"sz:ratio={r}"),
+    "sz-ef": ("sz + error feedback", lambda r: f"sz:ratio={r},ef=1"),
+    "fedsynth-fixed": ("fedsynth, fixed labels", lambda r: f"fedsynth:ratio={r}"),
+    "fedsynth-trainable": ("fedsynth, trainable labels", lambda r: f"fedsynth:ratio={r},labels=trainable"),
+    "real-subset": ("control: real subset, not optimised", lambda r: f"fedsynth:ratio={r},outer_steps=0"),
+}
+ROW_LABELS = {k: v[0] for k, v in ROWS.items()}
+PARTS = (*SETTINGS, "sweep")
 
 
 @dataclass
 class Plan:
-    """What ``fedcompress results`` runs. ``quick``: digits, few rounds, two ratios."""
-
-    dataset: str = "mnist5k"
-    clients: int = 60
-    rounds: int = 10
-    clients_per_round: int = 5
+    parts: tuple[str, ...] = ("mnist5k-10", "mnist5k-10-dirichlet", "fashion-60", "sweep")
+    rows: tuple[str, ...] = tuple(ROWS)
+    budgets: tuple[int, ...] | None = None  # None: each setting's own
+    seeds: tuple[int, ...] = (0,)
     epochs: int = 2
     batch_size: int = 20
     lr: float = 0.05
-    seeds: tuple[int, ...] = (0,)
-    alpha: float = 0.3
-    ratios: tuple[int, ...] = RATIOS
     sweep: tuple[float, ...] = SWEEP_REL
-    # 5 outer steps, not FedSynth's default 30: every outer step is one hypergradient, so at 30 the
-    # FedSynth rows would take most of the report's time (results.json lists each run's wall_seconds)
-    fedsynth_outer_steps: int = 5
-    parts: tuple[str, ...] = ("iid", "sweep", "dirichlet")
-    rows: tuple[str, ...] = ("none", "mask", "mask-unbiased", "sz", "fedsynth-fixed", "fedsynth-trainable")
-    noniid_rows: tuple[str, ...] = rows
-    extra: dict[str, Any] = field(default_factory=dict)
+    settings: dict[str, Setting] = field(default_factory=lambda: dict(SETTINGS))
+    sweep_setting: str = SWEEP_SETTING
+    fedsynth_keys: str = ""  # appended to every fedsynth spec (the quick plan: outer_steps=1)
 
     @property
     def seed(self) -> int:
-        """The first seed: the one the compressors' parameters are calibrated on."""
         return self.seeds[0]
+
+    def setting(self, part: str) -> Setting:
+        return self.settings[self.folder(part)]
+
+    def folder(self, part: str) -> str:
+        """The setting a part's runs belong to (the sweep shares its setting's runs, e.g. none)."""
+        return self.sweep_setting if part == "sweep" else part
+
+    def budgets_of(self, part: str) -> tuple[int, ...]:
+        own = self.setting(part).budgets
+        return own if self.budgets is None else tuple(b for b in self.budgets if b in own) or self.budgets
 
     @classmethod
     def quick(cls) -> Plan:
         """Every table and row once, on digits (8x8), 12 clients, 2 rounds of 3: seconds, not minutes."""
+        s = Setting("digits", 12, 2, clients_per_round=3, budgets=(16,), title="digits, 12 clients (quick)")
         return cls(
-            dataset="digits",
-            clients=12,
-            rounds=2,
-            clients_per_round=3,
+            parts=("quick", "sweep"),
             epochs=1,
-            ratios=(16,),
             sweep=(1e-2,),
-            fedsynth_outer_steps=1,
+            settings={"quick": s},
+            sweep_setting="quick",
+            fedsynth_keys="outer_steps=1",
         )
 
 
-ROW_LABELS = {
-    "none": "none",
-    "mask": "mask (keep=1/ratio, unbiased=false)",
-    "mask-unbiased": "mask (keep=1/ratio, unbiased=true)",
-    "sz": "sz (update, REL calibrated)",
-    "fedsynth-fixed": "fedsynth (labels=fixed)",
-    "fedsynth-trainable": "fedsynth (labels=trainable)",
-}
-
-
-def _config(plan: Plan, partition: str, spec: str, seed: int | None = None):
+def config(plan: Plan, part: str, spec: str, seed: int):
+    """The driver's ExperimentConfig of one run (also the run cache's key)."""
     from ..fedavg.driver import ExperimentConfig
 
+    s = plan.setting(part)
     return ExperimentConfig(
-        dataset=plan.dataset,
-        clients=plan.clients,
-        rounds=plan.rounds,
+        dataset=s.dataset,
+        clients=s.clients,
+        rounds=s.rounds,
         compressor=spec,
-        partition="iid" if partition == "iid" else "dirichlet",
-        alpha=plan.alpha,
-        clients_per_round=plan.clients_per_round,
+        partition=s.partition,
+        alpha=s.alpha,
+        clients_per_round=s.clients_per_round,
         epochs=plan.epochs,
         batch_size=plan.batch_size,
         lr=plan.lr,
-        seed=plan.seed if seed is None else seed,
+        seed=seed,
     )
 
 
@@ -95,12 +137,41 @@ def compressor_available(name: str) -> str | None:
 
 @dataclass
 class Run:
-    part: str  # iid | dirichlet | sweep
-    row: str  # table row key
-    target: float  # the ratio aimed at (0 for none / sweep)
+    part: str  # a setting name, or "sweep"
+    row: str  # ROWS key (sweep: sz-update / sz-weights)
+    target: float  # the budget R (1 for none, 2 for fp16; the REL bound for the sweep)
     spec: str
-    calibrated_ratio: float = float("nan")
     note: str = ""
     summary: dict | None = None
     seed: int = 0
     seeds_done: int = 1  # merged runs: how many seeds the summary averages
+
+
+def build_runs(plan: Plan) -> list[Run]:
+    """Every run of the plan, for every seed; cheap rows first, FedSynth last (the slowest)."""
+    runs: list[Run] = []
+    for part in plan.parts:
+        if part == "sweep":
+            for target in ("update", "weights"):
+                for eb in plan.sweep:
+                    spec = f"sz:rel={eb:g}" + (",target=weights" if target == "weights" else "")
+                    runs.append(Run(part, f"sz-{target}", eb, spec))
+            continue
+        for row in plan.rows:
+            make = ROWS[row][1]
+            if make is None:
+                runs.append(Run(part, row, 1.0 if row == "none" else 2.0, row))
+            else:
+                for r in plan.budgets_of(part):
+                    spec = make(r)
+                    if spec.startswith("fedsynth") and plan.fedsynth_keys and "outer_steps=" not in spec:
+                        spec += "," + plan.fedsynth_keys
+                    runs.append(Run(part, row, float(r), spec))
+    missing = {n: compressor_available(n) for n in ("sz", "mask", "fedsynth")}
+    for r in runs:
+        why = missing.get(r.spec.split(":", 1)[0])
+        if why:
+            r.note = f"not available: {why}"
+    out = [replace(r, seed=s) for s in plan.seeds for r in runs]
+    out.sort(key=lambda r: (r.spec.startswith("fedsynth"), r.part == "sweep"))
+    return out

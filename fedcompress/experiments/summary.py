@@ -72,7 +72,7 @@ def merge_seeds(runs: list[Run]) -> list[Run]:
             continue
         first, done = group[0], [r for r in group if r.summary]
         notes = sorted({f"seed {r.seed}: {r.note}" for r in group if r.summary is None and r.note})
-        merged = Run(first.part, first.row, first.target, first.spec, first.calibrated_ratio,
+        merged = Run(first.part, first.row, first.target, first.spec,
                      note="; ".join(notes), seed=first.seed, seeds_done=len(done))  # fmt: skip
         if done:
             merged.summary = mean_summary([r.summary for r in done], [r.seed for r in done])
@@ -82,7 +82,7 @@ def merge_seeds(runs: list[Run]) -> list[Run]:
 
 
 MEAN_KEYS = ("final_accuracy", "best_accuracy", "compression_ratio", "upstream_bytes", "dense_upstream_bytes",
-             "download_bytes", "initial_accuracy")  # fmt: skip
+             "download_bytes", "initial_accuracy", "codec_overhead")  # fmt: skip
 
 
 def mean_summary(summaries: list[dict], seeds: list[int]) -> dict:

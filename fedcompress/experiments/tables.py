@@ -1,21 +1,12 @@
-"""The report's markdown tables: Table 1 at matched ratios, the goals, and the sz REL sweep."""
+"""The report's markdown tables: one per setting (rows x budgets, iso-accuracy), and the sz sweep."""
 
 from __future__ import annotations
 
-from .plan import GOAL_16X_PT, GOAL_64X_PT, GOAL_SWEEP_PT, GOAL_SWEEP_RATIO, ROW_LABELS, Plan, Run
+from .plan import ISO_PT, ROW_LABELS, ROWS, Plan, Run
 
 
 def _acc(run: Run) -> float:
     return run.summary["final_accuracy"] * 100
-
-
-def _cell(run: Run | None, base: float | None) -> str:
-    if run is None:
-        return "—"
-    if run.summary is None:
-        return f"not run ({run.note})" if run.note else "not run (yet)"
-    d = f", {_acc(run) - base:+.2f} pt" if base is not None and run.row != "none" else ""
-    return f"{_acc_text(run)} % ({run.summary['compression_ratio']:.2f}x{d})"
 
 
 def _acc_text(run: Run) -> str:
@@ -28,108 +19,88 @@ def _acc_text(run: Run) -> str:
     return f"{_acc(run):.2f} ± {s['final_accuracy_std'] * 100:.2f}{short}"
 
 
+def _cell(run: Run | None) -> str:
+    if run is None:
+        return "—"
+    if run.summary is None:
+        return f"not run ({run.note})" if run.note else "not run (yet)"
+    return f"{_acc_text(run)} ({run.summary['compression_ratio']:.1f}x)"
+
+
 def baseline_run(runs: list[Run], part: str) -> Run | None:
     return next((r for r in runs if r.part == part and r.row == "none" and r.summary), None)
 
 
-def table1(plan: Plan, runs: list[Run], part: str) -> str:
-    rows = plan.rows if part == "iid" else plan.noniid_rows
+def iso_ratio(row_runs: list[Run], base: float) -> Run | None:
+    """The run with the largest reached ratio whose mean accuracy is within ISO_PT of none's ``base``."""
+    ok = [r for r in row_runs if r.summary and _acc(r) >= base - ISO_PT]
+    return max(ok, key=lambda r: r.summary["compression_ratio"], default=None)
+
+
+def setting_table(plan: Plan, runs: list[Run], part: str) -> str:
+    """Rows x budgets: mean accuracy ± std (ratio reached), and the iso-accuracy column."""
+    budgets = plan.budgets_of(part)
     base_run = baseline_run(runs, part)
     base = _acc(base_run) if base_run else None
-    head = "| compressor | " + " | ".join(f"~{r}x: acc (ratio reached, vs none)" for r in plan.ratios) + " |"
-    lines = [head, "|---|" + "---:|" * len(plan.ratios)]
-    for row in rows:
-        if row == "none":
-            lines.append(f"| none (1x) | {_cell(base_run, None)} |" + " |" * (len(plan.ratios) - 1))
-            continue
-        cells = [
-            _cell(next((r for r in runs if r.part == part and r.row == row and r.target == t), None), base)
-            for t in plan.ratios
-        ]
-        lines.append(f"| {ROW_LABELS[row]} | " + " | ".join(cells) + " |")
-    lines.append("")
-    lines.append("Specs (parameters chosen for each ratio; calibrated ratio = on client 0's first update):")
-    lines.append("")
-    for r in runs:
-        if r.part == part and r.row != "none":
-            cal = (
-                f" (calibrated {r.calibrated_ratio:.2f}x)" if r.calibrated_ratio == r.calibrated_ratio else ""
+    mine = [r for r in runs if r.part == part]
+    lines = []
+    fixed = [r for r in mine if ROWS.get(r.row, (0, 0))[1] is None]
+    if fixed:
+        lines.append(
+            "Fixed-ratio rows: "
+            + "; ".join(
+                f"{ROW_LABELS[r.row]} {_cell(r)}"
+                + (f", {_acc(r) - base:+.2f} pt" if base is not None and r.summary and r.row != "none" else "")
+                for r in fixed
             )
-            lines.append(f"- ~{r.target:g}x {r.row}: `{r.spec}`{cal}")
+            + ".\n"
+        )
+    iso_head = f"largest ratio within {ISO_PT} pt of none"
+    lines.append("| compressor | " + " | ".join(f"{b}x" for b in budgets) + f" | {iso_head} |")
+    lines.append("|---|" + "---:|" * (len(budgets) + 1))
+    for row in plan.rows:
+        if ROWS[row][1] is None:
+            continue
+        row_runs = [r for r in mine if r.row == row]
+        cells = [_cell(next((r for r in row_runs if r.target == b), None)) for b in budgets]
+        if base is None:
+            iso = "— (no none run)"
+        else:
+            best = iso_ratio(row_runs, base)
+            iso = f"{best.summary['compression_ratio']:.1f}x" if best else f"none of these (all > {ISO_PT} pt below)"
+        lines.append(f"| {ROW_LABELS[row]} | " + " | ".join(cells) + f" | {iso} |")
     lines.append("")
-    lines.extend(goal_lines(plan, runs, part, base))
+    lines.append("Specs: " + ", ".join(f"`{ROWS[row][1]('R')}`" for row in plan.rows if ROWS[row][1]) + ".\n")
     return "\n".join(lines) + "\n"
 
 
-def goal_lines(plan: Plan, runs: list[Run], part: str, base: float | None) -> list[str]:
-    out = []
-    if base is None:
-        return ["Goals: cannot be checked (no `none` run)."]
-    for ratio, pt in ((16, GOAL_16X_PT), (64, GOAL_64X_PT)):
-        cands = [r for r in runs if r.part == part and r.target == ratio and r.summary and r.row != "none"]
-        if ratio not in plan.ratios:
+def timing_table(plan: Plan, runs: list[Run]) -> str:
+    """Per setting: the runs' summed wall time, and per row the mean codec_overhead and train time."""
+    lines = ["| setting | runs | wall (sum, min) | codec_overhead by row (mean over runs) |", "|---|---:|---:|---|"]
+    for part in plan.parts:
+        mine = [r for r in runs if r.part == part and r.summary]
+        if not mine:
             continue
-        if not cands:
-            out.append(
-                f"- Goal at {ratio}x (best within {pt} pt of none): **not measured** (no run finished)."
-            )
-            continue
-        best = max(cands, key=_acc)
-        d = _acc(best) - base
-        ok = d >= -pt
-        out.append(
-            f"- Goal at {ratio}x (best compressor within {pt} pt of none): best is {ROW_LABELS[best.row]} "
-            f"at {_acc_text(best)} % ({best.summary['compression_ratio']:.2f}x), {d:+.2f} pt vs none "
-            f"{base:.2f} % -> **{'reached' if ok else 'NOT reached'}**."
-        )
-    return out
+        wall = sum(r.summary.get("wall_seconds", 0.0) for r in mine) / 60
+        by_row: dict[str, list[float]] = {}
+        for r in mine:
+            v = r.summary.get("codec_overhead")
+            if v is not None:
+                by_row.setdefault(r.row, []).append(v)
+        ovh = ", ".join(f"{row} {100 * sum(v) / len(v):.2f} %" for row, v in by_row.items() if row != "none")
+        lines.append(f"| {part} | {len(mine)} | {wall:.1f} | {ovh or '—'} |")
+    return "\n".join(lines) + "\n"
 
 
 def sweep_table(plan: Plan, runs: list[Run]) -> str:
-    base_run = baseline_run(runs, "iid")
+    base_run = baseline_run(runs, "sweep") or baseline_run(runs, plan.sweep_setting)
     base = _acc(base_run) if base_run else None
-    lines = [
-        "| target | REL bound | ratio reached | final acc (%) | vs none (pt) | calibrated ratio (round 1) |",
-        "|---|---:|---:|---:|---:|---:|",
-    ]
-    sw = [r for r in runs if r.part == "sweep"]
-    for r in sw:
+    lines = ["| target | REL bound | ratio reached | final acc (%) | vs none (pt) |", "|---|---:|---:|---:|---:|"]
+    for r in (r for r in runs if r.part == "sweep" and r.row.startswith("sz-")):
         tgt = r.row.split("-", 1)[1]
         if r.summary is None:
-            lines.append(f"| {tgt} | {r.target:g} | — | not run ({r.note or 'not run'}) | — | — |")
+            lines.append(f"| {tgt} | {r.target:g} | — | not run ({r.note or 'not yet'}) | — |")
             continue
         d = f"{_acc(r) - base:+.2f}" if base is not None else "—"
-        lines.append(
-            f"| {tgt} | {r.target:g} | {r.summary['compression_ratio']:.2f}x | {_acc_text(r)} | {d} | "
-            f"{r.calibrated_ratio:.2f}x |"
-        )
-    lines.append("")
-    ok = [
-        r
-        for r in sw
-        if r.row == "sz-update"
-        and r.summary
-        and base is not None
-        and r.summary["compression_ratio"] >= GOAL_SWEEP_RATIO
-        and _acc(r) - base >= -GOAL_SWEEP_PT
-    ]
-    if base is None or not any(r.summary for r in sw):
-        lines.append(
-            f"- Goal (sz on updates >= {GOAL_SWEEP_RATIO:g}x at <= {GOAL_SWEEP_PT} pt loss): "
-            "**not measured**."
-        )
-    elif ok:
-        b = max(ok, key=lambda r: r.summary["compression_ratio"])
-        lines.append(
-            f"- Goal (sz on updates >= {GOAL_SWEEP_RATIO:g}x at <= {GOAL_SWEEP_PT} pt loss): "
-            f"**reached** at REL "
-            f"{b.target:g}: {b.summary['compression_ratio']:.2f}x, {_acc(b) - base:+.2f} pt."
-        )
-    else:
-        lines.append(
-            f"- Goal (sz on updates >= {GOAL_SWEEP_RATIO:g}x at <= {GOAL_SWEEP_PT} pt loss): **NOT reached** "
-            "by any REL bound of the sweep. Why a per-tensor REL 1e-2 bound cannot reach 20x on these updates "
-            "(their codes carry 2.5-2.9 bits per value even under context models): docs/sz.md, "
-            "`python bench/sz_update_limits.py`."
-        )
+        lines.append(f"| {tgt} | {r.target:g} | {r.summary['compression_ratio']:.2f}x | {_acc_text(r)} | {d} |")
     return "\n".join(lines) + "\n"
