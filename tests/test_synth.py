@@ -379,6 +379,71 @@ def test_engine_against_finite_differences():
     assert abs(float(fd - an)) <= 1e-6 * max(1.0, abs(float(an)))
 
 
+@pytest.mark.parametrize("name,make,shape,C", CASES, ids=[c[0] for c in CASES])
+@pytest.mark.parametrize("real", [True, False], ids=["loss+target", "target-only"])
+def test_target_term_matches_create_graph_unroll(name, make, shape, C, real):
+    """FedSynth's objective=match/both: L (+)= w ||w_m - t||^2; every path against the autograd unroll."""
+    torch.manual_seed(4)
+    model = make()
+    params, sx, sy, rx, ry = _problem(model, shape, C, m=3, b=2)
+    g = torch.Generator().manual_seed(5)
+    t = {k: v + 0.05 * torch.randn(v.shape, generator=g) for k, v in params.items()}
+    rx, ry = (rx, ry) if real else (None, None)
+    ref = fc.synth.hypergradient_ref(model, params, sx, sy, 0.3, rx, ry, target=t, target_weight=2.5)
+    # the term is really there: not the plain loss
+    w = fc.synth.unroll(model, params, sx, sy, 0.3)
+    term = 2.5 * sum(float(((w[k] - t[k]) ** 2).sum()) for k in t)
+    plain = 0.0 if not real else float(F.cross_entropy(torch.func.functional_call(model, w, (rx,)), ry))
+    assert abs(float(ref[0]) - (plain + term)) <= 1e-5 * (plain + term)
+    _check_equal(fc.synth.hypergradient(model, params, sx, sy, 0.3, rx, ry, target=t, target_weight=2.5), ref)
+    _check_equal(fc.synth.hypergradient_generic(model, params, sx, sy, 0.3, rx, ry, target=t, target_weight=2.5), ref)
+
+
+def test_target_term_against_finite_differences():
+    torch.manual_seed(6)
+    model = SmallCNN().double()
+    params, sx, sy, _, _ = _problem(model, (1, 9, 9), 10, m=3, b=2, dtype=torch.float64)
+    t = {k: v + 0.01 * torch.randn_like(v) for k, v in params.items()}
+    _, gx, gy = fc.synth.hypergradient(model, params, sx, sy, 0.5, None, None, target=t, target_weight=7.0)
+    dx, dy = torch.randn_like(sx), torch.randn_like(sy)
+    eps = 1e-5
+
+    def L(x, y):
+        w = fc.synth.unroll(model, params, x, y, 0.5)
+        return 7.0 * sum(float(((w[k] - t[k]) ** 2).sum()) for k in t)
+
+    fd = (L(sx + eps * dx, sy + eps * dy) - L(sx - eps * dx, sy - eps * dy)) / (2 * eps)
+    an = float((gx * dx).sum() + (gy * dy).sum())
+    assert abs(fd - an) <= 1e-6 * max(1.0, abs(an))
+
+
+def test_target_bad_arguments():
+    model = SmallCNN()
+    params, sx, sy, rx, ry = _problem(model, (1, 9, 9), 10)
+    H = fc.synth.hypergradient
+    t = {k: v.clone() for k, v in params.items()}
+    with pytest.raises(ValueError, match="real_x"):
+        H(model, params, sx, sy, 0.1, None, None)
+    with pytest.raises(ValueError, match="target"):
+        H(model, params, sx, sy, 0.1, rx, ry, target={k: v for k, v in list(t.items())[1:]})
+    with pytest.raises(ValueError, match="target"):
+        H(model, params, sx, sy, 0.1, rx, ry, target={**t, "conv1.weight": torch.zeros(3)})
+    with pytest.raises(ValueError, match="target_weight"):
+        H(model, params, sx, sy, 0.1, rx, ry, target=t, target_weight=float("nan"))
+    with pytest.raises(ValueError, match="target_weight"):
+        H(model, params, sx, sy, 0.1, rx, ry, target=t, target_weight=-1.0)
+
+
+@pytest.mark.parametrize("name,make,shape,C", CASES, ids=[c[0] for c in CASES])
+def test_real_loss_matches_functional_call(name, make, shape, C):
+    """real_loss runs the chain's own forward (fused conv layer) for chain models: same value."""
+    torch.manual_seed(7)
+    model = make()
+    params, _, _, rx, ry = _problem(model, shape, C, n=37)
+    ref = float(F.cross_entropy(torch.func.functional_call(model, params, (rx,)), ry))
+    assert abs(fc.synth.real_loss(model, params, rx, ry, chunk=8) - ref) <= 1e-5 * ref
+
+
 def test_engine_triton_backend_matches():
     """The whole engine with the Triton kernels (interpreter) gives the reference result."""
     backend_or_skip("synth_soft_ce", "triton")

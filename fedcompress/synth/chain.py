@@ -41,7 +41,15 @@ from .layer import Layer, Unsupported
 from .layers import CL_MIN_BATCH, LowRank
 from .trace import compile_chain
 
-__all__ = ["Layer", "Unsupported", "compile_chain", "check_logits", "unroll_chain", "hypergradient_chain"]
+__all__ = [
+    "Layer",
+    "Unsupported",
+    "compile_chain",
+    "check_logits",
+    "unroll_chain",
+    "hypergradient_chain",
+    "real_loss_chain",
+]
 
 Tensor = torch.Tensor
 _CL = torch.channels_last
@@ -202,7 +210,27 @@ def unroll_chain(layers, params: dict[str, Tensor], syn_x, syn_y, lr, keep: bool
     return lay, P, wd, (g_hist, caches, K)
 
 
-def hypergradient_chain(layers, params, syn_x, syn_y, lr, real_x, real_y, real_chunk=64, backend=None):
+def real_loss_chain(layers, params: dict[str, Tensor], real_x, real_y, chunk=256, backend=None) -> float:
+    """Mean cross-entropy on a real batch with the chain's own forward (the fused conv layer: the
+    FedSynth client measures its final set on all its data with this, not functional_call)."""
+    dt, dev = real_x.dtype, real_x.device
+    K = ops.Bound(dev, backend, dt)
+    lay = Layout(layers, params)
+    P = lay.views(torch.empty(lay.numel, dtype=dt, device=dev))
+    for n in lay.dense:
+        P[n].copy_(params[n])
+    for n in lay.lowrank:
+        P[n] = params[n].detach().to(dtype=dt, device=dev)
+    total = 0.0
+    for i in range(0, real_x.shape[0], chunk):
+        z, _ = _forward(layers, P, real_x[i : i + chunk], K)
+        total += float(F.cross_entropy(z, real_y[i : i + chunk], reduction="sum"))
+    return total / max(1, real_x.shape[0])
+
+
+def hypergradient_chain(
+    layers, params, syn_x, syn_y, lr, real_x, real_y, real_chunk=64, backend=None, target=None, target_weight=1.0
+):
     m, b = syn_x.shape[:2]
     lay, P, wd, (g_hist, caches, K) = unroll_chain(layers, params, syn_x, syn_y, lr, keep=True, backend=backend)
     dt, dev = syn_x.dtype, syn_x.device
@@ -213,10 +241,17 @@ def hypergradient_chain(layers, params, syn_x, syn_y, lr, real_x, real_y, real_c
     L = lay.views(lam_d)
     for n in lay.lowrank:
         L[n] = LowRank(torch.empty(P[n].base.shape, dtype=dt, device=dev), 2 * m * b)
-    n_real = real_x.shape[0]
-    sink = _RealSink(L, fresh=lay.lowrank)  # the first chunk writes the Linear weights' buffers
     P_m = {**P, **{n: P[n].dense() for n in lay.lowrank}}  # the real batch's big GEMMs want W_m
     loss = torch.zeros((), dtype=dt, device=dev)
+    fresh = lay.lowrank
+    if target is not None:  # target_weight ||w_m - t||^2: lam = 2 target_weight (w_m - t), written first
+        for n in lay.dense + lay.lowrank:
+            diff = P_m[n] - target[n].to(dtype=dt, device=dev)
+            loss += target_weight * diff.pow(2).sum()
+            (L[n].base if n in lay.lowrank else L[n]).copy_(diff).mul_(2 * target_weight)
+        fresh = ()
+    n_real = 0 if real_x is None else real_x.shape[0]
+    sink = _RealSink(L, fresh=fresh)  # the first chunk writes the Linear weights' buffers (no target)
     for i in range(0, n_real, real_chunk):
         xr = real_x[i : i + real_chunk]
         yr = F.one_hot(real_y[i : i + real_chunk], C).to(dt)

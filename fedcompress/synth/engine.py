@@ -3,7 +3,12 @@
     w_0 = params;  w_{j+1} = w_j - lr * grad_w l(w_j; x_j, y_j),  j = 0..m-1
     l(w; x, y)  = mean_i[-sum_c y_ic log_softmax(f_w(x_i))_c]          (soft labels, any real y)
     L           = cross_entropy(f_{w_m}(real_x), real_y)                (mean over the real batch)
+                  [+ target_weight * ||w_m - target||^2  with ``target=``; real_x may then be None]
     returns (L, dL/d syn_x, dL/d syn_y)
+
+The optional ``target`` term matches the unrolled weights to given ones (FedSynth's
+``objective=match``: the client's own SGD weights, so the synthetic steps reproduce its update
+instead of only lowering its loss); without real data it costs no pass over the real batch.
 
 Three implementations, same results:
 
@@ -23,6 +28,7 @@ train/eval mode it is in (use a deterministic forward: the server replays it).
 
 from __future__ import annotations
 
+import math
 import weakref
 
 import torch
@@ -93,6 +99,28 @@ def check_args(model, params, syn_x, syn_y, inner_lr, real_x=None, real_y=None) 
     return {k: params[k] for k in names}
 
 
+def check_target(params, target, target_weight, real_x) -> dict[str, Tensor] | None:
+    """The ``target`` term's arguments (ValueError naming them); returns target restricted to params."""
+    if target is None:
+        if real_x is None:
+            raise ValueError("real_x must be given (it may be None only with a target)")
+        return None
+    if not isinstance(target, dict) or set(target) < set(params):
+        missing = sorted(set(params) - set(target)) if isinstance(target, dict) else "all"
+        raise ValueError(f"target must be a dict name -> Tensor holding every parameter; missing {missing}")
+    for k, v in params.items():
+        if not isinstance(target[k], Tensor) or target[k].shape != v.shape:
+            raise ValueError(f"target[{k!r}] must be a tensor of shape {tuple(v.shape)}")
+    if not (isinstance(target_weight, (int, float)) and math.isfinite(target_weight) and target_weight >= 0):
+        raise ValueError(f"target_weight must be a finite number >= 0, got {target_weight!r}")
+    return {k: target[k] for k in params}
+
+
+def target_term(w: dict[str, Tensor], target: dict[str, Tensor], weight: float) -> Tensor:
+    """weight * ||w - target||^2 (autograd form; the references use it)."""
+    return weight * sum(((w[k] - target[k].to(w[k].dtype)) ** 2).sum() for k in target)
+
+
 def _checked_chain(fn, *args):
     """Like _checked_forward, but chain.Unsupported passes through (the caller falls back)."""
     try:
@@ -124,9 +152,10 @@ def _buffers(model):
     return {k: v.detach() for k, v in model.named_buffers()}
 
 
-def hypergradient_ref(model, params, syn_x, syn_y, inner_lr, real_x, real_y):
+def hypergradient_ref(model, params, syn_x, syn_y, inner_lr, real_x, real_y, *, target=None, target_weight=1.0):
     """Reference: one autograd graph through all m steps (create_graph=True), then backward."""
     params = check_args(model, params, syn_x, syn_y, inner_lr, real_x, real_y)
+    target = check_target(params, target, target_weight, real_x)
     lr = float(inner_lr)
     bufs = _buffers(model)
     x = syn_x.detach().clone().requires_grad_(True)
@@ -139,7 +168,11 @@ def hypergradient_ref(model, params, syn_x, syn_y, inner_lr, real_x, real_y):
             soft_cross_entropy(z, y[j]), list(w.values()), create_graph=True, materialize_grads=True
         )
         w = {k: v - lr * gk for (k, v), gk in zip(w.items(), g, strict=True)}
-    loss = F.cross_entropy(functional_call(model, {**w, **bufs}, (real_x,)), real_y)
+    loss = torch.zeros((), dtype=x.dtype)
+    if real_x is not None:
+        loss = loss + F.cross_entropy(functional_call(model, {**w, **bufs}, (real_x,)), real_y)
+    if target is not None:
+        loss = loss + target_term(w, target, target_weight)
     gx, gy = torch.autograd.grad(loss, (x, y), materialize_grads=True)
     return loss.detach(), gx, gy
 
@@ -170,16 +203,21 @@ def unroll_generic(model, params, syn_x, syn_y, lr, keep=False):
     return w, hist
 
 
-def hypergradient_generic(model, params, syn_x, syn_y, inner_lr, real_x, real_y):
+def hypergradient_generic(model, params, syn_x, syn_y, inner_lr, real_x, real_y, *, target=None, target_weight=1.0):
     """Any nn.Module: store w_j, then one small double-backward per step in reverse order."""
     params = check_args(model, params, syn_x, syn_y, inner_lr, real_x, real_y)
+    target = check_target(params, target, target_weight, real_x)
     lr = float(inner_lr)
     bufs = _buffers(model)
     syn_x, syn_y = syn_x.detach(), syn_y.detach()
     w, hist = unroll_generic(model, params, syn_x, syn_y, lr, keep=True)
     with torch.enable_grad():
         wr = {k: v.detach().requires_grad_(True) for k, v in w.items()}
-        loss = F.cross_entropy(functional_call(model, {**wr, **bufs}, (real_x,)), real_y)
+        loss = torch.zeros((), dtype=syn_x.dtype)
+        if real_x is not None:
+            loss = loss + F.cross_entropy(functional_call(model, {**wr, **bufs}, (real_x,)), real_y)
+        if target is not None:
+            loss = loss + target_term(wr, target, target_weight)
         lam = list(torch.autograd.grad(loss, list(wr.values()), materialize_grads=True))
     gx = torch.empty_like(syn_x)
     gy = torch.empty_like(syn_y)
@@ -213,7 +251,18 @@ def chain_plan(model: nn.Module):
 
 
 def hypergradient(
-    model, params, syn_x, syn_y, inner_lr, real_x, real_y, *, real_chunk: int = 64, backend: str | None = None
+    model,
+    params,
+    syn_x,
+    syn_y,
+    inner_lr,
+    real_x,
+    real_y,
+    *,
+    real_chunk: int = 64,
+    backend: str | None = None,
+    target: dict[str, Tensor] | None = None,
+    target_weight: float = 1.0,
 ):
     """(real_loss, grad_syn_x, grad_syn_y) of FedSynth's outer objective (see module docstring).
 
@@ -222,12 +271,17 @@ def hypergradient(
     syn_x: [m, b, *input]; syn_y: [m, b, C] soft labels (one-hot for fixed labels).
     inner_lr: the SGD step size of the m inner steps.  real_x: [n, *input]; real_y: int64 [n].
     real_chunk: the real batch is processed in chunks of this many samples (memory; same result).
+    target, target_weight: add target_weight * ||w_m - target||^2 to L (target: dict name -> Tensor
+    like params); with a target, real_x and real_y may be None (then L is that term alone).
     Nothing here builds an autograd graph through the m steps; gradients of the result are not
     tracked (call it under any grad mode).
     """
     if _text.is_text_model(model):  # syn_x [m, b, T, d], syn_y [m, b, T, V], real [n, T]
+        if target is not None:
+            raise ValueError("target is not supported for text models")
         return _text.hypergradient_dense(model, params, syn_x, syn_y, inner_lr, real_x, real_y, real_chunk=real_chunk)
     params = check_args(model, params, syn_x, syn_y, inner_lr, real_x, real_y)
+    target = check_target(params, target, target_weight, real_x)
     if not isinstance(real_chunk, int) or real_chunk < 1:
         raise ValueError(f"real_chunk must be an integer >= 1, got {real_chunk!r}")
     plan = chain_plan(model)
@@ -241,14 +295,18 @@ def hypergradient(
                     syn_x.detach(),
                     syn_y.detach(),
                     float(inner_lr),
-                    real_x.detach(),
+                    None if real_x is None else real_x.detach(),
                     real_y,
                     real_chunk,
                     backend,
+                    target,
+                    float(target_weight),
                 )
         except chain.Unsupported:  # found out only at run time (e.g. Linear on a 3-d input)
             _PLANS[model] = None
-    return hypergradient_generic(model, params, syn_x, syn_y, inner_lr, real_x, real_y)
+    return hypergradient_generic(
+        model, params, syn_x, syn_y, inner_lr, real_x, real_y, target=target, target_weight=target_weight
+    )
 
 
 def unroll(model, params, syn_x, syn_y, inner_lr, *, backend: str | None = None) -> dict[str, Tensor]:
@@ -283,6 +341,13 @@ def unroll(model, params, syn_x, syn_y, inner_lr, *, backend: str | None = None)
 
 def real_loss(model, params, real_x, real_y, chunk: int = 256) -> float:
     """Mean cross-entropy of ``model`` with weights ``params`` on a real batch."""
+    plan = chain_plan(model)
+    if plan is not None and real_x.shape[0]:
+        try:
+            with torch.no_grad():
+                return chain.real_loss_chain(plan, params, real_x.detach(), real_y, chunk)
+        except chain.Unsupported:
+            _PLANS[model] = None
     bufs = _buffers(model)
     total = 0.0
     with torch.no_grad():
