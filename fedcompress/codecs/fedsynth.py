@@ -244,7 +244,12 @@ class FedSynthCompressor(Compressor):
         "inner_lr": positive_float(0.1),
         "init": choice("real", "noise"),
         "dtype": choice("fp16", "fp32"),
+        # > 0: a fresh random subset of this size for each outer step's real loss (0 = all of it)
         "real_batch": Param(int, 0, lambda v: v >= 0, "an integer >= 0 (0 = all of the client's data)"),
+        # loss: CE on real data at w_m (the paper); match: ||w_m - w_sgd||^2 / ||w_sgd - w||^2 (the
+        # client's own SGD weights: no real batch per outer step); both: their sum
+        "objective": choice("loss", "match", "both"),
+        "server_scale": positive_float(1.0),  # the server multiplies the replayed update by this
         "guard": _guard_param(),
         "topk": Param(int, 8, lambda v: v >= 0, "an integer >= 0 (text: label ids per position, 0 = all)"),
         "embedding": choice("freeze", "rows"),  # text: the embedding's update (fedsynth_text.py)
@@ -448,6 +453,9 @@ class FedSynthCompressor(Compressor):
                     f"fedsynth: refused: the synthetic update's norm {norm:.4g} is {norm / ref:.3g}x the "
                     f"client's SGD update norm {ref:.4g} (guard={g:g})"
                 )
+        sc = self.params["server_scale"]
+        if sc != 1.0:  # after the guard: it bounds the replay, which the client checked the same way
+            delta = {k: v * sc if v.is_floating_point() else v for k, v in delta.items()}
         return delta
 
     def shape_for(self, global_state: StateDict, input_shape, classes: int, n: int, ctx: RoundContext) -> Shape:
@@ -482,6 +490,7 @@ class FedSynthCompressor(Compressor):
         p = self.params
         real_x, real_y = data
         n = real_x.shape[0]
+        obj = p["objective"]
         if n < 1:
             raise ValueError("fedsynth: the client has no data")
         names = [k for k, _ in model.named_parameters()]
@@ -498,10 +507,16 @@ class FedSynthCompressor(Compressor):
         shape = self.shape_for(global_state, tuple(real_x.shape[1:]), C, n, ctx)
         self.last_shape = shape
         m, b, lr = shape.batches, shape.batch, shape.inner_lr
-        if p["real_batch"] and p["real_batch"] < n:
-            pick = torch.randperm(n, generator=ctx.generator(salt=53))[: p["real_batch"]].to(dev)
-            real_x, real_y = real_x[pick], real_y[pick]
         x, y0 = self._init(real_x, real_y, C, m, b, ctx)
+        rb = p["real_batch"] if 0 < p["real_batch"] < n else 0
+        g_real = ctx.generator(salt=53)  # a fresh real subset per outer step (real_batch)
+        target, tw = None, 1.0
+        if obj != "loss":
+            target = {k: local[k].to(device=dev, dtype=torch.float32) for k in names}
+            tw = 1.0 / max(ref_norm, 1e-12) ** 2  # the match term is 1 when w_m = w (no update)
+        # with subsets or the match term, the per-step losses are not the full-data loss of one
+        # objective: the final set is then measured on all the data and tried first
+        comparable = obj == "loss" and not rb
         mode = self._mode
         x.requires_grad_(True)
         groups = [{"params": [x], "lr": p["lr_x"]}]
@@ -524,15 +539,25 @@ class FedSynthCompressor(Compressor):
 
         opt = torch.optim.Adam(groups)
         cands: list[tuple[float, int, torch.Tensor, torch.Tensor]] = []  # (loss, step, x, y)
+        final_loss = math.inf
         init_set = (x.detach().clone(), labels_now().clone())
         for step in range(p["outer_steps"] + 1):
             y = labels_now()
             if step == p["outer_steps"]:  # the final set: its loss only
                 loss = self._loss_of(model, params, x.detach(), y, lr, real_x, real_y)
                 if math.isfinite(loss) and torch.isfinite(x).all():
-                    cands.append((loss, step, x.detach().clone(), y.clone()))
+                    cands.append((loss if comparable else -math.inf, step, x.detach().clone(), y.clone()))
+                    final_loss = loss
                 break
-            loss, gx, gy = synth.hypergradient(model, params, x.detach(), y, lr, real_x, real_y)
+            rx, ry = real_x, real_y
+            if obj == "match":
+                rx = ry = None
+            elif rb:
+                pick = torch.randperm(n, generator=g_real)[:rb].to(dev)
+                rx, ry = real_x[pick], real_y[pick]
+            loss, gx, gy = synth.hypergradient(
+                model, params, x.detach(), y, lr, rx, ry, target=target, target_weight=tw
+            )
             loss = float(loss)
             if not (math.isfinite(loss) and torch.isfinite(gx).all() and torch.isfinite(gy).all()):
                 break  # diverged (lr_x / lr_y too large): keep the sets so far
@@ -547,7 +572,7 @@ class FedSynthCompressor(Compressor):
                 y0.grad = gy
             opt.step()
         cands.sort(key=lambda c: (c[0], c[1]))
-        self.last_real_loss = cands[0][0] if cands else math.inf
+        self.last_real_loss = (cands[0][0] if cands else math.inf) if comparable else final_loss
         # the first candidate within the guard; then the initial (real-sample) set; then smaller lr
         tries = [(c[2], c[3], lr, "" if i == 0 else "candidate") for i, c in enumerate(cands)]
         tries.append((init_set[0], init_set[1], lr, "init"))
