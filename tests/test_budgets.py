@@ -261,3 +261,26 @@ def test_sz_ratio_with_error_feedback_carries_the_residual(cnn_update):
     res = comp._residual[1]
     for k in res:  # residual = what the bound threw away, exactly
         torch.testing.assert_close(res[k], cnn_update[k] - out[k], rtol=0, atol=0)
+
+
+def test_sz_search_starts_from_the_previous_answer(cnn_update):
+    # A second, similar update (scaled, plus noise): the compressor that just searched starts at its
+    # previous bound and finds the same answer as a fresh one, in fewer encodes; where the answer
+    # did not move, two (that bound fits, one grid step tighter does not).
+    g = torch.Generator().manual_seed(1)
+    similar = {
+        k: v * 1.05 + torch.randn(v.shape, generator=g) * float(v.std()) * 0.1
+        if v.is_floating_point() and v.numel() > 1 else v
+        for k, v in cnn_update.items()
+    }  # fmt: skip
+    for R in (4, 16, 64, 256):
+        fresh = fc.get_compressor(f"sz:ratio={R}")
+        want = fresh.compress(similar, RoundContext())
+        warm = fc.get_compressor(f"sz:ratio={R}")
+        warm.compress(cnn_update, RoundContext())
+        before = warm.last_choice["rel"]
+        assert warm.compress(similar, RoundContext()) == want
+        assert warm.last_choice["rel"] == fresh.last_choice["rel"]
+        assert warm.last_choice["encodes"] <= fresh.last_choice["encodes"]
+        if warm.last_choice["rel"] == before:
+            assert warm.last_choice["encodes"] == 2
