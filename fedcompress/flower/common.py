@@ -79,9 +79,10 @@ def array_view(arr: Array) -> np.ndarray:
 
     The Mod reads the received global model and the ClientApp's local weights only to subtract
     them: parsing each .npy header and viewing the data in place spares the two copies per tensor
-    that ``state_from_record`` makes (np.load, then a writable copy); on the FedAvg CNN (582K
-    values) that was about half of the Mod's time besides ``compress`` (0.86 -> 0.39 ms of thread
-    CPU per reply, ``python bench/fl_overhead.py --mod-only``, 2026-11-29, shared machine).
+    that ``state_from_record`` makes (np.load, then a writable copy): on the FedAvg CNN (582K
+    values) 0.22 instead of 0.76 ms of thread CPU per reply, against ~2 ms for sz:rel=1e-2's
+    ``compress`` (``python bench/fl_overhead.py --breakdown``, 2026-11-29 21:51 UTC, shared
+    machine, load average 2.8).
     Anything unusual (another .npy version, Fortran order, object dtype, short data) takes
     ``arr.numpy()``'s path, which raises what np.load raises.
     """

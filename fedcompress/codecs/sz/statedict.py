@@ -31,9 +31,9 @@ size is non-increasing in the bound and the search converges), always terminates
 size as non-increasing in the bound (so a larger ratio gets a larger bound). If even rel = 1 does
 not fit, compress raises ValueError naming ``ratio`` and the ratio rel = 1 reaches.
 Why the previous answer as the start: clients' bounds differ by a few grid steps within a round
-and between rounds, so it took 3.3 encodes per update instead of 4.6 from 1e-2, choosing the
+and between rounds, so it took 3.1 encodes per update instead of 4.6 from 1e-2, choosing the
 same 30 bounds, in ``fedcompress run --dataset mnist5k --clients 10 --rounds 3 --compressor
-sz:ratio=16 --threads 1`` (metrics.jsonl ``chosen``; 2026-11-29 22:05 UTC; counts, not times).
+sz:ratio=16 --threads 1`` (metrics.jsonl ``chosen``; 2026-11-29 22:10 UTC; counts, not times).
 ``last_choice`` = ``{"rel": bound, "encodes": n, "ratio": r}``.
 """
 
