@@ -78,9 +78,9 @@ def array_view(arr: Array) -> np.ndarray:
     """A read-only numpy view of a numpy-stype Array's bytes (no copy), else ``arr.numpy()``.
 
     The Mod reads the received global model and the ClientApp's local weights only to subtract
-    them: parsing each .npy header and viewing the data in place spares the two copies per tensor
-    that ``state_from_record`` makes (np.load, then a writable copy): on the FedAvg CNN (582K
-    values) 0.22 instead of 0.76 ms of thread CPU per reply, against ~2 ms for sz:rel=1e-2's
+    them: parsing each .npy header and viewing the data in place spares ``state_from_record``'s
+    np.load copy of both records (the copy it made after np.load went too): on the FedAvg CNN
+    (582K values) 0.22 instead of 0.76 ms of thread CPU per reply, against ~2 ms for sz:rel=1e-2's
     ``compress`` (``python bench/fl_overhead.py --breakdown``, 2026-11-29 21:51 UTC, shared
     machine, load average 2.8).
     Anything unusual (another .npy version, Fortran order, object dtype, short data) takes
