@@ -68,6 +68,8 @@ constexpr int kMinPb = 12, kMaxPb = 15;
 constexpr int kMaxSymbols = 8192;
 constexpr int kTokens = 65536;
 constexpr uint32_t kEscVal = 0, kEscWide = 1, kRunA = 2, kRunB = 3, kTokenBase = 4;
+// a quiet NaN (no decoded ordinary value is NaN); | token marks an escape in a fused decode pass
+constexpr uint32_t kEscSentinel = 0x7FC00000u;
 constexpr uint64_t kMaxZigzag = 65535 - kTokenBase;
 constexpr uint8_t kBlkLorenzo = 1, kBlkRun = 2, kBlkRaw = 4;
 constexpr int64_t kEstStride = 8;     // the predictor estimate samples every 8th value
@@ -1082,6 +1084,23 @@ static int64_t run_tokens(bool lor, const uint16_t* tk, int64_t cnt, typename D:
              : run_tokens_default<D, false>(tk, cnt, dst, n, rs, lut, dlut, step);
 }
 
+// Calls f(j) in increasing j for every v[j] whose bits are kEscSentinel | (0 or 1): the escapes a
+// fused pass 1 left in a float32 block (decode_block). A decoded ordinary value is never NaN.
+template <class F>
+__attribute__((target("avx512f"))) static void for_each_sentinel(const float* v, int64_t n, F&& f) {
+  const __m512i keep = _mm512_set1_epi32(int(~1u)), sent = _mm512_set1_epi32(int(kEscSentinel));
+  int64_t i = 0;
+  for (; i + 16 <= n; i += 16) {
+    __mmask16 m = _mm512_cmpeq_epi32_mask(_mm512_and_si512(_mm512_loadu_si512(v + i), keep), sent);
+    for (; m; m &= __mmask16(m - 1)) f(i + __builtin_ctz(m));
+  }
+  for (; i < n; ++i) {
+    uint32_t b;
+    std::memcpy(&b, v + i, 4);
+    if ((b & ~1u) == kEscSentinel) f(i);
+  }
+}
+
 template <class D>
 static void decode_block(const uint8_t* buf, size_t len, typename D::T* out, int64_t n, double step,
                          DecScratch<typename D::T>& S) {
@@ -1108,10 +1127,14 @@ static void decode_block(const uint8_t* buf, size_t len, typename D::T* out, int
   S.ent.resize(m);
   S.stok.resize(m + 1);
   // Fused pass 1 (plain float32 blocks without a predictor, with AVX-512): the slot table (ent64)
-  // holds the value itself, and pass 1 writes values, not tokens, so the block needs no pass 2 (a gather and
-  // a store per value). Only where every symbol is an ordinary
-  // token: tokens come ascending, so the first one decides (an escape or run token is < 4).
+  // holds the value itself, and pass 1 writes values, not tokens, so the block needs no pass 2 (a
+  // gather and a store per value). Escape tokens (0, 1) hold a NaN sentinel whose low 16 bits are
+  // the token, and a scan afterwards puts the outliers and wide codes in their places (Kaiming
+  // weights at REL 1e-3 have an outlier or two per block: without this the whole block took both
+  // passes). Run tokens (2, 3) cannot occur in a plain block and end the fused case: the checked
+  // path reports them.
   bool fused = std::is_same<D, F32>::value && !runmode && !lor && use_avx512();
+  bool escapes = false;  // the table has token 0 or 1
   const bool wide = use_avx512();
   if (wide) S.ent64.resize(m);
   int64_t t = -1, fs = 0;
@@ -1128,11 +1151,13 @@ static void decode_block(const uint8_t* buf, size_t len, typename D::T* out, int
     uint32_t* ep = S.ent.data() + total;
     for (uint32_t j = 0; j < f; ++j) ep[j] = f | (j << 16);
     std::fill(S.stok.data() + total, S.stok.data() + total + f, uint16_t(t));
-    if (wide) {  // token 0-3 comes first and ends the fused case before its entries are written
-      uint32_t hi = uint32_t(t);
+    if (wide) {
+      uint32_t hi = uint32_t(t);  // tokens 0-3: their sentinel (fused) is the token in the low 16 bits too
       if (fused && t >= int64_t(kTokenBase)) {
         const T v = D::recon(int32_t(unzigzag(uint64_t(t - kTokenBase))), step);
         std::memcpy(&hi, &v, std::min<size_t>(sizeof(T), 4));  // float32 only (the fused case)
+      } else if (t < int64_t(kTokenBase)) {
+        hi = kEscSentinel | uint32_t(t);
       }
       uint64_t* qp = S.ent64.data() + total;
       for (uint32_t j = 0; j < f; ++j) qp[j] = (f | (j << 16)) | (uint64_t(hi) << 32);
@@ -1141,8 +1166,10 @@ static void decode_block(const uint8_t* buf, size_t len, typename D::T* out, int
       const int64_t d = unzigzag(uint64_t(t - kTokenBase));
       S.dlut[t] = int32_t(d);
       S.lut[t] = D::recon(int32_t(d), step);
-    } else {
+    } else if (t >= int64_t(kRunA)) {
       fused = false;
+    } else {
+      escapes = true;
     }
     total += f;
   }
@@ -1231,7 +1258,33 @@ static void decode_block(const uint8_t* buf, size_t len, typename D::T* out, int
     for (; i < int64_t(ntok); i += kDecChunk) {
       const int64_t cnt = std::min<int64_t>(kDecChunk, int64_t(ntok) - i);
       rans_tokens_scalar(R, tk, cnt);
-      for (int64_t j = 0; j < cnt; ++j) out[i + j] = lut[tk[j]];
+      for (int64_t j = 0; j < cnt; ++j) {
+        if (tk[j] < kTokenBase) {
+          const uint32_t b = kEscSentinel | tk[j];
+          std::memcpy(out + i + j, &b, 4);
+        } else {
+          out[i + j] = lut[tk[j]];
+        }
+      }
+    }
+    if constexpr (std::is_same<D, F32>::value) {
+      if (escapes) {  // in position order: the outliers and wide codes are stored in that order
+        for_each_sentinel(out, n, [&](int64_t j) {
+          uint32_t b;
+          std::memcpy(&b, out + j, 4);
+          if ((b & 0xFFFF) == kEscVal) {
+            if (io >= nout) throw FormatError("sz block: outlier count mismatch");
+            std::memcpy(out + j, outp + size_t(io) * isz, isz);
+            ++io;
+          } else {
+            if (iw >= nwide) throw FormatError("sz block: wide-code count mismatch");
+            int32_t wv;
+            std::memcpy(&wv, widep + size_t(iw) * 4, 4);
+            ++iw;
+            out[j] = D::recon(wv, step);
+          }
+        });
+      }
     }
     pos = n;
   }

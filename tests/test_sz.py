@@ -245,21 +245,32 @@ def test_long_and_chunk_crossing_runs_decode_exactly(portable, request):
     _check_bound(t, y, 1e-3, "abs")
 
 
-@pytest.mark.parametrize("case", ["plain", "escape", "low_entropy", "odd_length"])
-def test_plain_blocks_without_predictor_decode_exactly(case):
+@pytest.mark.parametrize("portable", [False, True])
+@pytest.mark.parametrize("case", ["plain", "escape", "wide", "escape_tail", "low_entropy", "odd_length"])
+def test_plain_blocks_without_predictor_decode_exactly(case, portable, request):
     # float32 plain blocks without a predictor decode in one fused pass (AVX-512: rANS slot -> value,
-    # no token pass) unless their table holds an escape; each case against the torch reference's
-    # bytes and values: noise, noise with NaN/Inf (escapes: the two-pass path), a block so
-    # predictable that ~300 values decode in the scalar tail (< 32 rANS words left), a length that
-    # is no multiple of the 32 lanes
+    # no token pass; escapes leave a NaN sentinel that a scan replaces in order); each case against
+    # the torch reference's bytes and values: noise; noise with verbatim values, among them NaNs
+    # whose bits are the sentinels (0x7FC00000 | token) and must come back bit-exact; wide codes
+    # (|q| beyond the radius); escapes in the scalar tail of a block so predictable that ~300
+    # values decode there (< 32 rANS words left); a length that is no multiple of the 32 lanes.
+    # Also through the portable loops (CPUs without AVX-512).
     backend_or_skip("sz_encode", "cpp")
+    if portable:
+        request.getfixturevalue("portable_rans")
     g = torch.Generator().manual_seed(21)
     n = 50_003 if case == "odd_length" else 2**16
     x = torch.randn(n, generator=g)
-    if case == "escape":
-        x[[5, 700, 40_000]] = torch.tensor([float("nan"), float("inf"), -float("inf")])
-    if case == "low_entropy":  # codes -1, 0, 1 (1.6 bits a value): ~300 values after the last 32 words
+    if case in ("low_entropy", "escape_tail"):  # codes -1, 0, 1 (1.6 bits a value)
         x = torch.randint(-1, 2, (n,), generator=g).float() * 0.02 + 0.002 * torch.randn(n, generator=g)
+    bits = [0x7FC00000, 0x7FC00001, 0x7F800000, -0x800000, 0x7FC00002]  # NaN sentinels, +-Inf, another NaN
+    specials = torch.tensor(bits, dtype=torch.int32).view(torch.float32)
+    if case == "escape":
+        x[[5, 700, 701, 17, 40_000]] = specials
+    if case == "escape_tail":  # the last block's final values, decoded after the last 32 rANS words
+        x[[n - 3, n - 40, n - 41, n - 200, 1]] = specials
+    if case == "wide":  # |q| = |x| / 0.02 > 32765: ESC_WIDE with an int32 code
+        x[[3, 999, 1000, 60_000]] = torch.tensor([700.0, -900.0, 1e4, 5e4])
     blob = fc.SZ(1e-2, "abs", backend="cpp", block_size=BLOCK).encode(x)
     assert blob == fc.SZ(1e-2, "abs", backend="torch", block_size=BLOCK).encode(x)
     sec = wire.unpack(blob, wire.CODEC_SZ_TENSOR)[1][0].data[C._HDR.size :]
@@ -267,6 +278,34 @@ def test_plain_blocks_without_predictor_decode_exactly(case):
     y = fc.SZ(backend="cpp").decode(blob)
     assert np.array_equal(_bits(y), _bits(fc.SZ(backend="torch").decode(blob)))
     _check_bound(x, y, 1e-2, "abs")
+    special = ~torch.isfinite(x)
+    assert np.array_equal(_bits(x)[special.numpy()], _bits(y)[special.numpy()])  # NaN payloads too
+
+
+@pytest.mark.parametrize("portable", [False, True])
+def test_predictor_choice_and_outliers_match_the_reference(portable, request):
+    # The encoder's predictor estimate (a sample of every 8th value; AVX-512 gathers 16 samples at a
+    # time, the scalar loop takes the rest) and its outlier scan (8 flags a step) against the torch
+    # reference's bytes: random walks (Lorenzo wins) plus white noise (none wins) at levels around
+    # the crossover, lengths around the vector loop's edges, outliers on and around 8-value and
+    # 128-value boundaries; both predictors must occur.
+    backend_or_skip("sz_encode", "cpp")
+    if portable:
+        request.getfixturevalue("portable_rans")
+    rng = np.random.default_rng(3)
+    flags = set()
+    for n in (1, 9, 135, 136, 137, 1031, 4099, 20_000):
+        for noise in (0.5, 2.0, 8.0, 32.0):
+            x = (np.cumsum(rng.normal(size=n)) * 4 + rng.normal(size=n) * noise).astype(np.float32) * 0.02
+            for i in (0, 7, 8, 63, 64, 127, 128, 129, n - 1):
+                if i < n and rng.random() < 0.5:
+                    x[i] = np.nan if rng.random() < 0.5 else np.inf
+            t = torch.from_numpy(x)
+            blob = fc.SZ(1e-2, "abs", backend="cpp").encode(t)
+            assert blob == fc.SZ(1e-2, "abs", backend="torch").encode(t), (n, noise)
+            data = wire.unpack(blob, wire.CODEC_SZ_TENSOR)[1][0].data
+            flags.add(data[C._HDR.size + 8] & C.BLK_LORENZO)
+    assert flags == {0, C.BLK_LORENZO}
 
 
 def test_all_block_kinds_exercised():
