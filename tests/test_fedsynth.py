@@ -579,3 +579,16 @@ def test_server_scale_multiplies_the_replayed_update():
         deltas.append(comp.server_update(payload, state, ctx))
     for k, v in deltas[0].items():
         torch.testing.assert_close(deltas[1][k], 0.5 * v, rtol=0, atol=0)
+
+
+def test_spec_leaves_model_dependent_defaults_to_the_model():
+    """outer_steps, lr_x and objective default differently for text models (TEXT_DEFAULTS): a spec
+    rebuilt from .spec must not pin the image values, and keys the user gave stay."""
+    from fedcompress.codecs.fedsynth import TEXT_DEFAULTS
+
+    comp = fc.get_compressor("fedsynth")
+    assert not any(f"{k}=" in comp.spec for k in TEXT_DEFAULTS)
+    assert fc.get_compressor(comp.spec).params == comp.params
+    given = fc.get_compressor("fedsynth:outer_steps=30,objective=loss")
+    assert "outer_steps=30" in given.spec and "objective=loss" in given.spec
+    assert fc.get_compressor(given.spec).spec == given.spec

@@ -295,3 +295,31 @@ def test_text_spec_limits():
         fc.get_compressor("fedsynth:topk=-1")
     with pytest.raises(ValueError, match="embedding"):
         fc.get_compressor("fedsynth:embedding=sz")
+
+
+def test_text_keeps_its_own_defaults_and_refuses_image_only_keys(monkeypatch):
+    """The image defaults (objective=match, fewer outer steps) were measured on images only: a text
+    client gets the defaults it was measured with, unless the spec names the key."""
+    from fedcompress.codecs import fedsynth_text
+    from fedcompress.codecs.fedsynth import TEXT_DEFAULTS
+
+    seen = {}
+
+    def spy(comp, *args):
+        seen.clear()
+        seen.update(comp.params)
+        return b""
+
+    monkeypatch.setattr(fedsynth_text, "client_update", spy)
+    model = _model()
+    state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    comp = fc.get_compressor("fedsynth")
+    image = dict(comp.params)
+    comp.client_update(model, state, _client_data(), _ctx())
+    assert {k: seen[k] for k in TEXT_DEFAULTS} == TEXT_DEFAULTS
+    assert comp.params == image  # restored for the next (maybe image) call
+    fc.get_compressor("fedsynth:outer_steps=3,lr_x=0.2").client_update(model, state, _client_data(), _ctx())
+    assert seen["outer_steps"] == 3 and seen["lr_x"] == 0.2
+    for bad in ("objective=match", "server_scale=0.5"):
+        with pytest.raises(ValueError, match=bad.split("=")[0]):
+            fc.get_compressor("fedsynth:" + bad).client_update(model, state, _client_data(), _ctx())

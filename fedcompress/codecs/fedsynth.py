@@ -83,6 +83,12 @@ MIN_BATCH = 5  # issue 14: 15 x 3 and 23 x 2 at the same lr overshot (updates 5-
 _ROW_TOL = {torch.float16: 2.0**-9, torch.float32: 2.0**-18}
 
 
+# Keys whose default differs for text models: the text client (fedsynth_text.py) was measured with
+# these (docs/fedsynth.md, "Text"); the image defaults in PARAMS come from the image proxy runs.
+TEXT_DEFAULTS = {"outer_steps": 30, "lr_x": 0.03, "objective": "loss"}
+_TEXT_ONLY_VALUE = {"objective": "loss", "server_scale": 1.0}  # the text path implements only these
+
+
 def _label_dtype(C: int) -> torch.dtype:
     return torch.uint8 if C <= 256 else (torch.int16 if C <= 32767 else torch.int32)
 
@@ -279,7 +285,9 @@ class FedSynthCompressor(Compressor):
         keep = [
             (k, v)
             for k, v in p.items()
-            if v is not None and not (p["ratio"] is not None and k in rule and k not in self.given)
+            if v is not None
+            and not (p["ratio"] is not None and k in rule and k not in self.given)
+            and not (k in TEXT_DEFAULTS and k not in self.given)  # the model picks these defaults
         ]
         return self.name + ":" + ",".join(f"{k}={v}" for k, v in keep)
 
@@ -289,6 +297,12 @@ class FedSynthCompressor(Compressor):
         if p["labels"] == "trainable":
             return "softmax_scaled" if p["label_scale"] else "softmax"
         return p["labels"]
+
+    def _check_text(self) -> None:
+        p = self.params
+        bad = [f"{k}={p[k]}" for k, ok in _TEXT_ONLY_VALUE.items() if k in self.given and p[k] != ok]
+        if bad:
+            raise ValueError(f"{', '.join(bad)} is not supported for text models (image models only)")
 
     def set_model(self, model: nn.Module) -> None:
         """The architecture the server replays ClientUpdate with."""
@@ -437,6 +451,7 @@ class FedSynthCompressor(Compressor):
 
     def server_update(self, payload: bytes, global_state: StateDict, ctx: RoundContext) -> StateDict:
         if fedsynth_text.is_text_model(self.model):
+            self._check_text()
             return fedsynth_text.server_update(self, payload, global_state, ctx)
         d = self.decompress(payload, ctx)
         w_syn = self._replay(d, global_state)
@@ -485,7 +500,14 @@ class FedSynthCompressor(Compressor):
     def client_update(self, model: nn.Module, global_state: StateDict, data, ctx: RoundContext) -> bytes:
         data = client_tensors(data)  # an (x, y) pair, a TensorDataset or a DataLoader: all of it at once
         if fedsynth_text.is_text_model(model):
-            return fedsynth_text.client_update(self, model, global_state, data, ctx)
+            self._check_text()
+            image = self.params
+            # the text client reads comp.params: give it its own defaults for the keys the spec left out
+            self.params = {**image, **{k: v for k, v in TEXT_DEFAULTS.items() if k not in self.given}}
+            try:
+                return fedsynth_text.client_update(self, model, global_state, data, ctx)
+            finally:
+                self.params = image
         self.model = model
         p = self.params
         real_x, real_y = data
