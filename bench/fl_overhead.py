@@ -209,9 +209,11 @@ def table_row(spec: str, r: dict) -> str:
         return (enc + dec) / (tr + enc + dec) if tr + enc + dec > 0 else 0.0
 
     enc, dec, tr = totals(rounds)
+    replies = sum(x["replies-accepted"] for x in rounds)
+    if not replies:
+        return f"| `{spec}` | 0 | no reply accepted: see the log (replies-dropped, replies-failed) |"
     steady = overhead(*totals(rounds[1:])) if len(rounds) > 1 else float("nan")
     up, dense = sum(x["upstream-bytes"] for x in rounds), sum(x["dense-upstream-bytes"] for x in rounds)
-    replies = sum(x["replies-accepted"] for x in rounds)
     per_round = " / ".join(f"{100 * x['codec-overhead']:.2f}" for x in rounds)
     return (
         f"| `{spec}` | {replies} | {dense / up:.2f}x | {enc:.3f} | {dec:.3f} | {tr:.1f} | "
