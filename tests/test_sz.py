@@ -246,6 +246,43 @@ def test_long_and_chunk_crossing_runs_decode_exactly(portable, request):
 
 
 @pytest.mark.parametrize("portable", [False, True])
+def test_run_mode_tokens_match_the_reference(portable, request):
+    # The encoder's run-mode writer (AVX-512: 16 tokens a step, digits in the places of a run's last
+    # zeros; a scalar step where a carried run is too short for its digits; the scalar pass for the
+    # tail) against the torch reference's bytes: zero runs of short, mixed and long lengths between
+    # short stretches of nonzero codes (clustered zeros, where run mode wins), runs that end on and
+    # across 16- and 64-token edges, long runs ending one or two zeros into a step, odd lengths
+    backend_or_skip("sz_encode", "cpp")
+    if portable:
+        request.getfixturevalue("portable_rans")
+    rng = np.random.default_rng(8)
+    runs = 0
+    lengths = {"short": [1, 2, 3, 4], "mixed": [1, 2, 5, 15, 16, 17, 31, 33, 64], "long": [30, 100, 1000, 5000]}
+    for n in (64, 100, 1000, 4099, 30_017):
+        for kind, choices in lengths.items():
+            x = np.zeros(n, np.float32)
+            pos = int(rng.integers(0, 3))
+            while pos < n:
+                k = min(int(rng.integers(1, 4)), n - pos)  # nonzero codes (|x| >= 0.02 = one step)
+                x[pos : pos + k] = np.sign(rng.normal(size=k)) * (0.02 + np.abs(rng.normal(size=k)) * 0.03)
+                pos += k + int(rng.choice(choices))
+            if n > 200:  # a long run that ends 1 and 2 zeros into a 16-token step, one ending on an edge
+                x[100:129] = 0
+                x[129] = 1.0
+                x[130:162] = 0
+                x[162] = -1.0
+                x[163:192] = 0
+                x[192] = 2.0
+            t = torch.from_numpy(x)
+            blob = fc.SZ(1e-2, "abs", backend="cpp").encode(t)
+            assert blob == fc.SZ(1e-2, "abs", backend="torch").encode(t), (n, kind)
+            data = wire.unpack(blob, wire.CODEC_SZ_TENSOR)[1][0].data
+            runs += bool(data[C._HDR.size + 8] & C.BLK_RUN)
+            assert np.array_equal(_bits(fc.SZ(backend="cpp").decode(blob)), _bits(fc.SZ(backend="torch").decode(blob)))
+    assert runs >= 5, runs  # run-mode blocks where zeros cluster (plain elsewhere: the costs decide)
+
+
+@pytest.mark.parametrize("portable", [False, True])
 @pytest.mark.parametrize("case", ["plain", "escape", "wide", "escape_tail", "low_entropy", "odd_length"])
 def test_plain_blocks_without_predictor_decode_exactly(case, portable, request):
     # float32 plain blocks without a predictor decode in one fused pass (AVX-512: rANS slot -> value,
