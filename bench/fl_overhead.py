@@ -2,14 +2,15 @@
 
 Runs the example's ServerApp (examples/flower: CompressedFedAvg on the FedAvg CNN, mnist5k) and a
 ClientApp made of the example's pieces (local SGD, the compression Mod; ``build_client_app``
-below) through ``flwr.simulation.run_simulation`` with ``--clients`` virtual clients that
-all train in every round and ``--cpus`` Ray CPUs, each client asking for cpus / clients of a CPU:
-the default 4 clients on 2 CPUs is 2 clients per core, all four training at once, each on 400
-images for 2 epochs (a client of ``fedcompress run --clients 10`` on mnist5k). One simulation per
+below) through ``flwr.simulation.run_simulation``: ``--clients`` virtual clients that all train
+in every round, ``--concurrent`` of them at once on ``--cpus`` Ray CPUs (each asks for cpus /
+concurrent of a CPU). The default, 10 clients 4 at a time on 2 CPUs, is 2 clients per core, each
+doing what a client of ``fedcompress run --clients 10`` on mnist5k does (the same split, 400
+images, 2 epochs of batch 20, lr 0.05, the driver's seeds), so the two compare. One simulation per
 compressor, each in a child process of its own (Ray's state, a timeout); then one table:
 
     python bench/fl_overhead.py                      # sz:rel=1e-2, sz:ratio=16, mask:ratio=16; ~3 min
-    python bench/fl_overhead.py --specs "none;sz:rel=1e-2" --rounds 2 --clients 4 --cpus 2
+    python bench/fl_overhead.py --specs "none;sz:rel=1e-2" --rounds 2 --clients 10 --concurrent 4 --cpus 2
 
 Columns come from CompressedFedAvg's round metrics (docs/flower.md, "Codec time"): ``train s`` is
 the clients' ClientApp time (the Mod's ``call_next``: reading the model and data, local SGD,
@@ -60,14 +61,14 @@ import json, sys
 from flwr.simulation import run_simulation
 from fedcompress_app.server_app import build_server_app
 from fl_overhead import build_client_app
-overrides, clients, cpus = json.loads(sys.argv[1]), int(sys.argv[2]), float(sys.argv[3])
+overrides, clients, per_client = json.loads(sys.argv[1]), int(sys.argv[2]), float(sys.argv[3])
 run_simulation(
     build_server_app(overrides),
     build_client_app(overrides),
     num_supernodes=clients,
     backend_config={
-        "client_resources": {"num_cpus": cpus / clients, "num_gpus": 0.0},
-        "init_args": {"num_cpus": cpus, "include_dashboard": False},
+        "client_resources": {"num_cpus": per_client, "num_gpus": 0.0},
+        "init_args": {"num_cpus": float(sys.argv[4]), "include_dashboard": False},
     },
 )
 """
@@ -167,7 +168,8 @@ def run_one(spec: str, args, base: Path) -> dict:
     t0 = time.perf_counter()
     with open(log, "wb") as f:
         proc = subprocess.Popen(
-            [sys.executable, "-c", CHILD, json.dumps(overrides), str(args.clients), str(args.cpus)],
+            [sys.executable, "-c", CHILD, json.dumps(overrides), str(args.clients),
+             str(args.cpus / args.concurrent), str(args.cpus)],
             env=simulation_env(base), stdout=f, stderr=subprocess.STDOUT, start_new_session=True,
         )  # fmt: skip
     try:
@@ -259,8 +261,8 @@ def simulate(args) -> int:
     finally:
         shutil.rmtree(root, ignore_errors=True)
     print(
-        f"\n{args.clients} clients training at once on {args.cpus:g} Ray CPUs "
-        f"({args.clients / args.cpus:g} per CPU), {args.rounds} rounds, {args.epochs} local epoch(s) of "
+        f"\n{args.clients} clients per round, {args.concurrent} training at once on {args.cpus:g} Ray CPUs "
+        f"({args.concurrent / args.cpus:g} per CPU), {args.rounds} rounds, {args.epochs} local epoch(s) of "
         f"{args.samples or 'all'} images, "
         f"torch threads 1 per client; load average before: {os.getloadavg()[0]:.2f}\n"
     )
@@ -349,16 +351,16 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--specs", default=DEFAULT_SPECS, help="compressor specs, ';'-separated (default: %(default)s)")
     p.add_argument("--rounds", type=int, default=3)
-    p.add_argument("--clients", type=int, default=4, help="virtual clients, all training every round")
+    p.add_argument("--clients", type=int, default=10, help="virtual clients, all training every round")
+    p.add_argument("--concurrent", type=int, default=4, help="clients training at once (Ray actors)")
     p.add_argument("--cpus", type=float, default=2.0, help="Ray CPUs (each client asks for cpus / clients)")
     p.add_argument("--epochs", type=int, default=2, help="local epochs (the driver's default: 2)")
-    p.add_argument("--samples", type=int, default=400,
-                   help="training images per client, the first of its partition (default %(default)s: a client "
-                        "of `fedcompress run --clients 10` on mnist5k holds 400; 0: the whole partition)")
+    p.add_argument("--samples", type=int, default=0,
+                   help="training images per client, the first of its partition (default: all of it)")
     p.add_argument("--timeout", type=float, default=240.0, help="seconds per simulation before it is killed")
     p.add_argument("--breakdown", action="store_true", help="in-process per-stage times of one client instead")
     args = p.parse_args(argv)
-    for name in ("rounds", "clients", "epochs"):
+    for name in ("rounds", "clients", "concurrent", "epochs"):
         if getattr(args, name) < 1:
             p.error(f"--{name} must be >= 1")
     if args.samples < 0:
