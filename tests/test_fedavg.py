@@ -127,7 +127,8 @@ def _cfg(**kw):
     return ExperimentConfig(**base)
 
 
-_TIMES = ("seconds", "encode_seconds", "decode_seconds", "train_seconds")
+_TIMES = ("seconds", "encode_seconds", "decode_seconds", "train_seconds", "encode_cpu_seconds",
+          "decode_cpu_seconds", "train_cpu_seconds")
 
 
 def _strip(history):
@@ -286,8 +287,13 @@ def test_metrics_times_and_ratios(digits_small, tmp_path, spec):
             assert "chosen" not in r
     for key in ("encode_seconds", "decode_seconds", "train_seconds"):
         assert summary[key] == pytest.approx(sum(r[key] for r in rows))
+        cpu = key.replace("_seconds", "_cpu_seconds")
+        assert summary[cpu] == pytest.approx(sum(r[cpu] for r in rows)) and summary[cpu] >= 0
     e, d, t = summary["encode_seconds"], summary["decode_seconds"], summary["train_seconds"]
     assert summary["codec_overhead"] == pytest.approx((e + d) / (t + e + d))
+    ce, cd, ct = (summary[f"{k}_cpu_seconds"] for k in ("encode", "decode", "train"))
+    assert summary["codec_overhead_cpu"] == pytest.approx((ce + cd) / (ct + ce + cd))
+    assert ct > 0 and 0 <= summary["codec_overhead_cpu"] < 1
     assert 0 <= summary["codec_overhead"] < 1
     assert e + d + t <= summary["wall_seconds"]
     assert s["codec_overhead"] == summary["codec_overhead"]
@@ -317,6 +323,8 @@ def test_codec_clock_counts_only_compress(digits_small):
     assert 3 * 0.02 <= r["decode_seconds"] < 3 * 0.02 + 0.5
     # local SGD of 100 digits per client takes a few ms each; the 0.6 s of sleeps are not training
     assert r["train_seconds"] < 3 * 0.2
+    # a sleep is wall time, not CPU time: the CPU columns see only the small none codec
+    assert r["encode_cpu_seconds"] < 0.2 and r["decode_cpu_seconds"] < 0.2
 
 
 def test_final_line_names_the_spec_as_typed():

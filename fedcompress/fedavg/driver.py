@@ -15,9 +15,13 @@ Time, per round and summed in the summary: ``encode_seconds`` (inside ``comp.com
 client updates: the codec, and a ``ratio`` search), ``train_seconds`` (the rest of
 ``client_update``: local SGD, or FedSynth's optimisation), ``decode_seconds`` (``server_update``:
 decoding, or FedSynth's replay). ``codec_overhead`` = (encode + decode) / (train + encode +
-decode) over the run. Each round also records ``round_ratio`` (dense / sent bytes of that round)
-and, when the compressor exposes ``last_choice`` (a ``ratio`` budget), ``chosen``: one entry per
-client, e.g. ``{"client": 3, "rel": 0.06, "encodes": 4, "ratio": 16.2}`` for sz.
+decode) over the run. The same three in CPU seconds of the process (``time.process_time``: every
+thread, the native pool's helpers included) are ``encode_cpu_seconds``, ``decode_cpu_seconds`` and
+``train_cpu_seconds``, with ``codec_overhead_cpu`` from them: on a shared machine the wall clock
+also counts the time the process waits for a core, the CPU share only the work. Each round also
+records ``round_ratio`` (dense / sent bytes of that round) and, when the compressor exposes
+``last_choice`` (a ``ratio`` budget), ``chosen``: one entry per client, e.g. ``{"client": 3,
+"rel": 0.06, "encodes": 4, "ratio": 16.2}`` for sz.
 
 Reproducible: the model init, the split, the client sampling and every ``RoundContext`` derive
 from ``config.seed``, so the same config gives the same metrics (bit for bit on one machine).
@@ -161,7 +165,8 @@ def dense_payload_bytes(state: StateDict) -> int:
 
 
 class CodecClock:
-    """Seconds spent inside ``comp.compress`` (wrapped on this instance) while the clock is installed.
+    """Seconds spent inside ``comp.compress`` (wrapped on this instance) while the clock is installed:
+    ``seconds`` wall clock, ``cpu_seconds`` the process's CPU time.
 
     ``client_update`` calls ``self.compress`` after its local work, so timing the whole call and
     this wrapper separates local work from encoding without each compressor timing itself.
@@ -170,6 +175,7 @@ class CodecClock:
     def __init__(self, comp) -> None:
         self.comp = comp
         self.seconds = 0.0
+        self.cpu_seconds = 0.0
         self._inner = comp.compress
         self._depth = 0
 
@@ -177,11 +183,12 @@ class CodecClock:
             if self._depth:  # a compress calling compress: count the outer call once
                 return self._inner(*args, **kwargs)
             self._depth += 1
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), time.process_time()
             try:
                 return self._inner(*args, **kwargs)
             finally:
                 self.seconds += time.perf_counter() - t0
+                self.cpu_seconds += time.process_time() - c0
                 self._depth -= 1
 
         comp.compress = timed
@@ -232,6 +239,7 @@ def run_experiment(
     history: list[dict[str, Any]] = []
     up_total = dense_total = down_total = 0
     enc_total = dec_total = train_total = 0.0
+    cpu_total = {"encode": 0.0, "decode": 0.0, "train": 0.0}
     clock = CodecClock(comp)
     metrics_file = None
     if out_dir is not None:
@@ -248,6 +256,7 @@ def run_experiment(
             chosen = sample_clients(config.clients, k, config.seed, rnd)
             deltas, weights, up = [], [], 0
             enc = dec = train = 0.0
+            cpu = {"encode": 0.0, "decode": 0.0, "train": 0.0}
             choices = []
             for cid in chosen:
                 ctx = RoundContext(
@@ -261,19 +270,22 @@ def run_experiment(
                 )
                 x, y = data.client_data(cid)
                 xd, yd = x.to(dev), y.to(dev)
-                before = clock.seconds
-                t1 = time.perf_counter()
+                before, cpu_before = clock.seconds, clock.cpu_seconds
+                t1, c1 = time.perf_counter(), time.process_time()
                 payload = comp.client_update(model, global_state, (xd, yd), ctx)
-                t2 = time.perf_counter()
+                t2, c2 = time.perf_counter(), time.process_time()
                 enc += clock.seconds - before
                 train += (t2 - t1) - (clock.seconds - before)
+                cpu["encode"] += clock.cpu_seconds - cpu_before
+                cpu["train"] += (c2 - c1) - (clock.cpu_seconds - cpu_before)
                 choice = getattr(comp, "last_choice", None)
                 if choice is not None:
                     choices.append({"client": cid, **choice})
                 up += len(payload)
-                t3 = time.perf_counter()
+                t3, c3 = time.perf_counter(), time.process_time()
                 deltas.append(comp.server_update(payload, global_state, ctx))
                 dec += time.perf_counter() - t3
+                cpu["decode"] += time.process_time() - c3
                 weights.append(sizes[cid])
             global_state = apply_delta(global_state, weighted_average(deltas, weights))
             model.load_state_dict(global_state)
@@ -286,6 +298,8 @@ def run_experiment(
             enc_total += enc
             dec_total += dec
             train_total += train
+            for key in cpu:
+                cpu_total[key] += cpu[key]
             row = {
                 "round": rnd,
                 "accuracy": acc,
@@ -301,6 +315,7 @@ def run_experiment(
                 "encode_seconds": enc,
                 "decode_seconds": dec,
                 "train_seconds": train,
+                **{f"{key}_cpu_seconds": v for key, v in cpu.items()},
                 "seconds": time.perf_counter() - t0,
                 "clients": chosen,
             }
@@ -342,6 +357,10 @@ def run_experiment(
         "train_seconds": train_total,
         "codec_overhead": (enc_total + dec_total) / (train_total + enc_total + dec_total)
         if train_total + enc_total + dec_total > 0
+        else 0.0,
+        **{f"{key}_cpu_seconds": v for key, v in cpu_total.items()},
+        "codec_overhead_cpu": (cpu_total["encode"] + cpu_total["decode"]) / sum(cpu_total.values())
+        if sum(cpu_total.values()) > 0
         else 0.0,
         "model_parameters": count_parameters(model),
         "train_samples": int(data.y_train.numel()),
