@@ -1627,7 +1627,7 @@ static py::tuple sz_finite_range_py(py::array_t<uint8_t, py::array::c_style> x, 
 }
 
 static py::bytes sz_encode_py(py::array_t<uint8_t, py::array::c_style> x, int code, int64_t n, double step,
-                              double bound, int64_t block_size) {
+                              double bound, int64_t block_size, py::bytes prefix) {
   if (block_size < 1) throw py::value_error("block_size must be >= 1");
   if (!(std::isfinite(step) && step > 0)) throw py::value_error("step must be finite and > 0");
   const size_t isz = code == 1 ? 4 : code == 2 ? 8 : (code == 3 || code == 4) ? 2 : 0;
@@ -1642,11 +1642,16 @@ static py::bytes sz_encode_py(py::array_t<uint8_t, py::array::c_style> x, int co
     else if (code == 3) sz::encode_section<sz::F16>(static_cast<const uint16_t*>(p), n, step, bound, block_size, sec);
     else sz::encode_section<sz::BF16>(static_cast<const uint16_t*>(p), n, step, bound, block_size, sec);
   }
-  // the one copy of the payload: into the bytes object, before anything else can see it
-  PyObject* obj = PyBytes_FromStringAndSize(nullptr, Py_ssize_t(sec.size()));
+  // the one copy of the payload: into the bytes object (after `prefix`, the stream header, which
+  // then needs no concatenation in Python), before anything else can see it
+  char* pre = nullptr;
+  Py_ssize_t npre = 0;
+  if (PyBytes_AsStringAndSize(prefix.ptr(), &pre, &npre) != 0) throw py::error_already_set();
+  PyObject* obj = PyBytes_FromStringAndSize(nullptr, npre + Py_ssize_t(sec.size()));
   if (!obj) throw py::error_already_set();
   py::bytes out = py::reinterpret_steal<py::bytes>(obj);
-  sec.write(PyBytes_AS_STRING(obj));
+  std::memcpy(PyBytes_AS_STRING(obj), pre, size_t(npre));
+  sec.write(PyBytes_AS_STRING(obj) + npre);
   return out;
 }
 
@@ -1678,7 +1683,8 @@ FC_BIND([](py::module_& m) {
   m.def("sz_finite_range", &sz_finite_range_py, py::arg("x"), py::arg("dtype_code"), py::arg("n"),
         "(min, max, count) of the finite values");
   m.def("sz_encode", &sz_encode_py, py::arg("x"), py::arg("dtype_code"), py::arg("n"), py::arg("step"),
-        py::arg("bound"), py::arg("block_size"), "SZ blocks section of n values (raw bytes of dtype_code)");
+        py::arg("bound"), py::arg("block_size"), py::arg("prefix") = py::bytes(),
+        "prefix + the SZ blocks section of n values (raw bytes of dtype_code)");
   m.def("sz_decode", &sz_decode_py, py::arg("section"), py::arg("out"), py::arg("dtype_code"), py::arg("n"),
         py::arg("block_size"), py::arg("step"), "decode an SZ blocks section into out; ValueError if corrupt");
   m.def(

@@ -31,10 +31,15 @@ def finite_range_cpp(x: torch.Tensor) -> tuple[float, float] | None:
     return (lo, hi) if cnt else None
 
 
-def encode_section_cpp(x: torch.Tensor, step: float, bound: float, block_size: int) -> bytes:
+def encode_section_cpp(x: torch.Tensor, step: float, bound: float, block_size: int, prefix: bytes = b"") -> bytes:
+    """``prefix`` + the blocks section, written once into one bytes object (codec.encode_stream passes
+    the stream header: ``header + section`` in Python copied the whole payload once more)."""
     xf = x.detach().reshape(-1).contiguous()
     arr, code = _native_view(xf)
-    return _ops.native().sz_encode(arr.view(np.uint8), code, xf.numel(), step, bound, block_size)
+    return _ops.native().sz_encode(arr.view(np.uint8), code, xf.numel(), step, bound, block_size, prefix)
+
+
+encode_section_cpp.takes_prefix = True
 
 
 _INT_VIEW = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}

@@ -307,12 +307,15 @@ def encode_stream(x: torch.Tensor, error_bound: float, mode: str, *, block_size:
     x = x.detach()
     step, bound = quant_params(x, error_bound, mode)
     block_size = block_size or choose_block_size(x, step)
+    n_blocks = -(-x.numel() // block_size)
+    hdr = _HDR.pack(VERSION, lossless_mode, step, bound, block_size, n_blocks)
     if x.numel() == 0:
         section = b""
     else:
-        section = _ops.get("sz_encode", x.device, backend, x.dtype)(x, step, bound, block_size)
-    n_blocks = -(-x.numel() // block_size)
-    hdr = _HDR.pack(VERSION, lossless_mode, step, bound, block_size, n_blocks)
+        encode = _ops.get("sz_encode", x.device, backend, x.dtype)
+        if lossless_mode == lossless.LOSSLESS_NONE and getattr(encode, "takes_prefix", False):
+            return encode(x, step, bound, block_size, prefix=hdr)  # the header written with the section
+        section = encode(x, step, bound, block_size)
     if lossless_mode == lossless.LOSSLESS_ZSTD:
         return hdr + struct.pack("<Q", len(section)) + lossless.zstd_compress(section)
     return hdr + section
