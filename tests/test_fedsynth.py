@@ -86,7 +86,7 @@ def test_server_replay_equals_client_w_syn_exactly(spec):
 
 def test_learning_lowers_real_loss_and_payload_size():
     model, state, comp, ctx = _setup(
-        "fedsynth:batches=4,batch=2,outer_steps=25,labels=trainable,lr_x=0.05,lr_y=0.05"
+        "fedsynth:batches=4,batch=2,outer_steps=25,labels=trainable,lr_x=0.05,lr_y=0.05,objective=loss"
     )
     x, y = _data()
     payload = comp.client_update(model, state, (x, y), ctx)
@@ -472,7 +472,7 @@ def test_guard_on_a_non_iid_client_that_used_to_blow_up():
     from fedcompress.api import local_sgd
 
     data = _one_class_client()
-    spec = "fedsynth:batches=4,batch=2,outer_steps=30,labels=raw,lr_y=0.1,dtype=fp32"
+    spec = "fedsynth:batches=4,batch=2,outer_steps=30,labels=raw,lr_y=0.1,dtype=fp32,objective=loss,lr_x=0.03"
     # without the guard: raw labels drive the client's loss to ~0 and the update far past SGD's
     model, state, comp, ctx = _setup(spec + ",guard=0")
     ctx.epochs, ctx.batch_size = 1, 4
@@ -499,7 +499,9 @@ def test_guard_on_a_non_iid_client_that_used_to_blow_up():
     with pytest.raises(fc.FormatError, match="guard"):
         server.server_update(bad, state, ctx)
     # softmax labels on the same client stay near the SGD update without any fallback
-    model, state, comp, ctx = _setup("fedsynth:batches=4,batch=2,outer_steps=30,labels=trainable,lr_y=0.1")
+    model, state, comp, ctx = _setup(
+        "fedsynth:batches=4,batch=2,outer_steps=30,labels=trainable,lr_y=0.1,objective=loss,lr_x=0.03"
+    )
     ctx.epochs, ctx.batch_size = 1, 4
     comp.client_update(model, state, data, ctx)
     assert comp.last_fallback == "" and comp.last_update_ratio < 10
@@ -530,7 +532,7 @@ def test_real_batch_draws_a_fresh_subset_each_outer_step(monkeypatch):
 
     monkeypatch.setattr(fc.synth, "hypergradient", spy)
     x, y = _data()
-    model, state, comp, ctx = _setup("fedsynth:batches=2,batch=2,outer_steps=4,real_batch=6")
+    model, state, comp, ctx = _setup("fedsynth:batches=2,batch=2,outer_steps=4,real_batch=6,objective=loss")
     payload = comp.client_update(model, state, (x, y), ctx)
     assert len(seen) == 4 and all(r.shape == (6, 1, 8, 8) for r in seen)
     assert all(any(torch.equal(s, r) for r in x) for b in seen for s in b)  # real images
@@ -555,7 +557,7 @@ def test_objective_match_reproduces_the_sgd_update_without_real_batches(monkeypa
 
     monkeypatch.setattr(fc.synth, "hypergradient", spy)
     x, y = _data()
-    model, state, comp, ctx = _setup("fedsynth:batches=3,batch=2,outer_steps=15,objective=match,dtype=fp32")
+    model, state, comp, ctx = _setup("fedsynth:batches=3,batch=2,outer_steps=15,objective=match,lr_x=0.03,dtype=fp32")
     comp.client_update(model, state, (x, y), ctx)
     assert len(calls) == 15 and all(rx is None and has_t for rx, has_t in calls)
     names = [k for k, _ in model.named_parameters()]
