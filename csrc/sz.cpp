@@ -921,13 +921,27 @@ struct RansDec {  // pass 1's inputs and state
 };
 
 // Pass 1, portable and fully checked: tokens [0, cnt) of a chunk that starts at a step boundary.
-static void rans_tokens_scalar(RansDec& R, uint16_t* tk, int64_t cnt) {
+// From ent and stok, or (AVX-512 builds no others) from ent64: its high half's low 16 bits are the
+// token, or, in a fused block, VALUES writes the high half itself (a value's bits, or an escape's
+// sentinel) to `dst` as float32, as the vector pass does.
+template <bool VALUES = false>
+static void rans_tokens_scalar(RansDec& R, void* dst, int64_t cnt) {
   const uint32_t mask = (1u << R.pb) - 1;
+  uint16_t* tk = static_cast<uint16_t*>(dst);
+  uint32_t* vals = static_cast<uint32_t*>(dst);
   for (int64_t j = 0; j < cnt; ++j) {
     const int l = int(j % kLanes);
     uint32_t x = R.st[l];
-    const uint32_t e = R.ent[x & mask];
-    tk[j] = R.stok[x & mask];
+    uint32_t e;
+    if (R.ent) {
+      e = R.ent[x & mask];
+      tk[j] = R.stok[x & mask];
+    } else {
+      const uint64_t q = R.ent64[x & mask];
+      e = uint32_t(q);
+      if (VALUES) vals[j] = uint32_t(q >> 32);
+      else tk[j] = uint16_t(q >> 32);
+    }
     x = (e & 0xFFFF) * (x >> R.pb) + (e >> 16);
     if (x < kRansL) {
       if (R.ptr >= R.nwords) throw FormatError("sz block: rANS stream truncated");
@@ -1212,8 +1226,11 @@ static void decode_block(const uint8_t* buf, size_t len, typename D::T* out, int
   const uint32_t m = 1u << pb;
   const uint32_t nsym = r.get<uint16_t>();
   if (nsym == 0 || nsym > m) throw FormatError("sz block: bad symbol count");
-  S.ent.resize(m);
-  S.stok.resize(m + 1);
+  const bool wide = use_avx512();  // the slot table as ent64 alone (see rans_tokens_scalar)
+  if (!wide) {
+    S.ent.resize(m);
+    S.stok.resize(m + 1);
+  }
   // Fused pass 1 (plain float32 blocks without a predictor, with AVX-512): the slot table (ent64)
   // holds the value itself, and pass 1 writes values, not tokens, so the block needs no pass 2 (a
   // gather and a store per value). Escape tokens (0, 1) hold a NaN sentinel whose low 16 bits are
@@ -1223,7 +1240,6 @@ static void decode_block(const uint8_t* buf, size_t len, typename D::T* out, int
   // path reports them.
   bool fused = std::is_same<D, F32>::value && !runmode && !lor && use_avx512();
   bool escapes = false;  // the table has token 0 or 1
-  const bool wide = use_avx512();
   if (wide) S.ent64.resize(m);
   int64_t t = -1, fs = 0;
   uint32_t total = 0;
@@ -1235,11 +1251,11 @@ static void decode_block(const uint8_t* buf, size_t len, typename D::T* out, int
     if (t >= kTokens) throw FormatError("sz block: token out of range in the frequency table");
     if (fs < 1 || fs > int64_t(m - total)) throw FormatError("sz block: frequency out of range in the frequency table");
     const uint32_t f = uint32_t(fs);
-    // two plain loops (one store stream each) vectorise; one loop over both stored 16 bits a step
-    uint32_t* ep = S.ent.data() + total;
-    for (uint32_t j = 0; j < f; ++j) ep[j] = f | (j << 16);
-    std::fill(S.stok.data() + total, S.stok.data() + total + f, uint16_t(t));
-    if (wide) {
+    if (!wide) {  // two plain loops (one store stream each) vectorise; one over both stored 16 bits a step
+      uint32_t* ep = S.ent.data() + total;
+      for (uint32_t j = 0; j < f; ++j) ep[j] = f | (j << 16);
+      std::fill(S.stok.data() + total, S.stok.data() + total + f, uint16_t(t));
+    } else {
       uint32_t hi = uint32_t(t);  // tokens 0-3: their sentinel (fused) is the token in the low 16 bits too
       if (fused && t >= int64_t(kTokenBase)) {
         const T v = D::recon(int32_t(unzigzag(uint64_t(t - kTokenBase))), step);
@@ -1262,14 +1278,14 @@ static void decode_block(const uint8_t* buf, size_t len, typename D::T* out, int
     total += f;
   }
   if (total != m) throw FormatError("sz block: frequencies do not sum to the model total");
-  S.stok[m] = 0;
+  if (!wide) S.stok[m] = 0;
   RansDec R;
   for (int l = 0; l < kLanes; ++l) R.st[l] = r.varint_state();
   const uint32_t nwords = r.get<uint32_t>();
   R.words = r.take(size_t(nwords) * 2);
   R.nwords = nwords;
-  R.ent = S.ent.data();
-  R.stok = S.stok.data();
+  R.ent = wide ? nullptr : S.ent.data();
+  R.stok = wide ? nullptr : S.stok.data();
   R.ent64 = S.ent64.data();
   R.pb = pb;
   const uint8_t* widep = r.take(size_t(nwide) * 4);
@@ -1343,18 +1359,8 @@ static void decode_block(const uint8_t* buf, size_t len, typename D::T* out, int
     int64_t i = 0;
     if constexpr (std::is_same<D, F32>::value)
       i = rans_avx512<true>(R, out, int64_t(ntok) / kLanes) * kLanes;
-    for (; i < int64_t(ntok); i += kDecChunk) {
-      const int64_t cnt = std::min<int64_t>(kDecChunk, int64_t(ntok) - i);
-      rans_tokens_scalar(R, tk, cnt);
-      for (int64_t j = 0; j < cnt; ++j) {
-        if (tk[j] < kTokenBase) {
-          const uint32_t b = kEscSentinel | tk[j];
-          std::memcpy(out + i + j, &b, 4);
-        } else {
-          out[i + j] = lut[tk[j]];
-        }
-      }
-    }
+    for (; i < int64_t(ntok); i += kDecChunk)  // ent64 holds the values (fused implies wide)
+      rans_tokens_scalar<true>(R, out + i, std::min<int64_t>(kDecChunk, int64_t(ntok) - i));
     if constexpr (std::is_same<D, F32>::value) {
       if (escapes) {  // in position order: the outliers and wide codes are stored in that order
         for_each_sentinel(out, n, [&](int64_t j) {
