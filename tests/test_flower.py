@@ -701,7 +701,9 @@ def test_text_round_through_mod_and_strategy(task_identity, tmp_path):
 # Codec time: the Mod times call_next and its own work, the Strategy its decoding
 
 from fedcompress.flower.common import (  # noqa: E402
+    ENCODE_CPU_KEY,
     ENCODE_KEY,
+    TRAIN_CPU_KEY,
     TRAIN_KEY,
     array_view,
     state_from_record,
@@ -755,8 +757,19 @@ def test_round_metrics_carry_codec_time(task_identity):
     e, d, t = metrics["encode-seconds"], metrics["decode-seconds"], metrics["train-seconds"]
     assert metrics["codec-overhead"] == pytest.approx((e + d) / (t + e + d), rel=1e-12)
     assert strategy.codec_overhead == pytest.approx(metrics["codec-overhead"], rel=1e-12)
-    assert ENCODE_KEY not in metrics and TRAIN_KEY not in metrics  # not FedAvg-averaged
+    for key in (ENCODE_KEY, TRAIN_KEY, ENCODE_CPU_KEY, TRAIN_CPU_KEY):
+        assert key not in metrics  # not FedAvg-averaged
     assert strategy.history[-1]["decode-seconds"] == metrics["decode-seconds"]
+    # CPU seconds: the same sums and formula; the sleeps are wall time only
+    cpu_enc = [r.content["metrics"][ENCODE_CPU_KEY] for r in replies]
+    cpu_tr = [r.content["metrics"][TRAIN_CPU_KEY] for r in replies]
+    assert all(0 <= v < ENCODE_SLEEP for v in cpu_enc) and all(0 <= v < TRAIN_SLEEP for v in cpu_tr)
+    assert metrics["encode-cpu-seconds"] == pytest.approx(sum(cpu_enc), rel=1e-12)
+    assert metrics["train-cpu-seconds"] == pytest.approx(sum(cpu_tr), rel=1e-12)
+    assert 0 <= metrics["decode-cpu-seconds"] < 3 * DECODE_SLEEP
+    e, d, t = (metrics[f"{k}-cpu-seconds"] for k in ("encode", "decode", "train"))
+    assert metrics["codec-overhead-cpu"] == pytest.approx((e + d) / (t + e + d) if t + e + d else 0.0)
+    assert strategy.codec_overhead_cpu == pytest.approx(metrics["codec-overhead-cpu"])
 
 
 def _odd_state() -> dict[str, torch.Tensor]:

@@ -34,6 +34,10 @@ PARTITION_KEY = "partition-id"  # node_config key giving the client id (flwr's s
 # update, compress, wrapping the payload) and in the wrapped ClientApp (call_next: local training)
 ENCODE_KEY = "fedcompress-encode-seconds"
 TRAIN_KEY = "fedcompress-train-seconds"
+# the same two in CPU seconds of the client's process (time.process_time): the work without the
+# waits for a core, which dominate a wall clock when several clients share a machine
+ENCODE_CPU_KEY = "fedcompress-encode-cpu-seconds"
+TRAIN_CPU_KEY = "fedcompress-train-cpu-seconds"
 
 
 def canonical_spec(spec: str) -> str:

@@ -13,11 +13,13 @@ from flwr.supercore import log
 from ..api import get_compressor
 from .common import (
     CLIENT_KEY,
+    ENCODE_CPU_KEY,
     ENCODE_KEY,
     PARTITION_KEY,
     PAYLOAD_KEY,
     SEED_KEY,
     SPEC_KEY,
+    TRAIN_CPU_KEY,
     TRAIN_KEY,
     array_view,
     is_payload_record,
@@ -51,10 +53,11 @@ def compression_mod(spec: str) -> Mod:
     reply's MetricRecord the client id and two wall-clock times for :class:`CompressedFedAvg`'s
     ``codec-overhead``: ``fedcompress-train-seconds`` (the wrapped ClientApp, ``call_next``: its
     local training) and ``fedcompress-encode-seconds`` (the Mod's own work: reading the received
-    model, the update, ``compress``, wrapping the payload). A ClientApp whose compressor owns local
-    training (FedSynth: ``compressor.client_update``) may reply with that payload record itself;
-    the Mod then only adds the client id and the times (its compression is then in train-seconds).
-    Other message types pass through untouched.
+    model, the update, ``compress``, wrapping the payload), and both in CPU seconds of the process
+    (``fedcompress-train-cpu-seconds``, ``fedcompress-encode-cpu-seconds``). A ClientApp whose
+    compressor owns local training (FedSynth: ``compressor.client_update``) may reply with that
+    payload record itself; the Mod then only adds the client id and the times (its compression is
+    then in train-seconds). Other message types pass through untouched.
     Pair it with :class:`fedcompress.flower.CompressedFedAvg` on the server (same spec): a train
     message without the server's spec, or with a different one, gets an error reply.
     Raises ValueError at construction for an unknown or invalid spec.
@@ -65,7 +68,7 @@ def compression_mod(spec: str) -> Mod:
     def fedcompress_mod(msg: Message, ctxt: Context, call_next: ClientAppCallable) -> Message:
         if msg.metadata.message_type.split(".")[0] != MessageType.TRAIN:
             return call_next(msg, ctxt)
-        t_start = time.perf_counter()
+        t_start, c_start = time.perf_counter(), time.process_time()
         arrays = list(msg.content.array_records.values())
         configs = list(msg.content.config_records.values())
         if len(arrays) != 1 or len(configs) != 1:
@@ -82,9 +85,10 @@ def compression_mod(spec: str) -> Mod:
         # views of the received bytes, not copies: the Mod only subtracts them (common.array_view)
         global_views = {k: array_view(v) for k, v in arrays[0].items()}
 
-        t_call = time.perf_counter()
+        t_call, c_call = time.perf_counter(), time.process_time()
         out = call_next(msg, ctxt)
         train_seconds = time.perf_counter() - t_call
+        train_cpu = time.process_time() - c_call
         if out.has_error():
             return out
         replies = list(out.content.array_records.items())
@@ -108,8 +112,10 @@ def compression_mod(spec: str) -> Mod:
             metrics = [out.content["metrics"]]
         metrics[0][CLIENT_KEY] = cid
         metrics[0][TRAIN_KEY] = train_seconds
+        metrics[0][TRAIN_CPU_KEY] = train_cpu
         # everything the Mod did on this path except call_next (the metric writes are negligible)
         metrics[0][ENCODE_KEY] = time.perf_counter() - t_start - train_seconds
+        metrics[0][ENCODE_CPU_KEY] = time.process_time() - c_start - train_cpu
         log(
             DEBUG,
             "fedcompress_mod: round %s client %s sends %d bytes (%s)",

@@ -20,9 +20,11 @@ from ..errors import FormatError
 from ..fedavg.driver import dense_payload_bytes, weighted_average
 from .common import (
     CLIENT_KEY,
+    ENCODE_CPU_KEY,
     ENCODE_KEY,
     SEED_KEY,
     SPEC_KEY,
+    TRAIN_CPU_KEY,
     TRAIN_KEY,
     payload_bytes,
     round_context,
@@ -58,8 +60,11 @@ class CompressedFedAvg(FedAvg):
     (``fedcompress-encode-seconds``: the Mod's own work; ``fedcompress-train-seconds``: the wrapped
     ClientApp), ``decode-seconds`` spent here unpacking and decoding replies (``server_update``),
     and ``codec-overhead`` = (encode + decode) / (train + encode + decode) for the round;
-    :attr:`codec_overhead` gives it over every round so far. Replies without valid times (a client
-    without the Mod's timing) add nothing to encode or train.
+    :attr:`codec_overhead` gives it over every round so far. The same in CPU seconds (each
+    client's process, and this one's: ``time.process_time``): ``encode-cpu-seconds``,
+    ``decode-cpu-seconds``, ``train-cpu-seconds``, ``codec-overhead-cpu``; with several clients
+    per machine the wall clock mostly measures waits for a core. Replies without valid times (a
+    client without the Mod's timing) add nothing to encode or train.
 
     ``model``: a torch module with the global model's architecture, for compressors that replay
     training on the server (FedSynth: ``compressor.set_model``); required for those, ignored by the
@@ -111,6 +116,7 @@ class CompressedFedAvg(FedAvg):
         accepted: list[_Decoded] = []
         failed = dropped = upstream = carried = 0
         encode = train = decode = 0.0
+        cpu = {"encode": 0.0, "decode": 0.0, "train": 0.0}
         for msg in replies:
             node = int(msg.metadata.src_node_id)
             if msg.has_error():
@@ -123,14 +129,17 @@ class CompressedFedAvg(FedAvg):
                     msg.error.reason,
                 )
                 continue
-            enc, tr = _client_seconds(msg.content)
+            enc, tr, cpu_enc, cpu_tr = _client_seconds(msg.content)
             encode += enc
             train += tr
-            t0 = time.perf_counter()
+            cpu["encode"] += cpu_enc
+            cpu["train"] += cpu_tr
+            t0, c0 = time.perf_counter(), time.process_time()
             try:
                 payload, client, weight = self._unpack(msg.content)
             except FormatError as e:
                 decode += time.perf_counter() - t0
+                cpu["decode"] += time.process_time() - c0
                 dropped += 1
                 log(WARNING, "fedcompress: round %d, dropped reply of node %d: %s", server_round, node, e)
                 continue
@@ -143,6 +152,7 @@ class CompressedFedAvg(FedAvg):
                 _check_delta(delta, glob)
             except FormatError as e:
                 decode += time.perf_counter() - t0
+                cpu["decode"] += time.process_time() - c0
                 dropped += 1
                 log(
                     WARNING,
@@ -155,6 +165,7 @@ class CompressedFedAvg(FedAvg):
                 )
                 continue
             decode += time.perf_counter() - t0
+            cpu["decode"] += time.process_time() - c0
             accepted.append(_Decoded(client, node, weight, delta, msg.content))
 
         # Client-id order: the in-process driver sums its sorted clients in this order, so both
@@ -180,6 +191,8 @@ class CompressedFedAvg(FedAvg):
             "decode-seconds": decode,
             "train-seconds": train,
             "codec-overhead": _overhead(encode, decode, train),
+            **{f"{k}-cpu-seconds": v for k, v in cpu.items()},
+            "codec-overhead-cpu": _overhead(cpu["encode"], cpu["decode"], cpu["train"]),
         }
         self.history.append(row)
         for k, v in row.items():
@@ -228,7 +241,8 @@ class CompressedFedAvg(FedAvg):
         except Exception as e:  # inconsistent client metrics must not cost the round's model
             log(WARNING, "fedcompress: could not aggregate client metrics: %s", e)
             return MetricRecord()
-        for key in (CLIENT_KEY, ENCODE_KEY, TRAIN_KEY):  # ours: summed in the round's row instead
+        # ours: summed in the round's row instead
+        for key in (CLIENT_KEY, ENCODE_KEY, TRAIN_KEY, ENCODE_CPU_KEY, TRAIN_CPU_KEY):
             if key in out:
                 del out[key]
         return out
@@ -239,21 +253,27 @@ class CompressedFedAvg(FedAvg):
         keys = ("encode-seconds", "decode-seconds", "train-seconds")
         return _overhead(*(sum(r[k] for r in self.history) for k in keys))
 
+    @property
+    def codec_overhead_cpu(self) -> float:
+        """:attr:`codec_overhead` from CPU seconds."""
+        keys = ("encode-cpu-seconds", "decode-cpu-seconds", "train-cpu-seconds")
+        return _overhead(*(sum(r[k] for r in self.history) for k in keys))
+
 
 def _overhead(encode: float, decode: float, train: float) -> float:
     total = encode + decode + train
     return (encode + decode) / total if total > 0 else 0.0
 
 
-def _client_seconds(content: RecordDict) -> tuple[float, float]:
-    """(encode, train) seconds a client's Mod reported; (0, 0) where missing or not a finite
-    number >= 0 (a timing is not worth dropping a reply for)."""
+def _client_seconds(content: RecordDict) -> tuple[float, float, float, float]:
+    """(encode, train, encode CPU, train CPU) seconds a client's Mod reported; 0 where missing or
+    not a finite number >= 0 (a timing is not worth dropping a reply for)."""
     out = []
-    for key in (ENCODE_KEY, TRAIN_KEY):
+    for key in (ENCODE_KEY, TRAIN_KEY, ENCODE_CPU_KEY, TRAIN_CPU_KEY):
         v = next((m[key] for m in content.metric_records.values() if key in m), None)
         ok = isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and v >= 0
         out.append(float(v) if ok else 0.0)
-    return out[0], out[1]
+    return out[0], out[1], out[2], out[3]
 
 
 def _check_delta(delta: StateDict, glob: StateDict) -> None:
