@@ -488,8 +488,9 @@ static inline void for_each_segment(const uint64_t* zm, int64_t n, F&& f) {
 // bits of r + 1 below the top one, least significant first) take the places of its last nd zeros
 // there (nd <= the run's zeros in the step unless the run began in an earlier step), the other
 // zeros drop out, and one compress writes the step. A step that ends inside a run carries it on;
-// a step whose first run is too short for its carried digits goes through the scalar loop. The
-// per-segment loop took ~2.5 cycles a value on the CNN update at REL 1e-2; the same tokens.
+// a step whose first run is too short for its carried digits goes through the scalar loop. Same
+// tokens as the per-segment loop (kept for tails and CPUs without AVX-512), which takes a branch
+// of unpredictable length per zero run and per nonzero stretch.
 __attribute__((target("avx512f,avx512bw,avx512vl,avx512cd,popcnt"))) static int64_t run_tokens_encode_avx512(
     const uint16_t* tok, const uint64_t* zm, int64_t n, uint16_t* out, int64_t& o_io, uint64_t& r_io) {
   const __m512i lane = _mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0);
@@ -570,8 +571,8 @@ __attribute__((target("avx512f,avx512bw,avx512vl,avx512cd,popcnt"))) static int6
 
 // Stage 2's estimate: over i = 0, 8, 16, ... < n with !bad[i], the summed bit lengths of zigzag(q[i])
 // (est_none) and of zigzag(q[i] - q[i-1]) (est_lor, q[-1] = 0). The AVX-512 loop gathers 16 samples
-// (128 values) a step; the strided scalar loop took ~5 cycles a sample (0.6 cycles a value, ~10% of
-// an encode). The sums are the scalar loop's exactly: |q| <= 2^22, so zigzag fits 32 bits.
+// (128 values) a step where the strided scalar loop (kept for other CPUs and the tail) takes one
+// sample at a time. The sums are the scalar loop's exactly: |q| <= 2^22, so zigzag fits 32 bits.
 __attribute__((target("avx512f,avx512cd,avx512bw,avx512vl"))) static void predictor_estimate_avx512(
     const int32_t* q, const uint8_t* bad, int64_t n, int64_t& est_none, int64_t& est_lor) {
   const __m512i idx = _mm512_mullo_epi32(_mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0),
@@ -667,8 +668,8 @@ static void encode_block(const typename D::T* x, int64_t n, float inv, double st
   std::string outl;
   if (n_out) {  // outliers hold the previous code (q_eff); their values go verbatim, in order
     outl.reserve(size_t(n_out) * isz);
-    // 8 flags a step: a branch per value mispredicts wherever outliers are not rare (Kaiming at
-    // REL 1e-3 has a few per block: one branch per value cost ~1 cycle a value there)
+    // 8 flags a step: a branch per value mispredicts wherever outliers are not rare (Kaiming
+    // weights at REL 1e-3 have a few per block, from the bound's re-check)
     for (int64_t j = 0; j < n; j += 8) {
       uint64_t w = 0;
       std::memcpy(&w, bad + j, size_t(std::min<int64_t>(8, n - j)));
@@ -741,7 +742,7 @@ static void encode_block(const typename D::T* x, int64_t n, float inv, double st
   // stream is the plain one without token 4 and with digits (2, 3), which plain tokens never are,
   // so each histogram follows from the other. Counting the shorter stream also keeps the bulk of
   // zero residuals out of the counters: at REL 1e-2 most tokens are 4, and even 4 interleaved
-  // sub-histograms then wait on their own increments (~1.3 cycles a value on MiniLM).
+  // sub-histograms then wait on their own increments.
   const uint32_t top = consider_run ? histogram(S.tok_r.data(), ntok_r, S) : histogram(tok, n, S);
   if (hist[kEscWide]) {  // rare: residuals beyond the radius, kept as int32 in order
     int32_t prev = 0;
@@ -1093,9 +1094,9 @@ int64_t run_tokens_default(const uint16_t* tk, int64_t cnt, typename D::T* dst, 
 // run: their k counts on from runk. The carried state stays in vectors: with p0 = pos + pending
 // run, the next vector's p0 is this one's plus the sum of its 16 weights, one vector add a step.
 // (Keeping p0 as a scalar took the weights' prefix sums through a store and scalar reloads every
-// step, a store-forwarding round trip on the loop's critical path: about 2x slower on the CNN
-// update at REL 1e-3.) Returns the tokens done; leaves the rest (from an escape, a run of 2^10 or
-// more values, a position past the block) to the scalar kernel, which checks everything.
+// step, a store-forwarding round trip on the loop's critical path.) Returns the tokens done; leaves
+// the rest (from an escape, a run of 2^10 or more values, a position past the block) to the scalar
+// kernel, which checks everything.
 __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,popcnt"))) static int64_t run_tokens_f32_avx512(
     const uint16_t* tk, int64_t cnt, float* dst, int64_t n, RunState& rs, const float* lut) {
   const __m512i lane = _mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0);
