@@ -1441,6 +1441,7 @@ class BlockBuffers {
       } else {
         b = free_.back().release();
         free_.pop_back();
+        kept_ -= b->capacity();
       }
     }
     return out;
@@ -1448,9 +1449,14 @@ class BlockBuffers {
   void give(std::vector<std::string*>& bufs) {
     std::lock_guard<std::mutex> g(m_);
     for (auto* b : bufs) {
-      // keep up to 64 buffers of at most 16 MB each (a block's encoding is at most its raw bytes + 1)
-      if (free_.size() < 64 && b->capacity() <= (size_t(16) << 20)) free_.emplace_back(b);
-      else delete b;
+      // keep at most 64 MB in all (a block's encoding is at most its raw bytes + 1; the default
+      // blocks of a float32 tensor are <= 2 MB raw, so that is 32 or more of them)
+      if (kept_ + b->capacity() <= (size_t(64) << 20)) {
+        kept_ += b->capacity();
+        free_.emplace_back(b);
+      } else {
+        delete b;
+      }
     }
     bufs.clear();
   }
@@ -1462,6 +1468,7 @@ class BlockBuffers {
  private:
   std::mutex m_;
   std::vector<std::unique_ptr<std::string>> free_;
+  size_t kept_ = 0;  // the capacity held in free_
 };
 
 struct Section {  // the encoded blocks of one call; returns its buffers when done
