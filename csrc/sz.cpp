@@ -615,19 +615,20 @@ static void predictor_estimate(const int32_t* q, const uint8_t* bad, int64_t n, 
   }
 }
 
-// dst[k] = src[nw - 1 - k]: the rANS words go out in the order the decoder reads them
+// word k of dst = src[nw - 1 - k]: the rANS words go out in the order the decoder reads them. dst
+// is a byte position in the block's output (any alignment): unaligned vector stores, memcpy words.
 __attribute__((target("avx512f,avx512bw"))) static void reverse_words_avx512(const uint16_t* src, int64_t nw,
-                                                                             uint16_t* dst) {
+                                                                             char* dst) {
   const __m512i rev = _mm512_set_epi16(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16, 17, 18, 19, 20,
                                        21, 22, 23, 24, 25, 26, 27, 28, 29, 30, 31);
   int64_t k = 0;
   for (; k + 32 <= nw; k += 32)
-    _mm512_storeu_si512(dst + k, _mm512_permutexvar_epi16(rev, _mm512_loadu_si512(src + nw - k - 32)));
-  for (; k < nw; ++k) dst[k] = src[nw - 1 - k];
+    _mm512_storeu_si512(dst + 2 * k, _mm512_permutexvar_epi16(rev, _mm512_loadu_si512(src + nw - k - 32)));
+  for (; k < nw; ++k) std::memcpy(dst + 2 * k, src + nw - 1 - k, 2);
 }
-static void reverse_words(const uint16_t* src, int64_t nw, uint16_t* dst) {
+static void reverse_words(const uint16_t* src, int64_t nw, char* dst) {
   if (use_avx512()) return reverse_words_avx512(src, nw, dst);
-  for (int64_t k = 0; k < nw; ++k) dst[k] = src[nw - 1 - k];
+  for (int64_t k = 0; k < nw; ++k) std::memcpy(dst + 2 * k, src + nw - 1 - k, 2);
 }
 
 // Histogram of tok[0, n) into S.hist (which is all zeros on entry); returns the largest token, at
@@ -845,7 +846,7 @@ static void encode_block(const typename D::T* x, int64_t n, float inv, double st
     o.u32(uint32_t(nw));
     const size_t at = o.s.size();  // the words, last first (rANS ran backwards)
     o.s.resize(at + 2 * size_t(nw));
-    reverse_words(wp, nw, reinterpret_cast<uint16_t*>(&o.s[at]));
+    reverse_words(wp, nw, &o.s[at]);
     o.raw(S.wide.data(), 4 * S.wide.size());
     o.raw(outl.data(), outl.size());
     if (o.s.size() >= 1 + size_t(n) * isz) make_raw();
