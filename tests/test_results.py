@@ -441,3 +441,15 @@ def test_extra_info_schema_lists_its_keys():
     assert set(B.EXTRA_INFO) >= {"case", "load", "payload_bytes", "peer", "times_s"}
     b = _schema_bench("fc-cpp", 0.1, load="busy")
     assert B.bench_rows({"benchmarks": [b]})[0]["op"] == "sz encode update rel=0.01 load=busy"
+
+
+def test_not_run_lines_group_budgets_and_reasons():
+    from fedcompress.experiments.tables import not_run_lines
+
+    runs = [R.Run("mnist5k-10", "sz", 8, "sz:ratio=8", note="seed 0: failed: boom; seed 1: failed: boom"),
+            R.Run("mnist5k-10", "sz", 32, "sz:ratio=32"), _fake("mnist5k-10", "sz", 16, 0.9, 16.1),
+            R.Run("sweep", "sz-update", 1e-3, "sz:rel=0.001", note="not available: x")]  # fmt: skip
+    assert not_run_lines(runs) == [
+        "- mnist5k-10, sz (bound searched per update): 8x, 32x (failed: boom; not run yet)",
+        "- sweep, sz-update: 0.001 (not available: x)",
+    ]

@@ -11,7 +11,7 @@ from .cache import execute
 from .plan import Plan, Run, build_runs
 from .plots import plots
 from .summary import machine_info, machine_line, merge_seeds
-from .tables import setting_table, sweep_table, timing_table
+from .tables import not_run_lines, setting_table, sweep_table, timing_table
 
 
 def report(plan: Plan, runs: list[Run], out: str, command: str, wall: float, with_plots: bool = True) -> str:
@@ -48,7 +48,8 @@ def report(plan: Plan, runs: list[Run], out: str, command: str, wall: float, wit
         parts += [
             f"## {s.title}\n",
             f"`{part}`: {s.dataset}, {s.clients} clients, {s.clients_per_round} per round, {s.rounds} rounds, "
-            f"{s.partition}" + (f" (alpha={s.alpha})" if s.partition == "dirichlet" else "") + ".\n",
+            f"{s.partition}" + (f" (alpha={s.alpha})" if s.partition == "dirichlet" else "") + "."
+            + (f" Rounds: {s.rounds_why}.\n" if s.rounds_why else "\n"),
             setting_table(plan, runs, part),
         ]
         for p in plots(plan, runs, out, part) if with_plots else []:
@@ -57,7 +58,7 @@ def report(plan: Plan, runs: list[Run], out: str, command: str, wall: float, wit
     skipped = [r for r in runs if r.summary is None]
     if skipped:
         parts.append("## Not run\n")
-        parts += [f"- {r.part} {r.row} {r.target:g}: {r.note or 'not run (yet)'}" for r in skipped]
+        parts += not_run_lines(skipped)
         parts.append("")
     text = "\n".join(parts)
     with open(os.path.join(out, "results.md"), "w") as f:

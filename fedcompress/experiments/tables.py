@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 from .plan import ISO_PT, ROW_LABELS, ROWS, Plan, Run
 
 
@@ -22,8 +24,8 @@ def _acc_text(run: Run) -> str:
 def _cell(run: Run | None) -> str:
     if run is None:
         return "—"
-    if run.summary is None:
-        return f"not run ({run.note})" if run.note else "not run (yet)"
+    if run.summary is None:  # why: the report's "Not run" list
+        return "not run"
     return f"{_acc_text(run)} ({run.summary['compression_ratio']:.1f}x)"
 
 
@@ -65,6 +67,8 @@ def setting_table(plan: Plan, runs: list[Run], part: str) -> str:
         cells = [_cell(next((r for r in row_runs if r.target == b), None)) for b in budgets]
         if base is None:
             iso = "— (no none run)"
+        elif not any(r.summary for r in row_runs):
+            iso = "—"
         else:
             best = iso_ratio(row_runs, base)
             iso = f"{best.summary['compression_ratio']:.1f}x" if best else f"none of these (all > {ISO_PT} pt below)"
@@ -99,8 +103,23 @@ def sweep_table(plan: Plan, runs: list[Run]) -> str:
     for r in (r for r in runs if r.part == "sweep" and r.row.startswith("sz-")):
         tgt = r.row.split("-", 1)[1]
         if r.summary is None:
-            lines.append(f"| {tgt} | {r.target:g} | — | not run ({r.note or 'not yet'}) | — |")
+            lines.append(f"| {tgt} | {r.target:g} | — | not run | — |")
             continue
         d = f"{_acc(r) - base:+.2f}" if base is not None else "—"
         lines.append(f"| {tgt} | {r.target:g} | {r.summary['compression_ratio']:.2f}x | {_acc_text(r)} | {d} |")
     return "\n".join(lines) + "\n"
+
+
+def not_run_lines(runs: list[Run]) -> list[str]:
+    """One line per (part, row) with runs missing: which budgets, and why (each reason once)."""
+    groups: dict[tuple[str, str], list[Run]] = {}
+    for r in runs:
+        if r.summary is None:
+            groups.setdefault((r.part, r.row), []).append(r)
+    out = []
+    for (part, row), rs in groups.items():
+        notes = (n for r in rs for n in (r.note or "not run yet").split("; "))
+        why = sorted({re.sub(r"^seed \d+: ", "", n) for n in notes})  # merge_seeds prefixes "seed S: "
+        targets = ", ".join(f"{r.target:g}" + ("" if part == "sweep" else "x") for r in rs)
+        out.append(f"- {part}, {ROW_LABELS.get(row, row)}: {targets} ({'; '.join(why)})")
+    return out
