@@ -81,7 +81,7 @@ def test_cpp_dtype_codes_and_smallest_normals_equal_python():
     src = _source(SZ_CPP)
     kinds = {"F32": torch.float32, "F64": torch.float64, "F16": torch.float16, "BF16": torch.bfloat16}
     # the encoder's dispatch on the wire's dtype code
-    codes = {int(a): kinds[b] for a, b in re.findall(r"code == (\d)\) s = sz::encode_section<sz::(\w+)>", src)}
+    codes = {int(a): kinds[b] for a, b in re.findall(r"code == (\d)\) (?:s = )?sz::encode_section<sz::(\w+)>", src)}
     assert codes, "no dtype dispatch found in csrc/sz.cpp"
     assert all(wire.DTYPE_CODES[dt] == code for code, dt in codes.items()), codes
     # tiny (smallest normal) per value type: the subnormal rule must agree with torch.finfo
