@@ -453,3 +453,11 @@ def test_not_run_lines_group_budgets_and_reasons():
         "- mnist5k-10, sz (bound searched per update): 8x, 32x (failed: boom; not run yet)",
         "- sweep, sz-update: 0.001 (not available: x)",
     ]
+
+
+def test_iso_ratio_ignores_runs_missing_seeds():
+    full = _fake("s", "sz", 16, 0.97, 16.1)
+    full.summary.update(seeds=[0, 1, 2], seeds_planned=3)
+    partial = _fake("s", "sz", 64, 0.97, 64.5)
+    partial.summary.update(seeds=[0], seeds_planned=3)
+    assert R.iso_ratio([full, partial], 97.0) is full

@@ -33,9 +33,16 @@ def baseline_run(runs: list[Run], part: str) -> Run | None:
     return next((r for r in runs if r.part == part and r.row == "none" and r.summary), None)
 
 
+def _complete(run: Run) -> bool:
+    """Finished for every planned seed (a mean over fewer seeds is not compared with none's)."""
+    s = run.summary
+    return bool(s) and len(s.get("seeds", [0])) >= s.get("seeds_planned", 1)
+
+
 def iso_ratio(row_runs: list[Run], base: float) -> Run | None:
-    """The run with the largest reached ratio whose mean accuracy is within ISO_PT of none's ``base``."""
-    ok = [r for r in row_runs if r.summary and _acc(r) >= base - ISO_PT]
+    """The run with the largest reached ratio whose mean accuracy is within ISO_PT of none's ``base``
+    (runs missing some of their seeds do not count)."""
+    ok = [r for r in row_runs if _complete(r) and _acc(r) >= base - ISO_PT]
     return max(ok, key=lambda r: r.summary["compression_ratio"], default=None)
 
 
@@ -67,8 +74,8 @@ def setting_table(plan: Plan, runs: list[Run], part: str) -> str:
         cells = [_cell(next((r for r in row_runs if r.target == b), None)) for b in budgets]
         if base is None:
             iso = "— (no none run)"
-        elif not any(r.summary for r in row_runs):
-            iso = "—"
+        elif not any(_complete(r) for r in row_runs):
+            iso = "— (seeds missing)" if any(r.summary for r in row_runs) else "—"
         else:
             best = iso_ratio(row_runs, base)
             iso = f"{best.summary['compression_ratio']:.1f}x" if best else f"none of these (all > {ISO_PT} pt below)"
