@@ -36,14 +36,15 @@ def run_dir(plan: Plan, runs_dir: str, run: Run) -> str:
 def execute(
     plan: Plan,
     runs: list[Run],
-    data_by_part: dict,
+    data_for,
     runs_dir: str,
     reuse: bool = True,
     log=print,
     on_run=None,
     cached_only: bool = False,
 ) -> None:
-    """Run (or reuse) every run; ``on_run()`` after each one that ran (e.g. rewrite the report)."""
+    """Run (or reuse) every run; ``data_for(setting, seed)`` gives a run's data (called only for runs
+    that train); ``on_run()`` after each one that ran (e.g. rewrite the report)."""
     from ..fedavg.driver import run_experiment
 
     for i, run in enumerate(runs):
@@ -62,7 +63,7 @@ def execute(
             continue
         try:
             run.summary = run_experiment(
-                cfg, out_dir=out, data=data_by_part[(data_part, run.seed)]
+                cfg, out_dir=out, data=data_for(data_part, run.seed)
             )
         except Exception as e:  # one broken compressor must not lose the other rows
             run.note = f"failed: {type(e).__name__}: {e}"

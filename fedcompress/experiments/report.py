@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import os
 import time
@@ -118,11 +119,14 @@ def run_results(
 
     t0 = time.perf_counter()
     os.makedirs(out, exist_ok=True)
-    data_by_part = {}  # (setting, seed) -> data: the split depends on the seed
-    for part in {plan.folder(p) for p in plan.parts}:
-        s = plan.setting(part)
-        for seed in plan.seeds:
-            data_by_part[(part, seed)] = load_dataset(s.dataset, s.clients, s.partition, s.alpha, seed, None)
+
+    @functools.cache
+    def data_for(part: str, seed: int):
+        """A setting's split for one seed, loaded on first use: a report from the cache alone
+        (every run reused, or --cached-only) reads no dataset."""
+        st = plan.setting(part)
+        return load_dataset(st.dataset, st.clients, st.partition, st.alpha, seed, None)
+
     runs = build_runs(plan)
     if "sweep" in plan.parts and plan.sweep_setting not in plan.parts:
         runs[:0] = [Run("sweep", "none", 1.0, "none", seed=seed) for seed in plan.seeds]  # the sweep's baseline
@@ -131,7 +135,7 @@ def run_results(
     execute(
         plan,
         runs,
-        data_by_part,
+        data_for,
         runs_dir,
         reuse=reuse,
         log=log,
