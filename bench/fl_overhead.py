@@ -84,11 +84,11 @@ def build_client_app(overrides: dict):
     ClientApp and the Mod's encode time would miss the compression. Here local SGD is all the
     ClientApp does (read the model and this node's partition, train, reply); the Mod compresses.
     """
-    from fedcompress_app.task import load_partition, new_model, read_config, set_threads
+    from fedcompress_app.task import load_partition, new_model, read_config, set_threads, train_context
     from flwr.app import ArrayRecord, Context, Message, MetricRecord, RecordDict
     from flwr.clientapp import ClientApp
 
-    from fedcompress.api import RoundContext, local_sgd
+    from fedcompress.api import local_sgd
     from fedcompress.flower import compression_mod
     from fedcompress.flower.common import state_from_record
     from fedcompress.flower.mod import client_id
@@ -101,14 +101,7 @@ def build_client_app(overrides: dict):
         set_threads(cfg)
         cid = client_id(context)
         x, y = load_partition(cfg, cid, int(context.node_config.get("num-partitions", 2)))
-        ctx = RoundContext(
-            round=int(msg.content["config"]["server-round"]),
-            client=cid,
-            seed=cfg["seed"],
-            epochs=cfg["epochs"],
-            batch_size=cfg["batch-size"],
-            lr=cfg["lr"],
-        )
+        ctx = train_context(cfg, msg.content["config"]["server-round"], cid)
         local = local_sgd(new_model(cfg), state_from_record(msg.content["arrays"]), (x, y), ctx)
         metrics = MetricRecord({"num-examples": int(y.numel())})
         content = RecordDict({"arrays": ArrayRecord.from_torch_state_dict(local), "metrics": metrics})

@@ -15,12 +15,12 @@ from typing import Any
 from flwr.app import ArrayRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
-from fedcompress.api import Compressor, RoundContext, get_compressor, local_sgd
+from fedcompress.api import Compressor, get_compressor, local_sgd
 from fedcompress.flower import PAYLOAD_KEY, compression_mod, payload_array
 from fedcompress.flower.common import state_from_record
 from fedcompress.flower.mod import client_id
 
-from .task import load_partition, new_model, read_config, set_threads
+from .task import load_partition, new_model, read_config, set_threads, train_context
 
 
 def build_client_app(overrides: dict[str, Any] | None = None) -> ClientApp:
@@ -42,14 +42,7 @@ def build_client_app(overrides: dict[str, Any] | None = None) -> ClientApp:
         cid = client_id(context)
         x, y = load_partition(cfg, cid, int(context.node_config.get("num-partitions", 2)))
         global_state = state_from_record(msg.content["arrays"])
-        ctx = RoundContext(
-            round=int(msg.content["config"]["server-round"]),
-            client=cid,
-            seed=cfg["seed"],
-            epochs=cfg["epochs"],
-            batch_size=cfg["batch-size"],
-            lr=cfg["lr"],
-        )
+        ctx = train_context(cfg, msg.content["config"]["server-round"], cid)
         model = new_model(cfg)
         comp = get_compressor(cfg["compressor"])
         if type(comp).client_update is not Compressor.client_update:

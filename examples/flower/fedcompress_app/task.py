@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from fedcompress.api import mix_seed
+from fedcompress.api import RoundContext, mix_seed
 from fedcompress.fedavg import data as fedavg_data
 from fedcompress.fedavg.data import load_dataset
 from fedcompress.fedavg.models import build_model
@@ -58,6 +58,18 @@ def set_threads(cfg: dict[str, Any]) -> None:
 def _federated(dataset: str, clients: int, partition: str, alpha: float, seed: int):
     # The driver's split: a pure function of (dataset, clients, partition, alpha, seed).
     return load_dataset(dataset, clients, partition, alpha, seed)
+
+
+def train_context(cfg: dict[str, Any], server_round: int, client: int) -> RoundContext:
+    """The client's RoundContext for one round: the run's seed and local-SGD settings."""
+    return RoundContext(
+        round=int(server_round),
+        client=client,
+        seed=cfg["seed"],
+        epochs=cfg["epochs"],
+        batch_size=cfg["batch-size"],
+        lr=cfg["lr"],
+    )
 
 
 def load_partition(cfg: dict[str, Any], partition_id: int, num_partitions: int):
