@@ -312,6 +312,11 @@ def apply_delta(state: StateDict, delta: StateDict) -> StateDict:
     return out
 
 
+def all_finite(state: StateDict) -> bool:
+    """True when every floating-point tensor of ``state`` is finite (no NaN or inf)."""
+    return all(bool(torch.isfinite(v).all()) for v in state.values() if v.is_floating_point())
+
+
 CLIENT_DATA_FORMS = (
     "an (x, y) pair of tensors (y: int64 class labels), a torch.utils.data.TensorDataset(x, y), "
     "or a torch.utils.data.DataLoader yielding (x, y) batches"

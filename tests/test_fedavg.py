@@ -336,3 +336,51 @@ def test_final_line_names_the_spec_as_typed():
          "wall_seconds": 7.4}
     assert final_line(s).startswith("sz:rel=1e-2: accuracy 90.70% after 2 rounds, 4.165 MB sent up")
     assert final_line({k: v for k, v in s.items() if k != "config"}).startswith("sz:rel=0.01,abs=0.0")
+
+
+class _PoisonFromRound2(fc.Compressor):
+    """`none`, except that from round 2 the server's decoded update is NaN (a diverging run)."""
+
+    def compress(self, update, ctx):
+        return fc.get_compressor("none").compress(update, ctx)
+
+    def decompress(self, payload, ctx):
+        return fc.get_compressor("none").decompress(payload, ctx)
+
+    def server_update(self, payload, global_state, ctx):
+        delta = super().server_update(payload, global_state, ctx)
+        if ctx.round >= 2:
+            delta = {k: v * float("nan") if v.is_floating_point() else v for k, v in delta.items()}
+        return delta
+
+
+def test_run_stops_in_the_round_its_model_goes_non_finite(digits_small, tmp_path):
+    from fedcompress.experiments.cache import load_cached
+    from fedcompress.fedavg.driver import final_line
+
+    fc.register("test-poison")(_PoisonFromRound2)
+    try:
+        cfg = _cfg(compressor="test-poison", rounds=4)
+        s = run_experiment(cfg, data=digits_small, out_dir=tmp_path)
+    finally:
+        fc.api._REGISTRY.pop("test-poison", None)
+    assert s["diverged_round"] == 2 and s["rounds_run"] == 2 and s["rounds"] == 4
+    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [r["round"] for r in rows] == [1, 2]
+    assert "diverged" not in rows[0] and rows[1]["diverged"] is True
+    assert s["final_accuracy"] == rows[1]["accuracy"]
+    assert "diverged in round 2 of 4" in final_line(s)
+    # the cache takes the stopped run as finished (its rounds end where it diverged)
+    cached = load_cached(str(tmp_path), cfg.to_dict(), cfg.rounds)
+    assert cached is not None and cached["diverged_round"] == 2
+    # a run that stopped early without diverging is not finished
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    summary["diverged_round"] = None
+    (tmp_path / "summary.json").write_text(json.dumps(summary))
+    assert load_cached(str(tmp_path), cfg.to_dict(), cfg.rounds) is None
+
+
+def test_finite_run_has_no_diverged_round(digits_small):
+    s = run_experiment(_cfg(rounds=2), data=digits_small)
+    assert s["diverged_round"] is None and s["rounds_run"] == 2
+    assert not any("diverged" in r for r in s["history"])

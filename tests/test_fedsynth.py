@@ -594,3 +594,21 @@ def test_spec_leaves_model_dependent_defaults_to_the_model():
     given = fc.get_compressor("fedsynth:outer_steps=30,objective=loss")
     assert "outer_steps=30" in given.spec and "objective=loss" in given.spec
     assert fc.get_compressor(given.spec).spec == given.spec
+
+
+@pytest.mark.parametrize("guard", ["10", "0"])
+def test_non_finite_global_model_is_refused_on_both_sides(guard):
+    # a diverged run (issue 14: a 256x run stopped on a nan target weight): the client says so
+    # instead of failing deep inside the outer loop, and the server never applies a NaN update,
+    # whatever the guard (guard=0 skips the norm check that a NaN would fail by accident)
+    x, y = _data()
+    model, state, comp, ctx = _setup(f"fedsynth:batches=2,batch=2,outer_steps=2,guard={guard}")
+    payload = comp.client_update(model, state, (x, y), ctx)
+    bad = {k: v.clone() for k, v in state.items()}
+    first = next(k for k, v in bad.items() if v.is_floating_point())
+    bad[first].view(-1)[0] = float("nan")
+    with pytest.raises(ValueError, match="non-finite"):
+        comp.client_update(model, bad, (x, y), ctx)
+    with pytest.raises(fc.FormatError, match="non-finite"):
+        comp.server_update(payload, bad, ctx)
+    assert all(torch.isfinite(v).all() for v in comp.server_update(payload, state, ctx).values())

@@ -461,3 +461,24 @@ def test_iso_ratio_ignores_runs_missing_seeds():
     partial = _fake("s", "sz", 64, 0.97, 64.5)
     partial.summary.update(seeds=[0], seeds_planned=3)
     assert R.iso_ratio([full, partial], 97.0) is full
+
+
+def test_diverged_runs_are_marked_in_the_table():
+    # one seed diverged (the driver's diverged_round), one from before the driver stopped runs (a
+    # NaN test loss in its history), one finite: the cell says which, the mean is still shown
+    a = _fake("s", "mask", 256, 0.10, 272.0, rounds=3, seed=0)
+    a.summary["diverged_round"] = 2
+    b = _fake("s", "mask", 256, 0.10, 272.0, rounds=3, seed=1)
+    for i, h in enumerate(b.summary["history"]):
+        h["loss"] = float("nan") if i >= 2 else 1.0
+    c = _fake("s", "mask", 256, 0.90, 272.0, rounds=3, seed=2)
+    from fedcompress.experiments.summary import diverged_round
+    from fedcompress.experiments.tables import _cell
+
+    assert diverged_round(a.summary) == 2 and diverged_round(b.summary) == 3
+    assert diverged_round(c.summary) is None
+    (m,) = R.merge_seeds([a, b, c])
+    assert m.summary["diverged_rounds"] == [2, 3, None]
+    assert _cell(m).endswith("(272.0x, diverged in 2 of 3 seeds (rounds 2, 3))")
+    assert _cell(a).endswith("(272.0x, diverged in round 2)")
+    assert _cell(c) == "90.00 (272.0x)"

@@ -64,6 +64,7 @@ from ..api import (
     Param,
     RoundContext,
     StateDict,
+    all_finite,
     boolean,
     choice,
     client_tensors,
@@ -461,7 +462,10 @@ class FedSynthCompressor(Compressor):
     def server_update(self, payload: bytes, global_state: StateDict, ctx: RoundContext) -> StateDict:
         if fedsynth_text.is_text_model(self.model):
             self._check_text()
-            return fedsynth_text.server_update(self, payload, global_state, ctx)
+            delta = fedsynth_text.server_update(self, payload, global_state, ctx)
+            if not all_finite(delta):
+                raise FormatError("fedsynth: refused: the replayed update holds non-finite values")
+            return delta
         d = self.decompress(payload, ctx)
         w_syn = self._replay(d, global_state)
         if self.params["ratio"] is not None:
@@ -469,6 +473,8 @@ class FedSynthCompressor(Compressor):
             if len(payload) > budget:
                 raise FormatError(f"fedsynth: payload of {len(payload)} bytes exceeds the ratio budget ({budget:.0f})")
         delta = {k: (w_syn[k] - v) if k in w_syn else torch.zeros_like(v) for k, v in global_state.items()}
+        if not all_finite(delta):  # never apply it, whatever the guard says (guard=0 included)
+            raise FormatError("fedsynth: refused: the replayed update holds non-finite values")
         g, ref = self.params["guard"], float(d["ref_norm"])
         if g and ref > 0:
             norm = _norm({k: delta[k] for k in w_syn})
@@ -508,6 +514,8 @@ class FedSynthCompressor(Compressor):
 
     def client_update(self, model: nn.Module, global_state: StateDict, data, ctx: RoundContext) -> bytes:
         data = client_tensors(data)  # an (x, y) pair, a TensorDataset or a DataLoader: all of it at once
+        if not all_finite(global_state):  # a diverged run: every loss, norm and guard would be NaN
+            raise ValueError("fedsynth: the global model holds non-finite values (NaN or inf); nothing to learn from")
         if fedsynth_text.is_text_model(model):
             self._check_text()
             image = self.params

@@ -11,7 +11,8 @@ from .plan import Plan, Run, config
 
 def load_cached(out: str, config: dict, rounds: int) -> dict | None:
     """The finished run in ``out`` (summary.json + metrics.jsonl) if it has this exact config and
-    every round, else None (also for a run killed mid-write)."""
+    every round (up to the round it diverged in, where it stopped), else None (also for a run
+    killed mid-write)."""
     try:
         with open(os.path.join(out, "summary.json")) as f:
             s = json.load(f)
@@ -19,7 +20,8 @@ def load_cached(out: str, config: dict, rounds: int) -> dict | None:
             s["history"] = [json.loads(line) for line in f if line.strip()]
     except (OSError, ValueError):
         return None
-    if s.get("config") != config or [r.get("round") for r in s["history"]] != list(range(1, rounds + 1)):
+    last = s.get("diverged_round") or rounds
+    if s.get("config") != config or [r.get("round") for r in s["history"]] != list(range(1, last + 1)):
         return None
     return s
 

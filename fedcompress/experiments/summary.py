@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 import statistics
 from typing import Any
@@ -81,6 +82,15 @@ def merge_seeds(runs: list[Run]) -> list[Run]:
     return out
 
 
+def diverged_round(summary: dict) -> int | None:
+    """The round a run's model went non-finite: the driver's ``diverged_round`` (it stops there), or
+    for runs from before it stopped, the first round whose test loss is not finite."""
+    if summary.get("diverged_round"):
+        return int(summary["diverged_round"])
+    bad = (r["round"] for r in summary.get("history", []) if not math.isfinite(r.get("loss", 0.0)))
+    return next(bad, None)
+
+
 MEAN_KEYS = ("final_accuracy", "best_accuracy", "compression_ratio", "upstream_bytes", "dense_upstream_bytes",
              "download_bytes", "initial_accuracy", "codec_overhead")  # fmt: skip
 
@@ -94,6 +104,7 @@ def mean_summary(summaries: list[dict], seeds: list[int]) -> dict:
         if all(k in s for s in summaries):
             out[k], out[k + "_std"] = mean_std([s[k] for s in summaries])
     out["wall_seconds"] = sum(s.get("wall_seconds", 0.0) for s in summaries)
+    out["diverged_rounds"] = [diverged_round(s) for s in summaries]  # None where the seed did not
     rounds = min(len(s["history"]) for s in summaries)
     out["history"] = [
         {

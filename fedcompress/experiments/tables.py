@@ -5,6 +5,7 @@ from __future__ import annotations
 import re
 
 from .plan import ISO_PT, ROW_LABELS, ROWS, Plan, Run
+from .summary import diverged_round
 
 
 def _acc(run: Run) -> float:
@@ -21,12 +22,25 @@ def _acc_text(run: Run) -> str:
     return f"{_acc(run):.2f} ± {s['final_accuracy_std'] * 100:.2f}{short}"
 
 
+def _diverged_text(run: Run) -> str:
+    """", diverged in round 4" for one seed; ", diverged in 2 of 3 seeds (rounds 4, 7)" for a mean."""
+    s = run.summary
+    if "diverged_rounds" not in s:
+        r = diverged_round(s)
+        return f", diverged in round {r}" if r else ""
+    rounds = [r for r in s["diverged_rounds"] if r]
+    if not rounds:
+        return ""
+    which = ("rounds " if len(rounds) > 1 else "round ") + ", ".join(str(r) for r in rounds)
+    return f", diverged in {len(rounds)} of {len(s['diverged_rounds'])} seeds ({which})"
+
+
 def _cell(run: Run | None) -> str:
     if run is None:
         return "—"
     if run.summary is None:  # why: the report's "Not run" list
         return "not run"
-    return f"{_acc_text(run)} ({run.summary['compression_ratio']:.1f}x)"
+    return f"{_acc_text(run)} ({run.summary['compression_ratio']:.1f}x{_diverged_text(run)})"
 
 
 def baseline_run(runs: list[Run], part: str) -> Run | None:

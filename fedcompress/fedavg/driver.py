@@ -41,7 +41,7 @@ from typing import Any
 
 import torch
 
-from ..api import RoundContext, StateDict, apply_delta, get_compressor, mix_seed
+from ..api import RoundContext, StateDict, all_finite, apply_delta, get_compressor, mix_seed
 from ..codecs import budget
 from .data import DATASETS, PARTITIONS, FederatedDataset, load_dataset
 from .models import MODELS, build_model, count_parameters
@@ -250,6 +250,7 @@ def run_experiment(
         from tqdm import tqdm
 
         bar = tqdm(total=config.rounds, desc=config.compressor, unit="round", file=sys.stderr, leave=True)
+    diverged_round = None
     try:
         for rnd in range(1, config.rounds + 1):
             t0 = time.perf_counter()
@@ -290,6 +291,7 @@ def run_experiment(
             global_state = apply_delta(global_state, weighted_average(deltas, weights))
             model.load_state_dict(global_state)
             acc, loss = evaluate(model, x_test, y_test, config.eval_batch_size)
+            finite = all_finite(global_state)
             dense = dense_per_client * len(chosen)
             down = dense_per_client * len(chosen)
             up_total += up
@@ -321,6 +323,8 @@ def run_experiment(
             }
             if choices:
                 row["chosen"] = choices
+            if not finite:
+                row["diverged"] = True
             history.append(row)
             if metrics_file is not None:
                 metrics_file.write(json.dumps(row) + "\n")
@@ -330,6 +334,9 @@ def run_experiment(
                 bar.update(1)
             if on_round is not None:
                 on_round(row)
+            if not finite:  # every later round would train and average NaNs: the run has ended
+                diverged_round = rnd
+                break
     finally:
         clock.remove()
         if bar is not None:
@@ -350,6 +357,9 @@ def run_experiment(
         "download_bytes": down_total,
         "dense_bytes_per_client": dense_per_client,
         "rounds": config.rounds,
+        "rounds_run": len(history),
+        # the first round whose averaged model held a non-finite value; the run stopped there
+        "diverged_round": diverged_round,
         "clients_per_round": k,
         "wall_seconds": time.perf_counter() - t_start,
         "encode_seconds": enc_total,
@@ -388,10 +398,13 @@ def write_outputs(summary: dict[str, Any], out_dir: str | os.PathLike) -> None:
 def final_line(summary: dict[str, Any]) -> str:
     """The one-line result the CLI prints: accuracy, MB sent up, ratio."""
     s = summary
+    rounds = f"after {s['rounds']} rounds"
+    if s.get("diverged_round"):
+        rounds = f"diverged in round {s['diverged_round']} of {s['rounds']} (the model went non-finite; run stopped)"
     return (
         # the spec as typed (config) rather than the expanded one with every default spelled out
         f"{s.get('config', {}).get('compressor') or s['compressor']}: accuracy {s['final_accuracy'] * 100:.2f}% "
-        f"after {s['rounds']} rounds, "
+        f"{rounds}, "
         f"{s['upstream_bytes'] / 1e6:.3f} MB sent up (dense {s['dense_upstream_bytes'] / 1e6:.3f} MB), "
         f"ratio {s['compression_ratio']:.2f}x, {s['wall_seconds']:.1f} s"
     )
