@@ -135,6 +135,9 @@ class Compressor:
 
     name: str = ""
     PARAMS: dict[str, Param] = {}
+    # Bumped when the same spec starts to send something else (a changed rule or default): the
+    # FedAvg driver writes it to summary.json and the results' run cache re-runs older runs.
+    REVISION: int = 0
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)

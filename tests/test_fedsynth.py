@@ -376,8 +376,9 @@ def test_shape_rule_respects_the_budget_to_the_byte(model_name, shape, labels):
             window = range(max(1, (4 * target) // 5), target + 1)
             assert s.batches in window and s.batch == k // s.batches
             assert s.batches * s.batch == max(m * (k // m) for m in window)
-            if steps is not None:  # m synthetic steps travel as far as the client's SGD steps
-                assert math.isclose(s.inner_lr * s.batches, steps * 0.05)
+            if steps is not None:  # m synthetic steps travel as far as the client's SGD steps,
+                # with no step longer than MAX_INNER_LR (2) times the client's lr
+                assert math.isclose(s.inner_lr, min(steps * 0.05 / s.batches, 2 * 0.05))
 
 
 def test_shape_rule_default_and_explicit_keys():
@@ -387,9 +388,15 @@ def test_shape_rule_default_and_explicit_keys():
     shape = (1, 28, 28)
     dense = dense_payload_bytes(_fedavg_model("cnn", shape).state_dict())
     # the best 16x setting (10 clients of ~400 images, 2 epochs of batch 20 -> 40 steps at
-    # lr 0.05): the rule gives 18 x 5 in fp16 at inner_lr 40 * 0.05 / 18
+    # lr 0.05): the rule gives 18 x 5 in fp16 at inner_lr min(40 * 0.05 / 18, 2 * 0.05) = 0.1
     s = shape_for_budget(int(dense // 16), shape, 10, local_steps=40, local_lr=0.05)
-    assert (s.batches, s.batch) == (18, 5) and math.isclose(s.inner_lr, 2.0 / 18)
+    assert (s.batches, s.batch) == (18, 5) and math.isclose(s.inner_lr, 0.1)
+    # with fewer local steps the distance rule is below the cap: 30 steps -> 30 * 0.05 / 18
+    s = shape_for_budget(int(dense // 16), shape, 10, local_steps=30, local_lr=0.05)
+    assert (s.batches, s.batch) == (18, 5) and math.isclose(s.inner_lr, 1.5 / 18)
+    # 64x (the diverging case: 3 x 7 at 2.0 / 3 = 0.67): capped at 0.1
+    s = shape_for_budget(int(dense // 64), shape, 10, local_steps=40, local_lr=0.05)
+    assert (s.batches, s.batch) == (3, 7) and math.isclose(s.inner_lr, 0.1)
     # and `fedsynth` with no keys is that config: 18 x 5, fp16, inner_lr 0.1, fixed labels, ~16.5x
     p = fc.get_compressor("fedsynth").params
     assert (p["batches"], p["batch"], p["dtype"], p["inner_lr"], p["labels"]) == (18, 5, "fp16", 0.1, "fixed")

@@ -482,3 +482,22 @@ def test_diverged_runs_are_marked_in_the_table():
     assert _cell(m).endswith("(272.0x, diverged in 2 of 3 seeds (rounds 2, 3))")
     assert _cell(a).endswith("(272.0x, diverged in round 2)")
     assert _cell(c) == "90.00 (272.0x)"
+
+
+def test_cache_rejects_a_run_from_another_compressor_revision(tmp_path):
+    # a run cached before its compressor's rule changed (Compressor.REVISION bumped) is re-run, not
+    # reused: the same spec no longer sends the same thing
+    from fedcompress.api import compressor_class
+    from fedcompress.experiments.cache import load_cached
+
+    cfg = {"compressor": "fedsynth:ratio=64", "rounds": 2}
+    hist = [{"round": 1, "accuracy": 0.5}, {"round": 2, "accuracy": 0.6}]
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(h) + "\n" for h in hist))
+    (tmp_path / "summary.json").write_text(json.dumps({"config": cfg, "final_accuracy": 0.6}))
+    assert load_cached(str(tmp_path), cfg, 2, revision=0)["final_accuracy"] == 0.6  # no key = 0
+    assert load_cached(str(tmp_path), cfg, 2, revision=1) is None
+    rev = compressor_class("fedsynth").REVISION
+    assert rev >= 1  # the capped inner step of the ratio rule
+    summary = {"config": cfg, "final_accuracy": 0.6, "compressor_revision": rev}
+    (tmp_path / "summary.json").write_text(json.dumps(summary))
+    assert load_cached(str(tmp_path), cfg, 2, revision=rev) is not None

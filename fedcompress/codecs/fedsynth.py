@@ -24,8 +24,10 @@ is the driver's dense upload of the model (``fedavg.driver.dense_payload_bytes``
 picks m about the client's local SGD step count S = epochs * ceil(n / batch_size) (at least
 ``MIN_BATCH`` inputs per batch), b as large as the budget allows, and inner_lr = S * lr / m so that
 m synthetic steps travel as far as local SGD would (issue 14: m * inner_lr against S * lr is what
-decides the accuracy; 2 x 23 moved a third of the SGD distance and never caught up). Explicit
-``batches``/``batch``/``inner_lr`` win over the rule.
+decides the accuracy; 2 x 23 moved a third of the SGD distance and never caught up), but at most
+``MAX_INNER_LR`` * lr: at high ratios m is small and one long step on a few images diverges (the
+distance is then given up, not the stability). Explicit ``batches``/``batch``/``inner_lr`` win over
+the rule.
 
 Guard (``guard=G``): the client also runs its own local SGD (cheap next to the outer loop) and
 sends the norm of that update; among its candidate sets (lowest real loss first, then the initial
@@ -82,6 +84,10 @@ _DTYPES = {"fp16": torch.float16, "fp32": torch.float32}
 _MAX_CLASSES = 1 << 20
 MAX_LABEL_SCALE = 2.0  # s_i = 2 sigmoid(t_i): a synthetic sample weighs between 0 and twice a real one
 MIN_BATCH = 5  # issue 14: 15 x 3 and 23 x 2 at the same lr overshot (updates 5-9x the real size)
+# The ratio rule's inner step is at most this times the client's SGD lr: one step of S * lr / m on a
+# few images throws the model off when m is small (64x: 3 x 7 at 0.67 sat at 10 %; 5-round proxy in
+# docs/fedsynth.md, "The inner step at high ratios": 0.1 beat 0.2 and 0.3 at 64x, learned and not)
+MAX_INNER_LR = 2.0
 # Rows of softmax labels sum to 1 up to the payload dtype's rounding: each entry is off by at most
 # half an ulp of its own size, so the row sum by at most eps/2 of the row sum (fp16: 2^-11); the
 # float32 softmax adds a few float32 eps. The tolerances leave 4x (fp16) and 16x (fp32) room.
@@ -212,7 +218,9 @@ def shape_for_budget(
         m = max(range(max(1, (4 * target) // 5), target + 1), key=lambda mm: (mm * (k // mm), mm))
         b = k // m
     if inner_lr is None:
-        inner_lr = (local_steps * local_lr / m) if local_steps is not None else 0.1
+        inner_lr = 0.1
+        if local_steps is not None:
+            inner_lr = min(local_steps * local_lr / m, MAX_INNER_LR * local_lr)
     nbytes = payload_bytes(m, b, input_shape, classes, labels, dtype)
     if nbytes > budget:  # cannot happen with fixed-width framing; checked because the promise is exact
         raise AssertionError(f"fedsynth: shape rule overshot the budget ({nbytes} > {budget})")
@@ -244,6 +252,7 @@ class FedSynthCompressor(Compressor):
     """
 
     codec = wire.CODEC_FEDSYNTH
+    REVISION = 1  # 1: the ratio rule's inner step capped at MAX_INNER_LR * lr
     PARAMS = {
         "ratio": _ratio_param(),
         "batches": positive_int(18),

@@ -9,10 +9,10 @@ import re
 from .plan import Plan, Run, config
 
 
-def load_cached(out: str, config: dict, rounds: int) -> dict | None:
-    """The finished run in ``out`` (summary.json + metrics.jsonl) if it has this exact config and
-    every round (up to the round it diverged in, where it stopped), else None (also for a run
-    killed mid-write)."""
+def load_cached(out: str, config: dict, rounds: int, revision: int = 0) -> dict | None:
+    """The finished run in ``out`` (summary.json + metrics.jsonl) if it has this exact config, the
+    compressor's current ``revision`` (``Compressor.REVISION``; absent = 0) and every round (up to
+    the round it diverged in, where it stopped), else None (also for a run killed mid-write)."""
     try:
         with open(os.path.join(out, "summary.json")) as f:
             s = json.load(f)
@@ -21,6 +21,8 @@ def load_cached(out: str, config: dict, rounds: int) -> dict | None:
     except (OSError, ValueError):
         return None
     last = s.get("diverged_round") or rounds
+    if s.get("compressor_revision", 0) != revision:
+        return None
     if s.get("config") != config or [r.get("round") for r in s["history"]] != list(range(1, last + 1)):
         return None
     return s
@@ -47,6 +49,7 @@ def execute(
 ) -> None:
     """Run (or reuse) every run; ``data_for(setting, seed)`` gives a run's data (called only for runs
     that train); ``on_run()`` after each one that ran (e.g. rewrite the report)."""
+    from ..api import compressor_class
     from ..fedavg.driver import run_experiment
 
     for i, run in enumerate(runs):
@@ -55,7 +58,8 @@ def execute(
         cfg = config(plan, run.part, run.spec, run.seed)
         data_part = plan.folder(run.part)
         out = run_dir(plan, runs_dir, run)
-        s = load_cached(out, cfg.to_dict(), cfg.rounds) if reuse else None
+        revision = compressor_class(run.spec.split(":", 1)[0]).REVISION
+        s = load_cached(out, cfg.to_dict(), cfg.rounds, revision) if reuse else None
         if s is not None:
             run.summary = s
             log(f"[results] {i + 1}/{len(runs)} reused seed {run.seed} {run.part} {run.spec}")

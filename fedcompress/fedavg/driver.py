@@ -376,6 +376,7 @@ def run_experiment(
         "train_samples": int(data.y_train.numel()),
         "test_samples": int(data.y_test.numel()),
         "compressor": comp.spec,
+        "compressor_revision": type(comp).REVISION,
         "config": config.to_dict(),
         "torch_threads": torch.get_num_threads(),
         "history": history,
