@@ -1622,6 +1622,69 @@ static void finite_minmax(const typename D::T* x, int64_t n, double& lo, double&
   for (int64_t k = 0; k < nc; ++k) l = std::min(l, cl[k]), h = std::max(h, ch[k]), c += cc[k];
   lo = l, hi = h, cnt = c;
 }
+
+// ---- the stream's parameters (codec.quant_params, default_block_size, is_sparse and
+// choose_block_size natively, the same arithmetic): one native call per tensor for encode_stream
+// instead of a range call, a numpy sample and the section call with Python between them ----
+constexpr double kMaxEb = 1e300;  // codec.MAX_EB
+constexpr int64_t kSparseSample = 4096, kSparseNonzero = 64, kSparseBlock = int64_t(1) << 21;
+
+// float32(v) for the sparsity sample as torch's .to(float32) rounds it (to nearest; past the
+// largest float's rounding midpoint, Inf), without a float-cast overflow
+static inline float sample_f32(double v) {
+  if (std::fabs(v) >= 0x1.ffffffp127) return v > 0 ? INFINITY : v < 0 ? -INFINITY : NAN;
+  return float(v);
+}
+template <class D>
+static inline float sample_value(const typename D::T* x, int64_t i) {
+  if constexpr (std::is_same_v<D, F64>) return sample_f32(x[i]);
+  else return D::to_f(x[i]);
+}
+
+// codec.is_sparse: at most 1 in kSparseNonzero of the strided sample quantizes to a nonzero code
+template <class D>
+static bool is_sparse(const typename D::T* x, int64_t n, double step) {
+  const int64_t stride = std::max<int64_t>(1, n / kSparseSample);
+  float inv = float(1.0 / step);  // quantize.inverse_of_step
+  if (!std::isfinite(inv)) inv = 0.0f;
+  int64_t nz = 0, cnt = 0;
+  for (int64_t i = 0; i < n; i += stride, ++cnt) nz += !(std::fabs(sample_value<D>(x, i) * inv) <= 0.5f);
+  return nz * kSparseNonzero <= cnt;
+}
+
+static int64_t default_block_size(int64_t n) {  // codec.default_block_size
+  const int64_t target = n < (int64_t(1) << 21) ? int64_t(1) << 17 : int64_t(1) << 19;
+  int64_t nb = (n + target - 1) / target;
+  if (nb <= 1) return std::max<int64_t>(n, 1);
+  nb = (nb + 3) / 4 * 4;
+  return (n + nb - 1) / nb;
+}
+
+template <class D>
+static int64_t choose_block_size(const typename D::T* x, int64_t n, double step) {  // codec.choose_block_size
+  const int64_t bs = default_block_size(n);
+  if (bs >= n || !is_sparse<D>(x, n, step)) return bs;
+  const int64_t nb = (n + kSparseBlock - 1) / kSparseBlock;
+  return (n + nb - 1) / nb;
+}
+
+// codec.quant_params: (step, bound) from the bound and, for REL, the finite range (count = how many
+// values were finite)
+static void quant_params(double error_bound, bool rel, double lo, double hi, int64_t count, double& step,
+                         double& bound) {
+  if (rel) {
+    bound = count == 0 ? 0.0 : error_bound * (hi - lo);
+    if (!std::isfinite(bound)) bound = kMaxEb;
+    if (bound == 0.0) {
+      const double c = count == 0 ? 0.0 : std::max(std::fabs(lo), std::fabs(hi));
+      step = 2 * (c / 2 > 0 ? c / 2 : 1.0);
+      return;
+    }
+  } else {
+    bound = error_bound;
+  }
+  step = 2 * std::min(bound, kMaxEb);
+}
 }  // namespace sz
 
 static py::tuple sz_finite_range_py(py::array_t<uint8_t, py::array::c_style> x, int code, int64_t n) {
@@ -1641,33 +1704,93 @@ static py::tuple sz_finite_range_py(py::array_t<uint8_t, py::array::c_style> x, 
   return py::make_tuple(lo, hi, cnt);
 }
 
+// prefix + section (+ `head`, written between them: the stream header) into one new bytes object:
+// the one copy of the payload, before anything else can see it
+static py::bytes section_bytes(py::bytes prefix, const char* head, size_t nhead, const sz::Section& sec) {
+  char* pre = nullptr;
+  Py_ssize_t npre = 0;
+  if (PyBytes_AsStringAndSize(prefix.ptr(), &pre, &npre) != 0) throw py::error_already_set();
+  PyObject* obj = PyBytes_FromStringAndSize(nullptr, npre + Py_ssize_t(nhead + sec.size()));
+  if (!obj) throw py::error_already_set();
+  py::bytes out = py::reinterpret_steal<py::bytes>(obj);
+  char* dst = PyBytes_AS_STRING(obj);
+  std::memcpy(dst, pre, size_t(npre));
+  if (nhead) std::memcpy(dst + npre, head, nhead);
+  sec.write(dst + npre + nhead);
+  return out;
+}
+
+static size_t dtype_size(int code) {
+  const size_t isz = code == 1 ? 4 : code == 2 ? 8 : (code == 3 || code == 4) ? 2 : 0;
+  if (!isz) throw py::value_error("dtype code must be 1 (f32), 2 (f64), 3 (f16) or 4 (bf16)");
+  return isz;
+}
+
+static void encode_section_any(int code, const void* p, int64_t n, double step, double bound, int64_t bs,
+                               sz::Section& sec) {
+  if (code == 1) sz::encode_section<sz::F32>(static_cast<const float*>(p), n, step, bound, bs, sec);
+  else if (code == 2) sz::encode_section<sz::F64>(static_cast<const double*>(p), n, step, bound, bs, sec);
+  else if (code == 3) sz::encode_section<sz::F16>(static_cast<const uint16_t*>(p), n, step, bound, bs, sec);
+  else sz::encode_section<sz::BF16>(static_cast<const uint16_t*>(p), n, step, bound, bs, sec);
+}
+
 static py::bytes sz_encode_py(py::array_t<uint8_t, py::array::c_style> x, int code, int64_t n, double step,
                               double bound, int64_t block_size, py::bytes prefix) {
   if (block_size < 1) throw py::value_error("block_size must be >= 1");
   if (!(std::isfinite(step) && step > 0)) throw py::value_error("step must be finite and > 0");
-  const size_t isz = code == 1 ? 4 : code == 2 ? 8 : (code == 3 || code == 4) ? 2 : 0;
-  if (!isz) throw py::value_error("dtype code must be 1 (f32), 2 (f64), 3 (f16) or 4 (bf16)");
+  const size_t isz = dtype_size(code);
   if (n < 0 || size_t(x.size()) != size_t(n) * isz) throw py::value_error("x must hold n values of the dtype");
   const void* p = x.data();
   sz::Section sec((n + block_size - 1) / block_size);
   {
     py::gil_scoped_release nogil;
-    if (code == 1) sz::encode_section<sz::F32>(static_cast<const float*>(p), n, step, bound, block_size, sec);
-    else if (code == 2) sz::encode_section<sz::F64>(static_cast<const double*>(p), n, step, bound, block_size, sec);
-    else if (code == 3) sz::encode_section<sz::F16>(static_cast<const uint16_t*>(p), n, step, bound, block_size, sec);
-    else sz::encode_section<sz::BF16>(static_cast<const uint16_t*>(p), n, step, bound, block_size, sec);
+    encode_section_any(code, p, n, step, bound, block_size, sec);
   }
-  // the one copy of the payload: into the bytes object (after `prefix`, the stream header, which
-  // then needs no concatenation in Python), before anything else can see it
-  char* pre = nullptr;
-  Py_ssize_t npre = 0;
-  if (PyBytes_AsStringAndSize(prefix.ptr(), &pre, &npre) != 0) throw py::error_already_set();
-  PyObject* obj = PyBytes_FromStringAndSize(nullptr, npre + Py_ssize_t(sec.size()));
-  if (!obj) throw py::error_already_set();
-  py::bytes out = py::reinterpret_steal<py::bytes>(obj);
-  std::memcpy(PyBytes_AS_STRING(obj), pre, size_t(npre));
-  sec.write(PyBytes_AS_STRING(obj) + npre);
-  return out;
+  // after `prefix` (the stream header, which then needs no concatenation in Python)
+  return section_bytes(prefix, nullptr, 0, sec);
+}
+
+// A whole stream (codec.encode_stream without a lossless stage): the range (unless the caller
+// passes it: range_count >= 0), step and bound, block size (block_size 0: chosen as the codec
+// chooses it), the header and the section, in one call; prefix + stream in one bytes object.
+static py::bytes sz_encode_stream_py(py::array_t<uint8_t, py::array::c_style> x, int code, int64_t n,
+                                     double error_bound, bool rel, int64_t block_size, py::bytes prefix,
+                                     double range_lo, double range_hi, int64_t range_count) {
+  if (!(std::isfinite(error_bound) && error_bound > 0)) throw py::value_error("error_bound must be finite and > 0");
+  if (block_size < 0 || block_size > (int64_t(1) << 24)) throw py::value_error("block_size must be in [0, 2^24]");
+  const size_t isz = dtype_size(code);
+  if (n < 1 || size_t(x.size()) != size_t(n) * isz) throw py::value_error("x must hold n >= 1 values of the dtype");
+  const void* p = x.data();
+  double step = 0, bound = 0;
+  int64_t bs = block_size;
+  std::unique_ptr<sz::Section> sec;
+  {
+    py::gil_scoped_release nogil;
+    if (rel && range_count < 0) {
+      if (code == 1) sz::finite_minmax_f32(static_cast<const float*>(p), n, range_lo, range_hi, range_count);
+      else if (code == 2) sz::finite_minmax<sz::F64>(static_cast<const double*>(p), n, range_lo, range_hi, range_count);
+      else if (code == 3) sz::finite_minmax<sz::F16>(static_cast<const uint16_t*>(p), n, range_lo, range_hi, range_count);
+      else sz::finite_minmax<sz::BF16>(static_cast<const uint16_t*>(p), n, range_lo, range_hi, range_count);
+    }
+    sz::quant_params(error_bound, rel, range_lo, range_hi, range_count, step, bound);
+    if (!bs) {
+      if (code == 1) bs = sz::choose_block_size<sz::F32>(static_cast<const float*>(p), n, step);
+      else if (code == 2) bs = sz::choose_block_size<sz::F64>(static_cast<const double*>(p), n, step);
+      else if (code == 3) bs = sz::choose_block_size<sz::F16>(static_cast<const uint16_t*>(p), n, step);
+      else bs = sz::choose_block_size<sz::BF16>(static_cast<const uint16_t*>(p), n, step);
+    }
+    sec = std::make_unique<sz::Section>((n + bs - 1) / bs);
+    encode_section_any(code, p, n, step, bound, bs, *sec);
+  }
+  // codec._HDR "<BBddII" (26 bytes): version 2, no lossless stage, step, bound, block size, block count
+  char hdr[26];
+  hdr[0] = 2, hdr[1] = 0;
+  const uint32_t bs32 = uint32_t(bs), nb32 = uint32_t((n + bs - 1) / bs);
+  std::memcpy(hdr + 2, &step, 8);
+  std::memcpy(hdr + 10, &bound, 8);
+  std::memcpy(hdr + 18, &bs32, 4);
+  std::memcpy(hdr + 22, &nb32, 4);
+  return section_bytes(prefix, hdr, sizeof(hdr), *sec);
 }
 
 static void sz_decode_py(py::array_t<uint8_t, py::array::c_style> sec, py::array_t<uint8_t, py::array::c_style> out,
@@ -1697,6 +1820,11 @@ static void sz_decode_py(py::array_t<uint8_t, py::array::c_style> sec, py::array
 FC_BIND([](py::module_& m) {
   m.def("sz_finite_range", &sz_finite_range_py, py::arg("x"), py::arg("dtype_code"), py::arg("n"),
         "(min, max, count) of the finite values");
+  m.def("sz_encode_stream", &sz_encode_stream_py, py::arg("x"), py::arg("dtype_code"), py::arg("n"),
+        py::arg("error_bound"), py::arg("rel"), py::arg("block_size"), py::arg("prefix"), py::arg("range_lo") = 0.0,
+        py::arg("range_hi") = 0.0, py::arg("range_count") = -1,
+        "prefix + a whole SZ stream (codec.encode_stream, no lossless stage) of n >= 1 values; block_size 0: "
+        "the codec's choice; range_count >= 0: (range_lo, range_hi, range_count) is the finite range, not recomputed");
   m.def("sz_encode", &sz_encode_py, py::arg("x"), py::arg("dtype_code"), py::arg("n"), py::arg("step"),
         py::arg("bound"), py::arg("block_size"), py::arg("prefix") = py::bytes(),
         "prefix + the SZ blocks section of n values (raw bytes of dtype_code)");

@@ -916,3 +916,121 @@ def test_golden_bytes(backend, device, monkeypatch):
     out = comp.decompress(bytes.fromhex(_GOLDEN_SD), ctx, device=device)
     _check_bound(sd["w"], out["w"].cpu(), 1e-2, "rel")
     assert torch.equal(out["b"].cpu(), sd["b"]) and int(out["n"]) == 5 and out["n"].dtype == torch.int64
+
+
+# ---------------------------------------------------------------------------------------------
+# The C++ whole-stream call (cpp/sz.py encode_stream_cpp: range, step, block size, header and
+# section in one native call) against the step-by-step path it replaced: Python's quant_params
+# with a numpy float64 range, codec.choose_block_size (numpy sparsity sample) and the C++ section
+# written after the packed header. Same bytes, byte for byte.
+
+
+def _stepwise_stream(x: torch.Tensor, eb: float, mode: str, block_size=None) -> bytes:
+    from fedcompress.cpp.sz import encode_section_cpp
+
+    xd = x.detach().reshape(-1).double().numpy()
+    fin = xd[np.isfinite(xd)]
+    rng = (float(fin.min()), float(fin.max()), 1) if fin.size else (0.0, 0.0, 0)
+    step, bound = C.quant_params(x, eb, mode, value_range=rng)
+    bs = block_size or C.choose_block_size(x, step)
+    hdr = C._HDR.pack(C.VERSION, 0, step, bound, bs, -(-x.numel() // bs))
+    return encode_section_cpp(x, step, bound, bs, prefix=hdr)
+
+
+def _whole_stream_cases():
+    g = torch.Generator().manual_seed(7)
+    big = torch.randn(600_000, generator=g) * 1e-3
+    big[::5] = 0
+    below = _sparse_update(600_000, 0.004)  # sparse: one block of ~2^21
+    above = _sparse_update(600_000, 0.05)  # dense: 8 blocks
+    specials = torch.randn(5000, generator=g)
+    specials[::97] = float("nan")
+    specials[1::89] = float("inf")
+    specials[2::83] = -float("inf")
+    return {
+        "gauss": _data(70_001, torch.float32, "gauss"),
+        "update": big,
+        "sparse": below,
+        "dense": above,
+        "smooth64": _data(70_001, torch.float64, "smooth"),
+        "half": _data(70_001, torch.float16, "sparse"),
+        "bf16": _data(70_001, torch.bfloat16, "gauss"),
+        "specials": specials,
+        "constant": torch.full((777,), 3.5),
+        "zeros": torch.zeros(300_000),
+        "all_nan": torch.full((4097,), float("nan")),
+        "one": torch.tensor([0.25]),
+        # float64 past float32's range: the sparsity sample converts as torch does (to the largest
+        # float below the rounding midpoint, Inf from it), without a float-cast overflow
+        "near_fmax64": torch.full((300_000,), 3.40282356e38, dtype=torch.float64),
+        "past_fmax64": torch.full((300_000,), 3.5e38, dtype=torch.float64),
+        "huge64": torch.tensor([1e300, -1e300, 0.0, 5.0], dtype=torch.float64).repeat(70_000),
+    }
+
+
+@pytest.mark.parametrize("case", list(_whole_stream_cases()))
+def test_cpp_whole_stream_is_the_stepwise_bytes(case):
+    backend_or_skip("sz_encode", "cpp")
+    from fedcompress.cpp.sz import encode_stream_cpp
+
+    x = _whole_stream_cases()[case]
+    # 1e-40 abs: 1/step overflows float32, so inv = 0 and the sample sees every finite value as 0
+    for eb, mode in [(1e-2, "rel"), (0.3, "rel"), (1e-6, "rel"), (1e-3, "abs"), (1e-40, "abs"), (1.0, "rel")]:
+        want = _stepwise_stream(x, eb, mode)
+        assert encode_stream_cpp(x, eb, mode) == want, (case, eb, mode)
+        assert C.encode_stream(x, eb, mode, backend="cpp") == want
+        # a caller's range (the ratio search finds it once) and a prefix give the same stream
+        got = C.encode_stream(x, eb, mode, backend="cpp", prefix=b"\x01", value_range=C.value_range(x))
+        assert got == b"\x01" + want
+    assert encode_stream_cpp(x, 1e-2, "rel", block_size=1000) == _stepwise_stream(x, 1e-2, "rel", 1000)
+
+
+def test_cpp_whole_stream_sparse_sample_both_sides_of_fmax():
+    # 3.40282356e38 rounds to float32's largest value, 3.5e38 to Inf; with inv = 0 (abs 1e-40) the
+    # first samples to 0 * FLT_MAX = 0 (sparse: one big block), the second to Inf * 0 = NaN (dense)
+    cases = _whole_stream_cases()
+    assert torch.tensor(3.40282356e38, dtype=torch.float64).float().isfinite()
+    assert not torch.tensor(3.5e38, dtype=torch.float64).float().isfinite()
+    x_near, x_past = cases["near_fmax64"], cases["past_fmax64"]
+    step, _ = C.quant_params(x_near, 1e-40, "abs")
+    assert C.is_sparse(x_near, step) and not C.is_sparse(x_past, step)
+    dense = -(-x_past.numel() // C.default_block_size(x_past.numel()))
+    assert dense > 1
+    for x, want in ((x_near, 1), (x_past, dense)):
+        blob = fc.SZ(1e-40, "abs", backend="cpp").encode(x)
+        assert _n_blocks(blob) == want
+        assert torch.equal(fc.SZ().decode(blob), x)  # everything verbatim, bit-exact
+
+
+def test_cpp_whole_stream_bad_arguments_name_them():
+    backend_or_skip("sz_encode", "cpp")
+    native = fc._ops.native()
+    x = np.zeros(16, np.float32).view(np.uint8)
+    with pytest.raises(ValueError, match="error_bound"):
+        native.sz_encode_stream(x, 1, 16, 0.0, True, 0, b"")
+    with pytest.raises(ValueError, match="error_bound"):
+        native.sz_encode_stream(x, 1, 16, float("nan"), True, 0, b"")
+    with pytest.raises(ValueError, match="block_size"):
+        native.sz_encode_stream(x, 1, 16, 1e-2, True, -1, b"")
+    with pytest.raises(ValueError, match="dtype code"):
+        native.sz_encode_stream(x, 9, 16, 1e-2, True, 0, b"")
+    with pytest.raises(ValueError, match="n >= 1"):
+        native.sz_encode_stream(x, 1, 15, 1e-2, True, 0, b"")
+    with pytest.raises(ValueError, match="n >= 1"):
+        native.sz_encode_stream(x[:0], 1, 0, 1e-2, True, 0, b"")
+
+
+@pytest.mark.parametrize("backend", ["torch", "cpp"])
+def test_decode_stream_reads_a_view_of_the_payload(backend):
+    # the statedict decoder hands decode_stream a memoryview into the payload; C++ reads it in
+    # place, the others get bytes: the same values either way, and garbage still raises
+    backend_or_skip("sz_decode", backend)
+    x = _data(70_001, torch.float32, "sparse")
+    stream = C.encode_stream(x, 1e-2, "rel")
+    buf = b"\x01" + stream
+    y = C.decode_stream(memoryview(buf)[1:], x.dtype, tuple(x.shape), backend=backend)
+    assert torch.equal(y, C.decode_stream(stream, x.dtype, tuple(x.shape), backend="torch"))
+    bad = bytearray(buf)
+    bad[C._HDR.size + 40] ^= 0xFF
+    with pytest.raises(fc.FormatError):
+        C.decode_stream(memoryview(bytes(bad))[1:], x.dtype, tuple(x.shape), backend=backend)

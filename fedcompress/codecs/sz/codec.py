@@ -83,7 +83,8 @@ def is_sparse(x: torch.Tensor, step: float) -> bool:
     """
     flat = x.reshape(-1)
     s = flat[:: max(1, flat.numel() // SPARSE_SAMPLE)].to(torch.float32).cpu().numpy()
-    y = s * np.float32(inverse_of_step(step))
+    with np.errstate(over="ignore", invalid="ignore"):  # Inf and NaN are the answer there, not an error
+        y = s * np.float32(inverse_of_step(step))
     return int(np.count_nonzero(~(np.abs(y) <= 0.5))) * SPARSE_NONZERO <= s.size
 
 
@@ -125,17 +126,30 @@ def finite_range(x: torch.Tensor) -> tuple[float, float] | None:
     return float(lo.double()), float(hi.double())
 
 
-def quant_params(x: torch.Tensor, error_bound: float, mode: str) -> tuple[float, float]:
+def value_range(x: torch.Tensor) -> tuple[float, float, int]:
+    """(min, max, 1) of the finite values, or (0.0, 0.0, 0) when there are none: what
+    ``encode_stream(..., value_range=)`` takes, so a caller encoding one tensor at several REL
+    bounds (the ``sz:ratio=R`` search) finds the range once."""
+    r = finite_range(x)
+    return (0.0, 0.0, 0) if r is None else (r[0], r[1], 1)
+
+
+def quant_params(x: torch.Tensor, error_bound: float, mode: str,
+                 value_range: tuple[float, float, int] | None = None) -> tuple[float, float]:
     """(step, bound): bound is what we promise; step = 2 * eb_q is what we quantize with.
 
-    REL: bound = error_bound * (max - min) of the finite values (SZ's REL). A constant tensor has
-    bound 0 (it must come back exactly): we quantize with eb_q = |c| / 2, so q = +-1 and
-    q * step == c exactly; any value that still misses goes verbatim.
+    REL: bound = error_bound * (max - min) of the finite values (SZ's REL; ``value_range`` gives
+    them when the caller has them). A constant tensor has bound 0 (it must come back exactly): we
+    quantize with eb_q = |c| / 2, so q = +-1 and q * step == c exactly; any value that still misses
+    goes verbatim.
     """
     if mode == "abs":
         bound = error_bound
     else:
-        r = finite_range(x)
+        if value_range is None:
+            r = finite_range(x)
+        else:
+            r = (value_range[0], value_range[1]) if value_range[2] else None
         bound = 0.0 if r is None else error_bound * (r[1] - r[0])
         if not math.isfinite(bound):
             bound = MAX_EB
@@ -303,16 +317,24 @@ def decode_section_ref(section, dtype: torch.dtype, n: int, block_size: int, ste
 
 
 def encode_stream(x: torch.Tensor, error_bound: float, mode: str, *, block_size: int | None = None,
-                  lossless_mode: int = lossless.LOSSLESS_NONE, backend: str | None = None) -> bytes:
+                  lossless_mode: int = lossless.LOSSLESS_NONE, backend: str | None = None, prefix: bytes = b"",
+                  value_range: tuple[float, float, int] | None = None) -> bytes:
+    """``prefix`` + the stream of ``x`` (the module docstring's format). ``prefix`` (e.g. a record's
+    kind byte) is written with the stream, not concatenated after it; ``value_range`` as
+    ``value_range(x)`` returns it (REL only: the range is not computed again)."""
     x = x.detach()
-    step, bound = quant_params(x, error_bound, mode)
+    encode = _ops.get("sz_encode", x.device, backend, x.dtype) if x.numel() else None
+    whole = getattr(encode, "encode_stream", None)
+    if whole is not None and lossless_mode == lossless.LOSSLESS_NONE:
+        # C++: range, step, block size, header and section in one call (cpp/sz.py), the same bytes
+        return whole(x, error_bound, mode, block_size, prefix=prefix, value_range=value_range)
+    step, bound = quant_params(x, error_bound, mode, value_range)
     block_size = block_size or choose_block_size(x, step)
     n_blocks = -(-x.numel() // block_size)
-    hdr = _HDR.pack(VERSION, lossless_mode, step, bound, block_size, n_blocks)
+    hdr = prefix + _HDR.pack(VERSION, lossless_mode, step, bound, block_size, n_blocks)
     if x.numel() == 0:
         section = b""
     else:
-        encode = _ops.get("sz_encode", x.device, backend, x.dtype)
         if lossless_mode == lossless.LOSSLESS_NONE and getattr(encode, "takes_prefix", False):
             return encode(x, step, bound, block_size, prefix=hdr)  # the header written with the section
         section = encode(x, step, bound, block_size)
@@ -347,13 +369,15 @@ def decode_stream(data, dtype: torch.dtype, shape: tuple[int, ...], backend: str
             raise FormatError(f"sz stream: declared section size {size} impossible for {n} values")
         section = lossless.zstd_decompress(r.take(r.remaining), size)
     else:
-        section = bytes(r.take(r.remaining)) if backend != "cpp" else r.take(r.remaining)
+        section = r.take(r.remaining)
     if n == 0:
         if len(section):
             raise FormatError("sz stream: data for an empty tensor")
         return torch.empty(shape, dtype=dtype, device=dev)
-    out = _ops.get("sz_decode", dev, backend, dtype)(section, dtype, n, block_size, step, dev)
-    return out.reshape(shape)
+    decode = _ops.get("sz_decode", dev, backend, dtype)
+    if not getattr(decode, "takes_view", False):  # C++ reads the payload in place; the others get bytes
+        section = bytes(section)
+    return decode(section, dtype, n, block_size, step, dev).reshape(shape)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -15,25 +15,30 @@ Record data starts with one kind byte: 0 = raw bytes of the dtype, 1 = an SZ str
 
 Byte budget (``sz:ratio=R``, codecs/budget.py; exclusive with ``rel``/``abs``): per update, the
 smallest REL bound (one for every lossy tensor, as ``rel``) whose whole payload fits dense / R.
-The search runs on a grid of log2(rel) in steps of 1/``GRID`` between 2^``LOG2_MIN`` and 1:
-it encodes at the bound it chose for the previous update (rel = 1e-2 the first time), predicts
-the crossing from the encoded size (about one bit per value per halving of the bound),
-extrapolates by secant until the budget is bracketed, then narrows the bracket to one grid step
-by secant through the two sizes nearest the budget (bisection after three probes in a row on one
-side). Each secant aims between the line through the sizes and the one through their logs (the
-size falls linearly at high rates, geometrically at low ones). At most ``MAX_ENCODES`` encodes of
-the lossy tensors (each as costly as one plain ``sz`` compress), the last one reserved for rel = 1
-when nothing has fitted yet. Below ~2.5x on CNN updates the codec switches blocks to verbatim
-values and the size jumps; the search may then stop at its cap with a bound looser than the
-smallest that fits (the payload still fits). It depends only on the update and the budget (same
+The search runs on a grid of log2(rel) in steps of 1/``GRID`` between 2^``LOG2_MIN`` and 1, and
+stops when it holds two neighbours, the smaller over budget and the larger fitting, so it takes at
+least two encodes of the lossy tensors (each as costly as one plain ``sz`` compress; the range of
+each tensor is found once per update, not per encode). Where it starts: at the grid point where
+the previous update's size crossed the budget, moved by GRID times the change in spread (log2 of
+mean |x| over max - min, see ``_spread``: at a REL bound the codes scale with it); the first time,
+at rel = 1e-2 (FedSZ's setting). From one size, or two within ``SLOPE_SPAN`` steps, it aims at the
+answer with the bytes per step the previous searches saw near theirs (``_learn_slope``; the first
+time, ~one bit per value per halving of the bound, stepping one grid point past the estimate),
+else by secant through the two sizes nearest the budget (each secant aims between the line through
+the sizes and the one through their logs: the size falls linearly at high rates, geometrically at
+low ones), extrapolating until the budget is bracketed, then inside the bracket (bisection after
+three probes in a row on one side). At most ``MAX_ENCODES`` encodes, the last one reserved for
+rel = 1 when nothing has fitted yet. Below ~2.5x on CNN updates the codec switches blocks to
+verbatim values and the size jumps; the search may then stop at its cap with a bound looser than
+the smallest that fits (the payload still fits). It depends only on the update and the budget (same
 update -> same bound: the start changes how many encodes it takes, not the answer, wherever the
 size is non-increasing in the bound and the search converges), always terminates, and treats the
 size as non-increasing in the bound (so a larger ratio gets a larger bound). If even rel = 1 does
 not fit, compress raises ValueError naming ``ratio`` and the ratio rel = 1 reaches.
-Why the previous answer as the start: clients' bounds differ by a few grid steps within a round
-and between rounds, so it took 3.1 encodes per update instead of 4.6 from 1e-2, choosing the
-same 30 bounds, in ``fedcompress run --dataset mnist5k --clients 10 --rounds 3 --compressor
-sz:ratio=16 --threads 1`` (metrics.jsonl ``chosen``; 2026-11-29 22:10 UTC; counts, not times).
+Encodes per update (metrics.jsonl ``chosen[].encodes``; counts, not times) in ``fedcompress run
+--dataset mnist5k --clients 10 --rounds 3 --compressor sz:ratio=R --threads 1``: see docs/sz.md,
+"Codec time in FedAvg" (the same 30 bounds as the previous search, which started at the previous
+answer and took 3.1 at 16x, 3.8 at 64x).
 ``last_choice`` = ``{"rel": bound, "encodes": n, "ratio": r}``.
 """
 
@@ -59,16 +64,42 @@ from ...api import (
 )
 from ...errors import FormatError
 from ..budget import RATIO_PARAM, budget_bytes, dense_payload_bytes, payload_overhead, spec_without
-from .codec import decode_stream, encode_stream
+from .codec import decode_stream, encode_stream, value_range
 
 KIND_RAW = 0
 KIND_SZ = 1
+_KIND_SZ = bytes([KIND_SZ])
 
 # ratio=R search (see the module docstring)
 GRID = 32  # grid points per factor 2 of the bound: neighbours differ by 2.2 % in eb
 LOG2_MIN = -30  # rel = 2^-30 ~ 1e-9: below float32 resolution, values go verbatim
 LOG2_START = math.log2(1e-2)  # FedSZ's setting: a good first guess for model updates
 MAX_ENCODES = 10
+SLOPE_SPAN = 3  # probes at least this many grid steps apart: their secant, else the learned slope
+SLOPE_SPAN_MAX = 8  # the learned slope: from probes at most this far from the answer
+
+
+def _spread(inputs: StateDict, lossy: list[str], ranges: dict) -> float | None:
+    """log2(mean |x| / (max - min)) of the lossy tensors, averaged weighted by their sizes; None
+    when a tensor has no finite range or non-finite values.
+
+    At a REL bound the codes are x / (2 rel (max - min)): an update whose values spread twice as wide
+    relative to their range needs a bound twice as large for the same bytes, i.e. GRID grid steps.
+    So the previous update's crossing moved by GRID times the change in spread is where this one's
+    should be (the first probe of the search). Mean |x| rather than the RMS: FL updates are
+    Laplace-like (most values near 0), and the RMS follows the few large values. One pass per
+    tensor (``abs().mean()``), beside the encodes it saves.
+    """
+    total, acc = 0, 0.0
+    for name in lossy:
+        lo, hi, cnt = ranges[name]
+        x = inputs[name]
+        mean_abs = float(x.reshape(-1).abs().mean(dtype=torch.float32))
+        if not cnt or not hi > lo or not math.isfinite(mean_abs) or mean_abs <= 0:
+            return None
+        acc += x.numel() * math.log2(mean_abs / (hi - lo))
+        total += x.numel()
+    return acc / total if total else None
 
 
 @register("sz")
@@ -90,6 +121,9 @@ class SZCompressor(Compressor):
         self._residual: dict[int, StateDict] = {}  # error feedback, per client
         self.last_choice: dict | None = None
         self._last_k: int | None = None  # ratio=R: the grid index the previous search chose
+        self._slope: float | None = None  # ratio=R: bytes per grid step per lossy value near the answers
+        self._last_c: float | None = None  # ratio=R: the grid index where the previous size crossed the budget
+        self._last_spread: float | None = None  # ratio=R: _spread of the previous update
 
     @property
     def spec(self) -> str:
@@ -112,16 +146,16 @@ class SZCompressor(Compressor):
         lossy = [name for name, t in inputs.items() if self._lossy(t)]
         if p["ratio"] is None:
             mode, eb = ("abs", p["abs"]) if p["abs"] > 0 else ("rel", p["rel"])
-            streams = {name: encode_stream(inputs[name], eb, mode) for name in lossy}
+            streams = {name: encode_stream(inputs[name], eb, mode, prefix=_KIND_SZ) for name in lossy}
         else:
             streams = self._search(inputs, lossy)
         records, new_res = [], {}
         for name, t in inputs.items():
             if name in streams:
-                data = streams[name]
+                data = streams[name]  # the kind byte and the stream, written as one (no copy here)
                 if ef:
-                    new_res[name] = t - decode_stream(data, t.dtype, tuple(t.shape), device=t.device)
-                records.append(wire.Record(name, t.dtype, tuple(t.shape), b"\x01" + data))
+                    new_res[name] = t - decode_stream(memoryview(data)[1:], t.dtype, tuple(t.shape), device=t.device)
+                records.append(wire.Record(name, t.dtype, tuple(t.shape), data))
             else:
                 records.append(wire.Record(name, t.dtype, tuple(t.shape), b"\x00" + bytes(wire.tensor_bytes(t))))
         if ef:
@@ -132,20 +166,24 @@ class SZCompressor(Compressor):
         return payload
 
     def _search(self, inputs: StateDict, lossy: list[str]) -> dict[str, bytes]:
-        """Streams of the lossy tensors at the smallest grid REL bound whose payload fits the budget."""
+        """Streams (kind byte included) of the lossy tensors at the smallest grid REL bound whose
+        payload fits the budget."""
         ratio = self.params["ratio"]
         limit = budget_bytes(inputs, ratio)
-        # everything but the SZ streams: framing, names, kind bytes, lossless tensors in raw bytes
-        fixed = payload_overhead(inputs) + len(inputs)
-        fixed += sum(t.numel() * t.element_size() for name, t in inputs.items() if name not in lossy)
+        # everything but the SZ records' data: framing, names, the raw records (kind byte + bytes)
+        fixed = payload_overhead(inputs)
+        fixed += sum(1 + t.numel() * t.element_size() for name, t in inputs.items() if name not in lossy)
         n_lossy = sum(inputs[name].numel() for name in lossy)
+        ranges = {name: value_range(inputs[name]) for name in lossy}  # REL's range: once, not per encode
         hi_k = 0  # grid index of rel = 1 (k = log2(rel) * GRID)
         lo_k = LOG2_MIN * GRID
         sizes: dict[int, int] = {}  # grid index -> payload bytes
         best: dict = {}  # "k", "streams": the smallest fitting grid index so far and its streams
 
         def size_at(k: int) -> int:
-            streams = {name: encode_stream(inputs[name], 2.0 ** (k / GRID), "rel") for name in lossy}
+            rel = 2.0 ** (k / GRID)
+            streams = {name: encode_stream(inputs[name], rel, "rel", prefix=_KIND_SZ, value_range=ranges[name])
+                       for name in lossy}
             sizes[k] = fixed + sum(len(s) for s in streams.values())
             if sizes[k] <= limit and k < best.get("k", hi_k + 1):
                 best.update(k=k, streams=streams)
@@ -156,50 +194,67 @@ class SZCompressor(Compressor):
             fit = [k for k, v in sizes.items() if v <= limit]
             return (max(over) if over else None), (min(fit) if fit else None)
 
-        def secant(k0: int, k1: int, target: float) -> float:
+        def secant(k0: int, k1: int) -> float:
             # The size falls ~linearly in k at high rates (a bit per value per halving) and ~
             # geometrically at low rates (codes mostly 0), so the crossing lies between the secant
             # through the sizes and the one through their logs: aim at the mean of the two.
             s0, s1 = sizes[k0], sizes[k1]
             if s0 == s1:
                 return math.nan
-            lin = k0 + (target - s0) * (k1 - k0) / (s1 - s0)
-            log = k0 + math.log(target / s0) * (k1 - k0) / math.log(s1 / s0)
+            lin = k0 + (limit - s0) * (k1 - k0) / (s1 - s0)
+            log = k0 + math.log(limit / s0) * (k1 - k0) / math.log(s1 / s0)
             return 0.5 * (lin + log)
 
-        # First probe: the previous update's answer (see the module docstring), else FedSZ's 1e-2.
-        k = self._last_k if self._last_k is not None else round(LOG2_START * GRID)
-        size_at(k)
+        def crossing() -> tuple[float, bool]:
+            """Where the size is predicted to cross the budget (a fractional grid index), and whether
+            that came from the learned slope (precise near the answer, so probes aim at it)."""
+            near = sorted(sizes, key=lambda j: abs(math.log(sizes[j] / limit)))[:2]
+            if len(near) == 2 and (abs(near[0] - near[1]) >= SLOPE_SPAN or self._slope is None):
+                return secant(near[0], near[1]), False
+            if self._slope is None:  # one point: ~1 bit per value per halving of the bound
+                return near[0] + (sizes[near[0]] - limit) * 8.0 / max(n_lossy, 1) * GRID, False
+            # one point, or two too close for their secant to beat it: the previous updates' slope
+            return near[0] + (sizes[near[0]] - limit) / (self._slope * n_lossy), True
+
+        # First probe: where the previous update's size crossed the budget, moved by the change in
+        # spread (see _spread); else the previous answer; else FedSZ's 1e-2 (module docstring).
+        spread = _spread(inputs, lossy, ranges)
+        if self._last_c is not None and spread is not None and self._last_spread is not None:
+            k0 = min(hi_k, max(lo_k, round(self._last_c + GRID * (spread - self._last_spread))))
+        else:
+            k0 = self._last_k if self._last_k is not None else round(LOG2_START * GRID)
+        size_at(k0)
         same_side = 0
         last_side = None
         while len(sizes) < MAX_ENCODES:
             a, b = bracket()  # a: largest k over budget; b: smallest k that fits
             if b is not None and a is not None and b - a <= 1:
                 break  # exact on the grid
+            guess, precise = crossing()
+            precise = precise and same_side < 2  # twice on one side: the slope is off, step past it
             if b is None and len(sizes) == MAX_ENCODES - 1 and hi_k not in sizes:
                 k = hi_k  # last encode: try the loosest bound before giving up
             elif b is None:  # all over budget: go up
                 if a >= hi_k:
                     break
-                prev = sorted(sizes)[-2] if len(sizes) > 1 else None
-                guess = secant(prev, a, limit) if prev is not None else math.nan
-                if not math.isfinite(guess):  # one point: ~1 bit per value per halving of the bound
-                    guess = a + (sizes[a] - limit) * 8.0 / max(n_lossy, 1) * GRID
-                # one step past the estimate to land on the fitting side, unless it is within a
-                # step of a (a warm start's usual case): then a + 1 closes the bracket at once
-                k = min(hi_k, max(a + 1, math.ceil(guess) + (1 if guess > a + 1 else 0)))
+                if not math.isfinite(guess):
+                    guess = a + 2 * GRID  # flat sizes: a factor 4 looser
+                if precise:  # the predicted answer
+                    k = min(hi_k, max(a + 1, math.ceil(guess)))
+                else:  # one step past the estimate to land on the fitting side, unless it is within
+                    # a step of a (a warm start's usual case): then a + 1 closes the bracket at once
+                    k = min(hi_k, max(a + 1, math.ceil(guess) + (1 if guess > a + 1 else 0)))
             elif a is None:  # all fit: go down
                 if b <= lo_k:
                     break
-                nxt = sorted(sizes)[1] if len(sizes) > 1 else None
-                guess = secant(b, nxt, limit) if nxt is not None else math.nan
                 if not math.isfinite(guess):
-                    guess = b - (limit - sizes[b]) * 8.0 / max(n_lossy, 1) * GRID
-                k = max(lo_k, min(b - 1, math.floor(guess) - (1 if guess < b - 1 else 0)))
-            else:  # bracketed: secant through the two sizes nearest the budget, kept inside the
-                # bracket; bisection after three probes in a row on the same side
-                near = sorted(sizes, key=lambda j: abs(math.log(sizes[j] / limit)))[:2]
-                guess = secant(near[0], near[1], limit)
+                    guess = b - 2 * GRID
+                if precise:  # the predicted answer, or one step tighter when that is b itself
+                    k = max(lo_k, math.ceil(guess)) if math.ceil(guess) < b else b - 1
+                else:
+                    k = max(lo_k, min(b - 1, math.floor(guess) - (1 if guess < b - 1 else 0)))
+            else:  # bracketed: the estimate kept inside the bracket; bisection after three probes
+                # in a row on the same side
                 if same_side >= 3 or not math.isfinite(guess):
                     guess = (a + b) / 2
                     same_side = 0
@@ -214,12 +269,28 @@ class SZCompressor(Compressor):
                 f"sz: ratio={ratio:g} cannot be met for this update: "
                 + (f"even the loosest bound rel=1 gives {loosest} bytes" if loosest is not None
                    else f"no bound tried in {MAX_ENCODES} encodes fits")
-                + f" > budget {limit} (framing and lossless tensors take {fixed}); "
+                + f" > budget {limit} (framing and lossless tensors take {fixed + len(lossy)}); "
                 + (f"it reaches {dense_payload_bytes(inputs) / loosest:.4g}x" if loosest else "")
             )
         self.last_choice = {"rel": 2.0 ** (b / GRID), "encodes": len(sizes)}
         self._last_k = b
+        # the crossing, linear between the bracket's ends (in (a, b]; b itself when a is unknown)
+        self._last_c = b if a is None else a + (sizes[a] - limit) / max(sizes[a] - sizes[b], 1)
+        self._last_spread = spread
+        self._learn_slope(sizes, b, n_lossy)
         return best["streams"]
+
+    def _learn_slope(self, sizes: dict[int, int], b: int, n_lossy: int) -> None:
+        """Bytes per grid step per lossy value near the answer ``b``, from the probe farthest from
+        it within SLOPE_SPAN_MAX steps (one step's difference is noisy: +-5 % on CNN updates), averaged
+        with the previous updates' (the next search's one-point guesses)."""
+        far = [k for k in sizes if k != b and abs(k - b) <= SLOPE_SPAN_MAX]
+        if not far or n_lossy == 0:
+            return
+        k = max(far, key=lambda j: abs(j - b))
+        slope = (sizes[k] - sizes[b]) / (b - k) / n_lossy
+        if slope > 0:
+            self._slope = slope if self._slope is None else 0.5 * (self._slope + slope)
 
     def decompress(self, payload: bytes, ctx: RoundContext, device=None) -> StateDict:
         """The tensors in ``payload``, each on ``device`` (default CPU), SZ streams decoded there."""
