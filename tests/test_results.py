@@ -44,6 +44,14 @@ def test_plan_runs_and_specs():
     assert (cfg.partition, cfg.alpha, cfg.clients, cfg.clients_per_round, cfg.seed) == ("dirichlet", 0.3, 10, 10, 2)
     # --ratios narrows each setting to the budgets it has
     assert R.Plan(budgets=(16, 128)).budgets_of("mnist5k-10-dirichlet") == (16,)
+    # a setting's own row keys: Dirichlet's trainable labels use the real-loss loop, only there
+    dplan = R.Plan(parts=("mnist5k-10-dirichlet",), rows=("fedsynth-fixed", "fedsynth-trainable"))
+    dspec = {(r.row, r.target): r.spec for r in R.build_runs(dplan)}
+    loop = "objective=loss,outer_steps=30,lr_x=0.03"
+    assert dspec[("fedsynth-trainable", 64)] == f"fedsynth:ratio=64,labels=trainable,{loop}"
+    assert dspec[("fedsynth-fixed", 64)] == "fedsynth:ratio=64"
+    table = R.setting_table(dplan, R.build_runs(dplan), "mnist5k-10-dirichlet")
+    assert f"`fedsynth:ratio=R,labels=trainable,{loop}`" in table and "`fedsynth:ratio=R`" in table
 
 
 # ---------------------------------------------------------------------------------------------

@@ -95,7 +95,9 @@ def setting_table(plan: Plan, runs: list[Run], part: str) -> str:
             iso = f"{best.summary['compression_ratio']:.1f}x" if best else f"none of these (all > {ISO_PT} pt below)"
         lines.append(f"| {ROW_LABELS[row]} | " + " | ".join(cells) + f" | {iso} |")
     lines.append("")
-    lines.append("Specs: " + ", ".join(f"`{ROWS[row][1]('R')}`" for row in plan.rows if ROWS[row][1]) + ".\n")
+    extra = dict(plan.setting(part).row_keys)
+    specs = (ROWS[row][1]("R") + (f",{extra[row]}" if row in extra else "") for row in plan.rows if ROWS[row][1])
+    lines.append("Specs: " + ", ".join(f"`{spec}`" for spec in specs) + ".\n")
     return "\n".join(lines) + "\n"
 
 
