@@ -211,7 +211,7 @@ class SZCompressor(Compressor):
             near = sorted(sizes, key=lambda j: abs(math.log(sizes[j] / limit)))[:2]
             if len(near) == 2 and (abs(near[0] - near[1]) >= SLOPE_SPAN or self._slope is None):
                 return secant(near[0], near[1]), False
-            if self._slope is None:  # one point: ~1 bit per value per halving of the bound
+            if self._slope is None or not n_lossy:  # one point: ~1 bit per value per halving of the bound
                 return near[0] + (sizes[near[0]] - limit) * 8.0 / max(n_lossy, 1) * GRID, False
             # one point, or two too close for their secant to beat it: the previous updates' slope
             return near[0] + (sizes[near[0]] - limit) / (self._slope * n_lossy), True
