@@ -33,14 +33,11 @@ def finite_range_cpp(x: torch.Tensor) -> tuple[float, float] | None:
 
 
 def encode_section_cpp(x: torch.Tensor, step: float, bound: float, block_size: int, prefix: bytes = b"") -> bytes:
-    """``prefix`` + the blocks section, written once into one bytes object (codec.encode_stream passes
-    the stream header: ``header + section`` in Python copied the whole payload once more)."""
+    """``prefix`` + the blocks section, written once into one bytes object (the op ``sz_encode``;
+    codec.encode_stream itself takes ``encode_stream_cpp`` below, which writes the header too)."""
     xf = x.detach().reshape(-1).contiguous()
     arr, code = _native_view(xf)
     return _ops.native().sz_encode(arr.view(np.uint8), code, xf.numel(), step, bound, block_size, prefix)
-
-
-encode_section_cpp.takes_prefix = True
 
 
 def encode_stream_cpp(x: torch.Tensor, error_bound: float, mode: str, block_size: int | None = None,

@@ -332,12 +332,7 @@ def encode_stream(x: torch.Tensor, error_bound: float, mode: str, *, block_size:
     block_size = block_size or choose_block_size(x, step)
     n_blocks = -(-x.numel() // block_size)
     hdr = prefix + _HDR.pack(VERSION, lossless_mode, step, bound, block_size, n_blocks)
-    if x.numel() == 0:
-        section = b""
-    else:
-        if lossless_mode == lossless.LOSSLESS_NONE and getattr(encode, "takes_prefix", False):
-            return encode(x, step, bound, block_size, prefix=hdr)  # the header written with the section
-        section = encode(x, step, bound, block_size)
+    section = encode(x, step, bound, block_size) if x.numel() else b""
     if lossless_mode == lossless.LOSSLESS_ZSTD:
         return hdr + struct.pack("<Q", len(section)) + lossless.zstd_compress(section)
     return hdr + section
