@@ -1102,7 +1102,7 @@ __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,popcnt"))) static int6
     const uint16_t* tk, int64_t cnt, float* dst, int64_t n, RunState& rs, const float* lut) {
   const __m512i lane = _mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0);
   const __m512i zero = _mm512_setzero_si512(), one = _mm512_set1_epi32(1), two = _mm512_set1_epi32(2);
-  const __m512i nv = _mm512_set1_epi32(int32_t(n)), lowest = _mm512_set1_epi32(INT32_MIN);
+  const __m512i nv = _mm512_set1_epi32(int32_t(n));
   const __m512i minus1 = _mm512_set1_epi32(-1), thirty2 = _mm512_set1_epi32(32);
   const __m512i i15 = _mm512_set1_epi32(15);
   if (rs.pos + int64_t(rs.runlen) >= (int64_t(1) << 30) || rs.runk > 9) return 0;
@@ -1117,7 +1117,11 @@ __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,popcnt"))) static int6
     const __mmask16 lead = __mmask16(ord ? (ord & (0u - ord)) - 1 : 0xFFFF);  // lanes before the first ordinary
     // last ordinary lane at or before each lane (-1 before the first): k = digit index in its run,
     // counted from this vector for the leading digits (which then shift on by runk)
-    __m512i L = _mm512_mask_mov_epi32(lowest, ord, lane);
+    // Non-ordinary lanes start at -1, not at a "no lane" sentinel below it: the shifts below bring
+    // -1 in from the left only up to lane 14, so in a vector of 16 digits lane 15 kept the sentinel,
+    // got a huge k and weight 0, and a run of >= 2^16 zeros lost its top digit (FormatError on a
+    // valid sparse stream; tests/test_sz.py::test_long_zero_runs_decode_on_every_backend)
+    __m512i L = _mm512_mask_mov_epi32(minus1, ord, lane);
     L = _mm512_max_epi32(L, _mm512_alignr_epi32(L, minus1, 15));
     L = _mm512_max_epi32(L, _mm512_alignr_epi32(L, minus1, 14));
     L = _mm512_max_epi32(L, _mm512_alignr_epi32(L, minus1, 12));
