@@ -372,3 +372,33 @@ def test_partition_bad_arguments():
         D.make_partitions(y, 2, "natural")
     with pytest.raises(ValueError, match="alpha"):  # too skewed to give 20 clients a sample each
         D.make_partitions(y, 20, "dirichlet", alpha=0.001, seed=0)
+
+
+def test_limit_clients_takes_a_seeded_random_subset_not_the_first():
+    # labels sorted by class, as mnist5k's are: the first 20 of a client would be one class
+    y = torch.arange(10).repeat_interleave(30)
+    x = torch.arange(300, dtype=torch.float32).reshape(300, 1)
+    parts = D.make_partitions(y, 3, "iid", seed=0)
+    info = D.DatasetInfo("fixture", (1,), 10)
+
+    def fresh():
+        return D.FederatedDataset(info, x, y, x[:10], y[:10], partitions=[p.clone() for p in parts])
+
+    a, b = fresh(), fresh()
+    a.limit_clients(20, seed=5)
+    b.limit_clients(20, seed=5)
+    for cid in range(3):
+        idx = a.partitions[cid]
+        assert idx.numel() == 20 and torch.equal(idx, b.partitions[cid])  # same seed, same subset
+        assert set(idx.tolist()) <= set(parts[cid].tolist()) and bool((idx[1:] > idx[:-1]).all())
+        assert len(set(y[idx].tolist())) >= 5  # spread over the classes, unlike parts[cid][:20]
+    assert len(set(y[parts[0][:20]].tolist())) <= 2
+    c = fresh()
+    c.limit_clients(20, seed=6)
+    assert not torch.equal(c.partitions[0], a.partitions[0])
+    d = fresh()
+    d.limit_clients(0, seed=5)  # 0 = all
+    d.limit_clients(1000, seed=5)  # more than a client holds = all
+    assert all(torch.equal(p, q) for p, q in zip(d.partitions, parts, strict=True))
+    with pytest.raises(ValueError, match="samples per client"):
+        d.limit_clients(-1, seed=0)

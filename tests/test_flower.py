@@ -106,7 +106,7 @@ def driver_reference(spec: str) -> tuple[dict[str, torch.Tensor], dict, dict[str
         seed=0,
     )
     data = load_dataset("mnist5k", 2, "iid", 0.5, 0)
-    data.partitions = [p[:SAMPLES_PER_CLIENT] for p in data.partitions]
+    data.limit_clients(SAMPLES_PER_CLIENT, 0)
     models = []
     real_build = fedavg_driver.build_model
 

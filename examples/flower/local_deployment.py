@@ -214,7 +214,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--compressors", default="none;mask:keep=0.125", help="specs separated by ;")
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--nodes", type=int, default=2)
-    ap.add_argument("--samples-per-client", type=int, default=0, help="0 = the whole partition")
+    ap.add_argument("--samples-per-client", type=int, default=0, help="a seeded random n of each partition (0 = all)")
     ap.add_argument("--torch-threads", type=int, default=1)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", default=None, help="folder for Flower state, logs, results")

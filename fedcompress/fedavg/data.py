@@ -94,6 +94,20 @@ class FederatedDataset(Dataset):
     def client_sizes(self) -> list[int]:
         return [int(p.numel()) for p in self.partitions]
 
+    def limit_clients(self, n: int, seed: int) -> None:
+        """Keep a seeded random ``n`` of each client's samples (all where it has <= n; n = 0: all).
+
+        Random, not the first n: partitions are sorted indices and datasets such as mnist5k are
+        sorted by class, so the first 100 of a client were all zeros."""
+        if n < 0:
+            raise ValueError(f"samples per client must be >= 0 (0 = all), got {n}")
+        if n == 0:
+            return
+        for cid, idx in enumerate(self.partitions):
+            if idx.numel() > n:
+                g = torch.Generator().manual_seed(seed * 1_000_003 + cid)
+                self.partitions[cid] = idx[torch.randperm(idx.numel(), generator=g)[:n].sort().values]
+
 
 # ---------------------------------------------------------------------------------------------
 # Loading

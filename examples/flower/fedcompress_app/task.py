@@ -76,14 +76,14 @@ def load_partition(cfg: dict[str, Any], partition_id: int, num_partitions: int):
     """(x, y) of client ``partition_id`` out of ``num_partitions``, as the driver splits them."""
     key = f"{cfg['dataset']}-{num_partitions}-{cfg['partition']}-{cfg['alpha']}-{cfg['seed']}-{partition_id}"
 
+    key += f"-{cfg['samples-per-client']}"
+
     def compute():
         data = _federated(cfg["dataset"], num_partitions, cfg["partition"], cfg["alpha"], cfg["seed"])
-        idx = data.partitions[partition_id]
-        return data.x_train[idx], data.y_train[idx]
+        data.limit_clients(cfg["samples-per-client"], cfg["seed"])  # a random n of them (0: all)
+        return data.client_data(partition_id)
 
-    x, y = _cached(key, compute)
-    n = cfg["samples-per-client"]
-    return (x[:n], y[:n]) if n > 0 else (x, y)
+    return _cached(key, compute)
 
 
 def load_test(cfg: dict[str, Any]):
