@@ -509,3 +509,21 @@ def test_cache_rejects_a_run_from_another_compressor_revision(tmp_path):
     summary = {"config": cfg, "final_accuracy": 0.6, "compressor_revision": rev}
     (tmp_path / "summary.json").write_text(json.dumps(summary))
     assert load_cached(str(tmp_path), cfg, 2, revision=rev) is not None
+
+
+def test_collapsed_runs_are_marked_in_the_table():
+    # issue 14's criterion: a round after the third below 60 % of the run's best
+    from fedcompress.experiments.summary import collapse_round
+    from fedcompress.experiments.tables import _cell
+
+    a = _fake("s", "fedsynth-trainable", 16, 0.90, 16.3, rounds=6, seed=0)
+    for h, acc in zip(a.summary["history"], [0.3, 0.5, 0.2, 0.8, 0.4, 0.9], strict=True):
+        h["accuracy"] = acc  # round 3 (0.2) is early; round 5 (0.4 < 0.6 * 0.9) is a collapse
+    b = _fake("s", "fedsynth-trainable", 16, 0.90, 16.3, rounds=6, seed=1)
+    for h, acc in zip(b.summary["history"], [0.3, 0.5, 0.6, 0.8, 0.55, 0.9], strict=True):
+        h["accuracy"] = acc  # 0.55 >= 0.54: not a collapse
+    assert collapse_round(a.summary) == 5 and collapse_round(b.summary) is None
+    assert _cell(a).endswith("(16.3x, collapsed in round 5)")
+    assert _cell(b) == "90.00 (16.3x)"
+    (m,) = R.merge_seeds([a, b])
+    assert _cell(m).endswith("(16.3x, collapsed in 1 of 2 seeds (round 5))")

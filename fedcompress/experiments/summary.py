@@ -91,6 +91,17 @@ def diverged_round(summary: dict) -> int | None:
     return next(bad, None)
 
 
+COLLAPSE_AFTER, COLLAPSE_FRACTION = 3, 0.6  # issue 14's no-collapse criterion (Dirichlet 0.3)
+
+
+def collapse_round(summary: dict) -> int | None:
+    """The first round after the third whose accuracy is below 60 % of the run's best, or None."""
+    hist = summary.get("history", [])
+    best = max((r["accuracy"] for r in hist), default=0.0)
+    low = (r["round"] for r in hist if r["round"] > COLLAPSE_AFTER and r["accuracy"] < COLLAPSE_FRACTION * best)
+    return next(low, None)
+
+
 MEAN_KEYS = ("final_accuracy", "best_accuracy", "compression_ratio", "upstream_bytes", "dense_upstream_bytes",
              "download_bytes", "initial_accuracy", "codec_overhead")  # fmt: skip
 
@@ -105,6 +116,7 @@ def mean_summary(summaries: list[dict], seeds: list[int]) -> dict:
             out[k], out[k + "_std"] = mean_std([s[k] for s in summaries])
     out["wall_seconds"] = sum(s.get("wall_seconds", 0.0) for s in summaries)
     out["diverged_rounds"] = [diverged_round(s) for s in summaries]  # None where the seed did not
+    out["collapse_rounds"] = [collapse_round(s) for s in summaries]
     rounds = min(len(s["history"]) for s in summaries)
     out["history"] = [
         {

@@ -5,7 +5,7 @@ from __future__ import annotations
 import re
 
 from .plan import ISO_PT, ROW_LABELS, ROWS, Plan, Run
-from .summary import diverged_round
+from .summary import collapse_round, diverged_round
 
 
 def _acc(run: Run) -> float:
@@ -22,17 +22,24 @@ def _acc_text(run: Run) -> str:
     return f"{_acc(run):.2f} ± {s['final_accuracy_std'] * 100:.2f}{short}"
 
 
-def _diverged_text(run: Run) -> str:
+def _event_text(run: Run, event: str, key: str, find) -> str:
     """", diverged in round 4" for one seed; ", diverged in 2 of 3 seeds (rounds 4, 7)" for a mean."""
     s = run.summary
-    if "diverged_rounds" not in s:
-        r = diverged_round(s)
-        return f", diverged in round {r}" if r else ""
-    rounds = [r for r in s["diverged_rounds"] if r]
+    if key not in s:
+        r = find(s)
+        return f", {event} in round {r}" if r else ""
+    rounds = [r for r in s[key] if r]
     if not rounds:
         return ""
     which = ("rounds " if len(rounds) > 1 else "round ") + ", ".join(str(r) for r in rounds)
-    return f", diverged in {len(rounds)} of {len(s['diverged_rounds'])} seeds ({which})"
+    return f", {event} in {len(rounds)} of {len(s[key])} seeds ({which})"
+
+
+def _diverged_text(run: Run) -> str:
+    """Diverged (the model went non-finite), else collapsed (a round after the third below 60 % of
+    the run's best: issue 14's criterion); a cell says which, per seed for a mean."""
+    text = _event_text(run, "diverged", "diverged_rounds", diverged_round)
+    return text or _event_text(run, "collapsed", "collapse_rounds", collapse_round)
 
 
 def _cell(run: Run | None) -> str:
