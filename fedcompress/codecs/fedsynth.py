@@ -227,6 +227,13 @@ def shape_for_budget(
     return Shape(m, b, float(inner_lr), nbytes)
 
 
+def _finite(delta: StateDict) -> StateDict:
+    """``delta``, or FormatError when the replay produced NaN or inf (the server must not apply it)."""
+    if not all_finite(delta):
+        raise FormatError("fedsynth: refused: the replayed update holds non-finite values")
+    return delta
+
+
 def _dense_bytes(state: StateDict) -> int:
     from ..fedavg.driver import dense_payload_bytes
 
@@ -471,19 +478,15 @@ class FedSynthCompressor(Compressor):
     def server_update(self, payload: bytes, global_state: StateDict, ctx: RoundContext) -> StateDict:
         if fedsynth_text.is_text_model(self.model):
             self._check_text()
-            delta = fedsynth_text.server_update(self, payload, global_state, ctx)
-            if not all_finite(delta):
-                raise FormatError("fedsynth: refused: the replayed update holds non-finite values")
-            return delta
+            return _finite(fedsynth_text.server_update(self, payload, global_state, ctx))
         d = self.decompress(payload, ctx)
         w_syn = self._replay(d, global_state)
         if self.params["ratio"] is not None:
             budget = _dense_bytes(global_state) / self.params["ratio"]
             if len(payload) > budget:
                 raise FormatError(f"fedsynth: payload of {len(payload)} bytes exceeds the ratio budget ({budget:.0f})")
-        delta = {k: (w_syn[k] - v) if k in w_syn else torch.zeros_like(v) for k, v in global_state.items()}
-        if not all_finite(delta):  # never apply it, whatever the guard says (guard=0 included)
-            raise FormatError("fedsynth: refused: the replayed update holds non-finite values")
+        # never apply a non-finite replay, whatever the guard says (guard=0 included)
+        delta = _finite({k: (w_syn[k] - v) if k in w_syn else torch.zeros_like(v) for k, v in global_state.items()})
         g, ref = self.params["guard"], float(d["ref_norm"])
         if g and ref > 0:
             norm = _norm({k: delta[k] for k in w_syn})

@@ -20,9 +20,9 @@ def load_cached(out: str, config: dict, rounds: int, revision: int = 0) -> dict 
             s["history"] = [json.loads(line) for line in f if line.strip()]
     except (OSError, ValueError):
         return None
-    last = s.get("diverged_round") or rounds
     if s.get("compressor_revision", 0) != revision:
         return None
+    last = s.get("diverged_round") or rounds
     if s.get("config") != config or [r.get("round") for r in s["history"]] != list(range(1, last + 1)):
         return None
     return s
@@ -49,7 +49,7 @@ def execute(
 ) -> None:
     """Run (or reuse) every run; ``data_for(setting, seed)`` gives a run's data (called only for runs
     that train); ``on_run()`` after each one that ran (e.g. rewrite the report)."""
-    from ..api import compressor_class
+    from ..api import compressor_class, parse_spec
     from ..fedavg.driver import run_experiment
 
     for i, run in enumerate(runs):
@@ -58,7 +58,7 @@ def execute(
         cfg = config(plan, run.part, run.spec, run.seed)
         data_part = plan.folder(run.part)
         out = run_dir(plan, runs_dir, run)
-        revision = compressor_class(run.spec.split(":", 1)[0]).REVISION
+        revision = compressor_class(parse_spec(run.spec)[0]).REVISION
         s = load_cached(out, cfg.to_dict(), cfg.rounds, revision) if reuse else None
         if s is not None:
             run.summary = s

@@ -101,6 +101,12 @@ class Plan:
         """The setting a part's runs belong to (the sweep shares its setting's runs, e.g. none)."""
         return self.sweep_setting if part == "sweep" else part
 
+    def row_spec(self, part: str, row: str, budget) -> str:
+        """The spec of a budgeted row in a setting: the row's spec at ``budget`` plus the setting's own
+        keys for that row (``Setting.row_keys``); ``budget`` may be "R" (the table's Specs line)."""
+        extra = dict(self.setting(part).row_keys).get(row)
+        return ROWS[row][1](budget) + (f",{extra}" if extra else "")
+
     def budgets_of(self, part: str) -> tuple[int, ...]:
         own = self.setting(part).budgets
         return own if self.budgets is None else tuple(b for b in self.budgets if b in own) or self.budgets
@@ -173,13 +179,11 @@ def build_runs(plan: Plan) -> list[Run]:
                     runs.append(Run(part, f"sz-{target}", eb, spec))
             continue
         for row in plan.rows:
-            make = ROWS[row][1]
-            if make is None:
+            if ROWS[row][1] is None:
                 runs.append(Run(part, row, 1.0 if row == "none" else 2.0, row))
             else:
-                extra = dict(plan.setting(part).row_keys).get(row)
                 for r in plan.budgets_of(part):
-                    spec = make(r) + (f",{extra}" if extra else "")
+                    spec = plan.row_spec(part, row, r)
                     if spec.startswith("fedsynth") and plan.fedsynth_keys and "outer_steps=" not in spec:
                         spec += "," + plan.fedsynth_keys
                     runs.append(Run(part, row, float(r), spec))

@@ -35,7 +35,7 @@ def _event_text(run: Run, event: str, key: str, find) -> str:
     return f", {event} in {len(rounds)} of {len(s[key])} seeds ({which})"
 
 
-def _diverged_text(run: Run) -> str:
+def _events_text(run: Run) -> str:
     """Diverged (the model went non-finite), else collapsed (a round after the third below 60 % of
     the run's best: issue 14's criterion); a cell says which, per seed for a mean."""
     text = _event_text(run, "diverged", "diverged_rounds", diverged_round)
@@ -47,7 +47,7 @@ def _cell(run: Run | None) -> str:
         return "—"
     if run.summary is None:  # why: the report's "Not run" list
         return "not run"
-    return f"{_acc_text(run)} ({run.summary['compression_ratio']:.1f}x{_diverged_text(run)})"
+    return f"{_acc_text(run)} ({run.summary['compression_ratio']:.1f}x{_events_text(run)})"
 
 
 def baseline_run(runs: list[Run], part: str) -> Run | None:
@@ -102,8 +102,7 @@ def setting_table(plan: Plan, runs: list[Run], part: str) -> str:
             iso = f"{best.summary['compression_ratio']:.1f}x" if best else f"none of these (all > {ISO_PT} pt below)"
         lines.append(f"| {ROW_LABELS[row]} | " + " | ".join(cells) + f" | {iso} |")
     lines.append("")
-    extra = dict(plan.setting(part).row_keys)
-    specs = (ROWS[row][1]("R") + (f",{extra[row]}" if row in extra else "") for row in plan.rows if ROWS[row][1])
+    specs = (plan.row_spec(part, row, "R") for row in plan.rows if ROWS[row][1])
     lines.append("Specs: " + ", ".join(f"`{spec}`" for spec in specs) + ".\n")
     return "\n".join(lines) + "\n"
 

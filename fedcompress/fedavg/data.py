@@ -33,6 +33,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from ..api import mix_seed
 from ..errors import FormatError
 
 DATASETS = ("mnist5k", "digits", "mnist", "fashion", "femnist")
@@ -105,7 +106,7 @@ class FederatedDataset(Dataset):
             return
         for cid, idx in enumerate(self.partitions):
             if idx.numel() > n:
-                g = torch.Generator().manual_seed(seed * 1_000_003 + cid)
+                g = torch.Generator().manual_seed(mix_seed(seed, cid))
                 self.partitions[cid] = idx[torch.randperm(idx.numel(), generator=g)[:n].sort().values]
 
 

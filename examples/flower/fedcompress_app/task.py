@@ -74,9 +74,8 @@ def train_context(cfg: dict[str, Any], server_round: int, client: int) -> RoundC
 
 def load_partition(cfg: dict[str, Any], partition_id: int, num_partitions: int):
     """(x, y) of client ``partition_id`` out of ``num_partitions``, as the driver splits them."""
-    key = f"{cfg['dataset']}-{num_partitions}-{cfg['partition']}-{cfg['alpha']}-{cfg['seed']}-{partition_id}"
-
-    key += f"-{cfg['samples-per-client']}"
+    key = (f"{cfg['dataset']}-{num_partitions}-{cfg['partition']}-{cfg['alpha']}-{cfg['seed']}-{partition_id}"
+           f"-{cfg['samples-per-client']}")
 
     def compute():
         data = _federated(cfg["dataset"], num_partitions, cfg["partition"], cfg["alpha"], cfg["seed"])
