@@ -156,16 +156,26 @@ def test_ratio_and_native_knob_are_exclusive(spec):
         fc.get_compressor(spec)
 
 
-@pytest.mark.parametrize("spec", ["mask:ratio=16", "mask:ratio=16,values=fp16", "sz:ratio=16,ef=1", "fp16:ratio=1.5"])
+@pytest.mark.parametrize("spec", ["sz:bound=abs", "sz:rel=1e-2,bound=abs", "sz:abs=1e-3,bound=abs"])
+def test_sz_bound_abs_needs_a_ratio(spec):
+    with pytest.raises(ValueError, match="bound=abs chooses what ratio=R searches"):
+        fc.get_compressor(spec)
+
+
+@pytest.mark.parametrize("spec", ["mask:ratio=16", "mask:ratio=16,values=fp16", "sz:ratio=16,ef=1", "fp16:ratio=1.5",
+                                  "sz:ratio=16,bound=abs"])
 def test_spec_round_trips(spec):
     comp = fc.get_compressor(spec)
     assert "None" not in comp.spec and "keep" not in comp.spec and "rel" not in comp.spec
+    assert ("bound=abs" in comp.spec) == ("bound=abs" in spec)
     assert fc.get_compressor(comp.spec).spec == comp.spec
 
 
 def test_unreachable_budgets_say_what_they_reach(cnn_update):
     with pytest.raises(ValueError, match=r"sz: ratio=1e\+06 cannot be met.*rel=1 gives .* reaches [0-9.]+x"):
         fc.get_compressor("sz:ratio=1e6").compress(cnn_update, RoundContext())
+    with pytest.raises(ValueError, match=r"sz: ratio=1e\+06 cannot be met.*abs=[0-9.e-]+ gives .* reaches [0-9.]+x"):
+        fc.get_compressor("sz:ratio=1e6,bound=abs").compress(cnn_update, RoundContext())
     with pytest.raises(ValueError, match=r"mask: ratio=1e\+06 cannot be met.*reaches at most [0-9.]+x"):
         fc.get_compressor("mask:ratio=1e6").compress(cnn_update, RoundContext())
 
@@ -229,6 +239,53 @@ def test_sz_search_finds_the_smallest_grid_bound(update):
             assert len(fc.get_compressor(f"sz:rel={tighter!r}").compress(update, RoundContext())) > limit
 
 
+def _widest_range(update):
+    """Reference for bound=abs's unit: max - min of the finite values, widest over the lossy tensors."""
+    out = 0.0
+    for v in update.values():
+        if v.is_floating_point() and v.numel() >= 1024:
+            f = v.double()[torch.isfinite(v)]
+            out = max(out, float(f.max() - f.min()))
+    return out
+
+
+def test_sz_abs_search_finds_the_smallest_grid_bound(update):
+    width = _widest_range(update)
+    for R in (4, 16, 64):
+        comp = fc.get_compressor(f"sz:ratio={R},bound=abs")
+        ctx = RoundContext()
+        payload = comp.compress(update, ctx)
+        limit = B.budget_bytes(update, R)
+        assert len(payload) <= limit
+        eb = comp.last_choice["abs"]
+        k = math.log2(eb / width) * SZS.GRID
+        assert abs(k - round(k)) < 1e-6  # on the grid, in units of the widest range
+        # the same bytes as asking for that ABS bound directly, and every lossy value within it
+        assert payload == fc.get_compressor(f"sz:abs={eb!r}").compress(update, ctx)
+        out = comp.decompress(payload, ctx)
+        for name, v in update.items():
+            err = (out[name].double() - v.double()).abs().max().item()
+            assert err <= eb if v.is_floating_point() and v.numel() >= 1024 else err == 0, name
+        if comp.last_choice["encodes"] < SZS.MAX_ENCODES:  # converged: one grid step tighter does not fit
+            tighter = 2.0 ** ((round(k) - 1) / SZS.GRID) * width
+            assert len(fc.get_compressor(f"sz:abs={tighter!r}").compress(update, ctx)) > limit
+
+
+def test_sz_abs_bound_keeps_less_squared_error_than_rel_per_tensor(cnn_update):
+    """At one budget, one ABS bound over the update against a REL bound per tensor: the same error for
+    every value is what minimises the total squared error for the bytes (docs/sz.md, "Byte
+    budgets"), so ABS must come out lower on a real update, whose layers' ranges differ."""
+    ctx = RoundContext()
+    energy = sum(float(v.double().pow(2).sum()) for v in cnn_update.values())
+    for R in (16, 64):
+        err = {}
+        for bound in ("rel", "abs"):
+            comp = fc.get_compressor(f"sz:ratio={R},bound={bound}")
+            out = comp.decompress(comp.compress(cnn_update, ctx), ctx)
+            err[bound] = sum(float((out[k].double() - v.double()).pow(2).sum()) for k, v in cnn_update.items())
+        assert err["abs"] < 0.95 * err["rel"], (R, err["abs"] / energy, err["rel"] / energy)
+
+
 def test_sz_search_deterministic_monotone_and_bounded(cnn_update, monkeypatch):
     calls = []
     real = SZS.encode_stream
@@ -263,7 +320,8 @@ def test_sz_ratio_with_error_feedback_carries_the_residual(cnn_update):
         torch.testing.assert_close(res[k], cnn_update[k] - out[k], rtol=0, atol=0)
 
 
-def test_sz_search_starts_from_the_previous_answer(cnn_update):
+@pytest.mark.parametrize("bound", ["rel", "abs"])
+def test_sz_search_starts_from_the_previous_answer(cnn_update, bound):
     # A second update of another shape (scaled, plus noise): the compressor that just searched starts
     # from its previous answer and finds the same bound and bytes as a fresh one.
     g = torch.Generator().manual_seed(1)
@@ -273,12 +331,12 @@ def test_sz_search_starts_from_the_previous_answer(cnn_update):
         for k, v in cnn_update.items()
     }  # fmt: skip
     for R in (4, 16, 64, 256):
-        fresh = fc.get_compressor(f"sz:ratio={R}")
+        fresh = fc.get_compressor(f"sz:ratio={R},bound={bound}")
         want = fresh.compress(similar, RoundContext())
-        warm = fc.get_compressor(f"sz:ratio={R}")
+        warm = fc.get_compressor(f"sz:ratio={R},bound={bound}")
         warm.compress(cnn_update, RoundContext())
         assert warm.compress(similar, RoundContext()) == want
-        assert warm.last_choice["rel"] == fresh.last_choice["rel"]
+        assert warm.last_choice[bound] == fresh.last_choice[bound]
 
 
 @pytest.fixture(scope="module")

@@ -25,11 +25,12 @@ def test_plan_runs_and_specs():
     one_seed = [r for r in runs if r.seed == 0]
     budgets = R.SETTINGS["mnist5k-10"].budgets
     assert budgets == (8, 16, 32, 64, 128, 256)
-    # none + fp16, 6 budgeted rows x 6 budgets, the sweep's 2 targets x 4 bounds
-    assert len(one_seed) == 2 + 6 * 6 + 2 * 4 and len(runs) == 2 * len(one_seed)
+    # none + fp16, 7 budgeted rows x 6 budgets, the sweep's 2 targets x 4 bounds
+    assert len(one_seed) == 2 + 7 * 6 + 2 * 4 and len(runs) == 2 * len(one_seed)
     spec = {(r.part, r.row, r.target): r.spec for r in one_seed}
     assert spec[("mnist5k-10", "mask", 64)] == "mask:ratio=64"
     assert spec[("mnist5k-10", "sz-ef", 8)] == "sz:ratio=8,ef=1"
+    assert spec[("mnist5k-10", "sz-abs", 64)] == "sz:ratio=64,bound=abs"
     assert spec[("mnist5k-10", "fedsynth-trainable", 256)] == "fedsynth:ratio=256,labels=trainable"
     assert spec[("mnist5k-10", "real-subset", 16)] == "fedsynth:ratio=16,outer_steps=0"
     assert spec[("mnist5k-10", "fp16", 2)] == "fp16"

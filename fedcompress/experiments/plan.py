@@ -67,6 +67,7 @@ ROWS: dict[str, tuple[str, Any]] = {
     "fp16": ("fp16", None),
     "mask": ("mask (unbiased)", lambda r: f"mask:ratio={r}"),
     "sz": ("sz (bound searched per update)", lambda r: f"sz:ratio={r}"),
+    "sz-abs": ("sz, one ABS bound searched per update", lambda r: f"sz:ratio={r},bound=abs"),
     "sz-ef": ("sz + error feedback", lambda r: f"sz:ratio={r},ef=1"),
     "fedsynth-fixed": ("fedsynth, fixed labels", lambda r: f"fedsynth:ratio={r}"),
     "fedsynth-trainable": ("fedsynth, trainable labels", lambda r: f"fedsynth:ratio={r},labels=trainable"),

@@ -40,6 +40,13 @@ Encodes per update (metrics.jsonl ``chosen[].encodes``; counts, not times) in ``
 "Codec time in FedAvg" (the same 30 bounds as the previous search, which started at the previous
 answer and took 3.1 at 16x, 3.8 at 64x).
 ``last_choice`` = ``{"rel": bound, "encodes": n, "ratio": r}``.
+
+``bound=abs`` (with ``ratio`` only) searches one ABS bound for the whole update instead: eb =
+2^(k / GRID) times the widest range among the lossy tensors (so the same grid, start and slope
+rules apply, with that one width in place of each tensor's own), every lossy tensor encoded in ABS
+mode at eb; ``last_choice`` then holds ``"abs": eb``, and ``sz:abs=<eb>`` gives the same bytes. At
+equal bytes one ABS bound keeps less squared error than a REL bound per tensor (every value gets the
+same error; docs/sz.md, "Byte budgets": 14-15 % less on a CNN update at 16x-256x).
 """
 
 from __future__ import annotations
@@ -79,9 +86,10 @@ SLOPE_SPAN = 3  # probes at least this many grid steps apart: their secant, else
 SLOPE_SPAN_MAX = 8  # the learned slope: from probes at most this far from the answer
 
 
-def _spread(inputs: StateDict, lossy: list[str], ranges: dict) -> float | None:
+def _spread(inputs: StateDict, lossy: list[str], ranges: dict, width: float | None = None) -> float | None:
     """log2(mean |x| / (max - min)) of the lossy tensors, averaged weighted by their sizes; None
-    when a tensor has no finite range or non-finite values.
+    when a tensor has no finite range or non-finite values. ``width`` (``bound=abs``) replaces every
+    tensor's max - min: the one width its bound is a fraction of.
 
     At a REL bound the codes are x / (2 rel (max - min)): an update whose values spread twice as wide
     relative to their range needs a bound twice as large for the same bytes, i.e. GRID grid steps.
@@ -95,9 +103,10 @@ def _spread(inputs: StateDict, lossy: list[str], ranges: dict) -> float | None:
         lo, hi, cnt = ranges[name]
         x = inputs[name]
         mean_abs = float(x.reshape(-1).abs().mean(dtype=torch.float32))
-        if not cnt or not hi > lo or not math.isfinite(mean_abs) or mean_abs <= 0:
+        w = width if width is not None else hi - lo
+        if not cnt or not w > 0 or not math.isfinite(mean_abs) or mean_abs <= 0:
             return None
-        acc += x.numel() * math.log2(mean_abs / (hi - lo))
+        acc += x.numel() * math.log2(mean_abs / w)
         total += x.numel()
     return acc / total if total else None
 
@@ -112,11 +121,14 @@ class SZCompressor(Compressor):
         "target": choice("update", "weights"),
         "ef": Param(boolean, False, None, "0 or 1"),
         "ratio": RATIO_PARAM,
+        "bound": choice("rel", "abs"),  # ratio=R: one REL bound per tensor, or one ABS bound for the update
     }
 
     def __init__(self, **kwargs) -> None:
         if kwargs.get("ratio") is not None and ("rel" in kwargs or "abs" in kwargs):
             raise ValueError("sz: give rel/abs or ratio, not both (ratio=R searches the rel bound per update)")
+        if kwargs.get("bound", "rel") != "rel" and kwargs.get("ratio") is None:
+            raise ValueError("sz: bound=abs chooses what ratio=R searches; for a fixed ABS bound give abs=<bound>")
         super().__init__(**kwargs)
         self._residual: dict[int, StateDict] = {}  # error feedback, per client
         self.last_choice: dict | None = None
@@ -127,7 +139,9 @@ class SZCompressor(Compressor):
 
     @property
     def spec(self) -> str:
-        return spec_without(self, {"rel", "abs"} if self.params["ratio"] is not None else set())
+        if self.params["ratio"] is None:
+            return spec_without(self, {"bound"})
+        return spec_without(self, {"rel", "abs"} | ({"bound"} if self.params["bound"] == "rel" else set()))
 
     def _lossy(self, t: torch.Tensor) -> bool:
         return t.dtype in wire.FLOAT_DTYPES and t.numel() >= self.params["min_lossy"]
@@ -166,8 +180,8 @@ class SZCompressor(Compressor):
         return payload
 
     def _search(self, inputs: StateDict, lossy: list[str]) -> dict[str, bytes]:
-        """Streams (kind byte included) of the lossy tensors at the smallest grid REL bound whose
-        payload fits the budget."""
+        """Streams (kind byte included) of the lossy tensors at the smallest grid bound (REL per
+        tensor, or with ``bound=abs`` one ABS bound) whose payload fits the budget."""
         ratio = self.params["ratio"]
         limit = budget_bytes(inputs, ratio)
         # everything but the SZ records' data: framing, names, the raw records (kind byte + bytes)
@@ -175,6 +189,10 @@ class SZCompressor(Compressor):
         fixed += sum(1 + t.numel() * t.element_size() for name, t in inputs.items() if name not in lossy)
         n_lossy = sum(inputs[name].numel() for name in lossy)
         ranges = {name: value_range(inputs[name]) for name in lossy}  # REL's range: once, not per encode
+        width = None  # bound=abs: the bound is 2^(k / GRID) times this (the widest finite range)
+        if self.params["bound"] == "abs":
+            widths = [hi - lo for lo, hi, cnt in ranges.values() if cnt and math.isfinite(hi - lo) and hi > lo]
+            width = max(widths, default=1.0)
         hi_k = 0  # grid index of rel = 1 (k = log2(rel) * GRID)
         lo_k = LOG2_MIN * GRID
         sizes: dict[int, int] = {}  # grid index -> payload bytes
@@ -182,8 +200,11 @@ class SZCompressor(Compressor):
 
         def size_at(k: int) -> int:
             rel = 2.0 ** (k / GRID)
-            streams = {name: encode_stream(inputs[name], rel, "rel", prefix=_KIND_SZ, value_range=ranges[name])
-                       for name in lossy}
+            if width is None:
+                streams = {name: encode_stream(inputs[name], rel, "rel", prefix=_KIND_SZ, value_range=ranges[name])
+                           for name in lossy}
+            else:
+                streams = {name: encode_stream(inputs[name], rel * width, "abs", prefix=_KIND_SZ) for name in lossy}
             sizes[k] = fixed + sum(len(s) for s in streams.values())
             if sizes[k] <= limit and k < best.get("k", hi_k + 1):
                 best.update(k=k, streams=streams)
@@ -218,7 +239,7 @@ class SZCompressor(Compressor):
 
         # First probe: where the previous update's size crossed the budget, moved by the change in
         # spread (see _spread); else the previous answer; else FedSZ's 1e-2 (module docstring).
-        spread = _spread(inputs, lossy, ranges)
+        spread = _spread(inputs, lossy, ranges, width)
         if self._last_c is not None and spread is not None and self._last_spread is not None:
             k0 = min(hi_k, max(lo_k, round(self._last_c + GRID * (spread - self._last_spread))))
         else:
@@ -267,12 +288,15 @@ class SZCompressor(Compressor):
             loosest = sizes.get(hi_k)
             raise ValueError(
                 f"sz: ratio={ratio:g} cannot be met for this update: "
-                + (f"even the loosest bound rel=1 gives {loosest} bytes" if loosest is not None
+                + (f"even the loosest bound {'rel=1' if width is None else f'abs={width:g}'} gives {loosest} bytes"
+                   if loosest is not None
                    else f"no bound tried in {MAX_ENCODES} encodes fits")
                 + f" > budget {limit} (framing and lossless tensors take {fixed + len(lossy)}); "
                 + (f"it reaches {dense_payload_bytes(inputs) / loosest:.4g}x" if loosest else "")
             )
-        self.last_choice = {"rel": 2.0 ** (b / GRID), "encodes": len(sizes)}
+        chosen = 2.0 ** (b / GRID)
+        self.last_choice = {"rel": chosen} if width is None else {"abs": chosen * width}
+        self.last_choice["encodes"] = len(sizes)
         self._last_k = b
         # the crossing, linear between the bracket's ends (in (a, b]; b itself when a is unknown)
         self._last_c = b if a is None else a + (sizes[a] - limit) / max(sizes[a] - sizes[b], 1)
