@@ -10,6 +10,10 @@ It runs 3 rounds of plain FedAvg on mnist5k (10 clients, E=2, B=20, lr=0.05, see
 0's update of round 4, and for R in 16, 64, 256: encodes it with ``sz:ratio=R``, then bisects one
 ABS bound to the same payload size, and prints each one's relative squared error
 sum (x_hat - x)^2 / sum x^2 over the whole update. Run:  python bench/sz_abs_vs_rel.py  (~15 s)
+
+``--search``: the two byte-budget searches themselves (``sz:ratio=R`` and ``sz:ratio=R,bound=abs``),
+one compressor each across six clients' round-1 updates (mnist5k, 10 clients, E=1), as in a round:
+encodes per update and the mean relative squared error (docs/sz.md, "Byte budgets"; ~20 s).
 """
 
 from __future__ import annotations
@@ -66,5 +70,33 @@ def main() -> None:
         print(f"| {r}x | {ratio:.1f}x, {err:.4f} | {hi:.3g}, {ratio_a:.1f}x, {err_a:.4f} |")
 
 
+def search() -> None:
+    torch.set_num_threads(1)
+    ds = load_dataset("mnist5k", 10, "iid", 0.5, 0, None)
+    torch.manual_seed(0)
+    model = build_model("cnn", ds.info)
+    g = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    ups = []
+    for c in range(6):
+        ctx = RoundContext(round=1, client=c, seed=0, epochs=1, batch_size=20, lr=0.05)
+        new = local_sgd(model, g, ds.client_data(c), ctx)
+        ups.append({k: new[k] - g[k] for k in g})
+    print("| budget | bound | encodes per update | mean relative squared error |")
+    print("|---|---|---|---:|")
+    for r in (16, 64, 256):
+        for bound in ("rel", "abs"):
+            comp = fc.get_compressor(f"sz:ratio={r},bound={bound}")
+            encodes, errs = [], []
+            for u in ups:
+                ctx = RoundContext()
+                out = comp.decompress(comp.compress(u, ctx), ctx)
+                encodes.append(comp.last_choice["encodes"])
+                energy = sum(float(v.double().pow(2).sum()) for v in u.values())
+                errs.append(sum(float((out[k].double() - v.double()).pow(2).sum()) for k, v in u.items()) / energy)
+            print(f"| {r}x | {bound} | {', '.join(map(str, encodes))} | {sum(errs) / len(errs):.4f} |")
+
+
 if __name__ == "__main__":
-    main()
+    import sys
+
+    search() if "--search" in sys.argv[1:] else main()
