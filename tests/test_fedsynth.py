@@ -86,8 +86,8 @@ def test_server_replay_equals_client_w_syn_exactly(spec):
 
 def test_learning_lowers_real_loss_and_payload_size():
     model, state, comp, ctx = _setup(
-        "fedsynth:batches=4,batch=2,outer_steps=25,labels=trainable,lr_x=0.05,lr_y=0.05,objective=loss"
-    )
+        "fedsynth:batches=4,batch=2,outer_steps=25,labels=trainable,lr_x=0.05,lr_y=0.05,objective=loss,lr_search=0"
+    )  # the outer loop at one inner_lr (lr_search would pick the init's step by its own measure)
     x, y = _data()
     payload = comp.client_update(model, state, (x, y), ctx)
     # the initial set's loss: the same init, unrolled
@@ -546,7 +546,8 @@ def test_real_batch_draws_a_fresh_subset_each_outer_step(monkeypatch):
     assert len({tuple(b.flatten().tolist()) for b in seen}) == 4  # a different subset each step
     # the final set is measured on all the data (the per-step subset losses are not comparable)
     d = comp.decompress(payload, ctx)
-    w = fc.synth.unroll(model, {k: state[k] for k, _ in model.named_parameters()}, d["x"], d["y"], 0.1)
+    w = fc.synth.unroll(model, {k: state[k] for k, _ in model.named_parameters()}, d["x"], d["y"],
+                        float(d["inner_lr"]))
     assert math.isclose(comp.last_real_loss, fc.synth.real_loss(model, w, x, y), rel_tol=1e-5)
 
 
@@ -565,17 +566,30 @@ def test_objective_match_reproduces_the_sgd_update_without_real_batches(monkeypa
     monkeypatch.setattr(fc.synth, "hypergradient", spy)
     x, y = _data()
     model, state, comp, ctx = _setup("fedsynth:batches=3,batch=2,outer_steps=15,objective=match,lr_x=0.03,dtype=fp32")
-    comp.client_update(model, state, (x, y), ctx)
+    payload = comp.client_update(model, state, (x, y), ctx)
     assert len(calls) == 15 and all(rx is None and has_t for rx, has_t in calls)
+    lr = float(comp.decompress(payload, ctx)["inner_lr"])  # the step lr_search chose for both sets
     names = [k for k, _ in model.named_parameters()]
     params = {k: state[k] for k in names}
     sgd = local_sgd(model, state, (x, y), ctx)
     init_x, init_y = comp._init(x, y, 4, 3, 2, ctx)
-    w0 = fc.synth.unroll(model, params, init_x, init_y, 0.1)
+    w0 = fc.synth.unroll(model, params, init_x, init_y, lr)
     before = _update_norm({k: w0[k] - sgd[k] + state[k] for k in names}, state)
     after = _update_norm({k: comp.last_w_syn[k] - sgd[k] + state[k] for k in names}, state)
-    # 15 steps close ~11 % of the gap here (0.095 vs 0.106); a sign error would widen it
-    assert after < 0.95 * before, (after, before)
+    # at the step lr_search chose, 15 steps close ~3 % of the gap here (0.0584 vs 0.0603); a sign
+    # error would widen it, and the client would then send the init (after == before)
+    assert after < 0.99 * before, (after, before)
+
+
+def test_objective_match_never_sends_a_set_farther_than_the_init():
+    """With the match term alone every outer step measures the same objective, so the set sent is the
+    nearest seen: when the Adam steps overshoot (lr_x far too large), that is the real-sample init."""
+    x, y = _data()
+    model, state, comp, ctx = _setup("fedsynth:batches=3,batch=2,outer_steps=6,objective=match,lr_x=50,dtype=fp32")
+    payload = comp.client_update(model, state, (x, y), ctx)
+    init_x, _ = comp._init(x, y, 4, 3, 2, ctx)
+    assert torch.equal(comp.decompress(payload, ctx)["x"], init_x)
+    assert comp.last_fallback == ""  # the first candidate: it ranked best, not a guard fallback
 
 
 def test_server_scale_multiplies_the_replayed_update():
@@ -619,3 +633,47 @@ def test_non_finite_global_model_is_refused_on_both_sides(guard):
     with pytest.raises(fc.FormatError, match="non-finite"):
         comp.server_update(payload, bad, ctx)
     assert all(torch.isfinite(v).all() for v in comp.server_update(payload, state, ctx).values())
+
+
+def _sgd_replay_ref(state, x, y, lr):
+    """ClientUpdate in plain torch (independent of fedcompress.synth): m SGD steps, soft-label CE."""
+    ref = TinyCNN()
+    ref.load_state_dict(state)
+    opt = torch.optim.SGD(ref.parameters(), lr=lr)
+    for j in range(x.shape[0]):
+        opt.zero_grad()
+        (-(y[j] * torch.log_softmax(ref(x[j]), -1)).sum(-1).mean()).backward()
+        opt.step()
+    return {k: v.detach() for k, v in ref.named_parameters()}
+
+
+@pytest.mark.parametrize("lr_search", [4, 2])
+def test_lr_search_sends_the_step_whose_replay_is_nearest_the_sgd_weights(lr_search):
+    from fedcompress.api import local_sgd
+
+    x, y = _data()
+    model, state, comp, ctx = _setup(f"fedsynth:batches=3,batch=2,outer_steps=0,dtype=fp32,lr_search={lr_search}")
+    payload = comp.client_update(model, state, (x, y), ctx)
+    d = comp.decompress(payload, ctx)
+    sgd = local_sgd(model, state, (x, y), ctx)
+    dist = {}
+    for k in range(lr_search + 1):
+        lr = 0.1 / 2**k  # the default inner_lr and its halvings
+        w = _sgd_replay_ref(state, d["x"], d["y"], lr)
+        dist[lr] = sum(float((w[n].double() - sgd[n].double()).pow(2).sum()) for n in w)
+    assert float(d["inner_lr"]) == min(dist, key=dist.get), dist
+    assert len(set(dist.values())) == len(dist)  # the test can tell the steps apart
+
+
+def test_lr_search_leaves_an_explicit_inner_lr_alone():
+    x, y = _data()
+    for spec, want in [("inner_lr=0.07", 0.07), ("lr_search=0", 0.1)]:
+        model, state, comp, ctx = _setup(f"fedsynth:batches=3,batch=2,outer_steps=0,{spec}")
+        payload = comp.client_update(model, state, (x, y), ctx)
+        assert float(comp.decompress(payload, ctx)["inner_lr"]) == want
+
+
+def test_lr_search_rejects_out_of_range_values():
+    for bad in ("-1", "11", "1.5", "x"):
+        with pytest.raises(ValueError, match="lr_search"):
+            fc.get_compressor(f"fedsynth:lr_search={bad}")
