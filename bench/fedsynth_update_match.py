@@ -1,0 +1,88 @@
+"""How close is a compressor's replayed update to the client's real SGD update, at one global model?
+
+FedSynth sends data, not an update: the server replays m SGD steps on it. This script takes the
+global model after ``--warm`` rounds of plain FedAvg (mnist5k, 10 clients, E=2, B=20, lr=0.05,
+seed 0: the results' mnist5k-10 setting) and, for each spec, has every client build its payload
+for the next round and the server replay it. Per client: cosine and relative distance to the
+client's own SGD update, and the norm ratio; then the same for the size-weighted average over the
+10 clients (what FedAvg applies); and the test accuracy after applying that average once.
+
+    python bench/fedsynth_update_match.py --warm 10 --specs "fedsynth:ratio=16,outer_steps=0;fedsynth:ratio=16"
+
+Used for issue 14's inner-step diagnosis (docs/fedsynth.md, "Inner step per update"); ~10-60 s per
+spec and ~30 s per warm round on one thread. Any spec works (e.g. ``mask:ratio=16``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import torch
+import torch.nn.functional as F
+
+import fedcompress as fc
+from fedcompress.api import RoundContext, apply_delta, local_sgd, state_delta
+from fedcompress.fedavg.data import load_dataset
+from fedcompress.fedavg.driver import evaluate, weighted_average
+from fedcompress.fedavg.models import build_model
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--warm", type=int, default=10, help="FedAvg rounds before the measured round")
+    ap.add_argument("--specs", required=True, help="compressor specs separated by ';'")
+    args = ap.parse_args()
+    torch.set_num_threads(1)
+    ds = load_dataset("mnist5k", 10, "iid", 0.5, 0)
+    torch.manual_seed(0)
+    model = build_model("cnn", ds.info)
+    g = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    sizes = [len(p) for p in ds.partitions]
+
+    def ctx(rnd: int, c: int) -> RoundContext:
+        return RoundContext(round=rnd, client=c, seed=0, epochs=2, batch_size=20, lr=0.05)
+
+    for rnd in range(1, args.warm + 1):
+        ups = [state_delta(local_sgd(model, g, ds.client_data(c), ctx(rnd, c)), g) for c in range(10)]
+        g = apply_delta(g, weighted_average(ups, sizes))
+    rnd = args.warm + 1
+    names = [k for k in g if g[k].is_floating_point()]
+
+    def flat(d):
+        return torch.cat([d[k].reshape(-1).double() for k in names])
+
+    def acc(state) -> float:
+        model.load_state_dict(state)
+        return 100 * evaluate(model, ds.x_test, ds.y_test, 1000)[0]
+
+    real = [state_delta(local_sgd(model, g, ds.client_data(c), ctx(rnd, c)), g) for c in range(10)]
+    R = [flat(u) for u in real]
+    avg_real = weighted_average(real, sizes)
+    AR = flat(avg_real)
+    print(f"after {args.warm} rounds: accuracy {acc(g):.1f} %, after one step of the real average "
+          f"{acc(apply_delta(g, avg_real)):.1f} %")
+    print("| spec | per client: cosine | distance | norm | average: cosine | distance | norm | accuracy % | s |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
+    for spec in [s.strip() for s in args.specs.split(";") if s.strip()]:
+        comp = fc.get_compressor(spec)
+        t0 = time.time()
+        deltas = [comp.server_update(comp.client_update(model, g, ds.client_data(c), ctx(rnd, c)), g, ctx(rnd, c))
+                  for c in range(10)]
+        D = [flat(d) for d in deltas]
+        avg = weighted_average(deltas, sizes)
+        A = flat(avg)
+
+        def mean(v):
+            return sum(v) / len(v)
+
+        cos = mean([float(F.cosine_similarity(a, b, dim=0)) for a, b in zip(D, R, strict=True)])
+        dist = mean([float((a - b).norm() / b.norm()) for a, b in zip(D, R, strict=True)])
+        norm = mean([float(a.norm() / b.norm()) for a, b in zip(D, R, strict=True)])
+        print(f"| `{spec}` | {cos:.3f} | {dist:.3f} | {norm:.2f} | {float(F.cosine_similarity(A, AR, dim=0)):.3f} | "
+              f"{float((A - AR).norm() / AR.norm()):.3f} | {float(A.norm() / AR.norm()):.2f} | "
+              f"{acc(apply_delta(g, avg)):.1f} | {time.time() - t0:.0f} |", flush=True)
+
+
+if __name__ == "__main__":
+    main()
