@@ -677,3 +677,11 @@ def test_lr_search_rejects_out_of_range_values():
     for bad in ("-1", "11", "1.5", "x"):
         with pytest.raises(ValueError, match="lr_search"):
             fc.get_compressor(f"fedsynth:lr_search={bad}")
+
+
+def test_lr_search_skips_a_noise_init():
+    """init=noise: the initial set's replay says nothing about the step, so the default is sent."""
+    x, y = _data()
+    model, state, comp, ctx = _setup("fedsynth:batches=3,batch=2,outer_steps=0,init=noise")
+    payload = comp.client_update(model, state, (x, y), ctx)
+    assert float(comp.decompress(payload, ctx)["inner_lr"]) == 0.1

@@ -29,6 +29,14 @@ decides the accuracy; 2 x 23 moved a third of the SGD distance and never caught 
 distance is then given up, not the stability). Explicit ``batches``/``batch``/``inner_lr`` win over
 the rule.
 
+Inner step per update (``lr_search=K``, default 4): unless ``inner_lr`` is given, the client
+replays its initial real-sample set at the rule's (or default) inner_lr and at its first K halvings
+and keeps the step whose replay lands nearest its own SGD weights; the outer loop and the payload
+use that step. The step a replay can take without blowing up shrinks as training goes on (the model
+sharpens to the client's SGD step): on mnist5k-10 after 10 rounds, the rule's 0.1 replayed the
+real-sample set into an update 24x the SGD one at cosine -0.03, 0.0125 into 0.44x at cosine 0.30
+(docs/fedsynth.md, "Inner step per update"). K + 1 unrolls per update, no hypergradient.
+
 Guard (``guard=G``): the client also runs its own local SGD (cheap next to the outer loop) and
 sends the norm of that update; among its candidate sets (lowest outer objective first, then the
 initial real-sample set) it sends the first whose replayed update norm is <= G times it, halving inner_lr
@@ -277,8 +285,8 @@ class FedSynthCompressor(Compressor):
         "lr_y": positive_float(0.03),
         "inner_lr": positive_float(0.1),
         # per update, the rule's (or default) inner_lr and up to this many halvings of it are
-        # replayed on the initial set; the one landing nearest the client's SGD weights is used
-        # (0 = off; an explicit inner_lr is never searched). Module docstring, "Inner step".
+        # replayed on the initial real-sample set; the one landing nearest the client's SGD
+        # weights is used (0 = off; an explicit inner_lr or init=noise is never searched)
         "lr_search": Param(int, 4, lambda v: 0 <= v <= 10, "an integer in [0, 10] (0 = off)"),
         "init": choice("real", "noise"),
         "dtype": choice("fp16", "fp32"),
@@ -596,7 +604,8 @@ class FedSynthCompressor(Compressor):
                 return softmax_labels(v.detach(), None if t is None else t.detach())
             return y0.detach()
 
-        if p["lr_search"] and "inner_lr" not in self.given:
+        # (with init=noise the initial set's replay says nothing about the step: no search)
+        if p["lr_search"] and "inner_lr" not in self.given and p["init"] == "real":
             lr = self._search_inner_lr(model, params, x.detach(), labels_now(), lr, local, names)
 
         opt = torch.optim.Adam(groups)
