@@ -682,6 +682,6 @@ def test_lr_search_rejects_out_of_range_values():
 def test_lr_search_skips_a_noise_init():
     """init=noise: the initial set's replay says nothing about the step, so the default is sent."""
     x, y = _data()
-    model, state, comp, ctx = _setup("fedsynth:batches=3,batch=2,outer_steps=0,init=noise")
+    model, state, comp, ctx = _setup("fedsynth:batches=3,batch=2,outer_steps=1,init=noise,guard=0")
     payload = comp.client_update(model, state, (x, y), ctx)
     assert float(comp.decompress(payload, ctx)["inner_lr"]) == 0.1
