@@ -38,7 +38,7 @@ def report(plan: Plan, runs: list[Run], out: str, command: str, wall: float, wit
         "percentage points. The test split of mnist5k has 1,000 images (0.1 pt = one image); "
         "Fashion-MNIST's has 10,000. A cell says \"diverged in round r\" where the model went "
         "non-finite (the run stops there) and \"collapsed in round r\" where a round after the third "
-        "fell below 60 % of the run's best accuracy.\n",
+        "fell below 60 % of the best accuracy of the rounds before it.\n",
     ]
     for part in plan.parts:
         if part == "sweep":

@@ -37,7 +37,7 @@ def _event_text(run: Run, event: str, key: str, find) -> str:
 
 def _events_text(run: Run) -> str:
     """Diverged (the model went non-finite), else collapsed (a round after the third below 60 % of
-    the run's best: issue 14's criterion); a cell says which, per seed for a mean."""
+    the best before it: issue 14's criterion); a cell says which, per seed for a mean."""
     text = _event_text(run, "diverged", "diverged_rounds", diverged_round)
     return text or _event_text(run, "collapsed", "collapse_rounds", collapse_round)
 
