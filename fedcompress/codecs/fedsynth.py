@@ -248,6 +248,11 @@ def _dense_bytes(state: StateDict) -> int:
     return int(dense_payload_bytes(state))
 
 
+def _sq_dist(a: dict, b: dict, keys) -> float:
+    """sum over ``keys`` of ||a[k] - b[k]||^2, in float64."""
+    return sum(float((a[k].double() - b[k].double()).pow(2).sum()) for k in keys)
+
+
 def _norm(delta: dict) -> float:
     return math.sqrt(sum(float(v.double().pow(2).sum()) for v in delta.values()))
 
@@ -583,7 +588,7 @@ class FedSynthCompressor(Compressor):
         # (real_batch): then the final set is measured on all the data and tried first. With the
         # match term alone every step measures the same thing, so the set sent is the nearest one,
         # the real-sample init included (on small sets the Adam steps can end farther than it)
-        comparable = not (rb and obj != "match")
+        comparable = obj == "match" or not rb
         mode = self._mode
         x.requires_grad_(True)
         groups = [{"params": [x], "lr": p["lr_x"]}]
@@ -693,7 +698,7 @@ class FedSynthCompressor(Compressor):
         for k in range(self.params["lr_search"] + 1):
             cand = lr / 2**k
             w = synth.unroll(model, params, x, y, cand)
-            d = sum(float((w[n].double() - local[n].double()).pow(2).sum()) for n in names)
+            d = _sq_dist(w, local, names)
             if d < best_d:  # strictly nearer: a tie keeps the larger step
                 best, best_d = cand, d
         return best
@@ -713,7 +718,7 @@ class FedSynthCompressor(Compressor):
         y = F.one_hot(cls.to(torch.int64), C).to(torch.float32)
         return x.reshape((m, b) + tuple(real_x.shape[1:])).contiguous(), y.reshape(m, b, C).contiguous()
 
-    def _loss_of(self, model, params, x, y, lr, real_x, real_y, obj="loss", target=None, tw=1.0) -> float:
+    def _loss_of(self, model, params, x, y, lr, real_x, real_y, obj, target, tw) -> float:
         """The outer objective of the set (x, y) on all the client's data, as the outer steps
         measure it: CE on the real data at w_m, tw * ||w_m - target||^2, or their sum."""
         w = synth.unroll(model, params, x, y, lr)
@@ -721,7 +726,7 @@ class FedSynthCompressor(Compressor):
         if obj != "match":
             loss += synth.real_loss(model, w, real_x, real_y)
         if obj != "loss":
-            loss += tw * sum(float((w[k].double() - target[k].double()).pow(2).sum()) for k in target)
+            loss += tw * _sq_dist(w, target, target)
         return loss if math.isfinite(loss) else math.inf
 
 

@@ -193,18 +193,16 @@ class SZCompressor(Compressor):
         if self.params["bound"] == "abs":
             widths = [hi - lo for lo, hi, cnt in ranges.values() if cnt and math.isfinite(hi - lo) and hi > lo]
             width = max(widths, default=1.0)
+        mode, unit = ("rel", 1.0) if width is None else ("abs", width)  # grid index k -> bound 2^(k/GRID) * unit
         hi_k = 0  # grid index of rel = 1 (k = log2(rel) * GRID)
         lo_k = LOG2_MIN * GRID
         sizes: dict[int, int] = {}  # grid index -> payload bytes
         best: dict = {}  # "k", "streams": the smallest fitting grid index so far and its streams
 
         def size_at(k: int) -> int:
-            rel = 2.0 ** (k / GRID)
-            if width is None:
-                streams = {name: encode_stream(inputs[name], rel, "rel", prefix=_KIND_SZ, value_range=ranges[name])
-                           for name in lossy}
-            else:
-                streams = {name: encode_stream(inputs[name], rel * width, "abs", prefix=_KIND_SZ) for name in lossy}
+            eb = 2.0 ** (k / GRID) * unit  # (ABS mode reads no range: value_range only saves REL's pass)
+            streams = {name: encode_stream(inputs[name], eb, mode, prefix=_KIND_SZ, value_range=ranges[name])
+                       for name in lossy}
             sizes[k] = fixed + sum(len(s) for s in streams.values())
             if sizes[k] <= limit and k < best.get("k", hi_k + 1):
                 best.update(k=k, streams=streams)
@@ -288,15 +286,12 @@ class SZCompressor(Compressor):
             loosest = sizes.get(hi_k)
             raise ValueError(
                 f"sz: ratio={ratio:g} cannot be met for this update: "
-                + (f"even the loosest bound {'rel=1' if width is None else f'abs={width:g}'} gives {loosest} bytes"
-                   if loosest is not None
+                + (f"even the loosest bound {mode}={unit:g} gives {loosest} bytes" if loosest is not None
                    else f"no bound tried in {MAX_ENCODES} encodes fits")
                 + f" > budget {limit} (framing and lossless tensors take {fixed + len(lossy)}); "
                 + (f"it reaches {dense_payload_bytes(inputs) / loosest:.4g}x" if loosest else "")
             )
-        chosen = 2.0 ** (b / GRID)
-        self.last_choice = {"rel": chosen} if width is None else {"abs": chosen * width}
-        self.last_choice["encodes"] = len(sizes)
+        self.last_choice = {mode: 2.0 ** (b / GRID) * unit, "encodes": len(sizes)}
         self._last_k = b
         # the crossing, linear between the bracket's ends (in (a, b]; b itself when a is unknown)
         self._last_c = b if a is None else a + (sizes[a] - limit) / max(sizes[a] - sizes[b], 1)
