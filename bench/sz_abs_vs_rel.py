@@ -28,11 +28,16 @@ from fedcompress.fedavg.data import load_dataset
 from fedcompress.fedavg.models import build_model
 
 
-def real_update() -> tuple[dict, RoundContext]:
-    torch.manual_seed(0)
+def _start():
+    """mnist5k with 10 clients (iid, seed 0), the CNN at seed 0's init, and its weights."""
     ds = load_dataset("mnist5k", 10, "iid", 0.5, 0, None)
+    torch.manual_seed(0)
     model = build_model("cnn", ds.info)
-    g = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    return ds, model, {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def real_update() -> tuple[dict, RoundContext]:
+    ds, model, g = _start()
     for rnd in range(1, 4):  # mid-training, not the first round's update
         ups = []
         for c in range(10):
@@ -72,10 +77,7 @@ def main() -> None:
 
 def search() -> None:
     torch.set_num_threads(1)
-    ds = load_dataset("mnist5k", 10, "iid", 0.5, 0, None)
-    torch.manual_seed(0)
-    model = build_model("cnn", ds.info)
-    g = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    ds, model, g = _start()
     ups = []
     for c in range(6):
         ctx = RoundContext(round=1, client=c, seed=0, epochs=1, batch_size=20, lr=0.05)
