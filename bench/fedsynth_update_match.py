@@ -16,6 +16,7 @@ spec and ~30 s per warm round on one thread. Any spec works (e.g. ``mask:ratio=1
 from __future__ import annotations
 
 import argparse
+import statistics
 import time
 
 import torch
@@ -72,10 +73,7 @@ def main() -> None:
         D = [flat(d) for d in deltas]
         avg = weighted_average(deltas, sizes)
         A = flat(avg)
-
-        def mean(v):
-            return sum(v) / len(v)
-
+        mean = statistics.fmean
         cos = mean([float(F.cosine_similarity(a, b, dim=0)) for a, b in zip(D, R, strict=True)])
         dist = mean([float((a - b).norm() / b.norm()) for a, b in zip(D, R, strict=True)])
         norm = mean([float(a.norm() / b.norm()) for a, b in zip(D, R, strict=True)])
