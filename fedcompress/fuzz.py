@@ -198,6 +198,29 @@ def _fedsynth():
     return make, (lambda b: comp.server_update(b, state, ctx))
 
 
+@target("fedsynth-text")
+def _fedsynth_text():
+    # text payloads under ratio=R: each client's shape comes from the payload, bounded by the budget
+    from .api import RoundContext, get_compressor
+    from .fedavg.models import NextWordLSTM
+
+    torch.manual_seed(0)
+    model = NextWordLSTM(40, 6, 10, layers=2, seq_len=5)
+    state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    comp = get_compressor("fedsynth:ratio=2,labels=trainable,dtype=fp16")
+    comp.set_model(model)
+    ctx = RoundContext()
+
+    def make(rng):
+        g = torch.Generator().manual_seed(rng.randrange(2**31))
+        m, b = rng.randrange(1, 4), rng.randrange(1, 4)
+        return comp.compress({"x": torch.randn(m, b, 5, 6, generator=g),
+                              "idx": torch.randint(0, 40, (m, b, 5, 8), generator=g),
+                              "v": torch.randn(m, b, 5, 8, generator=g)}, ctx)
+
+    return make, (lambda b: comp.server_update(b, state, ctx))
+
+
 # ---------------------------------------------------------------------------------------------
 # Mutations
 

@@ -323,3 +323,53 @@ def test_text_keeps_its_own_defaults_and_refuses_image_only_keys(monkeypatch):
     for bad in ("objective=match", "server_scale=0.5"):
         with pytest.raises(ValueError, match=bad.split("=")[0]):
             fc.get_compressor("fedsynth:" + bad).client_update(model, state, _client_data(), _ctx())
+
+
+@pytest.mark.parametrize(
+    "spec",
+    ["fedsynth:ratio=4,outer_steps=2", "fedsynth:ratio=2,outer_steps=2,labels=trainable,dtype=fp16",
+     "fedsynth:ratio=8,batch=2,outer_steps=2"],
+)
+def test_text_ratio_fits_the_budget_and_replays_exactly(spec):
+    """ratio=R on a text model: the payload is <= dense / R, as full as the shape rule allows (one
+    more sequence per batch would not fit), and the server takes the client's shape from it."""
+    from fedcompress.codecs.budget import dense_payload_bytes
+
+    model = _model()
+    state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    comp = fc.get_compressor(spec)
+    payload = comp.client_update(model, state, _client_data(), _ctx())
+    budget = int(dense_payload_bytes(state) // comp.params["ratio"])
+    m, b = comp.last_choice["batches"], comp.last_choice["batch"]
+    assert len(payload) == comp.last_choice["bytes"] <= budget
+    if "batch=2" in spec:
+        assert b == 2
+    else:  # batches: the client's SGD step count (1 epoch of 24 sequences in batches of 6), or up
+        # to 20 % fewer where that fills the budget better
+        assert m in (3, 4)
+    # a payload with one more sequence per batch, packed by a compressor of that fixed shape
+    labels = "trainable" if "trainable" in spec else "fixed"
+    dtype = "fp16" if "fp16" in spec else "fp32"
+    bigger = fc.get_compressor(f"fedsynth:batches={m},batch={b + 1},labels={labels},dtype={dtype}")
+    bigger.set_model(model)
+    k = 8 if labels == "trainable" else 1
+    blob = bigger.compress({"x": torch.zeros(m, b + 1, T, D), "idx": torch.zeros(m, b + 1, T, k, dtype=torch.long),
+                            "v": torch.zeros(m, b + 1, T, k)}, RoundContext())
+    assert len(blob) > budget
+    server = fc.get_compressor(comp.spec)
+    server.set_model(model)
+    delta = server.server_update(payload, state, _ctx())
+    for name, w in comp.last_w_syn.items():
+        assert torch.equal(delta[name], w - state[name])
+    # and refuses a payload above the budget
+    with pytest.raises(fc.FormatError, match="exceeds the ratio budget"):
+        server.server_update(blob, state, _ctx())
+
+
+def test_text_ratio_bad_settings():
+    model = _model()
+    state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    with pytest.raises(ValueError, match=r"ratio=500 is unreachable.*smallest payload gives ratio"):
+        fc.get_compressor("fedsynth:ratio=500").client_update(model, state, _client_data(), _ctx())
+    with pytest.raises(ValueError, match="embedding=freeze"):
+        fc.get_compressor("fedsynth:ratio=2,embedding=rows").client_update(model, state, _client_data(), _ctx())

@@ -184,21 +184,27 @@ def shape_for_budget(
     inner_lr: float | None = None,
     ratio: float | None = None,
     dense: int | None = None,
+    size_of=None,
 ) -> Shape:
     """The synthetic set's shape whose payload fits in ``budget`` bytes (see the module docstring).
 
     local_steps: the client's SGD step count S = epochs * ceil(n / batch_size); None: as many
     batches of MIN_BATCH as fit. ``ratio``/``dense`` only word the error when nothing fits.
+    size_of(m, b): the payload length of m x b inputs (default: the image payload of
+    ``input_shape``, ``classes``, ``labels``, ``dtype``; the text path passes its own).
     """
     labels = "trainable" if labels in ("softmax", "softmax_scaled") else labels
-    one = payload_bytes(1, 1, input_shape, classes, labels, dtype)
+    if size_of is None:
+        def size_of(m, b):
+            return payload_bytes(m, b, input_shape, classes, labels, dtype)
+    one = size_of(1, 1)
     if budget < one:
         what = f"ratio={ratio:g}" if ratio is not None else f"a budget of {budget} bytes"
         best = f"; the smallest payload gives ratio {dense / one:.4g}, use ratio <= that" if dense else ""
         raise ValueError(
             f"fedsynth: {what} is unreachable: one synthetic input needs a payload of {one} bytes{best}"
         )
-    per = payload_bytes(1, 2, input_shape, classes, labels, dtype) - one
+    per = size_of(1, 2) - one
     head = one - per
     k = (budget - head) // per  # synthetic inputs that fit (the framing is fixed-width)
     if batches is not None and batch is not None:
@@ -229,7 +235,7 @@ def shape_for_budget(
         inner_lr = 0.1
         if local_steps is not None:
             inner_lr = min(local_steps * local_lr / m, MAX_INNER_LR * local_lr)
-    nbytes = payload_bytes(m, b, input_shape, classes, labels, dtype)
+    nbytes = size_of(m, b)
     if nbytes > budget:  # cannot happen with fixed-width framing; checked because the promise is exact
         raise AssertionError(f"fedsynth: shape rule overshot the budget ({nbytes} > {budget})")
     return Shape(m, b, float(inner_lr), nbytes)

@@ -17,6 +17,10 @@ is the same ``fedsynth:...`` (``batches`` m, ``batch`` b, ``labels``, ``outer_st
   saw (the only rows local SGD changes), ids + rows in the payload dtype, inside the same payload;
   the server adds them to the replayed update. docs/fedsynth.md has the measured comparison.
 
+``ratio=R`` (``embedding=freeze`` only): each client's m, b and inner_lr from the image shape
+rule (``fedsynth.shape_for_budget``) on this payload's exact length; they travel in the payload,
+and the server refuses one above dense / R.
+
 Client: w = global weights; m*b synthetic sequences start as E[x] of sampled real sequences
 (``init=real``; labels their next words, an ignored target replaced by the next input token) or
 N(0, std(E)) with random words (``init=noise``); then ``outer_steps`` Adam steps on the hypergradient
@@ -45,6 +49,7 @@ from .. import wire
 from ..api import RoundContext, StateDict, local_sgd
 from ..errors import FormatError
 from ..synth import lstm as synth_lstm
+from .budget import budget_bytes, dense_payload_bytes
 
 FORMAT_TEXT = 16
 _DTYPES = {"fp32": torch.float32, "fp16": torch.float16}
@@ -67,13 +72,13 @@ def _opts(comp) -> dict:
     labels = p.get("labels", "fixed")
     if labels not in ("fixed", "trainable"):
         raise ValueError(f"labels={labels!r} is not supported for text models; valid: fixed, trainable")
-    if p.get("ratio") is not None:
-        raise ValueError("ratio= is not supported for text models yet: set batches= and batch=")
     if p.get("label_scale"):
         raise ValueError("label_scale=true is not supported for text models")
     emb = p.get("embedding", "freeze")
     if emb not in _EMB_MODES:
         raise ValueError(f"embedding={emb!r}; valid: {', '.join(_EMB_MODES)}")
+    if p.get("ratio") is not None and emb == "rows":
+        raise ValueError("ratio= needs embedding=freeze: the embedding rows a client sends vary in number")
     topk = p.get("topk", DEFAULT_TOPK)
     return {
         "m": p.get("batches") or 10,
@@ -83,6 +88,7 @@ def _opts(comp) -> dict:
         "embedding": emb,
         "dtype": _DTYPES[p.get("dtype", "fp32")],
         "inner_lr": float(p["inner_lr"]),
+        "ratio": p.get("ratio"),
     }
 
 
@@ -127,7 +133,7 @@ def compress(comp, update: StateDict, ctx: RoundContext | None = None) -> bytes:
     meta.u32(d)
     meta.u32(k)
     meta.u8(_EMB_MODES.index(o["embedding"]))
-    meta.f64(o["inner_lr"])
+    meta.f64(float(update.get("inner_lr", o["inner_lr"])))
     return wire.pack(wire.CODEC_FEDSYNTH, recs, meta.getvalue())
 
 
@@ -163,6 +169,10 @@ def decompress(comp, payload: bytes, ctx: RoundContext | None = None) -> StateDi
     r.expect_end()
     m, b, dt = o["m"], o["b"], o["dtype"]
     names = ["x"]
+    if o["ratio"] is not None and records and len(records[0].shape) == 4:  # each client's own shape
+        m, b = records[0].shape[:2]
+        if min(m, b) < 1:
+            raise FormatError(f"fedsynth text: x is [{m}, {b}, ...]; expected at least one sequence")
     dense = o["labels"] == "trainable" and o["topk"] == 0
     if not dense:
         names.append("y")
@@ -251,6 +261,12 @@ def _to(t, dev):
 
 
 def server_update(comp, payload: bytes, global_state: StateDict, ctx: RoundContext) -> StateDict:
+    ratio = comp.params.get("ratio")
+    if ratio is not None and len(payload) > budget_bytes(global_state, ratio):
+        raise FormatError(
+            f"fedsynth text: payload of {len(payload)} bytes exceeds the ratio budget "
+            f"({budget_bytes(global_state, ratio)})"
+        )
     w_syn = replay(comp, payload, global_state, ctx)
     return {k: (w_syn[k] - v) if k in w_syn else torch.zeros_like(v) for k, v in global_state.items()}
 
@@ -274,6 +290,11 @@ def client_update(comp, model, global_state: StateDict, data, ctx: RoundContext)
         pick = torch.randperm(n, generator=ctx.generator(salt=53))[: p["real_batch"]].to(real_x.device)
         real_x, real_y = real_x[pick], real_y[pick]
     m, b, k = o["m"], o["b"], _k(o, V)
+    lr = o["inner_lr"]
+    if o["ratio"] is not None:
+        shape = _shape_for_ratio(comp, o, global_state, V, d, T, n, ctx)
+        m, b, lr = shape.batches, shape.batch, shape.inner_lr
+        comp.last_shape = shape
     e, idx, lab = _init(model, P, real_x, real_y, m, b, k, o, ctx, p.get("init", "real"))
     trainable = o["labels"] == "trainable"
     v = torch.zeros((m, b, T, k), dtype=torch.float32, device=e.device)
@@ -285,7 +306,6 @@ def client_update(comp, model, global_state: StateDict, data, ctx: RoundContext)
         v.requires_grad_(True)
         groups.append({"params": [v], "lr": p["lr_y"]})
     opt = torch.optim.Adam(groups)
-    lr = o["inner_lr"]
     best = (math.inf, None, None)
     for _ in range(p["outer_steps"]):
         val = torch.softmax(v.detach(), -1) if trainable else torch.ones_like(v)
@@ -309,13 +329,44 @@ def client_update(comp, model, global_state: StateDict, data, ctx: RoundContext)
             final = math.inf
     if best[1] is not None and not best[0] >= final:
         cand = (best[1], best[2])
-    send = {"x": cand[0], "idx": idx, "v": cand[1]}
+    send = {"x": cand[0], "idx": idx, "v": cand[1], "inner_lr": lr}
     if o["embedding"] == "rows":
         send["rows"], send["emb"] = _embedding_rows(model, global_state, (all_x, data[1]), ctx)
     payload = compress(comp, send, ctx)
+    if o["ratio"] is not None:  # the driver writes it to metrics.jsonl, per client
+        comp.last_choice = {"batches": m, "batch": b, "inner_lr": lr, "bytes": len(payload)}
     comp.last_w_syn = replay(comp, payload, global_state, ctx)  # from the bytes sent: exact replay
     comp.last_real_loss = min(best[0], final)
     return payload
+
+
+def _shape_for_ratio(comp, o, global_state, V, d, T, n, ctx):
+    """The image path's shape rule (``fedsynth.shape_for_budget``) on text payloads: m about the
+    client's SGD step count, b as large as dense / ratio allows, inner_lr so that m steps travel
+    as far as local SGD (capped); explicit batches / batch / inner_lr win."""
+    from .fedsynth import shape_for_budget
+
+    k = _k(o, V)
+    whole = o["labels"] == "trainable" and o["topk"] == 0  # no ids: the whole vocabulary
+
+    def size_of(m, b):  # the exact length: a payload of zeros of that shape
+        idx = None if whole else torch.zeros(m, b, T, k, dtype=torch.int64)
+        return len(compress(comp, {"x": torch.zeros(m, b, T, d), "idx": idx, "v": torch.zeros(m, b, T, k)}))
+
+    p, g = comp.params, comp.given
+    return shape_for_budget(
+        budget_bytes(global_state, p["ratio"]),
+        None,
+        None,
+        local_steps=ctx.epochs * math.ceil(n / ctx.batch_size),
+        local_lr=ctx.lr,
+        batches=p["batches"] if "batches" in g else None,
+        batch=p["batch"] if "batch" in g else None,
+        inner_lr=p["inner_lr"] if "inner_lr" in g else None,
+        ratio=p["ratio"],
+        dense=dense_payload_bytes(global_state),
+        size_of=size_of,
+    )
 
 
 def _init(model, P, real_x, real_y, m, b, k, o, ctx, init):
