@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 
+import fedcompress as fc
 from fedcompress import benchtable as B
 from fedcompress import cli
 from fedcompress import experiments as R
@@ -53,6 +54,33 @@ def test_plan_runs_and_specs():
     assert dspec[("fedsynth-fixed", 64)] == "fedsynth:ratio=64"
     table = R.setting_table(dplan, R.build_runs(dplan), "mnist5k-10-dirichlet")
     assert f"`fedsynth:ratio=R,labels=trainable,{loop}`" in table and "`fedsynth:ratio=R`" in table
+
+
+def test_text_setting_runs_the_lstm_at_the_papers_budgets():
+    """fortunes-43 (issue 15): its own model and lr in every run's config (the cache key), the
+    paper's 1.3x and 2.6x budgets beside 8x and 16x; the image settings' configs keep the CNN and
+    the plan's lr, so their cached runs stay valid."""
+    plan = R.Plan(parts=("fortunes-43",), rows=("none", "mask", "fedsynth-fixed"))
+    runs = R.build_runs(plan)
+    assert {r.target for r in runs if r.row == "mask"} == {1.3, 2.6, 8, 16}
+    spec = {(r.row, r.target): r.spec for r in runs}
+    assert spec[("mask", 1.3)] == "mask:ratio=1.3" and spec[("fedsynth-fixed", 2.6)] == "fedsynth:ratio=2.6"
+    for r in runs:
+        fc.get_compressor(r.spec)  # every spec parses
+    cfg = R.config(plan, "fortunes-43", "mask:ratio=1.3", 0)
+    assert (cfg.dataset, cfg.model, cfg.lr, cfg.partition, cfg.clients, cfg.clients_per_round) == (
+        "fortunes", "lstm", 1.0, "natural", 43, 5)
+    img = R.config(plan, "mnist5k-10", "none", 0)
+    assert (img.model, img.lr) == ("cnn", plan.lr)
+    table = R.setting_table(plan, runs, "fortunes-43")
+    assert "| 1.3x | 2.6x | 8x | 16x |" in table
+
+
+@pytest.mark.parametrize("ratios,ok", [("1.3,16", True), ("1", False), ("0.5", False)])
+def test_compare_ratios_take_numbers_above_one(ratios, ok, tmp_path, capsys):
+    rc = cli.main(["compare", "--parts", "fortunes-43", "--rows", "none", "--ratios", ratios, "--cached-only",
+                   "--runs", str(tmp_path), "--no-progress"])
+    assert (rc == 0) == ok, capsys.readouterr()
 
 
 # ---------------------------------------------------------------------------------------------

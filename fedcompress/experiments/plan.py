@@ -31,6 +31,8 @@ class Setting:
     rounds_why: str = ""  # how ``rounds`` was decided (printed under the setting's table)
     # row -> spec keys appended in this setting only (a row's best settings where they differ)
     row_keys: tuple[tuple[str, str], ...] = ()
+    model: str = "cnn"
+    lr: float | None = None  # the local SGD lr where it differs from the plan's
 
 
 # Rounds: the plateau rule is "none's mean accuracy over the last 5 rounds gains < 0.2 pt over the
@@ -53,6 +55,14 @@ SETTINGS: dict[str, Setting] = {
         "fashion", 60, 100, title="Fashion-MNIST, 60 clients (1,000 images each), 10 per round, iid",
         rounds_why=f"{_PLATEAU}; a 100-round none run (seed 0) reads 90.78 % at rounds 66-70, 91.04 % at 76-80, "
         "91.12 % at 86-90 (+0.08 pt), 91.40 % at 96-100: 90 would do, 100 keeps a margin",
+    ),
+    # issue 15: next-word prediction; the paper's Reddit budgets 1.3x and 2.6x, then 8x and 16x.
+    # LEAF-sized LSTM (docs/fedsynth.md, "Text"), lr 1.0 as the text runs there.
+    "fortunes-43": Setting(
+        "fortunes", 43, 30, clients_per_round=5, partition="natural", budgets=(1.3, 2.6, 8, 16),
+        model="lstm", lr=1.0,
+        title="fortunes (text), 43 clients (one per category file), 5 per round, next-word LSTM",
+        rounds_why="provisional: none's plateau on this setting is not measured yet",
     ),
     "mnist5k-60": Setting(
         "mnist5k", 60, 30, budgets=(16, 64),
@@ -141,8 +151,9 @@ def config(plan: Plan, part: str, spec: str, seed: int):
         clients_per_round=s.clients_per_round,
         epochs=plan.epochs,
         batch_size=plan.batch_size,
-        lr=plan.lr,
+        lr=plan.lr if s.lr is None else s.lr,
         seed=seed,
+        model=s.model,
     )
 
 
