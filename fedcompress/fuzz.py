@@ -179,16 +179,20 @@ _backend_targets("mask-tensor", "mask_decode", _mask_tensor)
 _backend_targets("mask-mean", "mask_decode", _mask_mean)
 
 
+def _fedsynth_server(model, spec: str):
+    """(global state, compressor with the model set, context): a FedSynth server for ``model``."""
+    from .api import RoundContext, get_compressor
+
+    comp = get_compressor(spec)
+    comp.set_model(model)
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}, comp, RoundContext()
+
+
 @target("fedsynth")
 def _fedsynth():
     # The server decodes AND replays SGD on the payload: both must reject hostile bytes cleanly.
-    from .api import RoundContext, get_compressor
-
     model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(12, 5), torch.nn.ReLU(), torch.nn.Linear(5, 3))
-    state = {k: v.detach().clone() for k, v in model.state_dict().items()}
-    comp = get_compressor("fedsynth:batches=2,batch=3,labels=trainable")
-    comp.set_model(model)
-    ctx = RoundContext()
+    state, comp, ctx = _fedsynth_server(model, "fedsynth:batches=2,batch=3,labels=trainable")
 
     def make(rng):
         g = torch.Generator().manual_seed(rng.randrange(2**31))
@@ -201,15 +205,11 @@ def _fedsynth():
 @target("fedsynth-text")
 def _fedsynth_text():
     # text payloads under ratio=R: each client's shape comes from the payload, bounded by the budget
-    from .api import RoundContext, get_compressor
     from .fedavg.models import NextWordLSTM
 
     torch.manual_seed(0)
     model = NextWordLSTM(40, 6, 10, layers=2, seq_len=5)
-    state = {k: v.detach().clone() for k, v in model.state_dict().items()}
-    comp = get_compressor("fedsynth:ratio=2,labels=trainable,dtype=fp16")
-    comp.set_model(model)
-    ctx = RoundContext()
+    state, comp, ctx = _fedsynth_server(model, "fedsynth:ratio=2,labels=trainable,dtype=fp16")
 
     def make(rng):
         g = torch.Generator().manual_seed(rng.randrange(2**31))
