@@ -462,7 +462,8 @@ def cmd_results(args) -> int:
         if args.rows:
             plan.rows = tuple(x for x in args.rows.split(",") if x)
         if args.ratios:
-            plan.budgets = tuple(float(x) if "." in x else int(x) for x in args.ratios.split(","))
+            # whole numbers stay int: a budget's spec (mask:ratio=16) names its run's cache folder
+            plan.budgets = tuple(int(v) if v.is_integer() else v for v in map(float, args.ratios.split(",")))
         if getattr(args, "seeds", None):
             plan.seeds = args.seeds
         elif getattr(args, "seed", None) is not None:  # compare's --seed
@@ -471,10 +472,11 @@ def cmd_results(args) -> int:
         raise BadInput(str(e)) from None
     parts = ("quick", "sweep") if args.quick else PARTS
     bad = [p for p in plan.parts if p not in parts] + [r for r in plan.rows if r not in ROW_LABELS]
-    if bad or not plan.parts or not plan.rows or (plan.budgets is not None and not min(plan.budgets) > 1):
+    bad_budget = plan.budgets is not None and not all(1 < b < float("inf") for b in plan.budgets)
+    if bad or not plan.parts or not plan.rows or bad_budget:
         raise BadInput(
             f"bad --parts/--rows/--ratios ({bad or 'empty, or a budget <= 1'}); parts: {','.join(parts)}; "
-            f"rows: {','.join(ROW_LABELS)}; budgets: numbers > 1"
+            f"rows: {','.join(ROW_LABELS)}; budgets: finite numbers > 1"
         )
     torch.set_num_threads(args.threads)
     runs_dir = args.runs or os.path.join("runs", "results-quick" if args.quick else "results")

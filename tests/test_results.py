@@ -76,11 +76,17 @@ def test_text_setting_runs_the_lstm_at_the_papers_budgets():
     assert "| 1.3x | 2.6x | 8x | 16x |" in table
 
 
-@pytest.mark.parametrize("ratios,ok", [("1.3,16", True), ("1", False), ("0.5", False)])
+@pytest.mark.parametrize(
+    "ratios,ok",
+    [("1.3,16", True), ("16.0", True), ("1", False), ("0.5", False), ("inf", False), ("nan", False)],
+)
 def test_compare_ratios_take_numbers_above_one(ratios, ok, tmp_path, capsys):
-    rc = cli.main(["compare", "--parts", "fortunes-43", "--rows", "none", "--ratios", ratios, "--cached-only",
+    rc = cli.main(["compare", "--parts", "fortunes-43", "--rows", "mask", "--ratios", ratios, "--cached-only",
                    "--runs", str(tmp_path), "--no-progress"])
     assert (rc == 0) == ok, capsys.readouterr()
+    if ok:  # a whole number stays an int: the run is mask:ratio=16, the folder its cache has
+        report = (tmp_path / "results.md").read_text()
+        assert "| 16x |" in report and "16.0x" not in report
 
 
 # ---------------------------------------------------------------------------------------------

@@ -262,11 +262,9 @@ def _to(t, dev):
 
 def server_update(comp, payload: bytes, global_state: StateDict, ctx: RoundContext) -> StateDict:
     ratio = comp.params.get("ratio")
-    if ratio is not None and len(payload) > budget_bytes(global_state, ratio):
-        raise FormatError(
-            f"fedsynth text: payload of {len(payload)} bytes exceeds the ratio budget "
-            f"({budget_bytes(global_state, ratio)})"
-        )
+    limit = None if ratio is None else budget_bytes(global_state, ratio)
+    if limit is not None and len(payload) > limit:
+        raise FormatError(f"fedsynth text: payload of {len(payload)} bytes exceeds the ratio budget ({limit})")
     w_syn = replay(comp, payload, global_state, ctx)
     return {k: (w_syn[k] - v) if k in w_syn else torch.zeros_like(v) for k, v in global_state.items()}
 
@@ -294,7 +292,6 @@ def client_update(comp, model, global_state: StateDict, data, ctx: RoundContext)
     if o["ratio"] is not None:
         shape = _shape_for_ratio(comp, o, global_state, V, d, T, n, ctx)
         m, b, lr = shape.batches, shape.batch, shape.inner_lr
-        comp.last_shape = shape
     e, idx, lab = _init(model, P, real_x, real_y, m, b, k, o, ctx, p.get("init", "real"))
     trainable = o["labels"] == "trainable"
     v = torch.zeros((m, b, T, k), dtype=torch.float32, device=e.device)
