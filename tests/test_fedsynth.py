@@ -685,3 +685,53 @@ def test_lr_search_skips_a_noise_init():
     model, state, comp, ctx = _setup("fedsynth:batches=3,batch=2,outer_steps=1,init=noise,guard=0")
     payload = comp.client_update(model, state, (x, y), ctx)
     assert float(comp.decompress(payload, ctx)["inner_lr"]) == 0.1
+
+
+@pytest.mark.parametrize("share", ["1", "0.5"])
+@pytest.mark.parametrize("scale", ["1", "2"])
+def test_error_feedback_carries_what_the_replay_missed(share, scale):
+    """ef=a: after each update the client keeps a * (target - applied), where target = its SGD update
+    plus the kept residual and applied = the server's own server_update of the payload; the next
+    target (declared in the payload as the guard's reference norm) includes it. Reference: local_sgd
+    and server_update, called separately."""
+    from fedcompress.api import local_sgd
+
+    x, y = _data()
+    spec = f"fedsynth:batches=3,batch=2,outer_steps=3,objective=match,ef={share},server_scale={scale},dtype=fp32"
+    model, state, comp, ctx = _setup(spec)
+    names = [k for k, _ in model.named_parameters()]
+    a = float(share)
+    res = {k: torch.zeros_like(state[k]) for k in names}
+    for rnd in range(3):  # the global model moves between the client's rounds, as in FedAvg
+        ctx = RoundContext(round=rnd, client=3, seed=11, batch_size=4)
+        sgd = local_sgd(model, state, (x, y), ctx)
+        target = {k: sgd[k] - state[k] + res[k] for k in names}
+        payload = comp.client_update(model, state, (x, y), ctx)
+        declared = float(comp.decompress(payload, ctx)["ref_norm"])
+        assert declared == pytest.approx(_update_norm({k: state[k] + target[k] for k in names}, state), rel=1e-6)
+        applied = comp.server_update(payload, state, ctx)
+        res = {k: a * (target[k] - applied[k]) for k in names}
+        for k in names:
+            torch.testing.assert_close(comp._residual[3][k], res[k], rtol=1e-5, atol=1e-7)
+        assert max(float(r.abs().max()) for r in res.values()) > 0  # the replay is not exact here
+        state = {k: state[k] + applied[k] if k in applied else state[k] for k in state}
+
+
+def test_error_feedback_is_per_client_and_off_by_default():
+    x, y = _data()
+    model, state, comp, ctx = _setup("fedsynth:batches=3,batch=2,outer_steps=2,ef=1")
+    comp.client_update(model, state, (x, y), ctx)
+    other = RoundContext(round=2, client=4, seed=11, batch_size=4)
+    comp.client_update(model, state, (x, y), other)
+    assert sorted(comp._residual) == [3, 4]
+    model, state, plain, ctx = _setup("fedsynth:batches=3,batch=2,outer_steps=2")
+    plain.client_update(model, state, (x, y), ctx)
+    assert plain.params["ef"] == 0 and plain._residual == {}
+
+
+@pytest.mark.parametrize(
+    "spec", ["fedsynth:ef=1,objective=loss", "fedsynth:ef=2", "fedsynth:ef=-0.5", "fedsynth:ef=nan"]
+)
+def test_error_feedback_bad_specs(spec):
+    with pytest.raises(ValueError):
+        fc.get_compressor(spec)

@@ -105,7 +105,7 @@ _ROW_TOL = {torch.float16: 2.0**-9, torch.float32: 2.0**-18}
 # Keys whose default differs for text models: the text client (fedsynth_text.py) was measured with
 # these (docs/fedsynth.md, "Text"); the image defaults in PARAMS come from the image proxy runs.
 TEXT_DEFAULTS = {"outer_steps": 30, "lr_x": 0.03, "objective": "loss"}
-_TEXT_ONLY_VALUE = {"objective": "loss", "server_scale": 1.0}  # the text path implements only these
+_TEXT_ONLY_VALUE = {"objective": "loss", "server_scale": 1.0, "ef": 0.0}  # the text path implements only these
 
 
 def _label_dtype(C: int) -> torch.dtype:
@@ -307,6 +307,10 @@ class FedSynthCompressor(Compressor):
         # client's own SGD weights: no real batch per outer step); both: their sum
         "objective": choice("match", "loss", "both"),
         "server_scale": positive_float(1.0),  # the server multiplies the replayed update by this
+        # error feedback: the client keeps what the server's replay missed of its target update and
+        # adds it to its next target (the match term's w_sgd); client-side only, payload unchanged
+        # (ef=a: a in [0, 1] is the share of it carried over; 1 = full error feedback, 0 = off)
+        "ef": Param(float, 0.0, lambda v: 0.0 <= v <= 1.0, "a number in [0, 1] (needs objective=match or both)"),
         "guard": _guard_param(),
         "topk": Param(int, 8, lambda v: v >= 0, "an integer >= 0 (text: label ids per position, 0 = all)"),
         "embedding": choice("freeze", "rows"),  # text: the embedding's update (fedsynth_text.py)
@@ -319,7 +323,10 @@ class FedSynthCompressor(Compressor):
             raise ValueError("label_scale=true needs labels=trainable")
         if self.params["outer_steps"] == 0 and self.params["init"] != "real":
             raise ValueError("outer_steps=0 sends the initial set unoptimised: it needs init=real")
+        if self.params["ef"] and self.params["objective"] == "loss":
+            raise ValueError("fedsynth: ef=1 needs an update to aim at: objective=match or both, not loss")
         self.model = model
+        self._residual: dict[int, StateDict] = {}  # ef=1: per client, target update - applied update
         self.last_w_syn: StateDict | None = None  # the client's w_syn of its last update (tests)
         self.last_real_loss: float | None = None
         self.last_shape: Shape | None = None
@@ -573,6 +580,9 @@ class FedSynthCompressor(Compressor):
         # the client's own SGD update: what the synthetic one must not dwarf (computed with guard=0
         # too: last_choice reports the ratio, which is how the guard's threshold was chosen)
         local = local_sgd(model, global_state, (real_x, real_y), ctx)
+        res = self._residual.get(ctx.client) if p["ef"] else None
+        if res is not None:  # error feedback: aim at the SGD update plus what earlier replays missed
+            local = {k: local[k].float() + res[k] if k in res else local[k] for k in local}
         ref_norm = _norm({k: local[k].float() - global_state[k].float() for k in names})
         model.load_state_dict(global_state)
         params = _params(model, global_state)
@@ -675,6 +685,11 @@ class FedSynthCompressor(Compressor):
                 ratio = norm / ref_norm if ref_norm > 0 else math.nan
                 if not p["guard"] or ref_norm == 0 or norm <= p["guard"] * float(d["ref_norm"]):
                     self.last_w_syn, self.last_update_ratio, self.last_fallback = w_syn, ratio, how
+                    if p["ef"]:  # what the server will apply: server_scale * (w_syn - w)
+                        sc, a = p["server_scale"], p["ef"]
+                        self._residual[ctx.client] = {
+                            k: a * ((local[k].float() - params[k]) - sc * (w_syn[k] - params[k])) for k in names
+                        }
                     # the driver writes it to metrics.jsonl (per client): the shape, and the guard's
                     # measure (always: it is how the guard's threshold was chosen, docs/fedsynth.md)
                     self.last_choice = {
