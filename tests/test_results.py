@@ -76,6 +76,19 @@ def test_text_setting_runs_the_lstm_at_the_papers_budgets():
     assert "| 1.3x | 2.6x | 8x | 16x |" in table
 
 
+def test_setting_reference_is_printed_under_its_table(tmp_path):
+    """A setting's published figures (the paper's Reddit row for fortunes-43) go under its own table."""
+    import dataclasses
+
+    assert "14.19" in R.SETTINGS["fortunes-43"].reference and not R.SETTINGS["mnist5k-10"].reference
+    plan = R.Plan.quick()
+    plan.settings = {"quick": dataclasses.replace(plan.settings["quick"], reference="paper: FedAvg 14.19")}
+    text = R.run_results(plan, str(tmp_path / "docs"), str(tmp_path / "runs"), log=lambda m: None,
+                         incremental=False, cached_only=True)
+    table, rest = text.split("## digits, 12 clients (quick)", 1)[1].split("Reference: paper: FedAvg 14.19.", 1)
+    assert "| compressor |" in table and "## Time per part" in rest
+
+
 @pytest.mark.parametrize(
     "ratios,ok",
     [("1.3,16", True), ("16.0", True), ("1", False), ("0.5", False), ("inf", False), ("nan", False)],

@@ -44,6 +44,11 @@ as a last resort. The server replays and refuses (FormatError) an update above G
 declared norm. ``guard=0`` turns both off. It is a guard against blow-ups, not against a hostile
 client (which can declare any norm).
 
+Error feedback (``ef=a``, a in [0, 1], default 0 = off; objective match or both): the client keeps,
+per client id, e = a * (t - s * (w_syn - w)), where t is the update it aimed at and s the
+``server_scale``, and aims its next update at t = (w_sgd - w) + e: the match term, the inner step
+search and the guard's declared norm all use t. Client-side only; the payload does not change.
+
 Payload (``fedcompress.wire``, codec CODEC_FEDSYNTH), format 2: meta = format u8, labels mode u8
 (0 fixed, 1 softmax, 2 softmax with scale, 3 raw), C u32, step-size count u16 (1: one step size
 shared by all batches, the only count this version writes or replays), the step sizes f64, the

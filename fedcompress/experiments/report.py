@@ -57,6 +57,8 @@ def report(plan: Plan, runs: list[Run], out: str, command: str, wall: float, wit
             + (f" Rounds: {s.rounds_why}.\n" if s.rounds_why else "\n"),
             setting_table(plan, runs, part),
         ]
+        if s.reference:
+            parts.append(f"Reference: {s.reference}.\n")
         for p in plots(plan, runs, out, part) if with_plots else []:
             parts.append(f"![{p}]({p})\n")
     parts += ["## Time per part on this machine\n", timing_table(plan, runs)]
