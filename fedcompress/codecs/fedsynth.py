@@ -329,9 +329,9 @@ class FedSynthCompressor(Compressor):
         if self.params["outer_steps"] == 0 and self.params["init"] != "real":
             raise ValueError("outer_steps=0 sends the initial set unoptimised: it needs init=real")
         if self.params["ef"] and self.params["objective"] == "loss":
-            raise ValueError("fedsynth: ef=1 needs an update to aim at: objective=match or both, not loss")
+            raise ValueError("fedsynth: ef (error feedback) needs an update to aim at: objective match or both")
         self.model = model
-        self._residual: dict[int, StateDict] = {}  # ef=1: per client, target update - applied update
+        self._residual: dict[int, StateDict] = {}  # ef > 0: per client, ef * (target update - applied update)
         self.last_w_syn: StateDict | None = None  # the client's w_syn of its last update (tests)
         self.last_real_loss: float | None = None
         self.last_shape: Shape | None = None
