@@ -262,9 +262,10 @@ def _to(t, dev):
 
 def server_update(comp, payload: bytes, global_state: StateDict, ctx: RoundContext) -> StateDict:
     ratio = comp.params.get("ratio")
-    limit = None if ratio is None else budget_bytes(global_state, ratio)
-    if limit is not None and len(payload) > limit:
-        raise FormatError(f"fedsynth text: payload of {len(payload)} bytes exceeds the ratio budget ({limit})")
+    if ratio is not None:
+        limit = budget_bytes(global_state, ratio)
+        if len(payload) > limit:
+            raise FormatError(f"fedsynth text: payload of {len(payload)} bytes exceeds the ratio budget ({limit})")
     w_syn = replay(comp, payload, global_state, ctx)
     return {k: (w_syn[k] - v) if k in w_syn else torch.zeros_like(v) for k, v in global_state.items()}
 
