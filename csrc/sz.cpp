@@ -481,89 +481,88 @@ static inline void for_each_segment(const uint64_t* zm, int64_t n, F&& f) {
   if (n > start) f(zero, start, n - start);
 }
 
+// The digits of a 16-token step's interior zero runs (those that neither touch lane 0 nor lane 15,
+// so begin and end inside the step), by the step's zero mask z: bits 0-15 are the lanes that carry a
+// digit (a run's last nd zeros, as the scalar writer places them), bits 16-31 those whose digit is 1
+// (token kRunB). A run that touches lane 0 or 15 depends on the steps around it: the AVX-512 writer
+// places those itself. 256 KiB, built once on first use.
+static const uint32_t* interior_digits() {
+  static const std::vector<uint32_t> table = [] {
+    std::vector<uint32_t> t(65536);
+    for (uint32_t z = 0; z < 65536; ++z) {
+      uint32_t keep = 0, ones = 0;
+      int k = 0;
+      while (k < 16 && ((z >> k) & 1)) ++k;  // the leading run
+      while (k < 16) {
+        if (!((z >> k) & 1)) {
+          ++k;
+          continue;
+        }
+        const int a = k;
+        while (k < 16 && ((z >> k) & 1)) ++k;
+        if (k == 16) break;  // the trailing run
+        const uint64_t v = uint64_t(k - a) + 1;
+        const int nd = bit_length(v) - 1;
+        for (int d = 0; d < nd; ++d) {
+          keep |= 1u << (k - nd + d);
+          ones |= uint32_t((v >> d) & 1) << (k - nd + d);
+        }
+      }
+      t[z] = keep | (ones << 16);
+    }
+    return t;
+  }();
+  return table.data();
+}
+
 // Run-mode tokens from the plain ones, 16 at a time with AVX-512, for the whole 64-token words of
 // the zero masks: writes out[o...], advances o, and leaves in r the zero run still pending at the
 // end; returns the tokens consumed (a multiple of 64; the caller's scalar pass does the rest).
-// Where a run ends inside a 16-token step, its nd digits (bijective base 2 of its length r: the
-// bits of r + 1 below the top one, least significant first) take the places of its last nd zeros
-// there (nd <= the run's zeros in the step unless the run began in an earlier step), the other
-// zeros drop out, and one compress writes the step. A step that ends inside a run carries it on;
-// a step whose first run is too short for its carried digits goes through the scalar loop. Same
-// tokens as the per-segment loop (kept for tails and CPUs without AVX-512), which takes a branch
-// of unpredictable length per zero run and per nonzero stretch.
-__attribute__((target("avx512f,avx512bw,avx512vl,avx512cd,popcnt"))) static int64_t run_tokens_encode_avx512(
+// A zero run becomes its nd digits (bijective base 2 of its length: the bits of length + 1 below the
+// top one, least significant first), written where the run's zeros were. Per step, with no branch on
+// the data (a mispredicted branch per step cost more than all the vector work):
+//   1. the leading run (the zeros carried from earlier steps plus this step's leading zeros; it ends
+//      here) writes its digits as one 16-token vector store, o advancing by nd (0 for no run);
+//   2. the step's tokens without the leading and trailing zeros go out by one compress, each interior
+//      run (one that begins and ends inside the step) replaced by its digits in the places of its last
+//      nd zeros (table by the step's zero mask);
+//   3. the trailing zeros are carried on.
+// Same tokens as the per-segment loop (kept for tails and CPUs without AVX-512).
+__attribute__((target("avx512f,avx512bw,avx512vl,popcnt"))) static int64_t run_tokens_encode_avx512(
     const uint16_t* tok, const uint64_t* zm, int64_t n, uint16_t* out, int64_t& o_io, uint64_t& r_io) {
-  const __m512i lane = _mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0);
-  const __m512i m1 = _mm512_set1_epi32(-1), s16 = _mm512_set1_epi32(16), one = _mm512_set1_epi32(1);
-  const __m512i c31 = _mm512_set1_epi32(31), run_a = _mm512_set1_epi32(int(kRunA));
+  const __m512i run_a = _mm512_set1_epi32(int(kRunA)), run_b = _mm512_set1_epi32(int(kRunB));
+  const __m256i lane16 = _mm256_set_epi16(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0);
+  const __m256i one16 = _mm256_set1_epi16(1), run_a16 = _mm256_set1_epi16(short(kRunA));
+  const uint32_t* interior = interior_digits();
   int64_t o = o_io;
   uint64_t r = r_io;
-  auto digits = [&]() {  // the pending run's digits (as encode_block's scalar writer)
-    const uint64_t v = r + 1;
-    const int nd = bit_length(v) - 1;
-    for (int k = 0; k < nd; ++k) out[o + k] = uint16_t(kRunA + ((v >> k) & 1));
-    o += nd;
-    r = 0;
-  };
   const int64_t end = n & ~int64_t(63);
   for (int64_t i = 0; i < end; i += 16) {
     const uint32_t z = uint32_t(zm[i >> 6] >> (i & 63)) & 0xFFFF;
-    if (z == 0xFFFF) {
+    if (z == 0xFFFF) {  // inside a run (predictable: long runs take many steps in a row)
       r += 16;
       continue;
     }
-    if (r && !(z & 1)) digits();  // the carried run ends right before this step
-    const __m512i t = _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(tok + i)));
-    const __mmask16 nzk = __mmask16(~z);
-    if (z) {
-      // L: the last nonzero lane at or before each lane (-1: none); N: the first at or after (16: none)
-      __m512i L = _mm512_mask_mov_epi32(m1, nzk, lane);
-      L = _mm512_max_epi32(L, _mm512_alignr_epi32(L, m1, 15));
-      L = _mm512_max_epi32(L, _mm512_alignr_epi32(L, m1, 14));
-      L = _mm512_max_epi32(L, _mm512_alignr_epi32(L, m1, 12));
-      L = _mm512_max_epi32(L, _mm512_alignr_epi32(L, m1, 8));
-      __m512i N = _mm512_mask_mov_epi32(s16, nzk, lane);
-      N = _mm512_min_epi32(N, _mm512_alignr_epi32(s16, N, 1));
-      N = _mm512_min_epi32(N, _mm512_alignr_epi32(s16, N, 2));
-      N = _mm512_min_epi32(N, _mm512_alignr_epi32(s16, N, 4));
-      N = _mm512_min_epi32(N, _mm512_alignr_epi32(s16, N, 8));
-      // per zero lane: its index among its run's zeros in this step, their count m, the run's
-      // whole length (the carried r for the run that began before this step), its digit count nd
-      const __m512i idx = _mm512_sub_epi32(_mm512_sub_epi32(lane, L), one);
-      const __m512i m = _mm512_sub_epi32(_mm512_sub_epi32(N, L), one);
-      const __mmask16 lead = _mm512_cmplt_epi32_mask(L, _mm512_setzero_si512());
-      const __m512i v = _mm512_add_epi32(_mm512_mask_add_epi32(m, lead, m, _mm512_set1_epi32(int32_t(r))), one);
-      const __m512i nd = _mm512_sub_epi32(c31, _mm512_lzcnt_epi32(v));
-      const __mmask16 ends = _mm512_mask_cmplt_epi32_mask(__mmask16(z), N, s16);  // zeros whose run ends here
-      if (_mm512_mask_cmpgt_epi32_mask(ends, nd, m)) {  // a carried run too short here for its digits
-        for (int k = 0; k < 16; ++k) {
-          if ((z >> k) & 1) {
-            ++r;
-          } else {
-            if (r) digits();
-            out[o++] = tok[i + k];
-          }
-        }
-        continue;
-      }
-      const __m512i first = _mm512_sub_epi32(m, nd);  // the first zero that carries a digit
-      const __mmask16 keepz = _mm512_mask_cmpge_epi32_mask(ends, idx, first);
-      const __m512i bit = _mm512_and_si512(_mm512_srlv_epi32(v, _mm512_sub_epi32(idx, first)), one);
-      const __m512i vals = _mm512_mask_add_epi32(t, keepz, run_a, bit);
-      const __mmask16 keep = __mmask16(nzk | keepz);
-      _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + o),
-                          _mm512_cvtepi32_epi16(_mm512_maskz_compress_epi32(keep, vals)));
-      o += _mm_popcnt_u32(keep);
-      if (z >> 15) {  // the step ends inside a run: carried on (r is its zeros so far)
-        const int last = 31 - __builtin_clz(uint32_t(nzk));
-        r = uint64_t(15 - last);
-      } else {
-        r = 0;
-      }
-    } else {
-      _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + o), _mm512_cvtepi32_epi16(t));
-      o += 16;
+    const uint32_t nz = ~z & 0xFFFF;
+    const uint64_t v = r + uint64_t(__builtin_ctz(nz)) + 1;  // the leading run's length + 1
+    const int nd = bit_length(v) - 1;
+    if (nd < 16) {
+      const __m256i d = _mm256_add_epi16(run_a16, _mm256_and_si256(_mm256_srlv_epi16(_mm256_set1_epi16(short(v)),
+                                                                                      lane16), one16));
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + o), d);
+    } else {  // a run of 2^16 - 1 zeros or more
+      for (int k = 0; k < nd; ++k) out[o + k] = uint16_t(kRunA + ((v >> k) & 1));
     }
+    o += nd;
+    const uint32_t keepz = interior[z] & 0xFFFF, ones = interior[z] >> 16;
+    const __m512i t = _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(tok + i)));
+    const __m512i vals = _mm512_mask_mov_epi32(_mm512_mask_mov_epi32(t, __mmask16(keepz), run_a), __mmask16(ones),
+                                               run_b);
+    const __mmask16 keep = __mmask16(nz | keepz);
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + o),
+                        _mm512_cvtepi32_epi16(_mm512_maskz_compress_epi32(keep, vals)));
+    o += _mm_popcnt_u32(keep);
+    r = uint64_t(__builtin_clz(nz) - 16);  // the trailing zeros (0: none)
   }
   o_io = o, r_io = r;
   return end;
@@ -712,7 +711,7 @@ static void encode_block(const typename D::T* x, int64_t n, float inv, double st
     uint16_t* out = S.tok_r.data();
     int64_t o = 0, done = 0;
     uint64_t r = 0;
-    if (use_avx512() && kHasAvx512Cd) done = run_tokens_encode_avx512(tok, zm, n, out, o, r);
+    if (use_avx512()) done = run_tokens_encode_avx512(tok, zm, n, out, o, r);
     auto digits = [&]() {
       const uint64_t v = r + 1;
       const int nd = bit_length(v) - 1;
