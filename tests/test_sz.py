@@ -282,6 +282,34 @@ def test_run_mode_tokens_match_the_reference(portable, request):
     assert runs >= 5, runs  # run-mode blocks where zeros cluster (plain elsewhere: the costs decide)
 
 
+@pytest.mark.parametrize("top", [31, 63, 64, 300])
+def test_run_blocks_decode_tokens_on_both_sides_of_the_register_tables(top):
+    # The AVX-512 run-mode decoder reads the values of tokens below 64 from two permute tables held
+    # in registers (tokens 32-63 from the second) and gathers the rest from memory: zero-heavy
+    # float32 codes up to a largest token `top` (token = 4 + zigzag(code)), against the torch
+    # reference's values, on every blend of the two ways within a 16-token step
+    backend_or_skip("sz_encode", "cpp")
+    rng = np.random.default_rng(top)
+    n = 30_000
+    zig = rng.integers(1, top - 3, size=n)  # zigzag codes 1 .. top - 4 (0 is the zero token)
+    code = np.where(zig % 2 == 0, zig // 2, -(zig + 1) // 2)
+    x = (code * 0.02).astype(np.float32)
+    pos = 0
+    while pos < n:  # stretches of 1-4 codes between zero runs of 4-40 (clustered zeros: run mode)
+        pos += int(rng.integers(1, 5))
+        run = int(rng.integers(4, 41))
+        x[pos : pos + run] = 0.0
+        pos += run
+    t = torch.from_numpy(x)
+    blob = fc.SZ(1e-2, "abs", backend="cpp").encode(t)
+    assert blob == fc.SZ(1e-2, "abs", backend="torch").encode(t)
+    data = wire.unpack(blob, wire.CODEC_SZ_TENSOR)[1][0].data
+    assert data[C._HDR.size + 8] & C.BLK_RUN  # a run-mode block (the path under test)
+    y = fc.SZ(backend="cpp").decode(blob)
+    assert np.array_equal(_bits(y), _bits(fc.SZ(backend="torch").decode(blob)))
+    _check_bound(t, y, 1e-2, "abs")
+
+
 @pytest.mark.parametrize("portable", [False, True])
 @pytest.mark.parametrize("case", ["plain", "escape", "wide", "escape_tail", "low_entropy", "odd_length"])
 def test_plain_blocks_without_predictor_decode_exactly(case, portable, request):
