@@ -25,6 +25,7 @@ import pytest
 import torch
 
 EBS = [1e-2, 1e-3]
+BUSY_PIN = True  # --busy: one spinner per core (bench/busy.py: fc and pysz are timed in separate blocks)
 ARRAYS = ["minilm", "update", "kaiming"]
 PROVIDERS = ["fc-cpp", "fc-torch", "pysz-default", "pysz-NOPRED", "pysz-LORENZO_REG", "zfpy", "zstd", "quant+zstd"]
 

@@ -5,6 +5,16 @@ trains and compresses at once), so every bench can run a second time with K spin
 it (``--busy K`` or ``FEDCOMPRESS_BENCH_BUSY=K``; bench/conftest.py). ``busy(k)`` starts them and always
 stops them (context manager: on error too, and at interpreter exit); each also exits on its own after
 ``max_seconds`` or as soon as its parent is gone, so an interrupted run never leaves a spinner behind.
+
+With ``pin=True`` spinner i is pinned to the i-th CPU the bench may use (round robin), so every core
+runs a spinner for the whole test. Peer comparisons that time each library in a block of its own
+(bench_sz: fedcompress's rounds, then pysz's) need that: left to the scheduler, two spinners on 2
+cores sometimes shared one core and left the other to the bench for one block and not the next (one
+run: pysz 1.05x slower busy than quiet, fedcompress 3.8x, in the same cell). Benchmarks that
+interleave the calls they compare (bench_threads: 1 thread and default in random order, pair by
+pair) leave placement to the scheduler: pinned, a call of a few ms beside a spinner either fits in
+its time slice or waits out the spinner's, and the medians of such pairs flipped either way
+(0.35x to 3.8x between runs).
 """
 
 from __future__ import annotations
@@ -20,6 +30,8 @@ import time
 _SPIN = """
 import os, sys, time
 parent, end = int(sys.argv[1]), time.monotonic() + float(sys.argv[2])
+if len(sys.argv) > 3 and int(sys.argv[3]) >= 0:
+    os.sched_setaffinity(0, {int(sys.argv[3])})
 print("ready", flush=True)
 while time.monotonic() < end and os.getppid() == parent:
     for _ in range(200_000):
@@ -49,16 +61,19 @@ def _stop_all() -> None:
 
 
 @contextlib.contextmanager
-def busy(k: int, max_seconds: float = 900.0):
-    """Run the body with ``k`` busy processes beside it; yields their Popen objects (k = 0: none)."""
+def busy(k: int, max_seconds: float = 900.0, pin: bool = False):
+    """Run the body with ``k`` busy processes beside it; yields their Popen objects (k = 0: none).
+    ``pin``: spinner i on the i-th CPU this process may use (round robin)."""
     if k < 0:
         raise ValueError(f"k must be >= 0, got {k}")
     if not max_seconds > 0:
         raise ValueError(f"max_seconds must be > 0, got {max_seconds}")
     procs = []
+    cpus = sorted(os.sched_getaffinity(0)) if pin and hasattr(os, "sched_getaffinity") else []
     try:
-        for _ in range(k):
-            p = subprocess.Popen([sys.executable, "-c", _SPIN, str(os.getpid()), str(max_seconds)],
+        for i in range(k):
+            cpu = cpus[i % len(cpus)] if cpus else -1
+            p = subprocess.Popen([sys.executable, "-c", _SPIN, str(os.getpid()), str(max_seconds), str(cpu)],
                                  stdout=subprocess.PIPE, stdin=subprocess.DEVNULL)
             procs.append(p)
             _live.add(p)

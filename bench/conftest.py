@@ -34,5 +34,5 @@ def load(request):
     k = int(name[4:]) if name.startswith("busy") else 0
     if "benchmark" in request.fixturenames:
         request.getfixturevalue("benchmark").extra_info["load"] = name
-    with busy(k, max_seconds=600):
+    with busy(k, max_seconds=600, pin=getattr(request.module, "BUSY_PIN", False)):  # busy.py: when to pin
         yield name

@@ -50,6 +50,19 @@ def test_busy_starts_spinners_and_stops_them():
     assert not b._live
 
 
+@pytest.mark.skipif(not hasattr(os, "sched_getaffinity"), reason="needs CPU affinity")
+def test_busy_pins_one_spinner_per_cpu_round_robin():
+    """pin=True: spinner i runs on the i-th CPU this process may use (the same load on every core, every run)."""
+    b = _busy()
+    cpus = sorted(os.sched_getaffinity(0))
+    k = len(cpus) + 1  # one more than the CPUs: the last wraps around to the first
+    with b.busy(k, max_seconds=60, pin=True) as procs:
+        got = [os.sched_getaffinity(p.pid) for p in procs]
+    assert got == [{cpus[i % len(cpus)]} for i in range(k)]
+    with b.busy(2, max_seconds=60) as procs:  # not pinned: the scheduler places them
+        assert all(os.sched_getaffinity(p.pid) == set(cpus) for p in procs)
+
+
 def test_busy_stops_on_error():
     b = _busy()
     with pytest.raises(RuntimeError, match="boom"):
