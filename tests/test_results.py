@@ -391,6 +391,45 @@ def test_merge_seeds_and_report_mean_std(tmp_path):
     assert {r["row"]: r["final_accuracy"] for r in res["mean_over_seeds"]}["sz"] == pytest.approx(np.mean(accs["sz"]))
 
 
+def _with_history(run, accs):
+    run.summary["history"] = [{"round": i + 1, "accuracy": a, "upstream_bytes": 1000 * (i + 1)}
+                              for i, a in enumerate(accs)]  # fmt: skip
+    run.summary["final_accuracy"] = accs[-1]
+    return run
+
+
+def test_last_rounds_table_reads_each_runs_last_five_rounds(tmp_path):
+    # a row that ends on a high round but swings below none over its last 5: the first table's iso
+    # column takes it, the last-5 table's does not; means and stds against numpy, per seed first
+    plan = R.Plan(budgets=(16,), parts=("mnist5k-10",), rows=("none", "fp16", "sz"), seeds=(0, 1))
+    hist = {
+        ("none", 0): [0.5, 0.88, 0.90, 0.90, 0.91, 0.90, 0.90],
+        ("none", 1): [0.5, 0.89, 0.90, 0.91, 0.90, 0.91, 0.90],
+        ("sz", 0): [0.5, 0.80, 0.86, 0.84, 0.87, 0.85, 0.90],
+        ("sz", 1): [0.5, 0.82, 0.85, 0.83, 0.88, 0.86, 0.899],
+        ("fp16", 0): [0.5, 0.88, 0.90, 0.90, 0.91, 0.90, 0.90],
+        ("fp16", 1): [0.5, 0.88, 0.90, 0.90, 0.91, 0.90, 0.90],
+    }
+    runs = [_with_history(_fake("mnist5k-10", row, {"none": 1, "fp16": 2}.get(row, 16), 0.0,
+                                {"none": 1.0, "fp16": 2.0}.get(row, 16.0), seed=seed), h)
+            for (row, seed), h in hist.items()]  # fmt: skip
+    assert R.last_rounds_accuracy(runs[2].summary) == pytest.approx(np.mean(hist[("sz", 0)][-5:]))
+    merged = {r.row: r.summary for r in R.merge_seeds(runs)}
+    last5 = [np.mean(hist[("sz", s)][-5:]) for s in (0, 1)]
+    assert merged["sz"]["last_accuracy"] == pytest.approx(np.mean(last5))
+    assert merged["sz"]["last_accuracy_std"] == pytest.approx(np.std(last5, ddof=1))
+    text = R.report(plan, runs, str(tmp_path), "fedcompress compare --seeds 0,1", 1.0, with_plots=False)
+    first, last = text.split("Mean accuracy over each run's last 5 rounds")
+    assert "| sz (bound searched per update) | 89.95 ± 0.07 (16.0x) | 16.0x |" in first
+    cell = f"{np.mean(last5) * 100:.2f} ± {np.std(last5, ddof=1) * 100:.2f}"
+    assert f"| sz (bound searched per update) | {cell} | none of these (all > 0.5 pt below) |" in last
+    none5 = np.mean([np.mean(hist[("none", s)][-5:]) for s in (0, 1)]) * 100
+    fp16_5 = np.mean([np.mean(hist[("fp16", s)][-5:]) for s in (0, 1)]) * 100
+    assert f"fp16 {fp16_5:.2f} ± 0.00, {fp16_5 - none5:+.2f} pt" in last
+    mean_rows = json.loads((tmp_path / "results.json").read_text())["mean_over_seeds"]
+    assert {r["row"]: r["last_rounds_accuracy"] for r in mean_rows}["sz"] == pytest.approx(np.mean(last5))
+
+
 def test_merge_seeds_says_when_a_seed_is_missing(tmp_path):
     a, b = _fake("s", "none", 1, 0.9, 1.0), R.Run("s", "none", 1, "none", note="failed: boom", seed=1)
     (m,) = R.merge_seeds([a, b])

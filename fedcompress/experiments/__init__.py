@@ -10,9 +10,11 @@ FedSZ's REL sweep (1e-1 .. 1e-4, on updates and on weights).
 
 With several seeds (``--seeds 0,1,2``) every run happens once per seed (the seed fixes the split, the
 client sampling and the model init, the same for every row) and the tables show mean ± sample std;
-goals are judged on the mean. Every run writes ``<runs>/seed<S>/<setting>/<spec>/summary.json`` and
-``metrics.jsonl``; a run whose summary has the same config is reused, so ``--parts`` regenerates one
-part and a report can be rewritten from the cache (``--cached-only``).
+goals are judged on the mean. Each setting has a second table: the same cells as the mean over each
+run's last ``LAST_ROUNDS`` rounds (steadier where a row swings from round to round). Every run
+writes ``<runs>/seed<S>/<setting>/<spec>/summary.json`` and ``metrics.jsonl``; a run whose summary
+has the same config is reused, so ``--parts`` regenerates one part and a report can be rewritten
+from the cache (``--cached-only``).
 
 Modules, in pipeline order: ``plan`` (what runs), ``cache`` (the run cache and running what it
 lacks), ``summary`` (mean over seeds, the machine line), ``tables`` and ``plots`` (the report's
@@ -35,11 +37,20 @@ from .plan import (
     config,
 )  # fmt: skip
 from .report import report, run_results
-from .summary import machine_info, machine_line, mean_std, mean_summary, merge_seeds
+from .summary import (
+    LAST_ROUNDS,
+    last_rounds_accuracy,
+    machine_info,
+    machine_line,
+    mean_std,
+    mean_summary,
+    merge_seeds,
+)  # fmt: skip
 from .tables import iso_ratio, setting_table, sweep_table
 
 __all__ = [
-    "BUDGETS", "ROWS", "ROW_LABELS", "SETTINGS", "SWEEP_REL", "Plan", "Run", "Setting", "build_runs",
-    "compressor_available", "config", "execute", "iso_ratio", "load_cached", "machine_info", "machine_line",
+    "BUDGETS", "LAST_ROUNDS", "ROWS", "ROW_LABELS", "SETTINGS", "SWEEP_REL", "Plan", "Run", "Setting", "build_runs",
+    "compressor_available", "config", "execute", "iso_ratio", "last_rounds_accuracy", "load_cached", "machine_info",
+    "machine_line",
     "mean_std", "mean_summary", "merge_seeds", "report", "run_dir", "run_results", "setting_table", "sweep_table",
 ]  # fmt: skip

@@ -106,6 +106,16 @@ def collapse_round(summary: dict) -> int | None:
     return None
 
 
+LAST_ROUNDS = 5  # the report's second measure: the mean accuracy over a run's last 5 rounds
+
+
+def last_rounds_accuracy(summary: dict, k: int = LAST_ROUNDS) -> float:
+    """Mean test accuracy over the last ``k`` rounds of a run's history (all of them if fewer): steadier
+    than the last round alone where a row swings by points from round to round (FedSynth)."""
+    hist = summary["history"][-k:]
+    return statistics.fmean(r["accuracy"] for r in hist)
+
+
 MEAN_KEYS = ("final_accuracy", "best_accuracy", "compression_ratio", "upstream_bytes", "dense_upstream_bytes",
              "download_bytes", "initial_accuracy", "codec_overhead")  # fmt: skip
 
@@ -118,6 +128,7 @@ def mean_summary(summaries: list[dict], seeds: list[int]) -> dict:
     for k in MEAN_KEYS:
         if all(k in s for s in summaries):
             out[k], out[k + "_std"] = mean_std([s[k] for s in summaries])
+    out["last_accuracy"], out["last_accuracy_std"] = mean_std([last_rounds_accuracy(s) for s in summaries])
     out["wall_seconds"] = sum(s.get("wall_seconds", 0.0) for s in summaries)
     out["diverged_rounds"] = [diverged_round(s) for s in summaries]  # None where the seed did not
     out["collapse_rounds"] = [collapse_round(s) for s in summaries]

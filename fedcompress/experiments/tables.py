@@ -5,21 +5,29 @@ from __future__ import annotations
 import re
 
 from .plan import ISO_PT, ROW_LABELS, ROWS, Plan, Run
-from .summary import collapse_round, diverged_round
+from .summary import collapse_round, diverged_round, last_rounds_accuracy
+
+# the two measures a setting's tables show: the last round's accuracy (the goals' measure) and the
+# mean over the last LAST_ROUNDS rounds
+FINAL, LAST = "final", "last"
 
 
-def _acc(run: Run) -> float:
-    return run.summary["final_accuracy"] * 100
+def _acc(run: Run, measure: str = FINAL) -> float:
+    s = run.summary
+    if measure == LAST:
+        return 100 * (s["last_accuracy"] if "last_accuracy" in s else last_rounds_accuracy(s))
+    return s["final_accuracy"] * 100
 
 
-def _acc_text(run: Run) -> str:
+def _acc_text(run: Run, measure: str = FINAL) -> str:
     """"96.20" for one seed; "96.20 ± 0.12" for a mean over seeds (plus "[2 of 3 seeds]" when
     some seeds have not finished)."""
     s = run.summary
-    if "final_accuracy_std" not in s:
-        return f"{_acc(run):.2f}"
+    std_key = "last_accuracy_std" if measure == LAST else "final_accuracy_std"
+    if std_key not in s:
+        return f"{_acc(run, measure):.2f}"
     short = f" [{len(s['seeds'])} of {s['seeds_planned']} seeds]" if len(s["seeds"]) < s["seeds_planned"] else ""
-    return f"{_acc(run):.2f} ± {s['final_accuracy_std'] * 100:.2f}{short}"
+    return f"{_acc(run, measure):.2f} ± {s[std_key] * 100:.2f}{short}"
 
 
 def _event_text(run: Run, event: str, key: str, find) -> str:
@@ -42,11 +50,13 @@ def _events_text(run: Run) -> str:
     return text or _event_text(run, "collapsed", "collapse_rounds", collapse_round)
 
 
-def _cell(run: Run | None) -> str:
+def _cell(run: Run | None, measure: str = FINAL) -> str:
     if run is None:
         return "—"
     if run.summary is None:  # why: the report's "Not run" list
         return "not run"
+    if measure == LAST:  # the ratio and events are in the first table already
+        return _acc_text(run, LAST)
     return f"{_acc_text(run)} ({run.summary['compression_ratio']:.1f}x{_events_text(run)})"
 
 
@@ -60,18 +70,19 @@ def _complete(run: Run) -> bool:
     return bool(s) and len(s.get("seeds", [0])) >= s.get("seeds_planned", 1)
 
 
-def iso_ratio(row_runs: list[Run], base: float) -> Run | None:
+def iso_ratio(row_runs: list[Run], base: float, measure: str = FINAL) -> Run | None:
     """The run with the largest reached ratio whose mean accuracy is within ISO_PT of none's ``base``
     (runs missing some of their seeds do not count)."""
-    ok = [r for r in row_runs if _complete(r) and _acc(r) >= base - ISO_PT]
+    ok = [r for r in row_runs if _complete(r) and _acc(r, measure) >= base - ISO_PT]
     return max(ok, key=lambda r: r.summary["compression_ratio"], default=None)
 
 
-def setting_table(plan: Plan, runs: list[Run], part: str) -> str:
-    """Rows x budgets: mean accuracy ± std (ratio reached), and the iso-accuracy column."""
+def setting_table(plan: Plan, runs: list[Run], part: str, measure: str = FINAL) -> str:
+    """Rows x budgets: mean accuracy ± std (ratio reached), and the iso-accuracy column; with
+    ``measure=LAST`` the same on each run's mean over its last rounds (no ratios, no specs line)."""
     budgets = plan.budgets_of(part)
     base_run = baseline_run(runs, part)
-    base = _acc(base_run) if base_run else None
+    base = _acc(base_run, measure) if base_run else None
     mine = [r for r in runs if r.part == part]
     lines = []
     fixed = [r for r in mine if ROWS.get(r.row, (0, 0))[1] is None]
@@ -79,8 +90,8 @@ def setting_table(plan: Plan, runs: list[Run], part: str) -> str:
         lines.append(
             "Fixed-ratio rows: "
             + "; ".join(
-                f"{ROW_LABELS[r.row]} {_cell(r)}"
-                + (f", {_acc(r) - base:+.2f} pt" if base is not None and r.summary and r.row != "none" else "")
+                f"{ROW_LABELS[r.row]} {_cell(r, measure)}"
+                + (f", {_acc(r, measure) - base:+.2f} pt" if base is not None and r.summary and r.row != "none" else "")
                 for r in fixed
             )
             + ".\n"
@@ -92,16 +103,18 @@ def setting_table(plan: Plan, runs: list[Run], part: str) -> str:
         if ROWS[row][1] is None:
             continue
         row_runs = [r for r in mine if r.row == row]
-        cells = [_cell(next((r for r in row_runs if r.target == b), None)) for b in budgets]
+        cells = [_cell(next((r for r in row_runs if r.target == b), None), measure) for b in budgets]
         if base is None:
             iso = "— (no none run)"
         elif not any(_complete(r) for r in row_runs):
             iso = "— (seeds missing)" if any(r.summary for r in row_runs) else "—"
         else:
-            best = iso_ratio(row_runs, base)
+            best = iso_ratio(row_runs, base, measure)
             iso = f"{best.summary['compression_ratio']:.1f}x" if best else f"none of these (all > {ISO_PT} pt below)"
         lines.append(f"| {ROW_LABELS[row]} | " + " | ".join(cells) + f" | {iso} |")
     lines.append("")
+    if measure == LAST:
+        return "\n".join(lines) + "\n"
     specs = (plan.row_spec(part, row, "R") for row in plan.rows if ROWS[row][1])
     lines.append("Specs: " + ", ".join(f"`{spec}`" for spec in specs) + ".\n")
     return "\n".join(lines) + "\n"
