@@ -26,14 +26,15 @@ def test_plan_runs_and_specs():
     one_seed = [r for r in runs if r.seed == 0]
     budgets = R.SETTINGS["mnist5k-10"].budgets
     assert budgets == (8, 16, 32, 64, 128, 256)
-    # none + fp16, 7 budgeted rows x 6 budgets, the sweep's 2 targets x 4 bounds
-    assert len(one_seed) == 2 + 7 * 6 + 2 * 4 and len(runs) == 2 * len(one_seed)
+    # none + fp16, 8 budgeted rows x 6 budgets, the sweep's 2 targets x 4 bounds
+    assert len(one_seed) == 2 + 8 * 6 + 2 * 4 and len(runs) == 2 * len(one_seed)
     spec = {(r.part, r.row, r.target): r.spec for r in one_seed}
     assert spec[("mnist5k-10", "mask", 64)] == "mask:ratio=64"
     assert spec[("mnist5k-10", "sz-ef", 8)] == "sz:ratio=8,ef=1"
     assert spec[("mnist5k-10", "sz-abs", 64)] == "sz:ratio=64,bound=abs"
     assert spec[("mnist5k-10", "fedsynth-trainable", 256)] == "fedsynth:ratio=256,labels=trainable"
     assert spec[("mnist5k-10", "real-subset", 16)] == "fedsynth:ratio=16,outer_steps=0"
+    assert spec[("mnist5k-10", "fedsynth-ef", 64)] == "fedsynth:ratio=64,ef=1"
     assert spec[("mnist5k-10", "fp16", 2)] == "fp16"
     assert spec[("sweep", "sz-weights", 1e-3)] == "sz:rel=0.001,target=weights"
     # FedSynth (the slowest) after everything else, for every seed
@@ -74,6 +75,14 @@ def test_text_setting_runs_the_lstm_at_the_papers_budgets():
     assert (img.model, img.lr) == ("cnn", plan.lr)
     table = R.setting_table(plan, runs, "fortunes-43")
     assert "| 1.3x | 2.6x | 8x | 16x |" in table
+    # FedSynth's error feedback does not apply to the text client: its runs carry the reason and
+    # are never started (execute skips runs with a note), while the image settings plan them
+    plan = R.Plan(parts=("fortunes-43", "mnist5k-10"), rows=("fedsynth-ef",))
+    ef = {(r.part, r.target): r for r in R.build_runs(plan)}
+    assert all(ef[("fortunes-43", b)].note.startswith("not run here: FedSynth's error feedback") for b in (1.3, 16))
+    assert not ef[("mnist5k-10", 16)].note and ef[("mnist5k-10", 16)].spec == "fedsynth:ratio=16,ef=1"
+    R.execute(plan, [ef[("fortunes-43", 16)]], None, "/nonexistent", log=lambda *_: None)  # no data, no run
+    assert ef[("fortunes-43", 16)].summary is None
 
 
 def test_setting_reference_is_printed_under_its_table(tmp_path):
