@@ -116,6 +116,12 @@ def last_rounds_accuracy(summary: dict, k: int = LAST_ROUNDS) -> float:
     return statistics.fmean(r["accuracy"] for r in hist)
 
 
+def last_accuracy(summary: dict) -> float:
+    """The last-rounds accuracy of a run or of a mean over seeds (``mean_summary`` stores it, with its
+    std: the mean of each seed's own last-rounds mean)."""
+    return summary["last_accuracy"] if "last_accuracy" in summary else last_rounds_accuracy(summary)
+
+
 MEAN_KEYS = ("final_accuracy", "best_accuracy", "compression_ratio", "upstream_bytes", "dense_upstream_bytes",
              "download_bytes", "initial_accuracy", "codec_overhead")  # fmt: skip
 
