@@ -82,7 +82,8 @@ def test_text_setting_runs_the_lstm_at_the_papers_budgets():
     assert all(ef[("fortunes-43", b)].note.startswith("not run here: FedSynth's error feedback") for b in (1.3, 16))
     assert not ef[("mnist5k-10", 16)].note and ef[("mnist5k-10", 16)].spec == "fedsynth:ratio=16,ef=1"
     R.execute(plan, [ef[("fortunes-43", 16)]], None, "/nonexistent", log=lambda *_: None)  # no data, no run
-    assert ef[("fortunes-43", 16)].summary is None
+    # a run that had been tried would have failed here (no data) and carry "failed: ..." instead
+    assert ef[("fortunes-43", 16)].summary is None and ef[("fortunes-43", 16)].note.startswith("not run here")
 
 
 def test_setting_reference_is_printed_under_its_table(tmp_path):

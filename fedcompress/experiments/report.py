@@ -11,7 +11,7 @@ import time
 from .cache import execute
 from .plan import Plan, Run, build_runs
 from .plots import plots
-from .summary import LAST_ROUNDS, last_accuracy, machine_info, machine_line, merge_seeds
+from .summary import LAST_ROUNDS, last_rounds_accuracy, machine_info, machine_line, merge_seeds
 from .tables import LAST, not_run_lines, setting_table, sweep_table, timing_table
 
 
@@ -101,7 +101,7 @@ def report(plan: Plan, runs: list[Run], out: str, command: str, wall: float, wit
                         "spec": r.spec,
                         "final_accuracy": r.summary["final_accuracy"] if r.summary else None,
                         "final_accuracy_std": r.summary.get("final_accuracy_std", 0.0) if r.summary else None,
-                        "last_rounds_accuracy": last_accuracy(r.summary) if r.summary else None,
+                        "last_rounds_accuracy": last_rounds_accuracy(r.summary) if r.summary else None,
                         "last_rounds_accuracy_std": r.summary.get("last_accuracy_std", 0.0) if r.summary else None,
                         "compression_ratio": r.summary["compression_ratio"] if r.summary else None,
                         "seeds": r.summary.get("seeds", [r.seed]) if r.summary else [],

@@ -111,15 +111,11 @@ LAST_ROUNDS = 5  # the report's second measure: the mean accuracy over a run's l
 
 def last_rounds_accuracy(summary: dict, k: int = LAST_ROUNDS) -> float:
     """Mean test accuracy over the last ``k`` rounds of a run's history (all of them if fewer): steadier
-    than the last round alone where a row swings by points from round to round (FedSynth)."""
-    hist = summary["history"][-k:]
-    return statistics.fmean(r["accuracy"] for r in hist)
-
-
-def last_accuracy(summary: dict) -> float:
-    """The last-rounds accuracy of a run or of a mean over seeds (``mean_summary`` stores it, with its
-    std: the mean of each seed's own last-rounds mean)."""
-    return summary["last_accuracy"] if "last_accuracy" in summary else last_rounds_accuracy(summary)
+    than the last round alone where a row swings by points from round to round (FedSynth). A mean over
+    seeds (``mean_summary``) carries it already, as the mean of each seed's own value, with its std."""
+    if "last_accuracy" in summary:
+        return summary["last_accuracy"]
+    return statistics.fmean(r["accuracy"] for r in summary["history"][-k:])
 
 
 MEAN_KEYS = ("final_accuracy", "best_accuracy", "compression_ratio", "upstream_bytes", "dense_upstream_bytes",

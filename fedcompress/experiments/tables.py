@@ -5,7 +5,7 @@ from __future__ import annotations
 import re
 
 from .plan import ISO_PT, ROW_LABELS, ROWS, Plan, Run
-from .summary import collapse_round, diverged_round, last_accuracy
+from .summary import collapse_round, diverged_round, last_rounds_accuracy
 
 # the two measures a setting's tables show: the last round's accuracy (the goals' measure) and the
 # mean over the last LAST_ROUNDS rounds
@@ -15,7 +15,7 @@ FINAL, LAST = "final", "last"
 def _acc(run: Run, measure: str = FINAL) -> float:
     s = run.summary
     if measure == LAST:
-        return 100 * last_accuracy(s)
+        return 100 * last_rounds_accuracy(s)
     return s["final_accuracy"] * 100
 
 
