@@ -60,18 +60,18 @@ class MaskThenSZ:
         kept = {k: update[k].reshape(-1)[m] for k, m in pos.items()}
         kept.update({k: v for k, v in update.items() if k not in pos})
         room = dense_payload_bytes(update) // self.ratio - META_LEN
-        self.sz = fc.get_compressor(f"sz:ratio={dense_payload_bytes(kept) / room:.6g}")
-        self._pos = pos
-        return self.sz.compress(kept, ctx) + bytes(META_LEN)  # the meta's bytes, counted
+        sz = fc.get_compressor(f"sz:ratio={dense_payload_bytes(kept) / room:.6g}")
+        return sz.compress(kept, ctx) + bytes(META_LEN)  # the meta's bytes, counted
 
     def server_update(self, payload: bytes, g, ctx):
-        kept = self.sz.decompress(payload[:-META_LEN], ctx)
+        kept = fc.get_compressor("sz").decompress(payload[:-META_LEN], ctx)  # sz decodes any bound
+        pos = self._positions(g, ctx)  # regenerated from the seed, as the mask's server does
         scale = unbiased_scale(self.thr_m1)
         out = {}
         for k, v in g.items():
-            if k in self._pos:
+            if k in pos:
                 d = torch.zeros(v.numel(), dtype=v.dtype)
-                d[self._pos[k]] = kept[k].to(v.dtype) * scale
+                d[pos[k]] = kept[k].to(v.dtype) * scale
                 out[k] = d.reshape(v.shape)
             else:
                 out[k] = kept[k]
