@@ -276,6 +276,21 @@ def simulate(args) -> int:
 # --breakdown: where one client's codec time goes, in-process
 
 
+def cnn_clients():
+    """One thread; mnist5k's 10-client split (seed 0), the FedAvg CNN and its initial state, as
+    ``fedcompress run`` builds them: (data, model, global state). bench/sz_cold.py uses it too."""
+    import torch
+
+    from fedcompress.fedavg.data import load_dataset
+    from fedcompress.fedavg.models import build_model
+
+    torch.set_num_threads(1)
+    data = load_dataset("mnist5k", 10, "iid", 0.5, 0)
+    torch.manual_seed(0)
+    model = build_model("cnn", data.info)
+    return data, model, {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
 def breakdown(args) -> int:
     import torch
     from flwr.app import ArrayRecord
@@ -284,16 +299,10 @@ def breakdown(args) -> int:
     from fedcompress import _ops
     from fedcompress.api import RoundContext, local_sgd, state_delta
     from fedcompress.codecs.sz import codec as C
-    from fedcompress.fedavg.data import load_dataset
-    from fedcompress.fedavg.models import build_model
     from fedcompress.flower.common import array_view, state_from_record, update_from_records
 
-    torch.set_num_threads(1)
     clock = time.thread_time
-    data = load_dataset("mnist5k", 10, "iid", 0.5, 0)
-    torch.manual_seed(0)
-    model = build_model("cnn", data.info)
-    glob = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    data, model, glob = cnn_clients()
     x, y = data.client_data(0)
 
     def fresh_update(cid: int):

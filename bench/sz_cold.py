@@ -12,26 +12,23 @@ from __future__ import annotations
 
 import argparse
 import statistics
+import sys
 import time
-
-import torch
+from pathlib import Path
 
 import fedcompress as fc
 from fedcompress.api import RoundContext, local_sgd, state_delta
-from fedcompress.fedavg.data import load_dataset
-from fedcompress.fedavg.models import build_model
+
+sys.path.insert(0, str(Path(__file__).parent))
+from fl_overhead import cnn_clients  # noqa: E402
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--spec", default="sz:rel=1e-2")
     args = ap.parse_args()
-    torch.set_num_threads(1)
     clock = time.thread_time
-    data = load_dataset("mnist5k", 10, "iid", 0.5, 0)
-    torch.manual_seed(0)
-    model = build_model("cnn", data.info)
-    glob = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    data, model, glob = cnn_clients()
     comp = fc.get_compressor(args.spec)
 
     def timed(fn) -> float:
