@@ -785,6 +785,57 @@ def _odd_state() -> dict[str, torch.Tensor]:
     }
 
 
+def _npy(a: np.ndarray, version=None) -> bytes:
+    import io
+
+    f = io.BytesIO()
+    np.lib.format.write_array(f, a, version=version, allow_pickle=False)
+    return f.getvalue()
+
+
+@pytest.mark.parametrize(
+    "a",
+    [
+        np.arange(12, dtype=np.float32).reshape(3, 4),
+        np.array(2.5),
+        np.zeros((0, 4), np.float64),
+        np.array([True, False]),
+        np.arange(-3, 3, dtype=np.int8),
+        np.arange(6, dtype=np.float16).reshape(1, 6),
+        np.arange(4, dtype=">f4").reshape(2, 2),  # big-endian: a view that byte-swaps on read
+        np.ones((2, 3), np.uint64),
+    ],
+    ids=lambda a: f"{a.dtype.str}{a.shape}",
+)
+def test_array_view_reads_numpys_own_headers_in_place(a):
+    # the fast header match against np.load of the same bytes: same dtype, shape and values, and a
+    # read-only view of the Array's data rather than a copy
+    arr = Array(a)
+    got, want = array_view(arr), arr.numpy()
+    assert got.dtype == want.dtype and got.shape == want.shape and np.array_equal(got, want)
+    assert not got.flags.writeable and (got.size == 0 or np.shares_memory(got, np.frombuffer(arr.data, np.uint8)))
+
+
+def test_array_view_leaves_other_headers_to_np_load():
+    a = np.arange(6, dtype=np.float32).reshape(2, 3)
+    f_order = Array(np.asfortranarray(a))
+    got = array_view(f_order)  # Fortran order: np.load's copy, values in the right places
+    assert np.array_equal(got, a) and got.flags.writeable
+    v2 = Array(dtype="float32", shape=(2, 3), stype="numpy.ndarray", data=_npy(a, version=(2, 0)))
+    assert np.array_equal(array_view(v2), a)  # a version 2.0 header
+    good = _npy(a)
+    spaced = good.replace(b"'descr': '<f4', ", b"'descr':'<f4',  ")  # valid for np.load, not our form
+    assert np.array_equal(array_view(Array(dtype="float32", shape=(2, 3), stype="numpy.ndarray", data=spaced)), a)
+    # data longer than the header says: not viewed (np.load reads the header's values, a copy)
+    longer = array_view(Array(dtype="float32", shape=(2, 3), stype="numpy.ndarray", data=good + b"\0" * 4))
+    assert np.array_equal(longer, a) and longer.flags.writeable
+    # a header that promises more values than the data holds: np.load's error, not a short view
+    for data in (good[:-4], good.replace(b"(2, 3)", b"(2, 4)"), good.replace(b"(2, 3)", b"(9" + b"9" * 18 + b", 3)")):
+        with pytest.raises(ValueError), warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)  # np.load's overflow in the product
+            array_view(Array(dtype="float32", shape=(2, 3), stype="numpy.ndarray", data=data))
+
+
 def test_mod_update_equals_state_delta():
     # the Mod's zero-copy update against api.state_delta on copies of the same records
     glob = _odd_state()
