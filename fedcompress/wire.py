@@ -131,6 +131,14 @@ _U8, _U16, _U32, _U64 = (struct.Struct(f) for f in ("<B", "<H", "<I", "<Q"))
 _I64, _F32, _F64 = (struct.Struct(f) for f in ("<q", "<f", "<d"))
 
 
+def name_field(s: str) -> bytes:
+    """A name as the wire writes it: u16 length + utf-8 (ValueError past MAX_NAME_BYTES)."""
+    b = s.encode("utf-8")
+    if len(b) > MAX_NAME_BYTES:
+        raise ValueError(f"name too long for the wire format ({len(b)} > {MAX_NAME_BYTES} bytes)")
+    return _U16.pack(len(b)) + b
+
+
 class Writer:
     """Appends little-endian fields to a list of byte chunks (joined once at the end)."""
 
@@ -175,11 +183,7 @@ class Writer:
         self.raw(b)
 
     def str(self, s: str) -> None:
-        b = s.encode("utf-8")
-        if len(b) > MAX_NAME_BYTES:
-            raise ValueError(f"name too long for the wire format ({len(b)} > {MAX_NAME_BYTES} bytes)")
-        self.u16(len(b))
-        self.raw(b)
+        self.raw(name_field(s))
 
     def getvalue(self) -> bytes:
         return b"".join(self.parts)
@@ -281,13 +285,10 @@ def pack(codec: int, records: list[Record], meta: bytes = b"") -> bytes:
             raise TypeError(f"dtype {r.dtype} is not supported by the wire format")
         if len(r.shape) > MAX_NDIM:
             raise ValueError(f"tensor {r.name!r} has {len(r.shape)} dims, more than {MAX_NDIM}")
-        name = r.name.encode("utf-8")
-        if len(name) > MAX_NAME_BYTES:
-            raise ValueError(f"name too long for the wire format ({len(name)} > {MAX_NAME_BYTES} bytes)")
         data = r.data if isinstance(r.data, bytes) else memoryview(r.data).cast("B")
-        # name (u16 length + utf-8), dtype code, ndim, shape (u64 each), data (u64 length + bytes):
-        # the header fields as one struct, so a record is three parts, not 6 + ndim
-        parts.append(_U16.pack(len(name)) + name)
+        # name, dtype code, ndim, shape (u64 each), data (u64 length + bytes): the header fields as
+        # one struct, so a record is three parts, not 6 + ndim
+        parts.append(name_field(r.name))
         parts.append(struct.pack(f"<BB{len(r.shape)}QQ", DTYPE_CODES[r.dtype], len(r.shape), *r.shape, len(data)))
         parts.append(data)
     crc = 0

@@ -84,7 +84,6 @@ def state_from_record(record: ArrayRecord) -> dict[str, torch.Tensor]:
 _NPY_HEADER = re.compile(
     rb"\{'descr': '([<>|][a-z]\d{1,2})', 'fortran_order': False, 'shape': \(((?:\d{1,19}, )*(?:\d{1,19},?)?)\), \} *\n"
 )
-_NPY_DTYPES: dict[bytes, np.dtype] = {}
 
 
 def array_view(arr: Array) -> np.ndarray:
@@ -104,13 +103,10 @@ def array_view(arr: Array) -> np.ndarray:
         start = 10 + int.from_bytes(data[8:10], "little")
         m = _NPY_HEADER.fullmatch(data, 10, start)
         if m is not None:
-            dtype = _NPY_DTYPES.get(m[1])
-            if dtype is None:
-                try:
-                    dtype = np.dtype(m[1].decode())
-                except TypeError:  # a well-formed descr numpy does not know: np.load says why
-                    return arr.numpy()
-                _NPY_DTYPES[m[1]] = dtype
+            try:
+                dtype = np.dtype(m[1].decode())
+            except TypeError:  # a well-formed descr numpy does not know: np.load says why
+                return arr.numpy()
             shape = tuple(int(d) for d in m[2].split(b",") if d.strip())
             n = math.prod(shape)
             if not dtype.hasobject and start + n * dtype.itemsize == len(data):
