@@ -22,8 +22,6 @@ import os
 import sys
 from pathlib import Path
 
-import torch
-
 import fedcompress as fc
 from fedcompress.api import RoundContext, local_sgd, state_delta
 
@@ -45,9 +43,7 @@ def main() -> None:
         os.write(ctl, cmd.encode() + b"\n")
         os.read(ack, 5)  # perf answers "ack\n\0" once the events are switched
 
-    torch.set_num_threads(1)
-    fc.set_num_threads(1)
-    data, model, glob = cnn_clients()
+    data, model, glob = cnn_clients()  # one torch thread, so one native thread too
     comp = fc.get_compressor(args.spec)
     for i in range(args.calls):
         ctx = RoundContext(round=1, client=i % 10, seed=0, epochs=2, batch_size=20, lr=0.05)

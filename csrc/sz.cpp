@@ -523,9 +523,10 @@ static inline void interior_digits(const uint16_t* byte_table, uint32_t z, uint3
   // the run through lanes 7/8: a zeros from lane 7 down, b from lane 8 up (8: the whole byte, so the
   // run touches lane 0 or 15 and is not interior); a + b = 0 gives nd = 0, no digits
   const int a = __builtin_clz(((~zl & 0xFF) << 24) | 0x800000u), b = __builtin_ctz((~zu & 0xFF) | 0x100u);
-  const uint32_t v = uint32_t(a + b) + 1, low = (1u << (31 - __builtin_clz(v))) - 1;  // nd digit bits
-  const uint32_t valid = 0u - uint32_t((a < 8) & (b < 8));
-  const int at = 8 + b - (31 - __builtin_clz(v));  // the run's last nd lanes
+  const uint32_t v = uint32_t(a + b) + 1;
+  const int nd = 31 - __builtin_clz(v);  // bit_length(v) - 1 digits
+  const uint32_t low = (1u << nd) - 1, valid = 0u - uint32_t((a < 8) & (b < 8));
+  const int at = 8 + b - nd;  // the run's last nd lanes
   keep = (tl & 0xFF) | ((tu & 0xFF) << 8) | ((low << at) & valid);
   ones = (tl >> 8) | (tu & 0xFF00) | (((v & low) << at) & valid);
 }
