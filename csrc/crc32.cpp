@@ -15,6 +15,7 @@
 #include <array>
 #include <cstdint>
 #include <cstring>
+#include <vector>
 
 #include "registry.h"
 
@@ -103,5 +104,39 @@ FC_BIND([](py::module_& m) {
       },
       py::arg("data"), py::arg("value") = 0, "zlib.crc32(data, value), folded with PCLMULQDQ where the CPU has it");
   m.def("crc32_fast", []() { return crc::kHasPclmul; }, "whether crc32 runs the PCLMULQDQ path");
+  // wire.pack's last step: the parts joined, then the CRC-32 of all of them (u32 LE), into one new
+  // bytes object. A crc32 call per part was 3 per record plus 5 Python -> C++ round trips.
+  m.def(
+      "join_crc32",
+      [](py::list parts) {
+        std::vector<Py_buffer> views;
+        views.reserve(parts.size());
+        struct Release {
+          std::vector<Py_buffer>& v;
+          ~Release() {
+            for (auto& b : v) PyBuffer_Release(&b);
+          }
+        } release{views};
+        size_t total = 0;
+        for (py::handle o : parts) {
+          Py_buffer b;
+          if (PyObject_GetBuffer(o.ptr(), &b, PyBUF_C_CONTIGUOUS) != 0) throw py::error_already_set();
+          views.push_back(b);
+          total += size_t(b.len);
+        }
+        PyObject* obj = PyBytes_FromStringAndSize(nullptr, Py_ssize_t(total + 4));
+        if (!obj) throw py::error_already_set();
+        py::bytes out = py::reinterpret_steal<py::bytes>(obj);
+        auto* dst = reinterpret_cast<uint8_t*>(PyBytes_AS_STRING(obj));
+        size_t at = 0;
+        for (const auto& b : views) {
+          if (b.len) std::memcpy(dst + at, b.buf, size_t(b.len));
+          at += size_t(b.len);
+        }
+        const uint32_t c = crc::crc32(dst, total, 0);
+        std::memcpy(dst + total, &c, 4);  // little-endian: the build is x86-64 only
+        return out;
+      },
+      py::arg("parts"), "b''.join(parts) + the CRC-32 of it as u32 little-endian (wire.pack)");
 });
 }  // namespace fc

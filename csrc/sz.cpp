@@ -2,10 +2,12 @@
 // FP comparisons must if-convert for the quantize kernel to vectorise; we never rely on FP traps.
 #pragma GCC optimize("no-trapping-math")
 #include <pybind11/numpy.h>
+#include <pybind11/stl.h>
 
 #include <immintrin.h>
 
 #include <algorithm>
+#include <array>
 #include <atomic>
 #include <cmath>
 #include <cstdint>
@@ -1735,18 +1737,21 @@ static py::tuple sz_finite_range_py(py::array_t<uint8_t, py::array::c_style> x, 
 
 // prefix + section (+ `head`, written between them: the stream header) into one new bytes object:
 // the one copy of the payload, before anything else can see it
+static py::bytes section_bytes(const char* pre, size_t npre, const char* head, size_t nhead, const sz::Section& sec) {
+  PyObject* obj = PyBytes_FromStringAndSize(nullptr, Py_ssize_t(npre + nhead + sec.size()));
+  if (!obj) throw py::error_already_set();
+  py::bytes out = py::reinterpret_steal<py::bytes>(obj);
+  char* dst = PyBytes_AS_STRING(obj);
+  if (npre) std::memcpy(dst, pre, npre);
+  if (nhead) std::memcpy(dst + npre, head, nhead);
+  sec.write(dst + npre + nhead);
+  return out;
+}
 static py::bytes section_bytes(py::bytes prefix, const char* head, size_t nhead, const sz::Section& sec) {
   char* pre = nullptr;
   Py_ssize_t npre = 0;
   if (PyBytes_AsStringAndSize(prefix.ptr(), &pre, &npre) != 0) throw py::error_already_set();
-  PyObject* obj = PyBytes_FromStringAndSize(nullptr, npre + Py_ssize_t(nhead + sec.size()));
-  if (!obj) throw py::error_already_set();
-  py::bytes out = py::reinterpret_steal<py::bytes>(obj);
-  char* dst = PyBytes_AS_STRING(obj);
-  std::memcpy(dst, pre, size_t(npre));
-  if (nhead) std::memcpy(dst + npre, head, nhead);
-  sec.write(dst + npre + nhead);
-  return out;
+  return section_bytes(pre, size_t(npre), head, nhead, sec);
 }
 
 static size_t dtype_size(int code) {
@@ -1779,47 +1784,121 @@ static py::bytes sz_encode_py(py::array_t<uint8_t, py::array::c_style> x, int co
   return section_bytes(prefix, nullptr, 0, sec);
 }
 
-// A whole stream (codec.encode_stream without a lossless stage): the range (unless the caller
-// passes it: range_count >= 0), step and bound, block size (block_size 0: chosen as the codec
-// chooses it), the header and the section, in one call; prefix + stream in one bytes object.
-static py::bytes sz_encode_stream_py(py::array_t<uint8_t, py::array::c_style> x, int code, int64_t n,
-                                     double error_bound, bool rel, int64_t block_size, py::bytes prefix,
-                                     double range_lo, double range_hi, int64_t range_count) {
-  if (!(std::isfinite(error_bound) && error_bound > 0)) throw py::value_error("error_bound must be finite and > 0");
-  if (block_size < 0 || block_size > (int64_t(1) << 24)) throw py::value_error("block_size must be in [0, 2^24]");
-  const size_t isz = dtype_size(code);
-  if (n < 1 || size_t(x.size()) != size_t(n) * isz) throw py::value_error("x must hold n >= 1 values of the dtype");
-  const void* p = x.data();
-  double step = 0, bound = 0;
-  int64_t bs = block_size;
-  std::unique_ptr<sz::Section> sec;
-  {
-    py::gil_scoped_release nogil;
-    if (rel && range_count < 0) {
-      if (code == 1) sz::finite_minmax_f32(static_cast<const float*>(p), n, range_lo, range_hi, range_count);
-      else if (code == 2) sz::finite_minmax<sz::F64>(static_cast<const double*>(p), n, range_lo, range_hi, range_count);
-      else if (code == 3) sz::finite_minmax<sz::F16>(static_cast<const uint16_t*>(p), n, range_lo, range_hi, range_count);
-      else sz::finite_minmax<sz::BF16>(static_cast<const uint16_t*>(p), n, range_lo, range_hi, range_count);
-    }
-    sz::quant_params(error_bound, rel, range_lo, range_hi, range_count, step, bound);
-    if (!bs) {
-      if (code == 1) bs = sz::choose_block_size<sz::F32>(static_cast<const float*>(p), n, step);
-      else if (code == 2) bs = sz::choose_block_size<sz::F64>(static_cast<const double*>(p), n, step);
-      else if (code == 3) bs = sz::choose_block_size<sz::F16>(static_cast<const uint16_t*>(p), n, step);
-      else bs = sz::choose_block_size<sz::BF16>(static_cast<const uint16_t*>(p), n, step);
-    }
-    sec = std::make_unique<sz::Section>((n + bs - 1) / bs);
-    encode_section_any(code, p, n, step, bound, bs, *sec);
+// codec._HDR "<BBddII" (26 bytes): version 2, lossless stage, step, bound, block size, block count
+constexpr size_t kStreamHdr = 26;
+constexpr int64_t kMaxBlock = int64_t(1) << 24;  // codec.MAX_BLOCK
+
+// A whole stream (codec.encode_stream without a lossless stage) of n >= 1 values at p: the range
+// (unless given: range_count >= 0), step and bound, block size (bs 0: chosen as the codec chooses
+// it), the header into hdr and the section. No Python objects: callers release the GIL around it.
+static std::unique_ptr<sz::Section> encode_stream_native(int code, const void* p, int64_t n, double error_bound,
+                                                         bool rel, int64_t bs, double range_lo, double range_hi,
+                                                         int64_t range_count, char* hdr) {
+  if (rel && range_count < 0) {
+    if (code == 1) sz::finite_minmax_f32(static_cast<const float*>(p), n, range_lo, range_hi, range_count);
+    else if (code == 2) sz::finite_minmax<sz::F64>(static_cast<const double*>(p), n, range_lo, range_hi, range_count);
+    else if (code == 3) sz::finite_minmax<sz::F16>(static_cast<const uint16_t*>(p), n, range_lo, range_hi, range_count);
+    else sz::finite_minmax<sz::BF16>(static_cast<const uint16_t*>(p), n, range_lo, range_hi, range_count);
   }
-  // codec._HDR "<BBddII" (26 bytes): version 2, no lossless stage, step, bound, block size, block count
-  char hdr[26];
+  double step = 0, bound = 0;
+  sz::quant_params(error_bound, rel, range_lo, range_hi, range_count, step, bound);
+  if (!bs) {
+    if (code == 1) bs = sz::choose_block_size<sz::F32>(static_cast<const float*>(p), n, step);
+    else if (code == 2) bs = sz::choose_block_size<sz::F64>(static_cast<const double*>(p), n, step);
+    else if (code == 3) bs = sz::choose_block_size<sz::F16>(static_cast<const uint16_t*>(p), n, step);
+    else bs = sz::choose_block_size<sz::BF16>(static_cast<const uint16_t*>(p), n, step);
+  }
+  auto sec = std::make_unique<sz::Section>((n + bs - 1) / bs);
+  encode_section_any(code, p, n, step, bound, bs, *sec);
   hdr[0] = 2, hdr[1] = 0;
   const uint32_t bs32 = uint32_t(bs), nb32 = uint32_t((n + bs - 1) / bs);
   std::memcpy(hdr + 2, &step, 8);
   std::memcpy(hdr + 10, &bound, 8);
   std::memcpy(hdr + 18, &bs32, 4);
   std::memcpy(hdr + 22, &nb32, 4);
+  return sec;
+}
+
+// prefix + codec.encode_stream's stream (no lossless stage) in one bytes object; see
+// encode_stream_native for the arguments
+static py::bytes sz_encode_stream_py(py::array_t<uint8_t, py::array::c_style> x, int code, int64_t n,
+                                     double error_bound, bool rel, int64_t block_size, py::bytes prefix,
+                                     double range_lo, double range_hi, int64_t range_count) {
+  if (!(std::isfinite(error_bound) && error_bound > 0)) throw py::value_error("error_bound must be finite and > 0");
+  if (block_size < 0 || block_size > kMaxBlock) throw py::value_error("block_size must be in [0, 2^24]");
+  const size_t isz = dtype_size(code);
+  if (n < 1 || size_t(x.size()) != size_t(n) * isz) throw py::value_error("x must hold n >= 1 values of the dtype");
+  const void* p = x.data();
+  char hdr[kStreamHdr];
+  std::unique_ptr<sz::Section> sec;
+  {
+    py::gil_scoped_release nogil;
+    sec = encode_stream_native(code, p, n, error_bound, rel, block_size, range_lo, range_hi, range_count, hdr);
+  }
   return section_bytes(prefix, hdr, sizeof(hdr), *sec);
+}
+
+// The buffers of a list of objects (C-contiguous, read-only is fine), released on scope exit.
+struct Buffers {
+  std::vector<Py_buffer> v;
+  explicit Buffers(const py::list& objs) {
+    v.reserve(objs.size());
+    for (py::handle o : objs) {
+      Py_buffer b;
+      if (PyObject_GetBuffer(o.ptr(), &b, PyBUF_C_CONTIGUOUS) != 0) throw py::error_already_set();
+      v.push_back(b);
+    }
+  }
+  ~Buffers() {
+    for (auto& b : v) PyBuffer_Release(&b);
+  }
+  Buffers(const Buffers&) = delete;
+  Buffers& operator=(const Buffers&) = delete;
+};
+
+// The record data of an `sz` state-dict payload (codecs/sz/statedict.py) for every tensor at once:
+// arrays[i] (any C-contiguous buffer) with codes[i] = its float dtype code goes out as kind byte 1
+// + its stream at the bound; with codes[i] = 0, as kind byte 0 + its bytes. One native call per
+// update instead of a Python round trip per tensor: right after local training that glue cost
+// about a quarter of the codec's time (docs/sz.md, "Codec time in FedAvg").
+static py::list sz_encode_records_py(py::list arrays, std::vector<int> codes, double error_bound, bool rel) {
+  if (!(std::isfinite(error_bound) && error_bound > 0)) throw py::value_error("error_bound must be finite and > 0");
+  if (codes.size() != arrays.size()) throw py::value_error("one code per array");
+  Buffers bufs(arrays);
+  const size_t m = codes.size();
+  std::vector<int64_t> ns(m, 0);
+  for (size_t i = 0; i < m; ++i) {
+    if (!codes[i]) continue;
+    const size_t isz = dtype_size(codes[i]);
+    const size_t len = size_t(bufs.v[i].len);
+    if (len == 0 || len % isz) throw py::value_error("array " + std::to_string(i) + " must hold n >= 1 values of its dtype");
+    ns[i] = int64_t(len / isz);
+  }
+  std::vector<std::unique_ptr<sz::Section>> secs(m);
+  std::vector<std::array<char, kStreamHdr>> hdrs(m);
+  {
+    py::gil_scoped_release nogil;
+    for (size_t i = 0; i < m; ++i)
+      if (codes[i]) secs[i] = encode_stream_native(codes[i], bufs.v[i].buf, ns[i], error_bound, rel, 0, 0.0, 0.0, -1,
+                                                   hdrs[i].data());
+  }
+  py::list out(m);
+  static const char kKindRaw = 0, kKindSz = 1;
+  for (size_t i = 0; i < m; ++i) {
+    if (codes[i]) {
+      out[i] = section_bytes(&kKindSz, 1, hdrs[i].data(), kStreamHdr, *secs[i]);
+      secs[i].reset();
+      continue;
+    }
+    const size_t len = size_t(bufs.v[i].len);
+    PyObject* obj = PyBytes_FromStringAndSize(nullptr, Py_ssize_t(1 + len));
+    if (!obj) throw py::error_already_set();
+    char* dst = PyBytes_AS_STRING(obj);
+    dst[0] = kKindRaw;
+    if (len) std::memcpy(dst + 1, bufs.v[i].buf, len);
+    out[i] = py::reinterpret_steal<py::bytes>(obj);
+  }
+  return out;
 }
 
 static void sz_decode_py(py::array_t<uint8_t, py::array::c_style> sec, py::array_t<uint8_t, py::array::c_style> out,
@@ -1846,6 +1925,100 @@ static void sz_decode_py(py::array_t<uint8_t, py::array::c_style> sec, py::array
   if (!err.empty()) throw py::value_error(err);
 }
 
+// The tensors of an `sz` state-dict payload's records (codecs/sz/statedict.py) in one call, each
+// into a new numpy array of dtypes[i] and shapes[i]: kind byte 0 + its raw bytes, or kind byte 1 +
+// a stream (codes[i] its float dtype code), checked as codec.decode_stream checks it. A stream with
+// a lossless stage comes back as None (the Python path decodes it). Records are hostile: any defect
+// raises ValueError((index, message)). wire.unpack has bounded the shapes' total bytes already.
+static py::list sz_decode_records_py(py::list datas, std::vector<int> codes, py::list dtypes, py::list shapes) {
+  const size_t m = codes.size();
+  if (datas.size() != m || dtypes.size() != m || shapes.size() != m) throw py::value_error("one entry per record");
+  Buffers bufs(datas);
+  struct Job {
+    const uint8_t* src = nullptr;
+    size_t len = 0;   // bytes at src: the raw bytes or the blocks section
+    void* dst = nullptr;
+    int64_t n = 0;
+    int code = 0;     // 0: raw copy, else decode a section of this float dtype
+    int64_t bs = 0;
+    double step = 0;
+  };
+  std::vector<Job> jobs(m);
+  py::list out(m);
+  size_t bad = m;
+  std::string err;
+  auto fail = [&](size_t i, std::string msg) {
+    PyErr_SetObject(PyExc_ValueError, py::make_tuple(i, msg).ptr());
+    throw py::error_already_set();
+  };
+  for (size_t i = 0; i < m; ++i) {
+    const auto dt = py::reinterpret_borrow<py::dtype>(dtypes[i]);
+    const auto shape = shapes[i].cast<std::vector<py::ssize_t>>();
+    int64_t n = 1;
+    for (auto d : shape)
+      if (d < 0 || __builtin_mul_overflow(n, int64_t(d), &n)) fail(i, "impossible shape");
+    const uint8_t* p = static_cast<const uint8_t*>(bufs.v[i].buf);
+    const size_t len = size_t(bufs.v[i].len);
+    if (len < 1) fail(i, "empty");
+    Job& J = jobs[i];
+    J.n = n;
+    const size_t nbytes = size_t(n) * size_t(dt.itemsize());
+    if (p[0] == 0) {
+      if (len - 1 != nbytes)
+        fail(i, std::to_string(len - 1) + " data bytes for " + std::to_string(n) + " values (expected " +
+                    std::to_string(nbytes) + ")");
+      J.src = p + 1, J.len = nbytes;
+    } else if (p[0] == 1) {
+      const int code = codes[i];
+      if (code < 1 || code > 4) fail(i, "sz stream for a non-float dtype");
+      if (size_t(dt.itemsize()) != dtype_size(code)) fail(i, "dtype does not match its code");
+      if (len - 1 < kStreamHdr)
+        fail(i, "truncated sz stream: need " + std::to_string(kStreamHdr) + " bytes, have " + std::to_string(len - 1));
+      const uint8_t* h = p + 1;
+      uint32_t bs32, nb32;
+      double step;
+      std::memcpy(&step, h + 2, 8);
+      std::memcpy(&bs32, h + 18, 4);
+      std::memcpy(&nb32, h + 22, 4);
+      if (h[0] != 2) fail(i, "sz stream version " + std::to_string(h[0]) + ", this build reads 2");
+      if (h[1] == 1) {  // a lossless stage (zstd): left to the Python path
+        out[i] = py::none();
+        continue;
+      }
+      if (h[1] != 0) fail(i, "sz stream: unknown lossless stage " + std::to_string(h[1]));
+      if (!(std::isfinite(step) && step > 0)) fail(i, "sz stream: quantization step is not finite and positive");
+      if (bs32 < 1 || int64_t(bs32) > kMaxBlock || int64_t(nb32) != (n + int64_t(bs32) - 1) / int64_t(bs32))
+        fail(i, "sz stream: block layout does not match the tensor size");
+      J.src = h + kStreamHdr, J.len = len - 1 - kStreamHdr;
+      if (n == 0 && J.len) fail(i, "sz stream: data for an empty tensor");
+      J.code = code, J.bs = int64_t(bs32), J.step = step;
+    } else {
+      fail(i, "unknown kind " + std::to_string(p[0]));
+    }
+    py::array a(dt, shape);
+    J.dst = a.mutable_data();
+    out[i] = a;
+  }
+  {
+    py::gil_scoped_release nogil;
+    for (size_t i = 0; i < m && bad == m; ++i) {
+      const Job& J = jobs[i];
+      if (!J.dst || !J.n) continue;
+      try {
+        if (!J.code) std::memcpy(J.dst, J.src, J.len);
+        else if (J.code == 1) sz::decode_section<sz::F32>(J.src, J.len, static_cast<float*>(J.dst), J.n, J.bs, J.step);
+        else if (J.code == 2) sz::decode_section<sz::F64>(J.src, J.len, static_cast<double*>(J.dst), J.n, J.bs, J.step);
+        else if (J.code == 3) sz::decode_section<sz::F16>(J.src, J.len, static_cast<uint16_t*>(J.dst), J.n, J.bs, J.step);
+        else sz::decode_section<sz::BF16>(J.src, J.len, static_cast<uint16_t*>(J.dst), J.n, J.bs, J.step);
+      } catch (const std::exception& e) {
+        bad = i, err = e.what();
+      }
+    }
+  }
+  if (bad != m) fail(bad, err);
+  return out;
+}
+
 FC_BIND([](py::module_& m) {
   m.def("sz_finite_range", &sz_finite_range_py, py::arg("x"), py::arg("dtype_code"), py::arg("n"),
         "(min, max, count) of the finite values");
@@ -1854,6 +2027,14 @@ FC_BIND([](py::module_& m) {
         py::arg("range_hi") = 0.0, py::arg("range_count") = -1,
         "prefix + a whole SZ stream (codec.encode_stream, no lossless stage) of n >= 1 values; block_size 0: "
         "the codec's choice; range_count >= 0: (range_lo, range_hi, range_count) is the finite range, not recomputed");
+  m.def("sz_encode_records", &sz_encode_records_py, py::arg("arrays"), py::arg("codes"), py::arg("error_bound"),
+        py::arg("rel"),
+        "the record data of an sz state-dict payload: per array, kind 1 + its stream (codes[i]: float dtype code) "
+        "or kind 0 + its bytes (codes[i] = 0)");
+  m.def("sz_decode_records", &sz_decode_records_py, py::arg("datas"), py::arg("codes"), py::arg("dtypes"),
+        py::arg("shapes"),
+        "the arrays of an sz state-dict payload's records (None: a stream with a lossless stage); "
+        "ValueError((index, message)) on a defect");
   m.def("sz_encode", &sz_encode_py, py::arg("x"), py::arg("dtype_code"), py::arg("n"), py::arg("step"),
         py::arg("bound"), py::arg("block_size"), py::arg("prefix") = py::bytes(),
         "prefix + the SZ blocks section of n values (raw bytes of dtype_code)");

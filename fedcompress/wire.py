@@ -35,16 +35,22 @@ from . import _ops
 from .errors import BackendUnavailable, FormatError
 
 
+def _join_crc32_py(parts: list) -> bytes:
+    body = b"".join(parts)
+    return body + struct.pack("<I", zlib.crc32(body))
+
+
 def _pick_crc32():
-    """zlib.crc32, or the extension's PCLMULQDQ version of it (same values; bench/bench_wire.py)."""
+    """zlib.crc32, or the extension's PCLMULQDQ version of it (same values; bench/bench_wire.py);
+    and pack's last step, b"".join(parts) + the u32 CRC of it, in one native call where it can."""
     try:
         native = _ops.native()
     except BackendUnavailable:  # pure-Python install: the extension is optional
-        return zlib.crc32
-    return native.crc32 if native.crc32_fast() else zlib.crc32
+        return zlib.crc32, _join_crc32_py
+    return (native.crc32 if native.crc32_fast() else zlib.crc32), native.join_crc32
 
 
-crc32 = _pick_crc32()
+crc32, _join_crc32 = _pick_crc32()
 
 MAGIC = b"FCMP"
 FORMAT_VERSION = 1
@@ -291,11 +297,7 @@ def pack(codec: int, records: list[Record], meta: bytes = b"") -> bytes:
         parts.append(name_field(r.name))
         parts.append(struct.pack(f"<BB{len(r.shape)}QQ", DTYPE_CODES[r.dtype], len(r.shape), *r.shape, len(data)))
         parts.append(data)
-    crc = 0
-    for p in parts:
-        crc = crc32(p, crc)
-    parts.append(_U32.pack(crc))
-    return b"".join(parts)
+    return _join_crc32(parts)
 
 
 def peek_codec(blob) -> int:

@@ -637,6 +637,735 @@ def test_statedict_error_feedback_accumulates():
     assert (sent_ef - total).abs().max() <= 0.2 * 2 * 1.01  # the residual stays within one bound
 
 
+def _mixed_state() -> dict:
+    """Every dtype and layout the state-dict compressor meets: lossy float tensors of the four
+    dtypes (one sparse, one with NaN/Inf), a transposed view, one that requires grad, and raw ones
+    (a bias, a 0-dim int64, bool, uint8, an empty tensor)."""
+    g = torch.Generator().manual_seed(3)
+    specials = torch.randn(3000, generator=g)
+    specials[::97] = float("nan")
+    specials[5], specials[9] = float("inf"), -float("inf")
+    return {
+        "conv.w": torch.randn(8, 4, 5, 5, generator=g) * 0.01,
+        "f64": torch.randn(3000, generator=g, dtype=torch.float64),
+        "f16": torch.randn(2000, generator=g).half(),
+        "bf16": torch.randn(2000, generator=g).bfloat16(),
+        "sparse": _data(5000, torch.float32, "sparse"),
+        "specials": specials,
+        "transposed": torch.randn(60, 50, generator=g).t(),
+        "grad": torch.randn(500, generator=g).requires_grad_(),
+        "bias": torch.randn(10, generator=g),
+        "steps": torch.tensor(123456789012),
+        "mask": torch.rand(50, generator=g) < 0.5,
+        "u8": torch.randint(0, 255, (7,), dtype=torch.uint8, generator=g),
+        "empty": torch.zeros(0, 3),
+    }
+
+
+def _bits(t: torch.Tensor) -> np.ndarray:
+    iv = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}[t.element_size()]
+    return t.contiguous().view(iv).numpy()
+
+
+# ---------------------------------------------------------------------------------------------
+# Round trip and promises
+
+
+@pytest.mark.parametrize("n", SIZES)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_roundtrip_bound_and_specials(backend, dtype, n):
+    backend_or_skip("sz_encode", backend)
+    x = _data(n, dtype)
+    if n >= 7:
+        x[1], x[2], x[3] = float("nan"), float("inf"), float("-inf")
+        x[4] = torch.finfo(dtype).tiny / 4  # subnormal in its own dtype
+        x[5] = -torch.finfo(dtype).tiny / 2
+    for mode, eb in (("rel", 1e-2), ("abs", 1e-3)):
+        codec = fc.SZ(eb, mode, backend=backend, block_size=BLOCK)
+        blob = codec.encode(x)
+        y = codec.decode(blob)
+        _check_bound(x, y, eb, mode)
+        special = ~torch.isfinite(x.double()) | ((x != 0) & (x.double().abs() < torch.finfo(dtype).tiny))
+        assert np.array_equal(_bits(x)[special.numpy()], _bits(y)[special.numpy()])
+
+
+def test_shapes_noncontiguous_0d(backend):
+    backend_or_skip("sz_encode", backend)
+    codec = fc.SZ(1e-2, backend=backend)
+    base = torch.randn(64, 300)
+    for x in (base.t(), base[:, ::3], torch.tensor(2.5), torch.randn(0, 5), torch.randn(3, 1, 7)):
+        y = codec.decode(codec.encode(x))
+        assert y.shape == x.shape
+        _check_bound(x, y, 1e-2, "rel")
+
+
+def test_constant_and_degenerate_tensors():
+    for x in (torch.full((1000,), 3.7), torch.zeros(500), torch.full((10,), -1e-30), torch.full((9,), float("nan")),
+              torch.tensor([1.0, float("inf")] * 50)):
+        y = fc.SZ(1e-2).decode(fc.SZ(1e-2).encode(x))
+        # REL with range 0: the bound is 0, so finite values come back exactly
+        assert np.array_equal(_bits(x), _bits(y)) or torch.equal(x, y)
+    x = torch.full((4096,), 3.7)
+    assert len(fc.SZ(1e-2).encode(x)) < 200  # a constant compresses to almost nothing
+
+
+def test_rel_bound_uses_finite_range():
+    x = torch.tensor([0.0, 10.0, float("nan"), 5.0] * 100)
+    step, bound = C.quant_params(x, 1e-2, "rel")
+    assert bound == pytest.approx(0.1) and step == pytest.approx(0.2)
+
+
+def test_bound_recheck_catches_float32_rounding():
+    # values near half-steps, where float32(q * step) misses the float64 bound: they must go verbatim
+    eb = 1e-3
+    rng = np.random.default_rng(1)
+    k = rng.integers(-3000, 3000, 50000)
+    x = torch.from_numpy(((k + 0.5) * 2 * eb + rng.uniform(-1e-7, 1e-7, k.size)).astype(np.float32))
+    for backend in ("torch", "cpp"):
+        if not fc._ops.available("sz_encode", backend)[0]:
+            continue
+        y = fc.SZ(eb, "abs", backend=backend).decode(fc.SZ(eb, "abs", backend=backend).encode(x))
+        assert (x.double() - y.double()).abs().max().item() <= eb
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    vals=st.lists(st.floats(allow_nan=True, allow_infinity=True, width=32), min_size=0, max_size=300),
+    eb=st.floats(1e-6, 10.0),
+    mode=st.sampled_from(["rel", "abs"]),
+)
+def test_property_bound_held(vals, eb, mode):
+    x = torch.tensor(vals, dtype=torch.float32)
+    codec = fc.SZ(eb, mode)
+    y = codec.decode(codec.encode(x))
+    _check_bound(x, y, eb, mode)
+    nan = torch.isnan(x)
+    assert torch.equal(nan, torch.isnan(y))
+    assert np.array_equal(_bits(x)[nan.numpy()], _bits(y)[nan.numpy()])
+
+
+# ---------------------------------------------------------------------------------------------
+# Same bytes on every backend
+
+
+@pytest.mark.parametrize("kind", ["gauss", "sparse", "smooth"])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_backends_identical_bytes_and_cross_decode(backend, dtype, kind):
+    if backend == "torch":
+        pytest.skip("the reference is what the other backends are compared with")
+    backend_or_skip("sz_encode", backend)
+    x, ref, y_ref = _reference_case(dtype, kind)
+    blob = fc.SZ(1e-2, backend=backend, block_size=BLOCK).encode(x)
+    assert blob == ref
+    y = fc.SZ(backend=backend).decode(ref)
+    assert np.array_equal(_bits(y), _bits(y_ref))
+    y2 = fc.SZ(backend="torch").decode(blob)
+    assert np.array_equal(_bits(y2), _bits(y_ref))
+
+
+_REF_CACHE: dict = {}
+
+
+def _reference_case(dtype, kind):
+    key = (dtype, kind)
+    if key not in _REF_CACHE:
+        x = _data(2**16 + 3, dtype, kind, seed=3)
+        x[17] = float("nan")
+        ref = fc.SZ(1e-2, backend="torch", block_size=BLOCK).encode(x)
+        _REF_CACHE[key] = (x, ref, fc.SZ(backend="torch").decode(ref))
+    return _REF_CACHE[key]
+
+
+@pytest.fixture
+def portable_rans():
+    """Run the C++ rANS loops portably (no AVX-512) inside the test; restore afterwards."""
+    backend_or_skip("sz_encode", "cpp")
+    from fedcompress import _ops
+
+    native = _ops.native()
+    native.sz_simd(True)
+    yield native
+    native.sz_simd(False)
+
+
+@pytest.mark.parametrize("kind", ["gauss", "sparse", "smooth"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_cpp_portable_rans_loops_match_the_reference(portable_rans, dtype, kind):
+    # CPUs without AVX-512 take the portable encode/decode loops; same bytes and values as the
+    # reference (and so as the AVX-512 loops, which test_backends_identical_bytes_and_cross_decode checks)
+    assert portable_rans.sz_simd() is False
+    x, ref, y_ref = _reference_case(dtype, kind)
+    assert fc.SZ(1e-2, backend="cpp", block_size=BLOCK).encode(x) == ref
+    assert np.array_equal(_bits(fc.SZ(backend="cpp").decode(ref)), _bits(y_ref))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_run_blocks_with_escapes_identical_across_backends(dtype):
+    # run-mode blocks holding zero runs of every length around the decoder's 16-value speculative
+    # fill, with verbatim values (NaN, Inf) and wide codes (|d| > radius) inside them
+    backend_or_skip("sz_encode", "cpp")
+    rng = random.Random(5)
+    n = 40_000
+    x = torch.zeros(n, dtype=torch.float64)
+    pos = 0
+    while pos < n:
+        pos += rng.choice([1, 2, 3, 7, 8, 9, 15, 16, 17, 18, 33, 300])
+        if pos < n:
+            x[pos] = rng.gauss(0, 1) if rng.random() < 0.97 else rng.choice([float("nan"), float("inf"), 900.0])
+    x = x.to(dtype)
+    blobs = {b: fc.SZ(1e-3, "abs", backend=b, block_size=BLOCK).encode(x) for b in ("torch", "cpp")}
+    assert blobs["torch"] == blobs["cpp"]
+    flags = [blk[0] for blk in C.split_section(wire.unpack(blobs["cpp"], wire.CODEC_SZ_TENSOR)[1][0].data[C._HDR.size:],
+                                               n, BLOCK, -(-n // BLOCK))]
+    assert all(f & C.BLK_RUN for f in flags), flags
+    ys = {b: fc.SZ(1e-3, "abs", backend=b).decode(blobs["cpp"]) for b in ("torch", "cpp")}
+    assert np.array_equal(_bits(ys["torch"]), _bits(ys["cpp"]))
+    _check_bound(x, ys["cpp"], 1e-3, "abs")
+    special = ~torch.isfinite(x.double())
+    assert np.array_equal(_bits(x)[special.numpy()], _bits(ys["cpp"])[special.numpy()])
+
+
+@pytest.mark.parametrize("portable", [False, True])
+def test_long_and_chunk_crossing_runs_decode_exactly(portable, request):
+    # runs from 1 to 60,000 values (up to 15 run digits), pending across 16-token vectors and the
+    # decoder's 4096-token chunks, in float32 (the AVX-512 run kernel) and through the portable loops
+    backend_or_skip("sz_encode", "cpp")
+    if portable:
+        request.getfixturevalue("portable_rans")
+    rng = np.random.default_rng(11)
+    n = 300_000
+    x = np.zeros(n, np.float32)
+    pos = 0
+    while True:
+        pos += int(rng.choice([1, 2, 3, 5, 16, 17, 31, 33, 100, 4097, 60_000],
+                              p=[0.2, 0.2, 0.15, 0.15, 0.1, 0.1, 0.04, 0.04, 0.015, 0.004, 0.001]))
+        if pos >= n:
+            break
+        x[pos] = rng.normal()
+    t = torch.from_numpy(x)
+    blob = fc.SZ(1e-3, "abs", backend="cpp", block_size=1 << 17).encode(t)
+    sec = wire.unpack(blob, wire.CODEC_SZ_TENSOR)[1][0].data[C._HDR.size :]
+    assert all(b[0] == C.BLK_RUN for b in C.split_section(sec, n, 1 << 17, 3))
+    assert blob == fc.SZ(1e-3, "abs", backend="torch", block_size=1 << 17).encode(t)
+    y = fc.SZ(backend="cpp").decode(blob)
+    assert np.array_equal(_bits(y), _bits(fc.SZ(backend="torch").decode(blob)))
+    _check_bound(t, y, 1e-3, "abs")
+
+
+@pytest.mark.parametrize("portable", [False, True])
+def test_run_mode_tokens_match_the_reference(portable, request):
+    # The encoder's run-mode writer (AVX-512: 16 tokens a step, digits in the places of a run's last
+    # zeros; a scalar step where a carried run is too short for its digits; the scalar pass for the
+    # tail) against the torch reference's bytes: zero runs of short, mixed and long lengths between
+    # short stretches of nonzero codes (clustered zeros, where run mode wins), runs that end on and
+    # across 16- and 64-token edges, long runs ending one or two zeros into a step, odd lengths
+    backend_or_skip("sz_encode", "cpp")
+    if portable:
+        request.getfixturevalue("portable_rans")
+    rng = np.random.default_rng(8)
+    runs = 0
+    lengths = {"short": [1, 2, 3, 4], "mixed": [1, 2, 5, 15, 16, 17, 31, 33, 64], "long": [30, 100, 1000, 5000]}
+    for n in (64, 100, 1000, 4099, 30_017):
+        for kind, choices in lengths.items():
+            x = np.zeros(n, np.float32)
+            pos = int(rng.integers(0, 3))
+            while pos < n:
+                k = min(int(rng.integers(1, 4)), n - pos)  # nonzero codes (|x| >= 0.02 = one step)
+                x[pos : pos + k] = np.sign(rng.normal(size=k)) * (0.02 + np.abs(rng.normal(size=k)) * 0.03)
+                pos += k + int(rng.choice(choices))
+            if n > 200:  # a long run that ends 1 and 2 zeros into a 16-token step, one ending on an edge
+                x[100:129] = 0
+                x[129] = 1.0
+                x[130:162] = 0
+                x[162] = -1.0
+                x[163:192] = 0
+                x[192] = 2.0
+            t = torch.from_numpy(x)
+            blob = fc.SZ(1e-2, "abs", backend="cpp").encode(t)
+            assert blob == fc.SZ(1e-2, "abs", backend="torch").encode(t), (n, kind)
+            data = wire.unpack(blob, wire.CODEC_SZ_TENSOR)[1][0].data
+            runs += bool(data[C._HDR.size + 8] & C.BLK_RUN)
+            assert np.array_equal(_bits(fc.SZ(backend="cpp").decode(blob)), _bits(fc.SZ(backend="torch").decode(blob)))
+    assert runs >= 5, runs  # run-mode blocks where zeros cluster (plain elsewhere: the costs decide)
+
+
+@pytest.mark.parametrize("top", [31, 63, 64, 300])
+def test_run_blocks_decode_tokens_on_both_sides_of_the_register_tables(top):
+    # The AVX-512 run-mode decoder reads the values of tokens below 64 from two permute tables held
+    # in registers (tokens 32-63 from the second) and gathers the rest from memory: zero-heavy
+    # float32 codes up to a largest token `top` (token = 4 + zigzag(code)), against the torch
+    # reference's values, on every blend of the two ways within a 16-token step
+    backend_or_skip("sz_encode", "cpp")
+    rng = np.random.default_rng(top)
+    n = 30_000
+    zig = rng.integers(1, top - 3, size=n)  # zigzag codes 1 .. top - 4 (0 is the zero token)
+    code = np.where(zig % 2 == 0, zig // 2, -(zig + 1) // 2)
+    x = (code * 0.02).astype(np.float32)
+    pos = 0
+    while pos < n:  # stretches of 1-4 codes between zero runs of 4-40 (clustered zeros: run mode)
+        pos += int(rng.integers(1, 5))
+        run = int(rng.integers(4, 41))
+        x[pos : pos + run] = 0.0
+        pos += run
+    t = torch.from_numpy(x)
+    blob = fc.SZ(1e-2, "abs", backend="cpp").encode(t)
+    assert blob == fc.SZ(1e-2, "abs", backend="torch").encode(t)
+    data = wire.unpack(blob, wire.CODEC_SZ_TENSOR)[1][0].data
+    assert data[C._HDR.size + 8] & C.BLK_RUN  # a run-mode block (the path under test)
+    y = fc.SZ(backend="cpp").decode(blob)
+    assert np.array_equal(_bits(y), _bits(fc.SZ(backend="torch").decode(blob)))
+    _check_bound(t, y, 1e-2, "abs")
+
+
+@pytest.mark.parametrize("portable", [False, True])
+@pytest.mark.parametrize("case", ["plain", "escape", "wide", "escape_tail", "low_entropy", "odd_length"])
+def test_plain_blocks_without_predictor_decode_exactly(case, portable, request):
+    # float32 plain blocks without a predictor decode in one fused pass (AVX-512: rANS slot -> value,
+    # no token pass; escapes leave a NaN sentinel that a scan replaces in order); each case against
+    # the torch reference's bytes and values: noise; noise with verbatim values, among them NaNs
+    # whose bits are the sentinels (0x7FC00000 | token) and must come back bit-exact; wide codes
+    # (|q| beyond the radius); escapes in the scalar tail of a block so predictable that ~300
+    # values decode there (< 32 rANS words left); a length that is no multiple of the 32 lanes.
+    # Also through the portable loops (CPUs without AVX-512).
+    backend_or_skip("sz_encode", "cpp")
+    if portable:
+        request.getfixturevalue("portable_rans")
+    g = torch.Generator().manual_seed(21)
+    n = 50_003 if case == "odd_length" else 2**16
+    x = torch.randn(n, generator=g)
+    if case in ("low_entropy", "escape_tail"):  # codes -1, 0, 1 (1.6 bits a value)
+        x = torch.randint(-1, 2, (n,), generator=g).float() * 0.02 + 0.002 * torch.randn(n, generator=g)
+    bits = [0x7FC00000, 0x7FC00001, 0x7F800000, -0x800000, 0x7FC00002]  # NaN sentinels, +-Inf, another NaN
+    specials = torch.tensor(bits, dtype=torch.int32).view(torch.float32)
+    if case == "escape":
+        x[[5, 700, 701, 17, 40_000]] = specials
+    if case == "escape_tail":  # the last block's final values, decoded after the last 32 rANS words
+        x[[n - 3, n - 40, n - 41, n - 200, 1]] = specials
+    if case == "wide":  # |q| = |x| / 0.02 > 32765: ESC_WIDE with an int32 code
+        x[[3, 999, 1000, 60_000]] = torch.tensor([700.0, -900.0, 1e4, 5e4])
+    blob = fc.SZ(1e-2, "abs", backend="cpp", block_size=BLOCK).encode(x)
+    assert blob == fc.SZ(1e-2, "abs", backend="torch", block_size=BLOCK).encode(x)
+    sec = wire.unpack(blob, wire.CODEC_SZ_TENSOR)[1][0].data[C._HDR.size :]
+    assert all(b[0] == 0 for b in C.split_section(sec, n, BLOCK, -(-n // BLOCK)))  # plain, no predictor
+    y = fc.SZ(backend="cpp").decode(blob)
+    assert np.array_equal(_bits(y), _bits(fc.SZ(backend="torch").decode(blob)))
+    _check_bound(x, y, 1e-2, "abs")
+    special = ~torch.isfinite(x)
+    assert np.array_equal(_bits(x)[special.numpy()], _bits(y)[special.numpy()])  # NaN payloads too
+
+
+@pytest.mark.parametrize("portable", [False, True])
+def test_predictor_choice_and_outliers_match_the_reference(portable, request):
+    # The encoder's predictor estimate (a sample of every 8th value; AVX-512 gathers 16 samples at a
+    # time, the scalar loop takes the rest) and its outlier scan (8 flags a step) against the torch
+    # reference's bytes: random walks (Lorenzo wins) plus white noise (none wins) at levels around
+    # the crossover, lengths around the vector loop's edges, outliers on and around 8-value and
+    # 128-value boundaries; both predictors must occur.
+    backend_or_skip("sz_encode", "cpp")
+    if portable:
+        request.getfixturevalue("portable_rans")
+    rng = np.random.default_rng(3)
+    flags = set()
+    for n in (1, 9, 135, 136, 137, 1031, 4099, 20_000):
+        for noise in (0.5, 2.0, 8.0, 32.0):
+            x = (np.cumsum(rng.normal(size=n)) * 4 + rng.normal(size=n) * noise).astype(np.float32) * 0.02
+            for i in (0, 7, 8, 63, 64, 127, 128, 129, n - 1):
+                if i < n and rng.random() < 0.5:
+                    x[i] = np.nan if rng.random() < 0.5 else np.inf
+            t = torch.from_numpy(x)
+            blob = fc.SZ(1e-2, "abs", backend="cpp").encode(t)
+            assert blob == fc.SZ(1e-2, "abs", backend="torch").encode(t), (n, noise)
+            data = wire.unpack(blob, wire.CODEC_SZ_TENSOR)[1][0].data
+            flags.add(data[C._HDR.size + 8] & C.BLK_LORENZO)
+    assert flags == {0, C.BLK_LORENZO}
+
+
+def test_all_block_kinds_exercised():
+    """The mixed data really produces lorenzo, zero-run and raw blocks (so the tests above cover them)."""
+    seen = set()
+    for kind in ("gauss", "sparse", "smooth"):
+        x = _data(2**16, torch.float32, kind)
+        data = C.encode_stream(x, 1e-2, "rel", block_size=BLOCK, backend="torch")
+        sec = memoryview(data)[C._HDR.size :]
+        for b in C.split_section(sec, x.numel(), BLOCK, 2):
+            seen.add(b[0])
+    x = torch.randn(5000) * torch.logspace(0, 30, 5000)  # codes too spread for the alphabet: raw
+    data = C.encode_stream(x, 1e-12, "abs", block_size=BLOCK, backend="torch")
+    seen.add(data[C._HDR.size + 8])
+    assert {0, C.BLK_LORENZO, C.BLK_RUN, C.BLK_RAW} <= seen, seen
+
+
+# ---------------------------------------------------------------------------------------------
+# Stages, exactly
+
+
+def test_choose_pb_is_near_the_smallest_real_block():
+    # the integer estimate picks the precision; check it against the real coded size of every choice
+    rng = np.random.default_rng(3)
+    for sigma in (3.0, 40.0, 300.0):
+        d = np.round(rng.normal(0, sigma, 1 << 16)).astype(np.int64)
+        tok = (E.zigzag(d) + E.TOKEN_BASE).astype(np.uint16)
+        hist = E.histogram_ref(tok)
+        real = {}
+        for pb in range(E.MIN_PB, E.MAX_PB + 1):
+            freq = E.normalize_ref(hist, pb)
+            _, words = E.rans_encode_ref(tok, freq, pb)
+            real[pb] = 2 * len(words) + len(E.write_table(freq))
+        pb, _ = E.choose_pb(hist)
+        assert real[pb] <= min(real.values()) * 1.002, (sigma, pb, real)
+
+
+def test_rans_roundtrip_exact():
+    rng = np.random.default_rng(0)
+    for n, nsym in ((1, 1), (7, 3), (1000, 1), (5000, 40), (20001, 900)):
+        tok = rng.zipf(1.3, n).clip(max=nsym) .astype(np.uint16) + 3
+        hist = E.histogram_ref(tok)
+        pb, freq = E.choose_pb(hist)
+        assert freq.sum() == 1 << pb and (freq[hist > 0] >= 1).all() and (freq[hist == 0] == 0).all()
+        states, words = E.rans_encode_ref(tok, freq, pb)
+        assert np.array_equal(E.rans_decode_ref(states, words, freq, pb, n), tok)
+        # within 1% + table overhead of the empirical entropy (hand computed)
+        p = hist[hist > 0] / n
+        h0_bits = -(p * np.log2(p)).sum() * n
+        assert 16 * len(words) <= 1.01 * h0_bits + 64
+
+
+def test_table_and_states_bytes_by_hand():
+    # tokens 4 (f 5), 5 (f 3), 9 (f 8): heads zigzag(df) << 1 | (gap > 0), then gap - 1 when gap > 0
+    freq = np.zeros(E.N_TOKENS, np.int64)
+    freq[[4, 5, 9]] = [5, 3, 8]
+    assert E.write_table(freq) == bytes([3, 0, 21, 3, 6, 21, 2])
+    # a real table (sums to 2^12) comes back, and its encoding is shorter than (gap, f - 1) pairs
+    rng = np.random.default_rng(1)
+    tok = (E.zigzag(np.round(rng.normal(0, 30, 1 << 15)).astype(np.int64)) + E.TOKEN_BASE).astype(np.uint16)
+    _, freq = E.choose_pb(E.histogram_ref(tok))
+    table = E.write_table(freq)
+    back, end = E.read_table(table, 0, int(np.log2(freq.sum())))
+    assert end == len(table) and np.array_equal(back, freq)
+    assert len(table) < 2 + 2 * int((freq > 0).sum())
+    # states: varint(x - L); L itself is one zero byte
+    st = np.full(E.LANES, E.RANS_L, np.uint32)
+    st[1], st[2] = E.RANS_L + 1, E.RANS_L + 300
+    assert E.write_states(st) == bytes([0, 1, 0xAC, 0x02] + [0] * (E.LANES - 3))
+    assert np.array_equal(E.read_states(E.write_states(st), 0)[0], st)
+    too_big = bytes([0xFF, 0xFF, 0xFF, 0xFF, 0x07]) + bytes(E.LANES - 1)  # 2^31 - 1 - L + L >= 2^31
+    with pytest.raises(fc.FormatError):
+        E.read_states(too_big, 0)
+
+
+def test_tokenize_roundtrip_and_runs():
+    rng = np.random.default_rng(2)
+    d = rng.integers(-40000, 40000, 3000) * (rng.random(3000) < 0.3)
+    d[100:900] = 0
+    out = rng.random(3000) < 0.01
+    d[out] = 0
+    for mode in (E.MODE_PLAIN, E.MODE_RUN):
+        tok, wide = E.tokenize_ref(d, out, mode)
+        d2, out2 = E.detokenize_ref(tok, wide, d.size, mode)
+        assert np.array_equal(out2, out) and np.array_equal(d2[~out], d[~out])
+    # bijective base-2 digits by hand: r = 1 -> A, 2 -> B, 3 -> AA, 4 -> BA, 5 -> AB
+    for r, digits in ((1, [2]), (2, [3]), (3, [2, 2]), (4, [3, 2]), (5, [2, 3])):
+        tok, _ = E.tokenize_ref(np.zeros(r, np.int64), np.zeros(r, bool), E.MODE_RUN)
+        assert tok.tolist() == digits
+
+
+def test_predictor_lorenzo_inverse():
+    q = np.cumsum(np.random.default_rng(0).integers(-3, 4, 1000))
+    assert np.array_equal(P.lorenzo_inverse_ref(P.lorenzo_ref(q)), q)
+    assert P.choose_predictor(q, np.zeros(1000, bool))[0] == P.PRED_LORENZO
+    assert P.choose_predictor(np.random.default_rng(0).integers(-3, 4, 1000), np.zeros(1000, bool))[0] == P.PRED_NONE
+
+
+def test_ratio_at_least_097_of_h0_limit():
+    """Ratio >= 0.97 x 32 / H0(round(x / 2eb)) on Gaussian data, and >= H0 on data with dead units."""
+    for kind, target in (("gauss", 0.97), ("sparse", 1.0)):
+        x = _data(1 << 20, torch.float32, kind, seed=5)
+        step, _ = C.quant_params(x, 1e-2, "rel")
+        q = np.round(x.double().numpy() / step).astype(np.int64)
+        _, c = np.unique(q, return_counts=True)
+        p = c / q.size
+        h0 = -(p * np.log2(p)).sum()
+        ratio = x.numel() * 4 / len(fc.SZ(1e-2).encode(x))
+        assert ratio >= target * 32 / h0, (kind, ratio, 32 / h0)
+
+
+# ---------------------------------------------------------------------------------------------
+# Bad input
+
+
+@pytest.mark.parametrize("eb", [0, -1e-3, float("nan"), float("inf"), "1e-2", None])
+def test_bad_error_bound(eb):
+    with pytest.raises(ValueError, match="error_bound"):
+        fc.SZ(eb)
+
+
+def test_bad_mode_and_dtype():
+    with pytest.raises(ValueError, match="mode"):
+        fc.SZ(1e-2, mode="relative")
+    for t in (torch.arange(10), torch.ones(3, dtype=torch.bool), torch.ones(3, dtype=torch.int8)):
+        with pytest.raises(TypeError):
+            fc.SZ().encode(t)
+
+
+def _repack(blob: bytes, data: bytes) -> bytes:
+    _, recs = wire.unpack(blob, wire.CODEC_SZ_TENSOR)
+    r = recs[0]
+    return wire.pack(wire.CODEC_SZ_TENSOR, [wire.Record(r.name, r.dtype, r.shape, data)])
+
+
+@pytest.mark.parametrize("backend", ["torch", "cpp", "cpp-portable"])
+def test_hostile_payloads_raise_format_error(backend, request):
+    if backend == "cpp-portable":
+        request.getfixturevalue("portable_rans")
+        backend = "cpp"
+    backend_or_skip("sz_decode", backend)
+    codec = fc.SZ(1e-2, backend=backend, block_size=4096)
+    rng = random.Random(7)
+    for kind in ("gauss", "sparse"):
+        x = _data(10000, torch.float32, kind)
+        blob = codec.encode(x)
+        _, recs = wire.unpack(blob, wire.CODEC_SZ_TENSOR)
+        data = bytes(recs[0].data)
+        cases = [data[:k] for k in range(0, len(data), max(1, len(data) // 60))]
+        for _ in range(150 if backend == "cpp" else 60):
+            b = bytearray(data)
+            for _ in range(rng.randint(1, 4)):
+                b[rng.randrange(len(b))] = rng.randrange(256)
+            cases.append(bytes(b))
+        for d in cases:
+            try:
+                y = codec.decode(_repack(blob, d))
+            except fc.FormatError:
+                continue
+            assert y.shape == x.shape and y.dtype == x.dtype  # a valid-looking stream may decode
+    with pytest.raises(fc.FormatError):
+        codec.decode(b"garbage")
+    with pytest.raises(fc.FormatError):
+        codec.decode(blob[:-1])
+
+
+def test_hostile_sizes_bounded_before_allocation():
+    x = torch.randn(1000)
+    blob = fc.SZ(1e-2).encode(x)
+    _, recs = wire.unpack(blob, wire.CODEC_SZ_TENSOR)
+    data = bytearray(recs[0].data)
+    # header: version, lossless, step, bound, block_size, n_blocks
+    for patch in (
+        lambda b: b.__setitem__(slice(18, 22), (0).to_bytes(4, "little")),  # block_size 0
+        lambda b: b.__setitem__(slice(22, 26), (7).to_bytes(4, "little")),  # n_blocks mismatch
+        lambda b: b.__setitem__(slice(2, 10), np.float64(np.inf).tobytes()),  # step inf
+        lambda b: b.__setitem__(1, 1),  # claims zstd, then a huge declared size
+    ):
+        b = bytearray(data)
+        patch(b)
+        with pytest.raises(fc.FormatError):
+            fc.SZ().decode(_repack(blob, bytes(b)))
+    # a record claiming a huge shape fails on the decode limit, not on allocation
+    big = wire.pack(wire.CODEC_SZ_TENSOR, [wire.Record("", torch.float32, (1 << 40,), bytes(data))])
+    with pytest.raises(fc.FormatError):
+        fc.SZ().decode(big)
+
+
+def test_lossless_zstd_stage_roundtrip():
+    x = _data(50000, torch.float32, "sparse")
+    a, b = fc.SZ(1e-2), fc.SZ(1e-2, lossless="zstd")
+    y = b.decode(b.encode(x))
+    assert torch.equal(y, a.decode(a.encode(x)))
+
+
+# ---------------------------------------------------------------------------------------------
+# State-dict compressor
+
+
+def _state():
+    torch.manual_seed(0)
+    m = torch.nn.Sequential(torch.nn.Conv2d(1, 4, 3), torch.nn.BatchNorm2d(4), torch.nn.Flatten(),
+                            torch.nn.Linear(4 * 6 * 6, 10))
+    sd = {k: v.clone() for k, v in m.state_dict().items()}
+    sd["1.num_batches_tracked"] = torch.tensor(123456789012, dtype=torch.int64)
+    sd["half"] = torch.randn(2000).half()
+    return sd
+
+
+def test_statedict_lossless_exact_and_lossy_bounded():
+    sd = _state()
+    comp = fc.get_compressor("sz:rel=1e-2,min_lossy=1000")
+    ctx = fc.RoundContext()
+    out = comp.decompress(comp.compress(sd, ctx), ctx)
+    assert out.keys() == sd.keys()
+    for k, v in sd.items():
+        assert out[k].dtype == v.dtype and out[k].shape == v.shape
+        if v.is_floating_point() and v.numel() >= 1000:
+            _check_bound(v, out[k], 1e-2, "rel")
+        else:
+            assert torch.equal(out[k], v), k
+    assert out["1.num_batches_tracked"].item() == 123456789012
+
+
+def test_statedict_spec_errors():
+    for spec in ("sz:rel=0", "sz:rel=-1", "sz:abs=-1", "sz:target=grads", "sz:ef=2", "sz:min_lossy=0", "sz:bogus=1"):
+        with pytest.raises(ValueError):
+            fc.get_compressor(spec)
+
+
+def test_statedict_abs_mode():
+    sd = {"w": torch.randn(5000)}
+    comp = fc.get_compressor("sz:abs=1e-3")
+    out = comp.decompress(comp.compress(sd, fc.RoundContext()), fc.RoundContext())
+    _check_bound(sd["w"], out["w"], 1e-3, "abs")
+
+
+def test_statedict_weights_target_returns_delta():
+    model = torch.nn.Linear(40, 30)
+    glob = {k: v.clone() for k, v in model.state_dict().items()}
+    x, y = torch.randn(64, 40), torch.randint(0, 30, (64,))
+    ctx = fc.RoundContext(round=1, client=2, seed=3)
+    comp = fc.get_compressor("sz:rel=1e-3,target=weights,min_lossy=100")
+    delta = comp.server_update(comp.client_update(model, glob, (x, y), ctx), glob, ctx)
+    ref = fc.get_compressor("none")
+    true_delta = ref.server_update(ref.client_update(model, glob, (x, y), ctx), glob, ctx)
+    for k in glob:
+        rng = (glob[k] + true_delta[k]).max() - (glob[k] + true_delta[k]).min()
+        assert (delta[k] - true_delta[k]).abs().max() <= 1e-3 * rng + 1e-6
+
+
+def test_statedict_error_feedback_accumulates():
+    comp = fc.get_compressor("sz:rel=0.2,ef=1")
+    plain = fc.get_compressor("sz:rel=0.2")
+    g = torch.Generator().manual_seed(0)
+    u = {"w": torch.randn(4096, generator=g) * 0.01}
+    u["w"][0] = 1.0  # a large range: most of the update is under the bound
+    ctx = fc.RoundContext(client=1)
+    sent_ef = sum(comp.decompress(comp.compress(u, ctx), ctx)["w"] for _ in range(20))
+    sent = sum(plain.decompress(plain.compress(u, ctx), ctx)["w"] for _ in range(20))
+    total = 20 * u["w"]
+    # with error feedback the accumulated transmission tracks the accumulated update
+    assert (sent_ef - total).abs().max() < 0.5 * (sent - total).abs().max()
+    assert (sent_ef - total).abs().max() <= 0.2 * 2 * 1.01  # the residual stays within one bound
+
+
+def _mixed_state() -> dict:
+    """Every dtype and layout the state-dict compressor meets: lossy float tensors of the four
+    dtypes (one sparse, one with NaN/Inf), a transposed view, one that requires grad, and raw ones
+    (a bias, a 0-dim int64, bool, uint8, an empty tensor)."""
+    g = torch.Generator().manual_seed(3)
+    specials = torch.randn(3000, generator=g)
+    specials[::97] = float("nan")
+    specials[5], specials[9] = float("inf"), -float("inf")
+    return {
+        "conv.w": torch.randn(8, 4, 5, 5, generator=g) * 0.01,
+        "f64": torch.randn(3000, generator=g, dtype=torch.float64),
+        "f16": torch.randn(2000, generator=g).half(),
+        "bf16": torch.randn(2000, generator=g).bfloat16(),
+        "sparse": _data(5000, torch.float32, "sparse"),
+        "specials": specials,
+        "transposed": torch.randn(60, 50, generator=g).t(),
+        "grad": torch.randn(500, generator=g).requires_grad_(),
+        "bias": torch.randn(10, generator=g),
+        "steps": torch.tensor(123456789012),
+        "mask": torch.rand(50, generator=g) < 0.5,
+        "u8": torch.randint(0, 255, (7,), dtype=torch.uint8, generator=g),
+        "empty": torch.zeros(0, 3),
+    }
+
+
+def _same(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Equal dtype, shape and bits (NaN-aware)."""
+    if a.dtype != b.dtype or a.shape != b.shape:
+        return False
+    if a.is_floating_point():
+        a, b = a.view(wire.CODE_DTYPES[{2: 7, 4: 6, 8: 5}[a.element_size()]]), b.view(a.view(torch.uint8).dtype if
+                                                                                            False else a.dtype)
+    return torch.equal(a.reshape(-1), b.reshape(-1).view(a.dtype))
+
+
+def _bits(t: torch.Tensor) -> torch.Tensor:
+    return t.view({2: torch.int16, 4: torch.int32, 8: torch.int64}[t.element_size()]) if t.is_floating_point() else t
+
+
+@pytest.mark.parametrize("spec", ["sz:rel=1e-2,min_lossy=100", "sz:abs=1e-3,min_lossy=100", "sz:rel=0.1,ef=1,min_lossy=100"])
+def test_statedict_one_native_call_writes_and_reads_the_reference(spec, monkeypatch):
+    # With C++, compress writes every record in one native call and decompress reads them in one;
+    # FEDCOMPRESS_BACKEND=torch takes the per-tensor path of the torch reference: the same bytes,
+    # and the same tensors bit for bit.
+    from fedcompress.codecs.sz import statedict
+
+    backend_or_skip("sz_encode", "cpp")
+    state, ctx = _mixed_state(), fc.RoundContext(client=4)
+    assert statedict._native("sz_encode", "encode_records", state.values()) is not None
+    assert statedict._native("sz_decode", "decode_records", ()) is not None
+    native = fc.get_compressor(spec)
+    payloads = [native.compress(state, ctx) for _ in range(2)]  # ef=1: the second carries a residual
+    decoded = [native.decompress(p, ctx) for p in payloads]
+    monkeypatch.setenv("FEDCOMPRESS_BACKEND", "torch")
+    assert statedict._native("sz_encode", "encode_records", state.values()) is None
+    ref = fc.get_compressor(spec)
+    for p, d in zip(payloads, decoded):
+        assert ref.compress(state, ctx) == p
+        want = ref.decompress(p, ctx)
+        assert list(d) == list(want) == list(state)
+        for k in state:
+            assert d[k].dtype == want[k].dtype and d[k].shape == want[k].shape, k
+            assert torch.equal(_bits(d[k]), _bits(want[k])), k
+    _check_bound(state["conv.w"], decoded[0]["conv.w"], *((1e-3, "abs") if "abs" in spec else (0.1 if "ef" in spec
+                                                                                                 else 1e-2, "rel")))
+
+
+def test_statedict_native_read_of_hostile_records_matches_the_reference(monkeypatch):
+    # Records edited and repacked with a valid checksum: the one-call C++ read and the per-record
+    # torch path agree on every case: both FormatError, or the same tensors bit for bit. A stream
+    # with a zstd stage goes the per-record way from the C++ read too.
+    from fedcompress.codecs.sz import lossless
+
+    backend_or_skip("sz_decode", "cpp")
+    state = {"w": _data(6000, torch.float32, "sparse"), "h": torch.randn(3000).half(), "b": torch.randn(5)}
+    comp, ctx = fc.get_compressor("sz:rel=1e-2,min_lossy=100"), fc.RoundContext()
+    blob = comp.compress(state, ctx)
+    _, recs = wire.unpack(blob, comp.codec)
+    zstd = b"\x01" + C.encode_stream(state["w"], 1e-2, "rel", lossless_mode=lossless.LOSSLESS_ZSTD)
+    rng = random.Random(11)
+    cases = [[(0, zstd)], [(0, b"")], [(0, b"\x02" + bytes(recs[0].data[1:]))], [(2, b"\x01" + bytes(recs[2].data[1:]))]]
+    for i in (0, 1):
+        data = bytes(recs[i].data)
+        cases += [[(i, data[:k])] for k in (1, 2, 26, 27, 40, len(data) - 1)]
+        for off, val in ((1, 3), (2, 1), (2, 7), (3, 0xFF), (9, 0x7F), (19, 0), (23, 9), (25, 1)):
+            b = bytearray(data)
+            b[off] = val
+            cases.append([(i, bytes(b))])
+        for _ in range(40):
+            b = bytearray(data)
+            for _ in range(rng.randint(1, 3)):
+                b[rng.randrange(len(b))] = rng.randrange(256)
+            cases.append([(i, bytes(b))])
+    cases.append([(2, bytes(recs[2].data) + b"\x00")])  # a raw record one byte long
+    # a record claiming an int dtype for an SZ stream
+    forged = [wire.Record("w", torch.int32, recs[0].shape, recs[0].data)] + recs[1:]
+
+    def outcome(payload):
+        try:
+            return {k: _bits(v) for k, v in comp.decompress(payload, ctx).items()}
+        except fc.FormatError:
+            return "FormatError"
+
+    payloads = [wire.pack(comp.codec, forged)]
+    for edits in cases:
+        rs = list(recs)
+        for i, d in edits:
+            rs[i] = wire.Record(rs[i].name, rs[i].dtype, rs[i].shape, d)
+        payloads.append(wire.pack(comp.codec, rs))
+    got = [outcome(p) for p in payloads]
+    monkeypatch.setenv("FEDCOMPRESS_BACKEND", "torch")
+    want = [outcome(p) for p in payloads]
+    errors = 0
+    for k, (g, w) in enumerate(zip(got, want)):
+        if w == "FormatError":
+            errors += 1
+            assert g == "FormatError", k
+        else:
+            assert g != "FormatError" and list(g) == list(w) and all(torch.equal(g[n], w[n]) for n in w), k
+    assert errors >= 20 and got[1] != "FormatError"  # most edits are caught; the zstd record decodes
+
+
 def test_zstd_section_with_forged_content_size_is_refused():
     # python-zstandard's one-shot decompress() allocates a frame's declared content size (2^62 here:
     # MemoryError) whatever max_output_size says; ours must answer FormatError without allocating.

@@ -176,3 +176,27 @@ def test_crc32_matches_zlib_at_every_length_and_offset():
             chunk = memoryview(data)[off : off + n]
             for value in (0, 0xFFFFFFFF, 0x1234ABCD):
                 assert wire.crc32(chunk, value) == zlib.crc32(chunk, value), (n, off, value)
+
+
+@pytest.mark.parametrize("join", ["native", "python"])
+def test_pack_join_and_checksum_match_zlib(join):
+    # pack's last step: the parts joined, then zlib.crc32 of all of them as u32 LE (the reference)
+    import os
+
+    if join == "native":
+        try:
+            fn = fc._ops.native().join_crc32
+        except fc.BackendUnavailable as e:
+            pytest.skip(str(e))
+    else:
+        fn = wire._join_crc32_py
+    data = os.urandom(3000)
+    for sizes in ([], [0], [5], [0, 64, 0, 1], [100, 2000, 3, 63, 64, 65], [2999]):
+        parts, at = [], 0
+        for i, k in enumerate(sizes):
+            chunk = data[at : at + k]
+            parts.append((bytes, bytearray, memoryview)[i % 3](chunk))
+            at += k
+        body = b"".join(bytes(p) for p in parts)
+        out = fn(parts)
+        assert isinstance(out, bytes) and out == body + struct.pack("<I", zlib.crc32(body)), sizes

@@ -55,7 +55,7 @@ import math
 
 import torch
 
-from ... import wire
+from ... import _ops, wire
 from ...api import (
     Compressor,
     Param,
@@ -111,6 +111,14 @@ def _spread(inputs: StateDict, lossy: list[str], ranges: dict, width: float | No
     return acc / total if total else None
 
 
+def _native(op: str, attr: str, tensors):
+    """The C++ op's whole-payload form (``attr`` of its cpp implementation: encode_records /
+    decode_records in cpp/sz.py) when C++ runs ``op`` on CPU and every tensor is on CPU; else None
+    (the per-tensor path, e.g. FEDCOMPRESS_BACKEND=torch)."""
+    fn = getattr(_ops.get(op, "cpu", None, torch.float32), attr, None)
+    return fn if fn is not None and all(t.device.type == "cpu" for t in tensors) else None
+
+
 @register("sz")
 class SZCompressor(Compressor):
     codec = wire.CODEC_SZ
@@ -153,25 +161,30 @@ class SZCompressor(Compressor):
         res = self._residual.get(ctx.client, {}) if ef else {}
         inputs: StateDict = {}
         for name, t in update.items():
-            t = t.detach()
-            if self._lossy(t) and name in res:
+            if t.requires_grad:  # (a torch call per tensor otherwise, in the codec's time)
+                t = t.detach()
+            if name in res and self._lossy(t):
                 t = t + res[name].to(t.device, t.dtype)
             inputs[name] = t
-        lossy = [name for name, t in inputs.items() if self._lossy(t)]
+        is_lossy = [self._lossy(t) for t in inputs.values()]
+        lossy = [name for name, keep in zip(inputs, is_lossy) if keep]
         if p["ratio"] is None:
             mode, eb = ("abs", p["abs"]) if p["abs"] > 0 else ("rel", p["rel"])
-            streams = {name: encode_stream(inputs[name], eb, mode, prefix=_KIND_SZ) for name in lossy}
+            encode_records = _native("sz_encode", "encode_records", inputs.values())
+            if encode_records is not None:  # every record's data (kind byte included) in one call
+                streams = dict(zip(inputs, encode_records(list(inputs.values()), is_lossy, eb, mode)))
+            else:
+                streams = {name: encode_stream(inputs[name], eb, mode, prefix=_KIND_SZ) for name in lossy}
         else:
             streams = self._search(inputs, lossy)
         records, new_res = [], {}
         for name, t in inputs.items():
-            if name in streams:
-                data = streams[name]  # the kind byte and the stream, written as one (no copy here)
-                if ef:
-                    new_res[name] = t - decode_stream(memoryview(data)[1:], t.dtype, tuple(t.shape), device=t.device)
-                records.append(wire.Record(name, t.dtype, tuple(t.shape), data))
-            else:
-                records.append(wire.Record(name, t.dtype, tuple(t.shape), b"\x00" + bytes(wire.tensor_bytes(t))))
+            data = streams.get(name)  # the kind byte and the data, written as one (no copy here)
+            if data is None:
+                data = b"\x00" + bytes(wire.tensor_bytes(t))
+            elif ef and data[0] == KIND_SZ:
+                new_res[name] = t - decode_stream(memoryview(data)[1:], t.dtype, tuple(t.shape), device=t.device)
+            records.append(wire.Record(name, t.dtype, tuple(t.shape), data))
         if ef:
             self._residual[ctx.client] = new_res
         payload = wire.pack(self.codec, records)
@@ -315,8 +328,13 @@ class SZCompressor(Compressor):
         """The tensors in ``payload``, each on ``device`` (default CPU), SZ streams decoded there."""
         dev = check_device(device)
         _, records = wire.unpack(payload, self.codec)
+        decode_records = _native("sz_decode", "decode_records", ()) if dev.type == "cpu" else None
+        decoded = decode_records(records) if decode_records is not None else [None] * len(records)
         out: StateDict = {}
-        for r in records:
+        for r, t in zip(records, decoded):
+            if t is not None:  # the one call above decoded it
+                out[r.name] = t
+                continue
             if len(r.data) < 1:
                 raise FormatError(f"record {r.name!r}: empty")
             kind, body = r.data[0], r.data[1:]
