@@ -268,17 +268,41 @@ struct Out {
 // rANS encode of full steps s = full-1 .. 0 with AVX-512, the same words as the scalar loop. The
 // scalar loop takes lanes 31..0 and appends a word for each lane that must renormalise; here the
 // states sit in two vectors in reversed lane order (element k = lane 31-k, then lane 15-k), so a
-// compress of each vector appends in that same order. Symbol fields come from three gathers of
-// EncScratch's sx, sr, sc.
+// compress of each vector appends in that same order. Symbol fields (EncScratch's sx, sr, sc) of
+// tokens below 64 come from registers by two-table permutes; three gathers only for a vector with
+// a token above (none at REL 1e-2 on an FL update). The three 16-lane gathers per vector were the
+// loop's largest cost.
 #define FC_SZ_ENC_TARGET __attribute__((target("avx512f,avx512bw,avx512vl,avx512vbmi2,popcnt")))
-// one 16-lane vector of states (reversed lane order) encodes its 16 tokens
-FC_SZ_ENC_TARGET static inline __m512i rans_encode_vec(__m512i x, __m256i t16, const int* ix, const int* ir,
-                                                      const int* ic, uint16_t* wp, int64_t& nw) {
+struct EncFields {  // entries 0..63 of sx, sr, sc: four vectors each
+  __m512i x[4], r[4], c[4];
+};
+// one 16-lane vector of states (reversed lane order) encodes its 16 tokens; REG: fields from F
+// (and gathers for tokens >= 64), else three gathers
+template <bool REG>
+FC_SZ_ENC_TARGET static inline __m512i rans_encode_vec(__m512i x, __m256i t16, const EncFields& F, const int* ix,
+                                                      const int* ir, const int* ic, uint16_t* wp, int64_t& nw) {
   const __m512i rev = _mm512_set_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
   const __m512i t = _mm512_permutexvar_epi32(rev, _mm512_cvtepu16_epi32(t16));
-  const __m512i xs = _mm512_i32gather_epi32(t, ix, 4);
-  const __m512i rcp = _mm512_i32gather_epi32(t, ir, 4);
-  const __m512i cc = _mm512_i32gather_epi32(t, ic, 4);
+  __m512i xs, rcp, cc;
+  if constexpr (!REG) {
+    xs = _mm512_i32gather_epi32(t, ix, 4);
+    rcp = _mm512_i32gather_epi32(t, ir, 4);
+    cc = _mm512_i32gather_epi32(t, ic, 4);
+  } else {
+  const __mmask16 up = _mm512_test_epi32_mask(t, _mm512_set1_epi32(32));  // entries 32..63: the upper pair
+  xs = _mm512_mask_blend_epi32(up, _mm512_permutex2var_epi32(F.x[0], t, F.x[1]),
+                               _mm512_permutex2var_epi32(F.x[2], t, F.x[3]));
+  rcp = _mm512_mask_blend_epi32(up, _mm512_permutex2var_epi32(F.r[0], t, F.r[1]),
+                                _mm512_permutex2var_epi32(F.r[2], t, F.r[3]));
+  cc = _mm512_mask_blend_epi32(up, _mm512_permutex2var_epi32(F.c[0], t, F.c[1]),
+                               _mm512_permutex2var_epi32(F.c[2], t, F.c[3]));
+  const __mmask16 big = _mm512_cmpge_epu32_mask(t, _mm512_set1_epi32(64));
+  if (big) {
+    xs = _mm512_mask_i32gather_epi32(xs, big, t, ix, 4);
+    rcp = _mm512_mask_i32gather_epi32(rcp, big, t, ir, 4);
+    cc = _mm512_mask_i32gather_epi32(cc, big, t, ic, 4);
+  }
+  }
   const __mmask16 emit = _mm512_cmpge_epu32_mask(x, _mm512_and_si512(xs, _mm512_set1_epi32(int(0xFFFF0000u))));
   _mm256_storeu_si256(reinterpret_cast<__m256i*>(wp + nw), _mm256_maskz_compress_epi16(emit, _mm512_cvtepi32_epi16(x)));
   nw += _mm_popcnt_u32(emit);
@@ -291,22 +315,40 @@ FC_SZ_ENC_TARGET static inline __m512i rans_encode_vec(__m512i x, __m256i t16, c
   return _mm512_add_epi32(_mm512_add_epi32(x, _mm512_and_si512(cc, _mm512_set1_epi32(0xFFFF))),
                           _mm512_mullo_epi32(q, _mm512_srli_epi32(cc, 16)));
 }
-FC_SZ_ENC_TARGET static int64_t rans_encode_avx512(uint32_t* st, const uint16_t* tok, int64_t full, const uint32_t* sx,
-                                                   const uint32_t* sr, const uint32_t* sc, uint16_t* wp, int64_t nw) {
+template <bool REG>
+FC_SZ_ENC_TARGET static int64_t rans_encode_loop(uint32_t* st, const uint16_t* tok, int64_t full, const uint32_t* sx,
+                                                 const uint32_t* sr, const uint32_t* sc, uint16_t* wp, int64_t nw) {
   const __m512i rev = _mm512_set_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
   const int* ix = reinterpret_cast<const int*>(sx);
   const int* ir = reinterpret_cast<const int*>(sr);
   const int* ic = reinterpret_cast<const int*>(sc);
+  EncFields F;  // (entries of tokens absent from the block are stale and never selected)
+  if constexpr (REG)
+    for (int k = 0; k < 4; ++k) {
+      F.x[k] = _mm512_loadu_si512(sx + 16 * k);
+      F.r[k] = _mm512_loadu_si512(sr + 16 * k);
+      F.c[k] = _mm512_loadu_si512(sc + 16 * k);
+    }
   __m512i x0 = _mm512_permutexvar_epi32(rev, _mm512_loadu_si512(st + 16));
   __m512i x1 = _mm512_permutexvar_epi32(rev, _mm512_loadu_si512(st));
   for (int64_t s = full - 1; s >= 0; --s) {
     const uint16_t* tp = tok + s * kLanes;
-    x0 = rans_encode_vec(x0, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(tp + 16)), ix, ir, ic, wp, nw);
-    x1 = rans_encode_vec(x1, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(tp)), ix, ir, ic, wp, nw);
+    x0 = rans_encode_vec<REG>(x0, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(tp + 16)), F, ix, ir, ic, wp, nw);
+    x1 = rans_encode_vec<REG>(x1, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(tp)), F, ix, ir, ic, wp, nw);
   }
   _mm512_storeu_si512(st + 16, _mm512_permutexvar_epi32(rev, x0));
   _mm512_storeu_si512(st, _mm512_permutexvar_epi32(rev, x1));
   return nw;
+}
+// `big`: how many of the block's tokens are >= 64. Registers when at most 1 in 16 is: a vector
+// holding one pays the permutes and the gathers. (bench/sz_build_ab.py, encode, one thread: 1 in 32
+// left the update at REL 1e-3 on gathers in some blocks, 0.84x of the gathers-only build against
+// 0.80x; 1 in 8 read the same as 1 in 16; Kaiming at 1e-3 stays on gathers with either)
+FC_SZ_ENC_TARGET static int64_t rans_encode_avx512(uint32_t* st, const uint16_t* tok, int64_t full, int64_t ntok,
+                                                   int64_t big, const uint32_t* sx, const uint32_t* sr,
+                                                   const uint32_t* sc, uint16_t* wp, int64_t nw) {
+  if (big * 16 <= ntok) return rans_encode_loop<true>(st, tok, full, sx, sr, sc, wp, nw);
+  return rans_encode_loop<false>(st, tok, full, sx, sr, sc, wp, nw);
 }
 
 struct EncScratch {
@@ -839,7 +881,9 @@ static void encode_block(const typename D::T* x, int64_t n, float inv, double st
     const int64_t full = ntok / kLanes;
     for (int64_t i = ntok - 1; i >= full * kLanes; --i) enc(int(i % kLanes), tok[i]);
     if (use_avx512() && kHasVbmi2) {
-      nw = rans_encode_avx512(st, tok, full, sx, sr, sc, wp, nw);
+      int64_t small = 0;  // tokens below 64 (present is ascending)
+      for (size_t k = 0; k < present.size() && present[k] < 64; ++k) small += hist[present[k]];
+      nw = rans_encode_avx512(st, tok, full, ntok, ntok - small, sx, sr, sc, wp, nw);
     } else {
       for (int64_t s = full - 1; s >= 0; --s) {  // full steps: a fixed-count loop the compiler unrolls
         const uint16_t* tp = tok + s * kLanes;
