@@ -16,6 +16,7 @@
 #include <string>
 #include <memory>
 #include <mutex>
+#include <tuple>
 #include <type_traits>
 #include <vector>
 
@@ -1905,11 +1906,20 @@ struct Buffers {
 // + its stream at the bound; with codes[i] = 0, as kind byte 0 + its bytes. One native call per
 // update instead of a Python round trip per tensor: right after local training that glue cost
 // about a quarter of the codec's time (docs/sz.md, "Codec time in FedAvg").
-static py::list sz_encode_records_py(py::list arrays, std::vector<int> codes, double error_bound, bool rel) {
+// ranges (optional): per array, the REL range as codec.value_range gives it, (lo, hi, count), so a
+// caller encoding at several bounds (the ratio=R search) finds it once.
+static py::list sz_encode_records_py(py::list arrays, std::vector<int> codes, double error_bound, bool rel,
+                                     py::object ranges) {
   if (!(std::isfinite(error_bound) && error_bound > 0)) throw py::value_error("error_bound must be finite and > 0");
   if (codes.size() != arrays.size()) throw py::value_error("one code per array");
   Buffers bufs(arrays);
   const size_t m = codes.size();
+  std::vector<std::tuple<double, double, int64_t>> rng(m, {0.0, 0.0, -1});
+  if (!ranges.is_none()) {
+    const auto given = ranges.cast<std::vector<std::tuple<double, double, int64_t>>>();
+    if (given.size() != m) throw py::value_error("one range per array");
+    rng = given;
+  }
   std::vector<int64_t> ns(m, 0);
   for (size_t i = 0; i < m; ++i) {
     if (!codes[i]) continue;
@@ -1923,8 +1933,9 @@ static py::list sz_encode_records_py(py::list arrays, std::vector<int> codes, do
   {
     py::gil_scoped_release nogil;
     for (size_t i = 0; i < m; ++i)
-      if (codes[i]) secs[i] = encode_stream_native(codes[i], bufs.v[i].buf, ns[i], error_bound, rel, 0, 0.0, 0.0, -1,
-                                                   hdrs[i].data());
+      if (codes[i])
+        secs[i] = encode_stream_native(codes[i], bufs.v[i].buf, ns[i], error_bound, rel, 0, std::get<0>(rng[i]),
+                                       std::get<1>(rng[i]), std::get<2>(rng[i]), hdrs[i].data());
   }
   py::list out(m);
   static const char kKindRaw = 0, kKindSz = 1;
@@ -2072,7 +2083,7 @@ FC_BIND([](py::module_& m) {
         "prefix + a whole SZ stream (codec.encode_stream, no lossless stage) of n >= 1 values; block_size 0: "
         "the codec's choice; range_count >= 0: (range_lo, range_hi, range_count) is the finite range, not recomputed");
   m.def("sz_encode_records", &sz_encode_records_py, py::arg("arrays"), py::arg("codes"), py::arg("error_bound"),
-        py::arg("rel"),
+        py::arg("rel"), py::arg("ranges") = py::none(),
         "the record data of an sz state-dict payload: per array, kind 1 + its stream (codes[i]: float dtype code) "
         "or kind 0 + its bytes (codes[i] = 0)");
   m.def("sz_decode_records", &sz_decode_records_py, py::arg("datas"), py::arg("codes"), py::arg("dtypes"),

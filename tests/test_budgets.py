@@ -287,14 +287,28 @@ def test_sz_abs_bound_keeps_less_squared_error_than_rel_per_tensor(cnn_update):
 
 
 def test_sz_search_deterministic_monotone_and_bounded(cnn_update, monkeypatch):
+    # every encode counted, whether a probe goes through encode_stream per tensor or through the
+    # C++ records call for all lossy tensors at once
     calls = []
-    real = SZS.encode_stream
+    real, real_native, per_tensor = SZS.encode_stream, SZS._native, [False]
 
     def counting(x, eb, mode, **kw):
         calls.append(eb)
         return real(x, eb, mode, **kw)
 
+    def native(op, attr, tensors):
+        fn = None if per_tensor[0] else real_native(op, attr, tensors)
+        if fn is None or attr != "encode_records":
+            return fn
+
+        def counting_records(ts, lossy, eb, mode, *rest):
+            calls.extend(eb for keep in lossy if keep)
+            return fn(ts, lossy, eb, mode, *rest)
+
+        return counting_records
+
     monkeypatch.setattr(SZS, "encode_stream", counting)
+    monkeypatch.setattr(SZS, "_native", native)
     n_lossy = sum(1 for v in cnn_update.values() if v.numel() >= 1024)
     rels, sizes = [], []
     for R in (2, 4, 8, 16, 32, 64, 128, 256):
@@ -303,7 +317,9 @@ def test_sz_search_deterministic_monotone_and_bounded(cnn_update, monkeypatch):
         pa = a.compress(cnn_update, RoundContext())
         assert len(calls) == a.last_choice["encodes"] * n_lossy <= SZS.MAX_ENCODES * n_lossy  # terminates
         b = fc.get_compressor(f"sz:ratio={R}")
+        per_tensor[0] = True  # the second search per tensor: the same bound and bytes either way
         assert b.compress(cnn_update, RoundContext(client=5, round=9)) == pa  # same update, same bytes
+        per_tensor[0] = False
         assert b.last_choice == a.last_choice
         rels.append(a.last_choice["rel"])
         sizes.append(len(pa))

@@ -75,13 +75,16 @@ def _numpy(t: torch.Tensor) -> np.ndarray:
     return (t.view(torch.int16) if t.dtype is torch.bfloat16 else t).numpy()
 
 
-def encode_records_cpp(tensors: list[torch.Tensor], lossy: list[bool], error_bound: float, mode: str) -> list[bytes]:
+def encode_records_cpp(tensors: list[torch.Tensor], lossy: list[bool], error_bound: float, mode: str,
+                       value_ranges: list[tuple[float, float, int]] | None = None) -> list[bytes]:
     """Each CPU tensor's record data as ``SZCompressor.compress`` writes it, in one native call: the
-    kind byte 1 and ``encode_stream(t, error_bound, mode)`` where ``lossy``, else the kind byte 0 and
-    its raw bytes. The same bytes as the per-tensor path; a Python round trip per tensor cost
-    about a quarter of the codec's time right after local training (docs/sz.md)."""
-    codes = [wire.DTYPE_CODES[t.dtype] if lo else 0 for t, lo in zip(tensors, lossy)]
-    return _ops.native().sz_encode_records([_numpy(t) for t in tensors], codes, error_bound, mode == "rel")
+    kind byte 1 and ``encode_stream(t, error_bound, mode, value_range=value_ranges[i])`` where
+    ``lossy``, else the kind byte 0 and its raw bytes. The same bytes as the per-tensor path; a
+    Python round trip per tensor cost about a quarter of the codec's time right after local training
+    (docs/sz.md)."""
+    codes = [wire.DTYPE_CODES[t.dtype] if lo else 0 for t, lo in zip(tensors, lossy, strict=True)]
+    return _ops.native().sz_encode_records([_numpy(t) for t in tensors], codes, error_bound, mode == "rel",
+                                           value_ranges)
 
 
 def decode_records_cpp(records: list[wire.Record]) -> list[torch.Tensor | None]:
@@ -97,7 +100,7 @@ def decode_records_cpp(records: list[wire.Record]) -> list[torch.Tensor | None]:
             raise FormatError(f"record {records[e.args[0]].name!r}: {e.args[1]}") from None
         raise
     out = []
-    for r, a in zip(records, arrays):
+    for r, a in zip(records, arrays, strict=True):
         if a is not None:
             a = torch.from_numpy(a)
             if r.dtype is torch.bfloat16:

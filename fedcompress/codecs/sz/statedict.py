@@ -167,12 +167,12 @@ class SZCompressor(Compressor):
                 t = t + res[name].to(t.device, t.dtype)
             inputs[name] = t
         is_lossy = [self._lossy(t) for t in inputs.values()]
-        lossy = [name for name, keep in zip(inputs, is_lossy) if keep]
+        lossy = [name for name, keep in zip(inputs, is_lossy, strict=True) if keep]
         if p["ratio"] is None:
             mode, eb = ("abs", p["abs"]) if p["abs"] > 0 else ("rel", p["rel"])
             encode_records = _native("sz_encode", "encode_records", inputs.values())
             if encode_records is not None:  # every record's data (kind byte included) in one call
-                streams = dict(zip(inputs, encode_records(list(inputs.values()), is_lossy, eb, mode)))
+                streams = dict(zip(inputs, encode_records(list(inputs.values()), is_lossy, eb, mode), strict=True))
             else:
                 streams = {name: encode_stream(inputs[name], eb, mode, prefix=_KIND_SZ) for name in lossy}
         else:
@@ -212,10 +212,17 @@ class SZCompressor(Compressor):
         sizes: dict[int, int] = {}  # grid index -> payload bytes
         best: dict = {}  # "k", "streams": the smallest fitting grid index so far and its streams
 
+        encode_records = _native("sz_encode", "encode_records", inputs.values())
+
         def size_at(k: int) -> int:
             eb = 2.0 ** (k / GRID) * unit  # (ABS mode reads no range: value_range only saves REL's pass)
-            streams = {name: encode_stream(inputs[name], eb, mode, prefix=_KIND_SZ, value_range=ranges[name])
-                       for name in lossy}
+            if encode_records is not None:  # the lossy tensors' streams in one native call
+                data = encode_records([inputs[n] for n in lossy], [True] * len(lossy), eb, mode,
+                                      [ranges[n] for n in lossy])
+                streams = dict(zip(lossy, data, strict=True))
+            else:
+                streams = {name: encode_stream(inputs[name], eb, mode, prefix=_KIND_SZ, value_range=ranges[name])
+                           for name in lossy}
             sizes[k] = fixed + sum(len(s) for s in streams.values())
             if sizes[k] <= limit and k < best.get("k", hi_k + 1):
                 best.update(k=k, streams=streams)
@@ -331,7 +338,7 @@ class SZCompressor(Compressor):
         decode_records = _native("sz_decode", "decode_records", ()) if dev.type == "cpu" else None
         decoded = decode_records(records) if decode_records is not None else [None] * len(records)
         out: StateDict = {}
-        for r, t in zip(records, decoded):
+        for r, t in zip(records, decoded, strict=True):
             if t is not None:  # the one call above decoded it
                 out[r.name] = t
                 continue
