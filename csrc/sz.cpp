@@ -1982,10 +1982,12 @@ static void sz_decode_py(py::array_t<uint8_t, py::array::c_style> sec, py::array
 
 // The tensors of an `sz` state-dict payload's records (codecs/sz/statedict.py) in one call, each
 // into a new numpy array of dtypes[i] and shapes[i]: kind byte 0 + its raw bytes, or kind byte 1 +
-// a stream (codes[i] its float dtype code), checked as codec.decode_stream checks it. A stream with
+// a stream (codes[i] its float dtype code), checked as codec.decode_stream checks it; with kinds
+// false, bare streams (fc.SZ's one record). A stream with
 // a lossless stage comes back as None (the Python path decodes it). Records are hostile: any defect
 // raises ValueError((index, message)). wire.unpack has bounded the shapes' total bytes already.
-static py::list sz_decode_records_py(py::list datas, std::vector<int> codes, py::list dtypes, py::list shapes) {
+static py::list sz_decode_records_py(py::list datas, std::vector<int> codes, py::list dtypes, py::list shapes,
+                                     bool kinds) {
   const size_t m = codes.size();
   if (datas.size() != m || dtypes.size() != m || shapes.size() != m) throw py::value_error("one entry per record");
   Buffers bufs(datas);
@@ -2012,24 +2014,27 @@ static py::list sz_decode_records_py(py::list datas, std::vector<int> codes, py:
     int64_t n = 1;
     for (auto d : shape)
       if (d < 0 || __builtin_mul_overflow(n, int64_t(d), &n)) fail(i, "impossible shape");
+    // with kinds: the kind byte, then the raw bytes or the stream; else the stream alone (fc.SZ)
     const uint8_t* p = static_cast<const uint8_t*>(bufs.v[i].buf);
     const size_t len = size_t(bufs.v[i].len);
-    if (len < 1) fail(i, "empty");
+    if (kinds && len < 1) fail(i, "empty");
+    const int kind = kinds ? p[0] : 1;
+    const size_t at = kinds ? 1 : 0;
     Job& J = jobs[i];
     J.n = n;
     const size_t nbytes = size_t(n) * size_t(dt.itemsize());
-    if (p[0] == 0) {
+    if (kind == 0) {
       if (len - 1 != nbytes)
         fail(i, std::to_string(len - 1) + " data bytes for " + std::to_string(n) + " values (expected " +
                     std::to_string(nbytes) + ")");
       J.src = p + 1, J.len = nbytes;
-    } else if (p[0] == 1) {
+    } else if (kind == 1) {
       const int code = codes[i];
       if (code < 1 || code > 4) fail(i, "sz stream for a non-float dtype");
       if (size_t(dt.itemsize()) != dtype_size(code)) fail(i, "dtype does not match its code");
-      if (len - 1 < kStreamHdr)
-        fail(i, "truncated sz stream: need " + std::to_string(kStreamHdr) + " bytes, have " + std::to_string(len - 1));
-      const uint8_t* h = p + 1;
+      if (len - at < kStreamHdr)
+        fail(i, "truncated sz stream: need " + std::to_string(kStreamHdr) + " bytes, have " + std::to_string(len - at));
+      const uint8_t* h = p + at;
       uint32_t bs32, nb32;
       double step;
       std::memcpy(&step, h + 2, 8);
@@ -2044,11 +2049,11 @@ static py::list sz_decode_records_py(py::list datas, std::vector<int> codes, py:
       if (!(std::isfinite(step) && step > 0)) fail(i, "sz stream: quantization step is not finite and positive");
       if (bs32 < 1 || int64_t(bs32) > kMaxBlock || int64_t(nb32) != (n + int64_t(bs32) - 1) / int64_t(bs32))
         fail(i, "sz stream: block layout does not match the tensor size");
-      J.src = h + kStreamHdr, J.len = len - 1 - kStreamHdr;
+      J.src = h + kStreamHdr, J.len = len - at - kStreamHdr;
       if (n == 0 && J.len) fail(i, "sz stream: data for an empty tensor");
       J.code = code, J.bs = int64_t(bs32), J.step = step;
     } else {
-      fail(i, "unknown kind " + std::to_string(p[0]));
+      fail(i, "unknown kind " + std::to_string(kind));
     }
     py::array a(dt, shape);
     J.dst = a.mutable_data();
@@ -2087,9 +2092,9 @@ FC_BIND([](py::module_& m) {
         "the record data of an sz state-dict payload: per array, kind 1 + its stream (codes[i]: float dtype code) "
         "or kind 0 + its bytes (codes[i] = 0)");
   m.def("sz_decode_records", &sz_decode_records_py, py::arg("datas"), py::arg("codes"), py::arg("dtypes"),
-        py::arg("shapes"),
-        "the arrays of an sz state-dict payload's records (None: a stream with a lossless stage); "
-        "ValueError((index, message)) on a defect");
+        py::arg("shapes"), py::arg("kinds") = true,
+        "the arrays of an sz state-dict payload's records (kinds: each starts with its kind byte; else each is a "
+        "bare stream, as fc.SZ writes it); None: a stream with a lossless stage; ValueError((index, message)) on a defect");
   m.def("sz_encode", &sz_encode_py, py::arg("x"), py::arg("dtype_code"), py::arg("n"), py::arg("step"),
         py::arg("bound"), py::arg("block_size"), py::arg("prefix") = py::bytes(),
         "prefix + the SZ blocks section of n values (raw bytes of dtype_code)");

@@ -87,17 +87,18 @@ def encode_records_cpp(tensors: list[torch.Tensor], lossy: list[bool], error_bou
                                            value_ranges)
 
 
-def decode_records_cpp(records: list[wire.Record]) -> list[torch.Tensor | None]:
+def decode_records_cpp(records: list[wire.Record], kinds: bool = True) -> list[torch.Tensor | None]:
     """The CPU tensors of an ``sz`` payload's records (as ``wire.unpack`` returns them) in one native
     call; None for a stream with a lossless stage (the per-record path decodes it). FormatError
-    naming the record on any defect."""
+    naming the record on any defect. ``kinds=False``: each record is a bare stream (``fc.SZ``)."""
     try:
         arrays = _ops.native().sz_decode_records(
             [r.data for r in records], [wire.DTYPE_CODES[r.dtype] for r in records],
-            [_NP_DTYPES[r.dtype] for r in records], [r.shape for r in records])  # fmt: skip
+            [_NP_DTYPES[r.dtype] for r in records], [r.shape for r in records], kinds)  # fmt: skip
     except ValueError as e:
         if len(e.args) == 2 and isinstance(e.args[0], int):
-            raise FormatError(f"record {records[e.args[0]].name!r}: {e.args[1]}") from None
+            what = f"record {records[e.args[0]].name!r}: " if kinds else ""
+            raise FormatError(f"{what}{e.args[1]}") from None
         raise
     out = []
     for r, a in zip(records, arrays, strict=True):

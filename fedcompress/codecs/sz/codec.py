@@ -427,4 +427,9 @@ class SZ:
         if len(records) != 1:
             raise FormatError(f"sz tensor payload has {len(records)} records, expected 1")
         rec = records[0]
+        if rec.dtype in wire.FLOAT_DTYPES:  # C++ on CPU: header checks and decode in one native call
+            one_call = getattr(_ops.get("sz_decode", dev, self.backend, rec.dtype), "decode_records", None)
+            t = one_call([rec], kinds=False)[0] if one_call is not None else None
+            if t is not None:
+                return t
         return decode_stream(rec.data, rec.dtype, rec.shape, backend=self.backend, device=dev)
