@@ -1161,12 +1161,14 @@ int64_t run_tokens_default(const uint16_t* tk, int64_t cnt, typename D::T* dst, 
 // step, a store-forwarding round trip on the loop's critical path.) Returns the tokens done; leaves
 // the rest (from an escape, a run of 2^10 or more values, a position past the block) to the scalar
 // kernel, which checks everything.
-__attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,popcnt"))) static int64_t run_tokens_f32_avx512(
+__attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512cd,popcnt"))) static int64_t run_tokens_f32_avx512(
     const uint16_t* tk, int64_t cnt, float* dst, int64_t n, RunState& rs, const float* lut) {
   const __m512i lane = _mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0);
+  const __m512i lane_m32 = _mm512_sub_epi32(lane, _mm512_set1_epi32(32));
+  const __m512i below = _mm512_sub_epi32(_mm512_sllv_epi32(_mm512_set1_epi32(1), lane), _mm512_set1_epi32(1));
   const __m512i zero = _mm512_setzero_si512(), one = _mm512_set1_epi32(1), two = _mm512_set1_epi32(2);
   const __m512i nv = _mm512_set1_epi32(int32_t(n));
-  const __m512i minus1 = _mm512_set1_epi32(-1), thirty2 = _mm512_set1_epi32(32);
+  const __m512i thirty2 = _mm512_set1_epi32(32);
   const __m512i i15 = _mm512_set1_epi32(15);
   if (rs.pos + int64_t(rs.runlen) >= (int64_t(1) << 30) || rs.runk > 9) return 0;
   const __m512i c64 = _mm512_set1_epi32(64);
@@ -1181,18 +1183,13 @@ __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,popcnt"))) static int6
     if (_mm512_cmplt_epu32_mask(t, two)) break;  // an escape
     const __mmask16 isr = _mm512_cmplt_epu32_mask(_mm512_sub_epi32(t, two), two), ord = __mmask16(~isr);
     const __mmask16 lead = __mmask16(ord ? (ord & (0u - ord)) - 1 : 0xFFFF);  // lanes before the first ordinary
-    // last ordinary lane at or before each lane (-1 before the first): k = digit index in its run,
-    // counted from this vector for the leading digits (which then shift on by runk)
-    // Non-ordinary lanes start at -1, not at a "no lane" sentinel below it: the shifts below bring
-    // -1 in from the left only up to lane 14, so in a vector of 16 digits lane 15 kept the sentinel,
-    // got a huge k and weight 0, and a run of >= 2^16 zeros lost its top digit (FormatError on a
-    // valid sparse stream; tests/test_sz.py::test_long_zero_runs_decode_on_every_backend)
-    __m512i L = _mm512_mask_mov_epi32(minus1, ord, lane);
-    L = _mm512_max_epi32(L, _mm512_alignr_epi32(L, minus1, 15));
-    L = _mm512_max_epi32(L, _mm512_alignr_epi32(L, minus1, 14));
-    L = _mm512_max_epi32(L, _mm512_alignr_epi32(L, minus1, 12));
-    L = _mm512_max_epi32(L, _mm512_alignr_epi32(L, minus1, 8));
-    const __m512i k = _mm512_sub_epi32(_mm512_sub_epi32(lane, L), one);
+    // k = a digit's index in its run, counted from this vector for the leading digits (which then
+    // shift on by runk): lane - L - 1 with L the last ordinary lane before it (-1 if none), i.e.
+    // 31 - lzcnt(ord & (2^lane - 1)); one lzcnt where a max-scan took 9 instructions. (A run of
+    // >= 2^16 zeros spans a vector of 16 digits: lzcnt(0) = 32 gives lane 15 its k = 15 too;
+    // tests/test_sz.py::test_long_zero_runs_decode_on_every_backend)
+    const __m512i k = _mm512_add_epi32(_mm512_lzcnt_epi32(_mm512_and_si512(_mm512_set1_epi32(int(ord)), below)),
+                                       lane_m32);
     __m512i c = _mm512_mask_sllv_epi32(one, isr, _mm512_sub_epi32(t, one), k);
     c = _mm512_mask_sll_epi32(c, lead, c, _mm_cvtsi32_si128(runk));  // < 2^25: runk <= 9, k <= 15
     __m512i S = _mm512_add_epi32(c, _mm512_alignr_epi32(c, zero, 15));  // inclusive prefix sums
@@ -1245,7 +1242,7 @@ template <class D>
 static int64_t run_tokens(bool lor, const uint16_t* tk, int64_t cnt, typename D::T* dst, int64_t n, RunState& rs,
                           const typename D::T* lut, const int32_t* dlut, double step) {
   if constexpr (std::is_same<D, F32>::value) {
-    if (!lor && use_avx512()) {  // vectors where they can, 16 scalar tokens where they stop
+    if (!lor && use_avx512() && kHasAvx512Cd) {  // vectors where they can, 16 scalar tokens where they stop
       int64_t j = 0;
       while (j < cnt) {
         j += run_tokens_f32_avx512(tk + j, cnt - j, dst, n, rs, lut);
