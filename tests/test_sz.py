@@ -690,6 +690,9 @@ def test_statedict_one_native_call_writes_and_reads_the_reference(spec, monkeypa
             assert np.array_equal(_bits(d[k]), _bits(want[k])), k
     eb, mode = (1e-3, "abs") if "abs=" in spec else (float(spec.split("rel=")[1].split(",")[0]), "rel")
     _check_bound(state["conv.w"], decoded[0]["conv.w"], eb, mode)
+    monkeypatch.delenv("FEDCOMPRESS_BACKEND")
+    with pytest.raises(TypeError, match="not supported by the wire format"):  # as the per-tensor path says
+        native.compress({"w": state["conv.w"], "f8": torch.zeros(3, dtype=torch.float8_e4m3fn)}, ctx)
 
 
 def test_statedict_native_read_of_hostile_records_matches_the_reference(monkeypatch):

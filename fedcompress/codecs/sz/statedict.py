@@ -113,10 +113,12 @@ def _spread(inputs: StateDict, lossy: list[str], ranges: dict, width: float | No
 
 def _native(op: str, attr: str, tensors):
     """The C++ op's whole-payload form (``attr`` of its cpp implementation: encode_records /
-    decode_records in cpp/sz.py) when C++ runs ``op`` on CPU and every tensor is on CPU; else None
-    (the per-tensor path, e.g. FEDCOMPRESS_BACKEND=torch)."""
+    decode_records in cpp/sz.py) when C++ runs ``op`` on CPU and every tensor is a CPU tensor of a
+    wire dtype; else None (the per-tensor path, e.g. FEDCOMPRESS_BACKEND=torch, which also says
+    what is wrong with a tensor the wire format cannot carry)."""
     fn = getattr(_ops.get(op, "cpu", None, torch.float32), attr, None)
-    return fn if fn is not None and all(t.device.type == "cpu" for t in tensors) else None
+    ok = fn is not None and all(t.device.type == "cpu" and t.dtype in wire.DTYPE_CODES for t in tensors)
+    return fn if ok else None
 
 
 @register("sz")
