@@ -17,6 +17,7 @@
 #include <cstring>
 #include <vector>
 
+#include "buffers.h"
 #include "registry.h"
 
 namespace fc {
@@ -109,27 +110,15 @@ FC_BIND([](py::module_& m) {
   m.def(
       "join_crc32",
       [](py::list parts) {
-        std::vector<Py_buffer> views;
-        views.reserve(parts.size());
-        struct Release {
-          std::vector<Py_buffer>& v;
-          ~Release() {
-            for (auto& b : v) PyBuffer_Release(&b);
-          }
-        } release{views};
+        const Buffers bufs(parts);
         size_t total = 0;
-        for (py::handle o : parts) {
-          Py_buffer b;
-          if (PyObject_GetBuffer(o.ptr(), &b, PyBUF_C_CONTIGUOUS) != 0) throw py::error_already_set();
-          views.push_back(b);
-          total += size_t(b.len);
-        }
+        for (const auto& b : bufs.v) total += size_t(b.len);
         PyObject* obj = PyBytes_FromStringAndSize(nullptr, Py_ssize_t(total + 4));
         if (!obj) throw py::error_already_set();
         py::bytes out = py::reinterpret_steal<py::bytes>(obj);
         auto* dst = reinterpret_cast<uint8_t*>(PyBytes_AS_STRING(obj));
         size_t at = 0;
-        for (const auto& b : views) {
+        for (const auto& b : bufs.v) {
           if (b.len) std::memcpy(dst + at, b.buf, size_t(b.len));
           at += size_t(b.len);
         }

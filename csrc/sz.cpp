@@ -20,6 +20,7 @@
 #include <type_traits>
 #include <vector>
 
+#include "buffers.h"
 #include "pool.h"
 #include "registry.h"
 
@@ -1848,6 +1849,14 @@ static void encode_section_any(int code, const void* p, int64_t n, double step, 
   else sz::encode_section<sz::BF16>(static_cast<const uint16_t*>(p), n, step, bound, bs, sec);
 }
 
+static void decode_section_any(int code, const uint8_t* sec, size_t len, void* out, int64_t n, int64_t bs,
+                               double step) {
+  if (code == 1) sz::decode_section<sz::F32>(sec, len, static_cast<float*>(out), n, bs, step);
+  else if (code == 2) sz::decode_section<sz::F64>(sec, len, static_cast<double*>(out), n, bs, step);
+  else if (code == 3) sz::decode_section<sz::F16>(sec, len, static_cast<uint16_t*>(out), n, bs, step);
+  else sz::decode_section<sz::BF16>(sec, len, static_cast<uint16_t*>(out), n, bs, step);
+}
+
 static py::bytes sz_encode_py(py::array_t<uint8_t, py::array::c_style> x, int code, int64_t n, double step,
                               double bound, int64_t block_size, py::bytes prefix) {
   if (block_size < 1) throw py::value_error("block_size must be >= 1");
@@ -1918,24 +1927,6 @@ static py::bytes sz_encode_stream_py(py::array_t<uint8_t, py::array::c_style> x,
   return section_bytes(prefix, hdr, sizeof(hdr), *sec);
 }
 
-// The buffers of a list of objects (C-contiguous, read-only is fine), released on scope exit.
-struct Buffers {
-  std::vector<Py_buffer> v;
-  explicit Buffers(const py::list& objs) {
-    v.reserve(objs.size());
-    for (py::handle o : objs) {
-      Py_buffer b;
-      if (PyObject_GetBuffer(o.ptr(), &b, PyBUF_C_CONTIGUOUS) != 0) throw py::error_already_set();
-      v.push_back(b);
-    }
-  }
-  ~Buffers() {
-    for (auto& b : v) PyBuffer_Release(&b);
-  }
-  Buffers(const Buffers&) = delete;
-  Buffers& operator=(const Buffers&) = delete;
-};
-
 // The record data of an `sz` state-dict payload (codecs/sz/statedict.py) for every tensor at once:
 // arrays[i] (any C-contiguous buffer) with codes[i] = its float dtype code goes out as kind byte 1
 // + its stream at the bound; with codes[i] = 0, as kind byte 0 + its bytes. One native call per
@@ -2004,10 +1995,7 @@ static void sz_decode_py(py::array_t<uint8_t, py::array::c_style> sec, py::array
   {
     py::gil_scoped_release nogil;
     try {
-      if (code == 1) sz::decode_section<sz::F32>(sp, len, static_cast<float*>(op), n, block_size, step);
-      else if (code == 2) sz::decode_section<sz::F64>(sp, len, static_cast<double*>(op), n, block_size, step);
-      else if (code == 3) sz::decode_section<sz::F16>(sp, len, static_cast<uint16_t*>(op), n, block_size, step);
-      else sz::decode_section<sz::BF16>(sp, len, static_cast<uint16_t*>(op), n, block_size, step);
+      decode_section_any(code, sp, len, op, n, block_size, step);
     } catch (const std::exception& e) {
       err = e.what();
     }
@@ -2101,10 +2089,7 @@ static py::list sz_decode_records_py(py::list datas, std::vector<int> codes, py:
       if (!J.dst || !J.n) continue;
       try {
         if (!J.code) std::memcpy(J.dst, J.src, J.len);
-        else if (J.code == 1) sz::decode_section<sz::F32>(J.src, J.len, static_cast<float*>(J.dst), J.n, J.bs, J.step);
-        else if (J.code == 2) sz::decode_section<sz::F64>(J.src, J.len, static_cast<double*>(J.dst), J.n, J.bs, J.step);
-        else if (J.code == 3) sz::decode_section<sz::F16>(J.src, J.len, static_cast<uint16_t*>(J.dst), J.n, J.bs, J.step);
-        else sz::decode_section<sz::BF16>(J.src, J.len, static_cast<uint16_t*>(J.dst), J.n, J.bs, J.step);
+        else decode_section_any(J.code, J.src, J.len, J.dst, J.n, J.bs, J.step);
       } catch (const std::exception& e) {
         bad = i, err = e.what();
       }

@@ -18,12 +18,19 @@ from .. import _ops, wire
 from ..errors import FormatError
 
 
+def _numpy(t: torch.Tensor) -> np.ndarray:
+    """A C-contiguous numpy view of a CPU tensor (bfloat16 as int16: numpy has none, and the kernels
+    read bits)."""
+    if t.requires_grad:
+        t = t.detach()
+    if not t.is_contiguous():
+        t = t.contiguous()
+    return (t.view(torch.int16) if t.dtype is torch.bfloat16 else t).numpy()
+
+
 def _native_view(xf: torch.Tensor) -> tuple[np.ndarray, int]:
-    """A numpy view of a contiguous flat CPU float tensor and its wire dtype code (16-bit as int16:
-    numpy has no bfloat16, and the kernel reads the bits)."""
-    if xf.dtype in (torch.bfloat16, torch.float16):
-        return xf.view(torch.int16).numpy(), wire.DTYPE_CODES[xf.dtype]
-    return xf.numpy(), wire.DTYPE_CODES[xf.dtype]
+    """A numpy view of a CPU float tensor and its wire dtype code."""
+    return _numpy(xf), wire.DTYPE_CODES[xf.dtype]
 
 
 def finite_range_cpp(x: torch.Tensor) -> tuple[float, float] | None:
@@ -59,20 +66,11 @@ def encode_stream_cpp(x: torch.Tensor, error_bound: float, mode: str, block_size
 # codec.encode_stream takes this path when the cpp op encodes and there is no lossless stage
 encode_section_cpp.encode_stream = encode_stream_cpp
 
-# numpy has no bfloat16: its bits travel as int16 (the kernels read bits)
+# the numpy dtype each wire dtype decodes into (bfloat16's bits as int16, as _numpy gives them)
 _NP_DTYPES = {t: np.dtype(n) for t, n in ((torch.float32, np.float32), (torch.float64, np.float64),
               (torch.float16, np.float16), (torch.bfloat16, np.int16), (torch.int64, np.int64),
               (torch.int32, np.int32), (torch.int16, np.int16), (torch.int8, np.int8), (torch.uint8, np.uint8),
               (torch.bool, np.bool_))}  # fmt: skip
-
-
-def _numpy(t: torch.Tensor) -> np.ndarray:
-    """A C-contiguous numpy view of a CPU tensor (bfloat16 as int16)."""
-    if t.requires_grad:
-        t = t.detach()
-    if not t.is_contiguous():
-        t = t.contiguous()
-    return (t.view(torch.int16) if t.dtype is torch.bfloat16 else t).numpy()
 
 
 def encode_records_cpp(tensors: list[torch.Tensor], lossy: list[bool], error_bound: float, mode: str,
