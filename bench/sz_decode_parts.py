@@ -2,7 +2,7 @@
 
     python bench/sz_decode_parts.py          # ~10 s
 
-Per REL bound (1e-2, 1e-3) and thread count (1, 2): the median of 300 calls (after 30) of
+Per REL bound (1e-2, 1e-3) and thread count (1, 2): the median of 300 calls (after 30 decodes) of
 ``fc.SZ.decode`` as bench_sz times it (``codec("fc-cpp", array("update"), rel)``), of
 ``_C.sz_decode`` on the same stream's section, and of ``wire.unpack`` (frame and CRC). The difference
 between the first two is the Python around the kernel. docs/sz.md, "The update's decode cell".
@@ -10,10 +10,8 @@ between the first two is the Python around the kernel. docs/sz.md, "The update's
 
 from __future__ import annotations
 
-import statistics
 import struct
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -23,17 +21,7 @@ from fedcompress import wire
 
 sys.path.insert(0, str(Path(__file__).parent))
 from bench_sz import array, codec  # noqa: E402
-
-
-def median_ms(fn, reps: int = 300) -> float:
-    for _ in range(30):
-        fn()
-    ts = []
-    for _ in range(reps):
-        t = time.perf_counter()
-        fn()
-        ts.append(time.perf_counter() - t)
-    return 1e3 * statistics.median(ts)
+from sz_one_thread import median_ms  # noqa: E402
 
 
 def parts(rel: float, threads: int) -> str:
@@ -45,9 +33,11 @@ def parts(rel: float, threads: int) -> str:
     out = np.empty(rec.numel * 4, np.uint8)
     native = fc._ops.native()
     fc.set_num_threads(threads)
-    full = median_ms(lambda: dec(blob))
-    bare = median_ms(lambda: native.sz_decode(section, out, 1, rec.numel, bs, step))
-    unpack = median_ms(lambda: wire.unpack(blob, wire.CODEC_SZ_TENSOR))
+    for _ in range(30):  # warm-up
+        dec(blob)
+    full = median_ms(lambda: dec(blob), 300)
+    bare = median_ms(lambda: native.sz_decode(section, out, 1, rec.numel, bs, step), 300)
+    unpack = median_ms(lambda: wire.unpack(blob, wire.CODEC_SZ_TENSOR), 300)
     return (f"REL {rel:g}, {threads} thread(s): fc.SZ.decode {full:.3f} ms, _C.sz_decode {bare:.3f} ms, "
             f"wire.unpack {unpack:.3f} ms ({len(blob)} bytes)")
 
