@@ -343,9 +343,10 @@ FC_SZ_ENC_TARGET static int64_t rans_encode_loop(uint32_t* st, const uint16_t* t
   return nw;
 }
 // `big`: how many of the block's tokens are >= 64. Registers when at most 1 in 16 is: a vector
-// holding one pays the permutes and the gathers. (bench/sz_build_ab.py, encode, one thread: 1 in 32
-// left the update at REL 1e-3 on gathers in some blocks, 0.84x of the gathers-only build against
-// 0.80x; 1 in 8 read the same as 1 in 16; Kaiming at 1e-3 stays on gathers with either)
+// holding one pays the permutes and the gathers. (bench/sz_build_ab.py, encode, one thread, on
+// uncommitted variants: 1 in 32 left the update at REL 1e-3 on gathers in some blocks, 0.84x of the
+// gathers-only build against 0.80x; 1 in 8 read the same as 1 in 16; Kaiming at 1e-3 stays on
+// gathers with either)
 FC_SZ_ENC_TARGET static int64_t rans_encode_avx512(uint32_t* st, const uint16_t* tok, int64_t full, int64_t ntok,
                                                    int64_t big, const uint32_t* sx, const uint32_t* sr,
                                                    const uint32_t* sc, uint16_t* wp, int64_t nw) {
@@ -1873,8 +1874,9 @@ static py::bytes sz_encode_py(py::array_t<uint8_t, py::array::c_style> x, int co
   return section_bytes(prefix, nullptr, 0, sec);
 }
 
-// codec._HDR "<BBddII" (26 bytes): version 2, lossless stage, step, bound, block size, block count
+// codec._HDR "<BBddII" (26 bytes): version, lossless stage, step, bound, block size, block count
 constexpr size_t kStreamHdr = 26;
+constexpr uint8_t kStreamVersion = 2;  // codec.VERSION
 constexpr int64_t kMaxBlock = int64_t(1) << 24;  // codec.MAX_BLOCK
 
 // A whole stream (codec.encode_stream without a lossless stage) of n >= 1 values at p: the range
@@ -1899,7 +1901,7 @@ static std::unique_ptr<sz::Section> encode_stream_native(int code, const void* p
   }
   auto sec = std::make_unique<sz::Section>((n + bs - 1) / bs);
   encode_section_any(code, p, n, step, bound, bs, *sec);
-  hdr[0] = 2, hdr[1] = 0;
+  hdr[0] = char(kStreamVersion), hdr[1] = 0;
   const uint32_t bs32 = uint32_t(bs), nb32 = uint32_t((n + bs - 1) / bs);
   std::memcpy(hdr + 2, &step, 8);
   std::memcpy(hdr + 10, &bound, 8);
@@ -2063,7 +2065,8 @@ static py::list sz_decode_records_py(py::list datas, std::vector<int> codes, py:
       std::memcpy(&step, h + 2, 8);
       std::memcpy(&bs32, h + 18, 4);
       std::memcpy(&nb32, h + 22, 4);
-      if (h[0] != 2) fail(i, "sz stream version " + std::to_string(h[0]) + ", this build reads 2");
+      if (h[0] != kStreamVersion)
+        fail(i, "sz stream version " + std::to_string(h[0]) + ", this build reads " + std::to_string(kStreamVersion));
       if (h[1] == 1) {  // a lossless stage (zstd): left to the Python path
         out[i] = py::none();
         continue;
