@@ -190,6 +190,8 @@ def test_pack_join_and_checksum_match_zlib(join):
             pytest.skip(str(e))
     else:
         fn = wire._join_crc32_py
+    # the CRC-32 check value of b"123456789" (the standard's, not zlib's own computation)
+    assert fn([b"1234", memoryview(b"56789")]) == b"123456789" + (0xCBF43926).to_bytes(4, "little")
     data = os.urandom(3000)
     for sizes in ([], [0], [5], [0, 64, 0, 1], [100, 2000, 3, 63, 64, 65], [2999]):
         parts, at = [], 0
