@@ -10,6 +10,9 @@ and busy side by side; K = the machine's core count is the issue's setting on 2 
 Threads: "1" = fedcompress.set_num_threads(1) and torch.set_num_threads(1) (the FedSynth kernels take
 torch's count); "default" = neither set (torch's default: all cores). Medians of 61 rounds of each,
 in pairs (order drawn at random per pair) within one test, so both see the same background.
+Idle gap: each op runs twice, back to back (``gap 0``) and with a 10 ms sleep before every timed
+call (``gap 10``: how FL calls the codec, once per update after training or waiting; csrc/pool.h,
+item 4: in a VM a helper woken after such a gap was queued on the caller's CPU).
 Inputs: an FL-update-like float32 tensor (582K values, half zeros, REL 1e-2, the issue's case) and a
 3.15M one (SZ); 4M values at keep 0.1 and 10 clients x 1M (mask); the FedAvg CNN's first layer on
 64 images and an im2col/col2im of its second (the FedSynth C++ kernels, called directly).
@@ -31,6 +34,7 @@ import fedcompress as fc
 from fedcompress import _ops
 
 ROUNDS = 61
+GAPS_MS = (0, 10)  # sleep before each timed call (the module docstring)
 
 
 def _need_cpp():
@@ -110,8 +114,9 @@ OPS = ["sz-0.58M encode", "sz-0.58M decode", "sz-3.15M encode", "sz-3.15M decode
        "synth im2col", "synth col2im"]
 
 
+@pytest.mark.parametrize("gap_ms", GAPS_MS)
 @pytest.mark.parametrize("op", OPS)
-def test_op(benchmark, op):
+def test_op(benchmark, op, gap_ms):
     """Rounds of 1 thread and default come in pairs, so a burst of someone else's load hits both alike;
     the medians of each go to extra_info. pytest-benchmark's own stats are the default's.
 
@@ -134,6 +139,8 @@ def test_op(benchmark, op):
         for _ in range(ROUNDS):
             for mode in ("1", "default")[:: rng.choice([1, -1])]:
                 th.set(mode)
+                if gap_ms:
+                    time.sleep(gap_ms / 1e3)
                 t0 = time.perf_counter()
                 fn()
                 times[mode].append(time.perf_counter() - t0)
@@ -142,7 +149,7 @@ def test_op(benchmark, op):
     # schema 1 of fedcompress/benchtable.py (`fedcompress bench`): the default-thread calls are the row
     benchmark.extra_info.update(schema=1, op=op, provider="fc-cpp (default threads)", input_bytes=nbytes,
                                 times_s=times["default"], times_1_s=times["1"], nbytes=nbytes,
-                                threads_default=fc.get_num_threads(),
+                                threads_default=fc.get_num_threads(), gap_ms=gap_ms,
                                 t1=statistics.median(times["1"]), tdefault=statistics.median(times["default"]))
     benchmark.pedantic(fn, rounds=3, iterations=1)
 
@@ -154,7 +161,7 @@ def table(path: str) -> str:
     loads = []
     for bm in data["benchmarks"]:
         e = bm["extra_info"]
-        load = e.get("load", "quiet")
+        load = e.get("load", "quiet") + (f" gap {e['gap_ms']} ms" if e.get("gap_ms") else "")
         if load not in loads:
             loads.append(load)
         t[e["op"]][(load, "1")] = e["t1"]

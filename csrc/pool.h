@@ -20,7 +20,16 @@
 //      thread; a helper's wake-up costs about what it would save;
 //   2. free cores: no more threads than cores nobody else is running on at the call (free_cpus);
 //   3. back-off: after a call whose caller waited long for a helper, single-threaded for 20 ms and
-//      up (note_wait).
+//      up (note_wait);
+//   4. never on the caller's CPU: each job first confines the helpers to the process's CPUs minus the
+//      one the caller runs on (only when that CPU changed since the last job: a syscall per helper).
+//      In a VM, a vCPU that has been idle for a few ms is halted on the host, and the guest scheduler
+//      then stops treating it as an idle CPU (vcpu_is_preempted), so a woken helper was queued behind
+//      the caller on the caller's own CPU until a load balance moved it, ~1-5 ms later: measured here
+//      (2 vCPUs, 2026-11-30), after a 10 ms idle gap a helper started a median 0.9 ms after its wake
+//      and 1 in 2 on the caller's CPU, and SZ's encode and decode on 2 threads lost their whole
+//      speed-up (MiniLM encode 5.5 ms on 2 threads and on 1). Excluded from the caller's CPU the
+//      helper must go to another one: it started after 50-75 us at every gap tried.
 // On an idle machine the ops keep their speed-up (helpers join within microseconds); on a busy one
 // they run at about single-thread speed: bench/bench_threads.py measures both.
 //
@@ -29,6 +38,7 @@
 #include <immintrin.h>
 #include <omp.h>
 #include <fcntl.h>
+#include <pthread.h>
 #include <sched.h>
 #include <unistd.h>
 
@@ -58,15 +68,18 @@ inline int max_threads() {
   const int o = override_threads().load(std::memory_order_relaxed);
   return o > 0 ? o : std::max(1, omp_get_max_threads());
 }
-// Online CPUs this process may run on (sched_getaffinity; cgroup quotas are not seen).
-inline int affinity_cpus() {
-  static const int n = [] {
-    cpu_set_t set;
-    CPU_ZERO(&set);
-    return sched_getaffinity(0, sizeof(set), &set) == 0 ? std::max(1, CPU_COUNT(&set)) : 1;
+// The CPUs this process may run on, as first seen (sched_getaffinity; cgroup quotas are not seen);
+// empty where the call fails.
+inline const cpu_set_t& affinity_set() {
+  static const cpu_set_t set = [] {
+    cpu_set_t s;
+    CPU_ZERO(&s);
+    if (sched_getaffinity(0, sizeof(s), &s) != 0) CPU_ZERO(&s);
+    return s;
   }();
-  return n;
+  return set;
 }
+inline int affinity_cpus() { return std::max(1, CPU_COUNT(&affinity_set())); }
 // The load gate (on by default; tests switch it off to reach the threaded path on a busy machine).
 inline std::atomic<bool>& load_gate() {
   static std::atomic<bool> on{true};
@@ -206,6 +219,7 @@ class Pool {
     if (!busy.owns_lock()) return run_inline(n, call, ctx);  // another caller holds the helpers
     const int helpers = int(std::min<int64_t>(threads - 1, n - 1));
     grow(helpers);
+    keep_off(sched_getcpu());
     auto job = std::make_shared<Job>();
     job->n = n, job->call = call, job->ctx = ctx;
     job->seats.store(helpers, std::memory_order_relaxed);
@@ -249,9 +263,24 @@ class Pool {
   void grow(int helpers) {
     std::lock_guard<std::mutex> g(m_);
     while (int(threads_.size()) < std::min(helpers, 255)) {
-      threads_.emplace_back([this] { helper(); });
-      threads_.back().detach();
+      std::thread t([this] { helper(); });
+      pthread_setname_np(t.native_handle(), "fc-pool");
+      threads_.push_back(t.native_handle());
+      t.detach();  // helpers never exit: the handle stays valid
+      kept_off_ = -1;  // the new helper may run anywhere: confine them all again
     }
+  }
+
+  // Confine every helper to the process's CPUs but `cpu` (the caller's; header comment, item 4).
+  // Called under run_mutex_; a syscall per helper only when the caller's CPU changed.
+  void keep_off(int cpu) {
+    const cpu_set_t& all = affinity_set();
+    if (cpu < 0 || cpu == kept_off_ || CPU_COUNT(&all) < 2 || !CPU_ISSET(cpu, &all)) return;
+    cpu_set_t others = all;
+    CPU_CLR(cpu, &others);
+    std::lock_guard<std::mutex> g(m_);
+    for (pthread_t t : threads_) pthread_setaffinity_np(t, sizeof(others), &others);
+    kept_off_ = cpu;
   }
 
   void helper() {
@@ -288,7 +317,8 @@ class Pool {
   std::shared_ptr<Job> cur_;
   std::atomic<uint64_t> gen_{0};
   std::atomic<int> sleeping_{0};
-  std::vector<std::thread> threads_;
+  std::vector<pthread_t> threads_;
+  int kept_off_ = -1;  // the CPU the helpers are kept off (-1: none yet); guarded by run_mutex_
 };
 
 // fn(i) for i in [0, n) on up to `threads` threads (the caller included). Exceptions from fn are

@@ -210,6 +210,42 @@ def test_load_gate_keeps_helpers_off_busy_cores():
     assert blob == fc.SZ(1e-2, backend="torch").encode(x)
 
 
+def _helper_threads() -> list[int]:
+    """Thread ids of the pool's helpers (named "fc-pool" by csrc/pool.h)."""
+    out = []
+    for tid in os.listdir("/proc/self/task"):
+        try:
+            with open(f"/proc/self/task/{tid}/comm") as f:
+                if f.read().strip() == "fc-pool":
+                    out.append(int(tid))
+        except OSError:  # a thread that just ended
+            pass
+    return out
+
+
+@pytest.mark.skipif(not Path("/proc/self/task").is_dir(), reason="needs Linux /proc")
+def test_helpers_are_kept_off_the_callers_cpu(forced):
+    """csrc/pool.h, item 4: before a job the helpers are confined to every CPU but the caller's, so a
+    woken helper cannot be queued behind the caller on its CPU (it was, in a VM after an idle gap)."""
+    cpus = set(os.sched_getaffinity(0))
+    if len(cpus) < 2:
+        pytest.skip("one CPU: no helpers")
+    forced(2)
+    x = _update_like(1 << 20)
+    codec = fc.SZ(1e-2, "rel", backend="cpp")
+    ref = codec.encode(x)  # starts the pool (it reads the process's CPUs while this thread has them all)
+    try:
+        for cpu in sorted(cpus)[:2]:
+            os.sched_setaffinity(0, {cpu})  # this thread only: the caller now runs on `cpu`
+            n, blob = _jobs(lambda: codec.encode(x))
+            assert n >= 1 and blob == ref
+            helpers = _helper_threads()
+            assert helpers
+            assert all(os.sched_getaffinity(t) == cpus - {cpu} for t in helpers)
+    finally:
+        os.sched_setaffinity(0, cpus)
+
+
 # ---- errors, concurrency, arguments -------------------------------------------------------------
 
 
