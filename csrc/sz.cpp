@@ -1736,6 +1736,21 @@ static void finite_minmax(const typename D::T* x, int64_t n, double& lo, double&
   lo = l, hi = h, cnt = c;
 }
 
+// Mean |x| of n >= 1 values (NaN or Inf among them: not finite), for the sz:ratio search's first
+// guess (statedict._spread): float sums per 4096 values, so the loop vectorizes, then double.
+template <class D>
+static double mean_abs(const typename D::T* x, int64_t n) {
+  double total = 0;
+  for (int64_t i = 0; i < n; i += 4096) {
+    float acc = 0;
+    const int64_t e = std::min(n, i + 4096);
+#pragma omp simd reduction(+ : acc)
+    for (int64_t j = i; j < e; ++j) acc += __builtin_fabsf(D::to_f(x[j]));
+    total += acc;
+  }
+  return total / double(n);
+}
+
 // ---- the stream's parameters (codec.quant_params, default_block_size, is_sparse and
 // choose_block_size natively, the same arithmetic): one native call per tensor for encode_stream
 // instead of a range call, a numpy sample and the section call with Python between them ----
@@ -1984,6 +1999,50 @@ static py::list sz_encode_records_py(py::list arrays, std::vector<int> codes, do
   return out;
 }
 
+// Per array (codes[i]: its float dtype code): (min, max, count) of the finite values, as
+// sz_finite_range, and mean |x|, in one call: the sz:ratio search's per-update pass (statedict.py).
+static py::list sz_value_stats_py(py::list arrays, std::vector<int> codes) {
+  if (codes.size() != arrays.size()) throw py::value_error("one code per array");
+  Buffers bufs(arrays);
+  const size_t m = codes.size();
+  std::vector<int64_t> ns(m);
+  for (size_t i = 0; i < m; ++i) {
+    const size_t isz = codes[i] >= 1 && codes[i] <= 4 ? dtype_size(codes[i]) : 0;
+    if (!isz) throw py::value_error("dtype code must be 1 (f32), 2 (f64), 3 (f16) or 4 (bf16)");
+    const size_t len = size_t(bufs.v[i].len);
+    if (len == 0 || len % isz) throw py::value_error("array " + std::to_string(i) + " must hold n >= 1 values of its dtype");
+    ns[i] = int64_t(len / isz);
+  }
+  std::vector<std::tuple<double, double, int64_t, double>> st(m);
+  {
+    py::gil_scoped_release nogil;
+    for (size_t i = 0; i < m; ++i) {
+      double lo, hi, ma;
+      int64_t cnt;
+      const void* p = bufs.v[i].buf;
+      const int64_t n = ns[i];
+      if (codes[i] == 1) {
+        sz::finite_minmax_f32(static_cast<const float*>(p), n, lo, hi, cnt);
+        ma = sz::mean_abs<sz::F32>(static_cast<const float*>(p), n);
+      } else if (codes[i] == 2) {
+        sz::finite_minmax<sz::F64>(static_cast<const double*>(p), n, lo, hi, cnt);
+        ma = sz::mean_abs<sz::F64>(static_cast<const double*>(p), n);
+      } else if (codes[i] == 3) {
+        sz::finite_minmax<sz::F16>(static_cast<const uint16_t*>(p), n, lo, hi, cnt);
+        ma = sz::mean_abs<sz::F16>(static_cast<const uint16_t*>(p), n);
+      } else {
+        sz::finite_minmax<sz::BF16>(static_cast<const uint16_t*>(p), n, lo, hi, cnt);
+        ma = sz::mean_abs<sz::BF16>(static_cast<const uint16_t*>(p), n);
+      }
+      st[i] = {lo, hi, cnt, ma};
+    }
+  }
+  py::list out(m);
+  for (size_t i = 0; i < m; ++i)
+    out[i] = py::make_tuple(std::get<0>(st[i]), std::get<1>(st[i]), std::get<2>(st[i]), std::get<3>(st[i]));
+  return out;
+}
+
 static void sz_decode_py(py::array_t<uint8_t, py::array::c_style> sec, py::array_t<uint8_t, py::array::c_style> out,
                          int code, int64_t n, int64_t block_size, double step) {
   if (block_size < 1) throw py::value_error("block_size must be >= 1");
@@ -2105,6 +2164,8 @@ static py::list sz_decode_records_py(py::list datas, std::vector<int> codes, py:
 FC_BIND([](py::module_& m) {
   m.def("sz_finite_range", &sz_finite_range_py, py::arg("x"), py::arg("dtype_code"), py::arg("n"),
         "(min, max, count) of the finite values");
+  m.def("sz_value_stats", &sz_value_stats_py, py::arg("arrays"), py::arg("codes"),
+        "per array: (min, max, count) of its finite values and mean |x| (codes[i]: its float dtype code)");
   m.def("sz_encode_stream", &sz_encode_stream_py, py::arg("x"), py::arg("dtype_code"), py::arg("n"),
         py::arg("error_bound"), py::arg("rel"), py::arg("block_size"), py::arg("prefix"), py::arg("range_lo") = 0.0,
         py::arg("range_hi") = 0.0, py::arg("range_count") = -1,

@@ -108,6 +108,53 @@ def test_rel_bound_uses_finite_range():
     assert bound == pytest.approx(0.1) and step == pytest.approx(0.2)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16, torch.bfloat16])
+def test_value_stats_match_torch(dtype):
+    """The sz:ratio search's one native pass (cpp/sz.py value_stats_cpp) against plain torch: the
+    finite range as codec.value_range gives it, and mean |x| (not finite when a value is not)."""
+    backend_or_skip("sz_encode", "cpp")
+    from fedcompress.cpp.sz import value_stats_cpp
+
+    g = torch.Generator().manual_seed(3)
+    xs = [
+        (torch.randn(70_001, generator=g) * 1e-3 * (torch.rand(70_001, generator=g) < 0.5)).to(dtype),
+        (torch.randn(3, 5, generator=g) * 100).to(dtype),
+        torch.tensor([0.0, 10.0, float("nan"), -5.0] * 50, dtype=dtype),
+        torch.tensor([1.0, float("inf"), -2.0], dtype=dtype),
+        torch.full((9,), float("nan"), dtype=dtype),
+        torch.full((1,), -0.5, dtype=dtype),
+    ]
+    got = value_stats_cpp(xs)
+    for x, ((lo, hi, cnt), mean_abs) in zip(xs, got, strict=True):
+        xd = x.reshape(-1).double()
+        fin = xd[torch.isfinite(xd)]
+        if fin.numel():
+            assert (lo, hi, cnt) == (fin.min().item(), fin.max().item(), 1)
+        else:
+            assert (lo, hi, cnt) == (0.0, 0.0, 0)
+        ref = xd.abs().mean().item()
+        if torch.isfinite(xd).all():
+            assert mean_abs == pytest.approx(ref, rel=1e-5)
+        else:
+            assert not np.isfinite(mean_abs)
+
+
+def test_value_stats_reject_bad_arguments():
+    backend_or_skip("sz_encode", "cpp")
+    from fedcompress import _ops
+
+    native = _ops.native()
+    x = np.zeros(8, np.float32)
+    with pytest.raises(ValueError, match="dtype code"):
+        native.sz_value_stats([x], [5])
+    with pytest.raises(ValueError, match="one code per array"):
+        native.sz_value_stats([x], [1, 1])
+    with pytest.raises(ValueError, match="n >= 1"):
+        native.sz_value_stats([np.zeros(0, np.float32)], [1])
+    with pytest.raises(ValueError, match="n >= 1"):
+        native.sz_value_stats([np.zeros(3, np.uint8)], [1])  # 3 bytes: not whole float32 values
+
+
 def test_bound_recheck_catches_float32_rounding():
     # values near half-steps, where float32(q * step) misses the float64 bound: they must go verbatim
     eb = 1e-3

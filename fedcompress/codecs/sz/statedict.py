@@ -86,10 +86,12 @@ SLOPE_SPAN = 3  # probes at least this many grid steps apart: their secant, else
 SLOPE_SPAN_MAX = 8  # the learned slope: from probes at most this far from the answer
 
 
-def _spread(inputs: StateDict, lossy: list[str], ranges: dict, width: float | None = None) -> float | None:
+def _spread(inputs: StateDict, lossy: list[str], ranges: dict, width: float | None = None,
+            mean_abs: dict | None = None) -> float | None:
     """log2(mean |x| / (max - min)) of the lossy tensors, averaged weighted by their sizes; None
     when a tensor has no finite range or non-finite values. ``width`` (``bound=abs``) replaces every
-    tensor's max - min: the one width its bound is a fraction of.
+    tensor's max - min: the one width its bound is a fraction of. ``mean_abs``: each tensor's mean
+    |x| where the caller has it (the native stats pass), else computed here.
 
     At a REL bound the codes are x / (2 rel (max - min)): an update whose values spread twice as wide
     relative to their range needs a bound twice as large for the same bytes, i.e. GRID grid steps.
@@ -102,11 +104,11 @@ def _spread(inputs: StateDict, lossy: list[str], ranges: dict, width: float | No
     for name in lossy:
         lo, hi, cnt = ranges[name]
         x = inputs[name]
-        mean_abs = float(x.reshape(-1).abs().mean(dtype=torch.float32))
+        m = mean_abs[name] if mean_abs is not None else float(x.reshape(-1).abs().mean(dtype=torch.float32))
         w = width if width is not None else hi - lo
-        if not cnt or not w > 0 or not math.isfinite(mean_abs) or mean_abs <= 0:
+        if not cnt or not w > 0 or not math.isfinite(m) or m <= 0:
             return None
-        acc += x.numel() * math.log2(mean_abs / w)
+        acc += x.numel() * math.log2(m / w)
         total += x.numel()
     return acc / total if total else None
 
@@ -203,7 +205,13 @@ class SZCompressor(Compressor):
         fixed = payload_overhead(inputs)
         fixed += sum(1 + t.numel() * t.element_size() for name, t in inputs.items() if name not in lossy)
         n_lossy = sum(inputs[name].numel() for name in lossy)
-        ranges = {name: value_range(inputs[name]) for name in lossy}  # REL's range: once, not per encode
+        # REL's range (once, not per encode) and the start's mean |x|: one native pass where C++ runs
+        value_stats = _native("sz_encode", "value_stats", inputs.values())
+        if value_stats is not None:
+            stats = dict(zip(lossy, value_stats([inputs[name] for name in lossy]), strict=True))
+            ranges, mean_abs = {k: v[0] for k, v in stats.items()}, {k: v[1] for k, v in stats.items()}
+        else:
+            ranges, mean_abs = {name: value_range(inputs[name]) for name in lossy}, None
         width = None  # bound=abs: the bound is 2^(k / GRID) times this (the widest finite range)
         if self.params["bound"] == "abs":
             widths = [hi - lo for lo, hi, cnt in ranges.values() if cnt and math.isfinite(hi - lo) and hi > lo]
@@ -259,7 +267,7 @@ class SZCompressor(Compressor):
 
         # First probe: where the previous update's size crossed the budget, moved by the change in
         # spread (see _spread); else the previous answer; else FedSZ's 1e-2 (module docstring).
-        spread = _spread(inputs, lossy, ranges, width)
+        spread = _spread(inputs, lossy, ranges, width, mean_abs)
         if self._last_c is not None and spread is not None and self._last_spread is not None:
             k0 = min(hi_k, max(lo_k, round(self._last_c + GRID * (spread - self._last_spread))))
         else:
