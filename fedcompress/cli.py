@@ -400,6 +400,13 @@ def add_table_args(p, out_flag: str = "--out") -> None:
     )
     p.add_argument("--runs", default=None, help="run cache folder (default: runs/results[-quick])")
     p.add_argument(
+        "--archive",
+        default=None,
+        help="run archive folder: one compact JSON per finished run, read where the cache lacks a run and "
+        "written after every run, so a report can be rewritten on another machine (default: REPORT_DIR/runs "
+        "when --out/--report-dir is given, else none; 'none' turns it off)",
+    )
+    p.add_argument(
         "--seeds",
         type=parse_seeds,
         default=None,
@@ -481,6 +488,9 @@ def cmd_results(args) -> int:
     torch.set_num_threads(args.threads)
     runs_dir = args.runs or os.path.join("runs", "results-quick" if args.quick else "results")
     report_dir = args.report_dir or runs_dir  # never the project's docs/ unless asked
+    archive_dir = args.archive or (os.path.join(args.report_dir, "runs") if args.report_dir else None)
+    if archive_dir == "none":
+        archive_dir = None
     command = (
         "fedcompress " + " ".join(a for a in sys.argv[1:])
         if sys.argv[1:2] in (["results"], ["compare"])
@@ -499,6 +509,7 @@ def cmd_results(args) -> int:
         command=command,
         log=log,
         incremental=not args.quick,
+        archive_dir=archive_dir,
     )
     print(text)
     log(f"[results] wrote {os.path.join(report_dir, 'results.md')}")

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 
 import numpy as np
 import pytest
@@ -173,7 +174,8 @@ def test_quick_plan_end_to_end(tmp_path):
     torch.set_num_threads(1)
     plan = R.Plan.quick()
     out, runs_dir = str(tmp_path / "docs"), str(tmp_path / "runs")
-    text = R.run_results(plan, out, runs_dir, log=lambda m: None, incremental=False)
+    archive = str(tmp_path / "docs" / "runs")
+    text = R.run_results(plan, out, runs_dir, log=lambda m: None, incremental=False, archive_dir=archive)
     res = json.loads(open(os.path.join(out, "results.json")).read())
     by = {(r["part"], r["row"], r["target"]): r for r in res["runs"]}
     available = {n: R.compressor_available(n) is None for n in ("sz", "mask", "fedsynth")}
@@ -196,6 +198,45 @@ def test_quick_plan_end_to_end(tmp_path):
     assert any("reused" in m for m in logs) and not any("acc " in m for m in logs)
     strip = lambda t: t.split("\n", 3)[3]  # noqa: E731  (drop the dated header)
     assert strip(text2).split("## Time per part")[0] == strip(text).split("## Time per part")[0]
+    # the archive alone (the cache gone, as on a new machine) gives the same tables, training nothing
+    shutil.rmtree(runs_dir)
+    os.remove(os.path.join(out, "results_quick_acc_vs_round.png"))  # the curves come back from the archive
+    logs = []
+    text3 = R.run_results(plan, out, runs_dir, log=logs.append, incremental=False, archive_dir=archive,
+                          cached_only=True)
+    assert any("from the archive" in m for m in logs) and not any("acc " in m for m in logs)
+    assert strip(text3).split("## Time per part")[0] == strip(text).split("## Time per part")[0]
+    assert os.path.getsize(os.path.join(out, "results_quick_acc_vs_round.png")) > 0
+
+
+def test_archive_round_trip_and_checks(tmp_path):
+    """cache.write_archive / load_archived: the run comes back as the cache gives it (numbers to 7
+    digits, per-client lists dropped), and only for its own config, revision and rounds."""
+    from fedcompress.experiments import cache
+
+    cfg = {"dataset": "digits", "seed": 0}
+    hist = [{"round": r, "accuracy": 0.5 + r / 10, "loss": 1 / 3, "upstream_bytes": 1000 * r, "clients": [0, 1],
+             "chosen": [{"client": 0, "rel": 0.01}]} for r in (1, 2)]
+    summary = {"final_accuracy": 0.7, "config": cfg, "compressor_revision": 2, "diverged_round": None,
+               "history": hist}
+    path = str(tmp_path / "a" / "run.json")
+    cache.write_archive(path, summary)
+    got = cache.load_archived(path, cfg, 2, revision=2)
+    assert got["final_accuracy"] == 0.7 and got["config"] == cfg
+    assert got["history"] == [{"round": r, "accuracy": 0.5 + r / 10, "loss": 0.3333333, "upstream_bytes": 1000 * r}
+                              for r in (1, 2)]
+    assert cache.load_archived(path, {**cfg, "seed": 1}, 2, revision=2) is None  # another config
+    assert cache.load_archived(path, cfg, 2, revision=3) is None  # the compressor changed since
+    assert cache.load_archived(path, cfg, 3, revision=2) is None  # a round missing
+    assert cache.load_archived(str(tmp_path / "absent.json"), cfg, 2, revision=2) is None
+    text = open(path).read()
+    doc = json.loads(text)
+    for bad in (text[: len(text) // 2], "[]", "null", json.dumps({**doc, "format": 99}),
+                json.dumps({**doc, "history": {**doc["history"], "loss": [0.1]}}),  # a short column
+                json.dumps({**doc, "history": "x"}), json.dumps({**doc, "summary": [1]})):
+        with open(path, "w") as f:
+            f.write(bad)
+        assert cache.load_archived(path, cfg, 2, revision=2) is None
 
 
 # ---------------------------------------------------------------------------------------------

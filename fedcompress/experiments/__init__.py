@@ -14,7 +14,8 @@ goals are judged on the mean. Each setting has a second table: the same cells as
 run's last ``LAST_ROUNDS`` rounds (steadier where a row swings from round to round). Every run
 writes ``<runs>/seed<S>/<setting>/<spec>/summary.json`` and ``metrics.jsonl``; a run whose summary
 has the same config is reused, so ``--parts`` regenerates one part and a report can be rewritten
-from the cache (``--cached-only``).
+from the cache (``--cached-only``). Each finished run is also archived as one compact JSON
+(``--archive``, default ``<report dir>/runs``), read where the cache lacks it (``cache.py``).
 
 Modules, in pipeline order: ``plan`` (what runs), ``cache`` (the run cache and running what it
 lacks), ``summary`` (mean over seeds, the machine line), ``tables`` and ``plots`` (the report's

@@ -124,8 +124,11 @@ def run_results(
     log=print,
     incremental: bool = True,
     cached_only: bool = False,
+    archive_dir: str | None = None,
 ) -> str:
-    """Plan, run (or reuse) every run, write ``out/results.md`` + PNGs; return the markdown."""
+    """Plan, run (or reuse) every run, write ``out/results.md`` + PNGs; return the markdown. Runs come
+    from the cache ``runs_dir``, else from the archive ``archive_dir`` (cache.py), which receives
+    every finished run."""
     from ..fedavg.data import load_dataset
 
     t0 = time.perf_counter()
@@ -156,5 +159,6 @@ def run_results(
             plan, runs, out, cmd + " (in progress)", time.perf_counter() - t0, with_plots=False
         ),
         cached_only=cached_only,
+        archive_dir=archive_dir,
     )
     return report(plan, runs, out, cmd, time.perf_counter() - t0)
