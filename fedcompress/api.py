@@ -188,6 +188,19 @@ class Compressor:
         """The client's delta, decoded from ``payload``."""
         return self.decompress(payload, ctx)
 
+    # -- what a client carries from one of its rounds to the next --------------------------------
+    def client_state(self, client: int) -> StateDict:
+        """What this compressor keeps for ``client`` between rounds (error feedback's residual, a
+        search's warm start) as named tensors; empty when nothing. The in-process driver keeps the
+        compressor object; a runtime that builds a new one per message (Flower: a fresh ClientApp
+        for every message) saves this after ``compress``/``client_update`` and hands it back with
+        ``load_client_state`` before the next (fedcompress.flower stores it in the node's
+        ``Context.state``)."""
+        return {}
+
+    def load_client_state(self, client: int, state: StateDict) -> None:
+        """Restore what ``client_state(client)`` returned, possibly in another process."""
+
 
 def _checked(fn, check):
     import inspect

@@ -729,6 +729,24 @@ def test_error_feedback_is_per_client_and_off_by_default():
     assert plain.params["ef"] == 0 and plain._residual == {}
 
 
+def test_error_feedback_survives_a_new_compressor():
+    """client_state / load_client_state (how fedcompress.flower carries the residual between a node's
+    messages): a fresh compressor given the state sends what the one that kept it sends."""
+    x, y = _data()
+    spec = "fedsynth:batches=3,batch=2,outer_steps=2,objective=match,ef=1,dtype=fp32"
+    model, state, kept, ctx = _setup(spec)
+    kept.client_update(model, state, (x, y), ctx)
+    saved = kept.client_state(3)
+    assert sorted(saved) == sorted(f"residual/{k}" for k in kept._residual[3]) and kept.client_state(4) == {}
+    ctx2 = RoundContext(round=2, client=3, seed=11, batch_size=4)
+    fresh = fc.get_compressor(spec)
+    fresh.load_client_state(3, {k: v.clone() for k, v in saved.items()})
+    stateless = fc.get_compressor(spec)
+    want = kept.client_update(model, state, (x, y), ctx2)
+    assert fresh.client_update(model, state, (x, y), ctx2) == want
+    assert stateless.client_update(model, state, (x, y), ctx2) != want  # the state is what made them equal
+
+
 @pytest.mark.parametrize(
     "spec", ["fedsynth:ef=1,objective=loss", "fedsynth:ef=2", "fedsynth:ef=-0.5", "fedsynth:ef=nan"]
 )

@@ -465,6 +465,35 @@ def test_mod_and_strategy_round(task_identity, spec):
     assert strategy.history[-1]["upstream-bytes"] == up
 
 
+@pytest.mark.skipif(_missing("sz") is not None, reason=str(_missing("sz")))
+def test_client_state_survives_a_fresh_mod_per_message(task_identity):
+    """Flower builds the ClientApp, and so the Mod and its compressor, anew for every message (a fresh
+    process in deployment, unpickled per message in simulation). Error feedback's residual and the
+    ratio search's start must come back from the node's Context.state: with a new Mod per message
+    and one Context per node, every payload of 3 rounds equals one in-process compressor's."""
+    spec = "sz:ratio=2,ef=1"
+    strategy = CompressedFedAvg(spec, seed=5)
+    glob = small_state(0)
+    contexts = {n: node_context(n) for n in NODES}
+    ref = fc.get_compressor(spec)
+    differs = 0
+    for rnd in (1, 2, 3):
+        msgs = strategy.configure_train(rnd, ArrayRecord({k: Array(v.numpy()) for k, v in glob.items()}),
+                                        ConfigRecord(), StubGrid())  # fmt: skip
+        for m in msgs:
+            node = m.metadata.dst_node_id
+            reply = compression_mod(spec)(m, contexts[node], fake_train)
+            assert not reply.has_error(), reply.error
+            got = bytes(reply.content.array_records["arrays"][PAYLOAD_KEY].data)
+            cid = NODES[node]
+            delta = {k: local_of(glob, cid)[k] - glob[k] for k in glob}
+            ctx = fc.RoundContext(round=rnd, client=cid, seed=5)
+            want = ref.compress(delta, ctx)
+            assert got == want, (rnd, cid)
+            differs += fc.get_compressor(spec).compress(delta, ctx) != want  # what a stateless Mod sends
+    assert differs == 4  # rounds 2 and 3 of both clients: the residual is in their payloads
+
+
 def test_context_reaches_the_decoder(task_identity):
     # The mask depends on (seed, round, client): decoding with another seed must give other values,
     # so equality above proves the server rebuilt each client's RoundContext.

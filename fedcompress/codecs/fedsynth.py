@@ -561,6 +561,17 @@ class FedSynthCompressor(Compressor):
             dense=dense,
         )
 
+    def client_state(self, client: int) -> StateDict:
+        """``ef``'s residual for ``client`` (Compressor.client_state)."""
+        return {f"residual/{k}": v for k, v in self._residual.get(client, {}).items()}
+
+    def load_client_state(self, client: int, state: StateDict) -> None:
+        res = {k.removeprefix("residual/"): v for k, v in state.items() if k.startswith("residual/")}
+        if res:
+            self._residual[client] = res
+        else:
+            self._residual.pop(client, None)
+
     def client_update(self, model: nn.Module, global_state: StateDict, data, ctx: RoundContext) -> bytes:
         data = client_tensors(data)  # an (x, y) pair, a TensorDataset or a DataLoader: all of it at once
         if not all_finite(global_state):  # a diverged run: every loss, norm and guard would be NaN

@@ -19,7 +19,7 @@ import re
 
 import numpy as np
 import torch
-from flwr.app import Array, ArrayRecord
+from flwr.app import Array, ArrayRecord, RecordDict
 
 from ..api import RoundContext, get_compressor
 from ..errors import FormatError
@@ -38,6 +38,24 @@ TRAIN_KEY = "fedcompress-train-seconds"
 # waits for a core, which dominate a wall clock when several clients share a machine
 ENCODE_CPU_KEY = "fedcompress-encode-cpu-seconds"
 TRAIN_CPU_KEY = "fedcompress-train-cpu-seconds"
+# the node's Context.state: the compressor's client state (Compressor.client_state) between rounds
+STATE_KEY = "fedcompress-client-state"
+
+
+def restore_client_state(comp, client: int, state: RecordDict) -> None:
+    """Give ``comp`` what it kept for ``client`` last round, from the node's ``Context.state``:
+    Flower builds a new ClientApp (and compressor) for every message, so error feedback's residual
+    and the ``sz:ratio`` search's start live there between rounds."""
+    rec = state.array_records.get(STATE_KEY)
+    if rec is not None:
+        comp.load_client_state(client, state_from_record(rec))
+
+
+def keep_client_state(comp, client: int, state: RecordDict) -> None:
+    """Store ``comp.client_state(client)`` in the node's ``Context.state`` (after compressing)."""
+    kept = comp.client_state(client)
+    if kept or STATE_KEY in state.array_records:
+        state[STATE_KEY] = ArrayRecord({k: Array(v.detach().cpu().contiguous().numpy()) for k, v in kept.items()})
 
 
 def canonical_spec(spec: str) -> str:

@@ -23,8 +23,10 @@ from .common import (
     TRAIN_KEY,
     array_view,
     is_payload_record,
+    keep_client_state,
     payload_array,
     payload_bytes,
+    restore_client_state,
     round_context,
     update_from_records,
 )
@@ -57,7 +59,10 @@ def compression_mod(spec: str) -> Mod:
     (``fedcompress-train-cpu-seconds``, ``fedcompress-encode-cpu-seconds``). A ClientApp whose
     compressor owns local training (FedSynth: ``compressor.client_update``) may reply with that
     payload record itself; the Mod then only adds the client id and the times (its compression is
-    then in train-seconds). Other message types pass through untouched.
+    then in train-seconds). Other message types pass through untouched. What the compressor keeps
+    for the client between rounds (``Compressor.client_state``: error feedback's residual, the
+    ``sz:ratio`` search's start) is restored from and stored in the node's ``Context.state``:
+    Flower builds a new ClientApp, and so a new compressor, for every message.
     Pair it with :class:`fedcompress.flower.CompressedFedAvg` on the server (same spec): a train
     message without the server's spec, or with a different one, gets an error reply.
     Raises ValueError at construction for an unknown or invalid spec.
@@ -104,7 +109,9 @@ def compression_mod(spec: str) -> Mod:
                 update = update_from_records(record, global_views)
             except ValueError as e:
                 return _error(msg, str(e))
+            restore_client_state(comp, cid, ctxt.state)
             payload = comp.compress(update, round_context(int(rnd), cid, int(seed)))
+            keep_client_state(comp, cid, ctxt.state)
             out.content.array_records[key] = ArrayRecord({PAYLOAD_KEY: payload_array(payload)})
         metrics = list(out.content.metric_records.values())
         if not metrics:

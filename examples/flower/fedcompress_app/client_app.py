@@ -17,7 +17,7 @@ from flwr.clientapp import ClientApp
 
 from fedcompress.api import Compressor, get_compressor, local_sgd
 from fedcompress.flower import PAYLOAD_KEY, compression_mod, payload_array
-from fedcompress.flower.common import state_from_record
+from fedcompress.flower.common import keep_client_state, restore_client_state, state_from_record
 from fedcompress.flower.mod import client_id
 
 from .task import load_partition, new_model, read_config, set_threads, train_context
@@ -48,9 +48,12 @@ def build_client_app(overrides: dict[str, Any] | None = None) -> ClientApp:
         if type(comp).client_update is not Compressor.client_update:
             # The compressor owns local training (FedSynth learns synthetic data): send its payload;
             # the Mod passes a ready payload through.
-            arrays = ArrayRecord(
-                {PAYLOAD_KEY: payload_array(comp.client_update(model, global_state, (x, y), ctx))}
-            )
+            # (Flower builds this app anew per message: the compressor's client state, e.g. error
+            # feedback's residual, travels in the node's Context.state between rounds)
+            restore_client_state(comp, cid, context.state)
+            payload = comp.client_update(model, global_state, (x, y), ctx)
+            keep_client_state(comp, cid, context.state)
+            arrays = ArrayRecord({PAYLOAD_KEY: payload_array(payload)})
         else:
             arrays = ArrayRecord.from_torch_state_dict(local_sgd(model, global_state, (x, y), ctx))
         metrics = MetricRecord({"num-examples": int(y.numel())})

@@ -341,6 +341,27 @@ class SZCompressor(Compressor):
         if slope > 0:
             self._slope = slope if self._slope is None else 0.5 * (self._slope + slope)
 
+    # client state: ``ef``'s residual, and the ratio search's start (where the previous update's size
+    # crossed the budget, its spread, its answer, the learned slope), each a float64 scalar
+    _SEARCH_STATE = ("_last_k", "_slope", "_last_c", "_last_spread")
+
+    def client_state(self, client: int) -> StateDict:
+        out = {f"residual/{k}": v for k, v in self._residual.get(client, {}).items()}
+        for attr in self._SEARCH_STATE:
+            if getattr(self, attr) is not None:
+                out["search/" + attr[1:]] = torch.tensor(float(getattr(self, attr)), dtype=torch.float64)
+        return out
+
+    def load_client_state(self, client: int, state: StateDict) -> None:
+        res = {k.removeprefix("residual/"): v for k, v in state.items() if k.startswith("residual/")}
+        if res:
+            self._residual[client] = res
+        else:
+            self._residual.pop(client, None)
+        for attr in self._SEARCH_STATE:
+            v = state.get("search/" + attr[1:])
+            setattr(self, attr, None if v is None else (int(v) if attr == "_last_k" else float(v)))
+
     def decompress(self, payload: bytes, ctx: RoundContext, device=None) -> StateDict:
         """The tensors in ``payload``, each on ``device`` (default CPU), SZ streams decoded there."""
         dev = check_device(device)
