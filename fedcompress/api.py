@@ -314,6 +314,23 @@ def state_delta(new: StateDict, old: StateDict) -> StateDict:
     return out
 
 
+RESIDUAL_PREFIX = "residual/"  # error feedback's residual in Compressor.client_state
+
+
+def residual_state(residuals: dict[int, StateDict], client: int) -> StateDict:
+    """``client``'s error-feedback residual as ``client_state`` entries (``residual/<name>``)."""
+    return {RESIDUAL_PREFIX + k: v for k, v in residuals.get(client, {}).items()}
+
+
+def load_residual(residuals: dict[int, StateDict], client: int, state: StateDict) -> None:
+    """Set ``residuals[client]`` from ``client_state`` entries (none there: the client has none)."""
+    res = {k.removeprefix(RESIDUAL_PREFIX): v for k, v in state.items() if k.startswith(RESIDUAL_PREFIX)}
+    if res:
+        residuals[client] = res
+    else:
+        residuals.pop(client, None)
+
+
 def apply_delta(state: StateDict, delta: StateDict) -> StateDict:
     """state + delta per tensor, cast back to each tensor's dtype (ints rounded, bool: xor)."""
     out = {}

@@ -83,10 +83,12 @@ from ..api import (
     boolean,
     choice,
     client_tensors,
+    load_residual,
     local_sgd,
     positive_float,
     positive_int,
     register,
+    residual_state,
 )
 from ..errors import FormatError
 from . import fedsynth_text  # text models: synthetic data in embedding space
@@ -563,14 +565,10 @@ class FedSynthCompressor(Compressor):
 
     def client_state(self, client: int) -> StateDict:
         """``ef``'s residual for ``client`` (Compressor.client_state)."""
-        return {f"residual/{k}": v for k, v in self._residual.get(client, {}).items()}
+        return residual_state(self._residual, client)
 
     def load_client_state(self, client: int, state: StateDict) -> None:
-        res = {k.removeprefix("residual/"): v for k, v in state.items() if k.startswith("residual/")}
-        if res:
-            self._residual[client] = res
-        else:
-            self._residual.pop(client, None)
+        load_residual(self._residual, client, state)
 
     def client_update(self, model: nn.Module, global_state: StateDict, data, ctx: RoundContext) -> bytes:
         data = client_tensors(data)  # an (x, y) pair, a TensorDataset or a DataLoader: all of it at once

@@ -64,8 +64,10 @@ from ...api import (
     boolean,
     check_device,
     choice,
+    load_residual,
     local_sgd,
     register,
+    residual_state,
     state_delta,
     state_device,
 )
@@ -346,18 +348,14 @@ class SZCompressor(Compressor):
     _SEARCH_STATE = ("_last_k", "_slope", "_last_c", "_last_spread")
 
     def client_state(self, client: int) -> StateDict:
-        out = {f"residual/{k}": v for k, v in self._residual.get(client, {}).items()}
+        out = residual_state(self._residual, client)
         for attr in self._SEARCH_STATE:
             if getattr(self, attr) is not None:
                 out["search/" + attr[1:]] = torch.tensor(float(getattr(self, attr)), dtype=torch.float64)
         return out
 
     def load_client_state(self, client: int, state: StateDict) -> None:
-        res = {k.removeprefix("residual/"): v for k, v in state.items() if k.startswith("residual/")}
-        if res:
-            self._residual[client] = res
-        else:
-            self._residual.pop(client, None)
+        load_residual(self._residual, client, state)
         for attr in self._SEARCH_STATE:
             v = state.get("search/" + attr[1:])
             setattr(self, attr, None if v is None else (int(v) if attr == "_last_k" else float(v)))
