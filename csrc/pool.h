@@ -26,10 +26,10 @@
 //      In a VM, a vCPU that has been idle for a few ms is halted on the host, and the guest scheduler
 //      then stops treating it as an idle CPU (vcpu_is_preempted), so a woken helper was queued behind
 //      the caller on the caller's own CPU until a load balance moved it, ~1-5 ms later: measured here
-//      (2 vCPUs, 2026-11-30), after a 10 ms idle gap a helper started a median 0.9 ms after its wake
-//      and 1 in 2 on the caller's CPU, and SZ's encode and decode on 2 threads lost their whole
-//      speed-up (MiniLM encode 5.5 ms on 2 threads and on 1). Excluded from the caller's CPU the
-//      helper must go to another one: it started after 50-75 us at every gap tried.
+//      (2 vCPUs, 2026-11-30, bench/wake_probe.cpp), after a 10 ms idle gap a helper started a median
+//      0.9 ms after its wake and 1 in 2 on the caller's CPU, and SZ's encode and decode on 2 threads
+//      lost their whole speed-up (bench_threads.py, gap 10). Excluded from the caller's CPU the
+//      helper must go to another one: it started within 25-80 us at every gap tried.
 // On an idle machine the ops keep their speed-up (helpers join within microseconds); on a busy one
 // they run at about single-thread speed: bench/bench_threads.py measures both.
 //
