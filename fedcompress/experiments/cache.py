@@ -61,7 +61,8 @@ def write_archive(path: str, summary: dict) -> None:
     """Archive a finished run: its summary without the history, and the history's numeric columns
     (the per-client lists stay in the cache). Written to a temporary file, then renamed."""
     hist = summary["history"]
-    cols = [k for k in hist[0] if all(isinstance(r.get(k), (int, float)) or r.get(k) is None for r in hist)]
+    first = hist[0] if hist else {}
+    cols = [k for k in first if all(isinstance(r.get(k), (int, float)) or r.get(k) is None for r in hist)]
     doc = {
         "format": ARCHIVE_FORMAT,
         "summary": {k: _compact(v) for k, v in summary.items() if k != "history"},
