@@ -386,6 +386,21 @@ def _smallest_fitting_k(update, R, start):
     return k
 
 
+def test_sz_search_without_history_starts_on_the_prior(client_updates):
+    # A fresh compressor (no previous update: the first of a run, a Flower node's first round, a
+    # one-off compress) starts on statedict._PRIOR's curve and extrapolates along it, so most cold
+    # searches take 2-4 encodes; from 1e-2 with one bit per value per halving they took 5-8 on these
+    # updates. The answers are the grid walk's either way (the test above and
+    # test_sz_search_finds_the_smallest_grid_bound).
+    encodes = []
+    for u in client_updates:
+        for R in (8, 16, 64, 256):
+            comp = fc.get_compressor(f"sz:ratio={R}")
+            comp.compress(u, RoundContext())
+            encodes.append(comp.last_choice["encodes"])
+    assert max(encodes) <= 4 and sum(encodes) <= 3.5 * len(encodes), encodes
+
+
 def test_sz_search_first_probe_follows_the_spread(client_updates):
     # One compressor over several clients' updates, as in a round: each answer is the smallest grid
     # bound that fits (walked to by the reference, and what a fresh compressor finds), with the same
