@@ -1815,19 +1815,41 @@ static void quant_params(double error_bound, bool rel, double lo, double hi, int
 }
 }  // namespace sz
 
-static py::tuple sz_finite_range_py(py::array_t<uint8_t, py::array::c_style> x, int code, int64_t n) {
+static size_t dtype_size(int code) {
   const size_t isz = code == 1 ? 4 : code == 2 ? 8 : (code == 3 || code == 4) ? 2 : 0;
   if (!isz) throw py::value_error("dtype code must be 1 (f32), 2 (f64), 3 (f16) or 4 (bf16)");
+  return isz;
+}
+
+// How many values of dtype `code` buffer i (of a records call) holds: n >= 1 whole values, else ValueError
+static int64_t value_count(const Py_buffer& b, int code, size_t i) {
+  const size_t isz = dtype_size(code), len = size_t(b.len);
+  if (len == 0 || len % isz) throw py::value_error("array " + std::to_string(i) + " must hold n >= 1 values of its dtype");
+  return int64_t(len / isz);
+}
+// (min, max, count) of the finite values and mean |x| of n values of a valid dtype code at p
+static void finite_range_any(int code, const void* p, int64_t n, double& lo, double& hi, int64_t& cnt) {
+  if (code == 1) sz::finite_minmax_f32(static_cast<const float*>(p), n, lo, hi, cnt);
+  else if (code == 2) sz::finite_minmax<sz::F64>(static_cast<const double*>(p), n, lo, hi, cnt);
+  else if (code == 3) sz::finite_minmax<sz::F16>(static_cast<const uint16_t*>(p), n, lo, hi, cnt);
+  else sz::finite_minmax<sz::BF16>(static_cast<const uint16_t*>(p), n, lo, hi, cnt);
+}
+static double mean_abs_any(int code, const void* p, int64_t n) {
+  if (code == 1) return sz::mean_abs<sz::F32>(static_cast<const float*>(p), n);
+  if (code == 2) return sz::mean_abs<sz::F64>(static_cast<const double*>(p), n);
+  if (code == 3) return sz::mean_abs<sz::F16>(static_cast<const uint16_t*>(p), n);
+  return sz::mean_abs<sz::BF16>(static_cast<const uint16_t*>(p), n);
+}
+
+static py::tuple sz_finite_range_py(py::array_t<uint8_t, py::array::c_style> x, int code, int64_t n) {
+  const size_t isz = dtype_size(code);
   if (n < 0 || size_t(x.size()) != size_t(n) * isz) throw py::value_error("x must hold n values of the dtype");
   const void* p = x.data();
   double lo, hi;
   int64_t cnt;
   {
     py::gil_scoped_release nogil;
-    if (code == 1) sz::finite_minmax_f32(static_cast<const float*>(p), n, lo, hi, cnt);
-    else if (code == 2) sz::finite_minmax<sz::F64>(static_cast<const double*>(p), n, lo, hi, cnt);
-    else if (code == 3) sz::finite_minmax<sz::F16>(static_cast<const uint16_t*>(p), n, lo, hi, cnt);
-    else sz::finite_minmax<sz::BF16>(static_cast<const uint16_t*>(p), n, lo, hi, cnt);
+    finite_range_any(code, p, n, lo, hi, cnt);
   }
   return py::make_tuple(lo, hi, cnt);
 }
@@ -1849,12 +1871,6 @@ static py::bytes section_bytes(py::bytes prefix, const char* head, size_t nhead,
   Py_ssize_t npre = 0;
   if (PyBytes_AsStringAndSize(prefix.ptr(), &pre, &npre) != 0) throw py::error_already_set();
   return section_bytes(pre, size_t(npre), head, nhead, sec);
-}
-
-static size_t dtype_size(int code) {
-  const size_t isz = code == 1 ? 4 : code == 2 ? 8 : (code == 3 || code == 4) ? 2 : 0;
-  if (!isz) throw py::value_error("dtype code must be 1 (f32), 2 (f64), 3 (f16) or 4 (bf16)");
-  return isz;
 }
 
 static void encode_section_any(int code, const void* p, int64_t n, double step, double bound, int64_t bs,
@@ -1900,12 +1916,7 @@ constexpr int64_t kMaxBlock = int64_t(1) << 24;  // codec.MAX_BLOCK
 static std::unique_ptr<sz::Section> encode_stream_native(int code, const void* p, int64_t n, double error_bound,
                                                          bool rel, int64_t bs, double range_lo, double range_hi,
                                                          int64_t range_count, char* hdr) {
-  if (rel && range_count < 0) {
-    if (code == 1) sz::finite_minmax_f32(static_cast<const float*>(p), n, range_lo, range_hi, range_count);
-    else if (code == 2) sz::finite_minmax<sz::F64>(static_cast<const double*>(p), n, range_lo, range_hi, range_count);
-    else if (code == 3) sz::finite_minmax<sz::F16>(static_cast<const uint16_t*>(p), n, range_lo, range_hi, range_count);
-    else sz::finite_minmax<sz::BF16>(static_cast<const uint16_t*>(p), n, range_lo, range_hi, range_count);
-  }
+  if (rel && range_count < 0) finite_range_any(code, p, n, range_lo, range_hi, range_count);
   double step = 0, bound = 0;
   sz::quant_params(error_bound, rel, range_lo, range_hi, range_count, step, bound);
   if (!bs) {
@@ -1965,11 +1976,7 @@ static py::list sz_encode_records_py(py::list arrays, std::vector<int> codes, do
   }
   std::vector<int64_t> ns(m, 0);
   for (size_t i = 0; i < m; ++i) {
-    if (!codes[i]) continue;
-    const size_t isz = dtype_size(codes[i]);
-    const size_t len = size_t(bufs.v[i].len);
-    if (len == 0 || len % isz) throw py::value_error("array " + std::to_string(i) + " must hold n >= 1 values of its dtype");
-    ns[i] = int64_t(len / isz);
+    if (codes[i]) ns[i] = value_count(bufs.v[i], codes[i], i);
   }
   std::vector<std::unique_ptr<sz::Section>> secs(m);
   std::vector<std::array<char, kStreamHdr>> hdrs(m);
@@ -2006,35 +2013,15 @@ static py::list sz_value_stats_py(py::list arrays, std::vector<int> codes) {
   Buffers bufs(arrays);
   const size_t m = codes.size();
   std::vector<int64_t> ns(m);
-  for (size_t i = 0; i < m; ++i) {
-    const size_t isz = codes[i] >= 1 && codes[i] <= 4 ? dtype_size(codes[i]) : 0;
-    if (!isz) throw py::value_error("dtype code must be 1 (f32), 2 (f64), 3 (f16) or 4 (bf16)");
-    const size_t len = size_t(bufs.v[i].len);
-    if (len == 0 || len % isz) throw py::value_error("array " + std::to_string(i) + " must hold n >= 1 values of its dtype");
-    ns[i] = int64_t(len / isz);
-  }
+  for (size_t i = 0; i < m; ++i) ns[i] = value_count(bufs.v[i], codes[i], i);
   std::vector<std::tuple<double, double, int64_t, double>> st(m);
   {
     py::gil_scoped_release nogil;
     for (size_t i = 0; i < m; ++i) {
-      double lo, hi, ma;
+      double lo, hi;
       int64_t cnt;
-      const void* p = bufs.v[i].buf;
-      const int64_t n = ns[i];
-      if (codes[i] == 1) {
-        sz::finite_minmax_f32(static_cast<const float*>(p), n, lo, hi, cnt);
-        ma = sz::mean_abs<sz::F32>(static_cast<const float*>(p), n);
-      } else if (codes[i] == 2) {
-        sz::finite_minmax<sz::F64>(static_cast<const double*>(p), n, lo, hi, cnt);
-        ma = sz::mean_abs<sz::F64>(static_cast<const double*>(p), n);
-      } else if (codes[i] == 3) {
-        sz::finite_minmax<sz::F16>(static_cast<const uint16_t*>(p), n, lo, hi, cnt);
-        ma = sz::mean_abs<sz::F16>(static_cast<const uint16_t*>(p), n);
-      } else {
-        sz::finite_minmax<sz::BF16>(static_cast<const uint16_t*>(p), n, lo, hi, cnt);
-        ma = sz::mean_abs<sz::BF16>(static_cast<const uint16_t*>(p), n);
-      }
-      st[i] = {lo, hi, cnt, ma};
+      finite_range_any(codes[i], bufs.v[i].buf, ns[i], lo, hi, cnt);
+      st[i] = {lo, hi, cnt, mean_abs_any(codes[i], bufs.v[i].buf, ns[i])};
     }
   }
   py::list out(m);
@@ -2046,8 +2033,7 @@ static py::list sz_value_stats_py(py::list arrays, std::vector<int> codes) {
 static void sz_decode_py(py::array_t<uint8_t, py::array::c_style> sec, py::array_t<uint8_t, py::array::c_style> out,
                          int code, int64_t n, int64_t block_size, double step) {
   if (block_size < 1) throw py::value_error("block_size must be >= 1");
-  const size_t isz = code == 1 ? 4 : code == 2 ? 8 : (code == 3 || code == 4) ? 2 : 0;
-  if (!isz) throw py::value_error("dtype code must be 1 (f32), 2 (f64), 3 (f16) or 4 (bf16)");
+  const size_t isz = dtype_size(code);
   if (n < 0 || size_t(out.size()) != size_t(n) * isz) throw py::value_error("out must hold n values of the dtype");
   const uint8_t* sp = sec.data();
   size_t len = sec.size();
