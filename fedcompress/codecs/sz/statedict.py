@@ -55,6 +55,7 @@ same error; docs/sz.md, "Byte budgets": 14-15 % less on a CNN update at 16x-256x
 
 from __future__ import annotations
 
+import bisect
 import math
 
 import torch
@@ -102,7 +103,7 @@ def _prior_offset(b: float) -> float:
     """log2(rel) - spread at the answer for ``b`` bits per lossy value (the curve above, linear
     between its points, extended with its end segments' slopes)."""
     x, xs, fs = math.log2(b), _PRIOR_LOG2B, _PRIOR_F
-    i = min(max(sum(1 for v in xs if v <= x) - 1, 0), len(xs) - 2)
+    i = min(max(bisect.bisect_right(xs, x) - 1, 0), len(xs) - 2)
     f = fs[i] + (fs[i + 1] - fs[i]) * (x - xs[i]) / (xs[i + 1] - xs[i])
     return f - b
 
