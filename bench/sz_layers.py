@@ -6,8 +6,9 @@
 Runs ``fedcompress run``'s experiment (mnist5k, 10 clients, 3 rounds, one thread) with a process-CPU
 timer around each layer of the sz path that this build has: the native calls
 (``_C.sz_encode_stream`` / ``sz_encode_records``, ``sz_decode`` / ``sz_decode_records``,
-``join_crc32``), ``wire.pack`` / ``unpack``, and ``SZCompressor.compress`` / ``decompress`` /
-``server_update``; prints each in ms per client update, after training (each call comes right after
+``join_crc32``, ``sz_value_stats``), the ``sz:ratio`` search's ``value_range`` and ``_spread``,
+``wire.pack`` / ``unpack``, and ``SZCompressor.compress`` / ``decompress`` / ``server_update``;
+prints each in ms per client update, after training (each call comes right after
 a client's local SGD, as in FL). Nested timers overlap: ``compress`` includes the native encode and
 ``pack``. docs/sz.md, "One native call per payload", has what it showed.
 """
@@ -45,8 +46,13 @@ def main() -> None:
 
         setattr(owner, name, wrapper)
 
-    for name in ("sz_encode_stream", "sz_encode_records", "sz_decode", "sz_decode_records", "join_crc32"):
+    for name in ("sz_encode_stream", "sz_encode_records", "sz_decode", "sz_decode_records", "join_crc32",
+                 "sz_value_stats"):
         timed(C, name, f"_C.{name}")
+    # the sz:ratio search's pass over the update: per-tensor ranges and spread (older builds), or
+    # the one native stats call above
+    timed(statedict, "value_range", "statedict.value_range")
+    timed(statedict, "_spread", "statedict._spread")
     timed(wire, "pack", "wire.pack")
     timed(wire, "unpack", "wire.unpack")
     if hasattr(wire, "_join_crc32"):  # pack looks it up as a module global
