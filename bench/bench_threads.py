@@ -155,7 +155,13 @@ def test_op(benchmark, op, gap_ms):
 
 
 def table(path: str) -> str:
-    """default / 1-thread median time per op and load (< 1: a speed-up; the promise: <= 1.3 busy)."""
+    """default / 1-thread time per op and load (< 1: a speed-up; the promise: <= 1.3 busy): the
+    median over the pairs of each pair's ratio, beside each mode's median time. Under busy2 the ratio
+    of the two medians still split by 2x between runs (2026-11-30: conv_at_bwd 2.21 in one run, 0.57
+    in the next, mask decode_mean 0.55 / 1.72): with ~half of the calls of a few ms taking a ~4 ms
+    time-slice wait, either mode's median can land in the slow group. A pair's two calls sit side by
+    side, so the wait cancels in the pair's ratio whichever call it hits; the pair median read
+    1.00-1.08 on those same runs."""
     data = json.load(open(path))
     t: dict = defaultdict(dict)
     loads = []
@@ -166,15 +172,16 @@ def table(path: str) -> str:
             loads.append(load)
         t[e["op"]][(load, "1")] = e["t1"]
         t[e["op"]][(load, "default")] = e["tdefault"]
-    head = "| op | " + " | ".join(f"{ld} 1 thr ms | {ld} default ms | {ld} default / 1" for ld in loads) + " |"
+        t[e["op"]][(load, "ratio")] = float(np.median(np.divide(e["times_s"], e["times_1_s"])))
+    head = "| op | " + " | ".join(f"{ld} 1 thr ms | {ld} default ms | {ld} default / 1 (pairs)" for ld in loads) + " |"
     out = [head, "|---|" + "---:|" * (3 * len(loads))]
     worst = defaultdict(list)
     for op, r in t.items():
         cells = []
         for ld in loads:
-            a, b = r.get((ld, "1"), np.nan), r.get((ld, "default"), np.nan)
-            cells += [f"{a * 1e3:.2f}", f"{b * 1e3:.2f}", f"{b / a:.2f}"]
-            worst[ld].append(b / a)
+            a, b, ratio = (r.get((ld, m), np.nan) for m in ("1", "default", "ratio"))
+            cells += [f"{a * 1e3:.2f}", f"{b * 1e3:.2f}", f"{ratio:.2f}"]
+            worst[ld].append(ratio)
         out.append(f"| {op} | " + " | ".join(cells) + " |")
     for ld in loads:
         out.append(f"\n{ld}: default / 1 thread: max {max(worst[ld]):.2f}, median {statistics.median(worst[ld]):.2f}")
