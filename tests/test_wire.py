@@ -43,6 +43,20 @@ def test_lossless_round_trip_every_dtype_and_shape(dtype, shape):
     assert _bit_equal(out, t)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.int64, torch.bool], ids=str)
+def test_decoded_tensors_own_their_memory(dtype):
+    """A decoder's tensors stay valid and unchanged when the caller reuses the payload's buffer
+    (wire.tensor_from_bytes copies; a view into the payload would change with it)."""
+    t = _sample(dtype, (5, 4))
+    blob = bytearray(wire.pack(wire.CODEC_NONE, [wire.lossless_record("t", t)]))
+    _, recs = wire.unpack(blob, wire.CODEC_NONE)
+    out = wire.lossless_tensor(recs[0])
+    del recs
+    blob[:] = bytes(len(blob))  # the caller reuses its receive buffer
+    assert _bit_equal(out, t)
+    assert out.reshape(-1).view(torch.uint8).data_ptr() % 64 == 0  # torch's own, aligned allocation
+
+
 def test_special_floats_bit_exact():
     t = torch.tensor([float("nan"), float("inf"), -float("inf"), -0.0, 1e-45, 3.4e38])
     t[0] = torch.tensor([0x7FC01234], dtype=torch.int32).view(torch.float32)  # NaN with a payload

@@ -31,7 +31,7 @@ def mask_encode_cpp(xs, seeds, thr_m1: int):
 
 def mask_decode_cpp(vals, expected, seeds, lens, weights, thr_m1: int, accumulate: bool):
     C = len(vals)
-    out = np.empty(int(sum(lens)), dtype=np.float32)
+    out = torch.empty(int(sum(lens)), dtype=torch.float32).numpy()  # torch owns it: see wire.tensor_from_bytes
     exp = np.asarray(expected, dtype=np.int64).reshape(C * len(lens))
     sd = _seeds_u64([s for row in seeds for s in row])
     bad, got = _ops.native().mask_decode(
