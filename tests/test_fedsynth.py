@@ -52,6 +52,7 @@ SPECS = [
     "fedsynth:batches=2,batch=1,outer_steps=3,labels=trainable,init=noise",
     "fedsynth:batches=2,batch=2,outer_steps=3,labels=raw",
     "fedsynth:ratio=2,outer_steps=3,labels=trainable",
+    "fedsynth:batches=3,batch=2,outer_steps=4,res=2",
 ]
 
 
@@ -76,9 +77,11 @@ def test_server_replay_equals_client_w_syn_exactly(spec):
     ref = TinyCNN()
     ref.load_state_dict(state)
     opt = torch.optim.SGD(ref.parameters(), lr=float(d["inner_lr"]))
+    r = server.params["res"]  # res=r: the sent images are upsampled (nearest) to the model's input
     for j in range(d["x"].shape[0]):
         opt.zero_grad()
-        (-(d["y"][j] * torch.log_softmax(ref(d["x"][j]), -1)).sum(-1).mean()).backward()
+        xj = F.interpolate(d["x"][j], scale_factor=r, mode="nearest") if r > 1 else d["x"][j]
+        (-(d["y"][j] * torch.log_softmax(ref(xj), -1)).sum(-1).mean()).backward()
         opt.step()
     for k, v in ref.named_parameters():
         torch.testing.assert_close(w_client[k], v.detach(), rtol=1e-5, atol=1e-6)
@@ -753,3 +756,79 @@ def test_error_feedback_survives_a_new_compressor():
 def test_error_feedback_bad_specs(spec):
     with pytest.raises(ValueError):
         fc.get_compressor(spec)
+
+
+# ---------------------------------------------------------------------------------------------
+# res=r: synthetic images sent at 1/r of the input's height and width
+
+
+@pytest.mark.parametrize("r", [1, 2, 4])
+def test_res_resampling_against_torch(r):
+    from fedcompress.codecs.fedsynth import downsample, upsample
+
+    g = torch.Generator().manual_seed(r)
+    low = torch.randn(3, 2, 1, 16 // r, 8 // r, generator=g)
+    up = upsample(low, r)
+    assert torch.equal(up, F.interpolate(low.reshape(6, 1, 16 // r, 8 // r), scale_factor=r).reshape(up.shape))
+    full = torch.randn(3, 2, 1, 16, 8, generator=g, dtype=torch.float64)
+    pooled = F.avg_pool2d(full.reshape(6, 1, 16, 8), r).reshape(3, 2, 1, 16 // r, 8 // r)
+    torch.testing.assert_close(downsample(full, r), pooled)
+    # "sum" is the adjoint of upsample: <up(a), b> = <a, down_sum(b)>
+    a = torch.randn(low.shape, generator=g, dtype=torch.float64)
+    torch.testing.assert_close((upsample(a, r) * full).sum(), (a * downsample(full, r, "sum")).sum())
+
+
+def test_res_gradient_on_the_sent_pixels_against_finite_differences():
+    """What the outer loop steps: the objective's gradient in the sent (low-resolution) pixels."""
+    from fedcompress.codecs.fedsynth import downsample, upsample
+
+    torch.manual_seed(6)
+    model = TinyCNN().double()
+    params = {k: v.detach() for k, v in model.named_parameters()}
+    g = torch.Generator().manual_seed(7)
+    xl = torch.randn(3, 2, 1, 4, 4, generator=g, dtype=torch.float64)
+    y = F.one_hot(torch.arange(6) % 4, 4).double().reshape(3, 2, 4)
+    t = {k: v + 0.01 * torch.randn(v.shape, generator=g, dtype=torch.float64) for k, v in params.items()}
+    _, gx, _ = fc.synth.hypergradient(model, params, upsample(xl, 2), y, 0.5, None, None, target=t, target_weight=3.0)
+    an_grad = downsample(gx, 2, "sum")
+
+    def L(x):  # the model sees torch's own nearest upsampling of the sent pixels
+        full = F.interpolate(x.reshape(6, 1, 4, 4), scale_factor=2).reshape(3, 2, 1, 8, 8)
+        w = fc.synth.unroll(model, params, full, y, 0.5)
+        return 3.0 * sum(float(((w[k] - t[k]) ** 2).sum()) for k in t)
+
+    d = torch.randn(xl.shape, generator=g, dtype=torch.float64)
+    eps = 1e-5
+    fd = (L(xl + eps * d) - L(xl - eps * d)) / (2 * eps)
+    an = float((an_grad * d).sum())
+    assert abs(fd - an) <= 1e-6 * max(1.0, abs(an))
+
+
+def test_res_sends_res_squared_times_the_inputs_within_the_budget():
+    from fedcompress.fedavg.driver import dense_payload_bytes
+
+    counts = {}
+    for r in (1, 2, 4):
+        model, state, comp, ctx = _setup(f"fedsynth:ratio=2,outer_steps=2,res={r}")
+        payload = comp.client_update(model, state, _data(), ctx)
+        assert len(payload) <= dense_payload_bytes(state) // 2
+        d = comp.decompress(payload, ctx)
+        assert d["x"].shape[-2:] == (8 // r, 8 // r)
+        counts[r] = d["x"].shape[0] * d["x"].shape[1]
+    # 8x8 fp16 images are 128 bytes, 4x4 ones 32, 2x2 ones 8: the framing and labels take the rest
+    assert counts[2] >= 3 * counts[1] and counts[4] >= 2 * counts[2]
+
+
+def test_res_bad_specs_inputs_and_payloads():
+    for spec in ("fedsynth:res=0", f"fedsynth:res={9}", "fedsynth:res=1.5"):
+        with pytest.raises(ValueError, match="res"):
+            fc.get_compressor(spec)
+    model, state, comp, ctx = _setup("fedsynth:batches=2,batch=2,outer_steps=1,res=3")  # 8 % 3 != 0
+    with pytest.raises(ValueError, match=r"res=3 needs image inputs"):
+        comp.client_update(model, state, _data(), ctx)
+    model, state, comp, ctx = _setup("fedsynth:batches=2,batch=2,outer_steps=1,res=2")
+    payload = comp.client_update(model, state, _data(), ctx)
+    server = fc.get_compressor("fedsynth:batches=2,batch=2")  # res=1: takes 4x4 inputs as they are
+    server.set_model(TinyCNN())
+    with pytest.raises(fc.FormatError, match="does not fit the model"):
+        server.server_update(payload, state, ctx)

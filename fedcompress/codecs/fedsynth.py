@@ -112,7 +112,24 @@ _ROW_TOL = {torch.float16: 2.0**-9, torch.float32: 2.0**-18}
 # Keys whose default differs for text models: the text client (fedsynth_text.py) was measured with
 # these (docs/fedsynth.md, "Text"); the image defaults in PARAMS come from the image proxy runs.
 TEXT_DEFAULTS = {"outer_steps": 30, "lr_x": 0.03, "objective": "loss"}
-_TEXT_ONLY_VALUE = {"objective": "loss", "server_scale": 1.0, "ef": 0.0}  # the text path implements only these
+# the text path implements only these values
+_TEXT_ONLY_VALUE = {"objective": "loss", "server_scale": 1.0, "ef": 0.0, "res": 1}
+MAX_RES = 8  # res=r: the synthetic images are sent at 1/r of the input's height and width
+
+
+def upsample(x: torch.Tensor, r: int) -> torch.Tensor:
+    """Each pixel of the last two dims repeated r x r (nearest): a res=r set as the model sees it."""
+    return x if r == 1 else x.repeat_interleave(r, -1).repeat_interleave(r, -2)
+
+
+def downsample(x: torch.Tensor, r: int, reduce: str = "mean") -> torch.Tensor:
+    """The r x r blocks of the last two dims averaged (the real-sample init) or summed (``sum``: the
+    adjoint of ``upsample``, which takes a gradient at the model's input to the sent pixels)."""
+    if r == 1:
+        return x
+    *lead, h, w = x.shape
+    blocks = x.reshape(*lead, h // r, r, w // r, r)
+    return blocks.sum((-3, -1)) if reduce == "sum" else blocks.mean((-3, -1))
 
 
 def _label_dtype(C: int) -> torch.dtype:
@@ -277,7 +294,7 @@ def _norm(delta: dict) -> float:
 class FedSynthCompressor(Compressor):
     """Spec: ``fedsynth:ratio=R,batches=18,batch=5,labels=fixed|trainable|raw,label_scale=false,
     objective=match|loss|both,outer_steps=15,lr_x=0.1,lr_y=..,inner_lr=..,init=real|noise,
-    dtype=fp16|fp32,real_batch=0,server_scale=1,guard=10``.
+    dtype=fp16|fp32,real_batch=0,server_scale=1,guard=10,res=1``.
 
     Defaults are the best measured config at ~16x for the FedAvg CNN (issue 14: 18 x 5 fp16,
     inner_lr 0.1, fixed labels) and the cheapest outer loop that lost nothing in the 3-round proxy
@@ -319,6 +336,9 @@ class FedSynthCompressor(Compressor):
         # (ef=a: a in [0, 1] is the share of it carried over; 1 = full error feedback, 0 = off)
         "ef": Param(float, 0.0, lambda v: 0.0 <= v <= 1.0, "a number in [0, 1] (needs objective=match or both)"),
         "guard": _guard_param(),
+        # sent resolution: synthetic images of (H / res) x (W / res) pixels, upsampled (nearest) before
+        # the model, so a budget holds res^2 times as many of them (both sides use the spec's res)
+        "res": Param(int, 1, lambda v: 1 <= v <= MAX_RES, f"an integer in [1, {MAX_RES}] (image inputs [.., H, W])"),
         "topk": Param(int, 8, lambda v: v >= 0, "an integer >= 0 (text: label ids per position, 0 = all)"),
         "embedding": choice("freeze", "rows"),  # text: the embedding's update (fedsynth_text.py)
     }
@@ -510,7 +530,8 @@ class FedSynthCompressor(Compressor):
         params = _params(self.model, global_state)
         dev = next(iter(params.values())).device
         try:
-            return synth.unroll(self.model, params, d["x"].to(dev), d["y"].to(dev), float(d["inner_lr"]))
+            x = upsample(d["x"].to(dev), self.params["res"])
+            return synth.unroll(self.model, params, x, d["y"].to(dev), float(d["inner_lr"]))
         except ValueError as e:  # shapes that do not fit the model
             raise FormatError(f"fedsynth: payload does not fit the model: {e}") from e
 
@@ -604,10 +625,16 @@ class FedSynthCompressor(Compressor):
         real_x = real_x.to(torch.float32)
         with torch.no_grad():
             C = int(torch.func.functional_call(model, params, (real_x[:1],)).shape[-1])
-        shape = self.shape_for(global_state, tuple(real_x.shape[1:]), C, n, ctx)
+        r = p["res"]
+        in_shape = tuple(real_x.shape[1:])
+        if r > 1 and (len(in_shape) < 2 or in_shape[-1] % r or in_shape[-2] % r):
+            raise ValueError(f"fedsynth: res={r} needs image inputs [.., H, W] with H and W divisible by it, "
+                             f"got input shape {in_shape}")
+        sent = in_shape[:-2] + (in_shape[-2] // r, in_shape[-1] // r) if r > 1 else in_shape
+        shape = self.shape_for(global_state, sent, C, n, ctx)
         self.last_shape = shape
         m, b, lr = shape.batches, shape.batch, shape.inner_lr
-        x, y0 = self._init(real_x, real_y, C, m, b, ctx)
+        x, y0 = self._init(downsample(real_x, r), real_y, C, m, b, ctx)
         rb = p["real_batch"] if 0 < p["real_batch"] < n else 0
         g_real = ctx.generator(salt=53)  # a fresh real subset per outer step (real_batch)
         target, tw = None, 1.0
@@ -641,7 +668,7 @@ class FedSynthCompressor(Compressor):
 
         # (with init=noise the initial set's replay says nothing about the step: no search)
         if p["lr_search"] and "inner_lr" not in self.given and p["init"] == "real":
-            lr = self._search_inner_lr(model, params, x.detach(), labels_now(), lr, local, names)
+            lr = self._search_inner_lr(model, params, upsample(x.detach(), r), labels_now(), lr, local, names)
 
         opt = torch.optim.Adam(groups)
         cands: list[tuple[float, int, torch.Tensor, torch.Tensor]] = []  # (loss, step, x, y)
@@ -650,7 +677,7 @@ class FedSynthCompressor(Compressor):
         for step in range(p["outer_steps"] + 1):
             y = labels_now()
             if step == p["outer_steps"]:  # the final set: its loss only
-                loss = self._loss_of(model, params, x.detach(), y, lr, real_x, real_y, obj, target, tw)
+                loss = self._loss_of(model, params, upsample(x.detach(), r), y, lr, real_x, real_y, obj, target, tw)
                 if math.isfinite(loss) and torch.isfinite(x).all():
                     cands.append((loss if comparable else -math.inf, step, x.detach().clone(), y.clone()))
                     final_loss = loss
@@ -662,8 +689,9 @@ class FedSynthCompressor(Compressor):
                 pick = torch.randperm(n, generator=g_real)[:rb].to(dev)
                 rx, ry = real_x[pick], real_y[pick]
             loss, gx, gy = synth.hypergradient(
-                model, params, x.detach(), y, lr, rx, ry, target=target, target_weight=tw
+                model, params, upsample(x.detach(), r), y, lr, rx, ry, target=target, target_weight=tw
             )
+            gx = downsample(gx, r, "sum")
             loss = float(loss)
             if not (math.isfinite(loss) and torch.isfinite(gx).all() and torch.isfinite(gy).all()):
                 break  # diverged (lr_x / lr_y too large): keep the sets so far
