@@ -281,20 +281,24 @@ def split_specs(text: str) -> list[str]:
 
 def markdown_table(summaries: dict[str, dict[str, Any]]) -> str:
     """One row per compressor. A summary that is a mean over seeds (``experiments.mean_summary``) shows
-    accuracy as mean ± sample std, and bytes and ratio as the mean; seconds add up over the seeds."""
+    accuracy as mean ± sample std, and bytes and ratio as the mean; seconds add up over the seeds.
+    "last 5": the mean accuracy over the last 5 rounds (the results report's steadier second measure)."""
+    from .experiments.summary import last_rounds_accuracy
 
     def pm(s, key, scale, fmt):
         v = fmt.format(s[key] * scale)
         return v + (" ± " + fmt.format(s[key + "_std"] * scale) if key + "_std" in s else "")
 
     rows = [
-        "| compressor | final acc (%) | best acc (%) | upstream MB | dense MB | ratio | download MB "
+        "| compressor | final acc (%) | last 5 (%) | best acc (%) | upstream MB | dense MB | ratio | download MB "
         "| seconds |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for spec, s in summaries.items():
+        last = {"last_accuracy": last_rounds_accuracy(s), **s}
         rows.append(
-            f"| {spec} | {pm(s, 'final_accuracy', 100, '{:.2f}')} | {pm(s, 'best_accuracy', 100, '{:.2f}')} | "
+            f"| {spec} | {pm(s, 'final_accuracy', 100, '{:.2f}')} | {pm(last, 'last_accuracy', 100, '{:.2f}')} | "
+            f"{pm(s, 'best_accuracy', 100, '{:.2f}')} | "
             f"{s['upstream_bytes'] / 1e6:.3f} | {s['dense_upstream_bytes'] / 1e6:.3f} | "
             f"{s['compression_ratio']:.2f} | {s['download_bytes'] / 1e6:.3f} | {s['wall_seconds']:.1f} |"
         )
@@ -312,6 +316,7 @@ def cmd_compare(args) -> int:
                 "(pick them with --parts, see docs/results.md)"
             )
         return cmd_results(args)
+    from .api import compressor_class, parse_spec
     from .experiments import load_cached, machine_line, mean_summary
 
     if args.rounds is None:
@@ -339,7 +344,10 @@ def cmd_compare(args) -> int:
         for spec, folder in zip(specs, folders, strict=True):
             cfg.compressor = spec
             run_dir = os.path.join(out, f"seed{seed}", folder) if len(seeds) > 1 else os.path.join(out, folder)
-            s = None if args.no_reuse else load_cached(run_dir, cfg.to_dict(), cfg.rounds)
+            # the compressor's REVISION too, as the results pipeline checks it: without it a run of a
+            # compressor with REVISION > 0 (fedsynth) was never reused, and re-running it overwrote it
+            revision = compressor_class(parse_spec(spec)[0]).REVISION
+            s = None if args.no_reuse else load_cached(run_dir, cfg.to_dict(), cfg.rounds, revision)
             if s is not None:
                 print(f"reused {run_dir} (same config; --no-reuse runs it again)", file=sys.stderr)
             else:

@@ -76,6 +76,11 @@ def test_compare_table_and_plot(tmp_path, capsys):
     assert none["dense_upstream_bytes"] == fp16["dense_upstream_bytes"]
     assert none["initial_accuracy"] == fp16["initial_accuracy"]
     assert abs(none["final_accuracy"] - fp16["final_accuracy"]) < 0.05
+    # "last 5": the mean accuracy of the last 5 rounds of metrics.jsonl (all rounds if fewer)
+    rounds = [json.loads(x) for x in (out / "none" / "metrics.jsonl").read_text().splitlines()]
+    want = sum(r["accuracy"] for r in rounds[-5:]) / len(rounds[-5:])
+    assert lines[0].split("|")[3].strip() == "last 5 (%)"
+    assert lines[2].split("|")[3].strip() == f"{want * 100:.2f}"
 
 
 @pytest.mark.parametrize(
@@ -231,6 +236,25 @@ def test_compare_labels_and_folders_use_the_spec_as_typed(tmp_path, capsys, monk
     assert f"| {spec} |" in capsys.readouterr().out
     assert sorted(p.name for p in out.iterdir() if p.is_dir()) == ["mask_keep=0.5_unbiased=true", "none"]
     assert seen["labels"] == ["none", spec] and "digits" in seen["title"]
+
+
+def test_compare_reuses_runs_of_a_compressor_with_a_revision(tmp_path, capsys):
+    """A second compare reuses finished runs for every compressor, fedsynth (REVISION 2) included:
+    it used to check revision 0 against the run's 2, re-run it and overwrite its files."""
+    from fedcompress.api import get_compressor
+
+    specs = "none,fedsynth:batches=1,batch=2,outer_steps=1"
+    assert get_compressor("fedsynth").REVISION > 0
+    out = tmp_path / "c"
+    args = ["compare", *TINY, "--rounds", "1", "--compressors", specs, "--out", str(out)]
+    assert cli.main(args) == 0
+    capsys.readouterr()
+    metrics = out / "fedsynth_batches=1_batch=2_outer_steps=1" / "metrics.jsonl"
+    before = metrics.stat().st_mtime_ns
+    assert cli.main(args) == 0
+    err = capsys.readouterr().err
+    assert err.count("reused ") == 2, err
+    assert metrics.stat().st_mtime_ns == before
 
 
 def test_compressors_help_explains_the_comma_rule(capsys):
