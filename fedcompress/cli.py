@@ -295,7 +295,7 @@ def markdown_table(summaries: dict[str, dict[str, Any]]) -> str:
         "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for spec, s in summaries.items():
-        last = {"last_accuracy": last_rounds_accuracy(s), **s}
+        last = {**s, "last_accuracy": last_rounds_accuracy(s)}  # a mean over seeds has it (and its std)
         rows.append(
             f"| {spec} | {pm(s, 'final_accuracy', 100, '{:.2f}')} | {pm(last, 'last_accuracy', 100, '{:.2f}')} | "
             f"{pm(s, 'best_accuracy', 100, '{:.2f}')} | "
@@ -316,7 +316,6 @@ def cmd_compare(args) -> int:
                 "(pick them with --parts, see docs/results.md)"
             )
         return cmd_results(args)
-    from .api import compressor_class, parse_spec
     from .experiments import load_cached, machine_line, mean_summary
 
     if args.rounds is None:
@@ -344,10 +343,7 @@ def cmd_compare(args) -> int:
         for spec, folder in zip(specs, folders, strict=True):
             cfg.compressor = spec
             run_dir = os.path.join(out, f"seed{seed}", folder) if len(seeds) > 1 else os.path.join(out, folder)
-            # the compressor's REVISION too, as the results pipeline checks it: without it a run of a
-            # compressor with REVISION > 0 (fedsynth) was never reused, and re-running it overwrote it
-            revision = compressor_class(parse_spec(spec)[0]).REVISION
-            s = None if args.no_reuse else load_cached(run_dir, cfg.to_dict(), cfg.rounds, revision)
+            s = None if args.no_reuse else load_cached(run_dir, cfg.to_dict(), cfg.rounds)
             if s is not None:
                 print(f"reused {run_dir} (same config; --no-reuse runs it again)", file=sys.stderr)
             else:

@@ -370,14 +370,15 @@ def test_run_stops_in_the_round_its_model_goes_non_finite(digits_small, tmp_path
     assert "diverged" not in rows[0] and rows[1]["diverged"] is True
     assert s["final_accuracy"] == rows[1]["accuracy"]
     assert "diverged in round 2 of 4" in final_line(s)
-    # the cache takes the stopped run as finished (its rounds end where it diverged)
-    cached = load_cached(str(tmp_path), cfg.to_dict(), cfg.rounds)
+    # the cache takes the stopped run as finished (its rounds end where it diverged); revision=0 is
+    # the unregistered test compressor's (load_cached would look it up in the registry otherwise)
+    cached = load_cached(str(tmp_path), cfg.to_dict(), cfg.rounds, revision=0)
     assert cached is not None and cached["diverged_round"] == 2
     # a run that stopped early without diverging is not finished
     summary = json.loads((tmp_path / "summary.json").read_text())
     summary["diverged_round"] = None
     (tmp_path / "summary.json").write_text(json.dumps(summary))
-    assert load_cached(str(tmp_path), cfg.to_dict(), cfg.rounds) is None
+    assert load_cached(str(tmp_path), cfg.to_dict(), cfg.rounds, revision=0) is None
 
 
 def test_finite_run_has_no_diverged_round(digits_small):

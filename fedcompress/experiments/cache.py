@@ -18,10 +18,11 @@ import re
 from .plan import Plan, Run, config
 
 
-def load_cached(out: str, config: dict, rounds: int, revision: int = 0) -> dict | None:
+def load_cached(out: str, config: dict, rounds: int, revision: int | None = None) -> dict | None:
     """The finished run in ``out`` (summary.json + metrics.jsonl) if it has this exact config, the
-    compressor's current ``revision`` (``Compressor.REVISION``; absent = 0) and every round (up to
-    the round it diverged in, where it stopped), else None (also for a run killed mid-write)."""
+    compressor's ``revision`` (``Compressor.REVISION``, a summary without one counts as 0; None: the
+    current REVISION of ``config["compressor"]``) and every round (up to the round it diverged in,
+    where it stopped), else None (also for a run killed mid-write)."""
     try:
         with open(os.path.join(out, "summary.json")) as f:
             s = json.load(f)
@@ -32,10 +33,15 @@ def load_cached(out: str, config: dict, rounds: int, revision: int = 0) -> dict 
     return s if _finished(s, config, rounds, revision) else None
 
 
-def _finished(s, config: dict, rounds: int, revision: int) -> bool:
-    """Whether summary ``s`` (with its history) is a finished run of ``config`` at ``revision``."""
+def _finished(s, config: dict, rounds: int, revision: int | None) -> bool:
+    """Whether summary ``s`` (with its history) is a finished run of ``config`` at ``revision``
+    (None: the current one of its compressor, so no caller can check against a stale default)."""
     if not isinstance(s, dict) or not isinstance(s.get("history"), list):
         return False
+    if revision is None:
+        from ..api import compressor_class, parse_spec
+
+        revision = compressor_class(parse_spec(config["compressor"])[0]).REVISION
     if s.get("compressor_revision", 0) != revision:
         return False
     last = s.get("diverged_round") or rounds
@@ -76,7 +82,7 @@ def write_archive(path: str, summary: dict) -> None:
     os.replace(tmp, path)
 
 
-def load_archived(path: str, config: dict, rounds: int, revision: int = 0) -> dict | None:
+def load_archived(path: str, config: dict, rounds: int, revision: int | None = None) -> dict | None:
     """The archived run at ``path`` as ``load_cached`` returns a cached one (the history as a list of
     per-round dicts), under the same checks; None when absent, unreadable or malformed."""
     try:
@@ -117,7 +123,6 @@ def execute(
     """Run (or reuse, from the cache or else the archive) every run; ``data_for(setting, seed)``
     gives a run's data (called only for runs that train); ``on_run()`` after each one that ran (e.g.
     rewrite the report). With ``archive_dir``, every finished run is archived there."""
-    from ..api import compressor_class, parse_spec
     from ..fedavg.driver import run_experiment
 
     for i, run in enumerate(runs):
@@ -126,12 +131,11 @@ def execute(
         cfg = config(plan, run.part, run.spec, run.seed)
         data_part = plan.folder(run.part)
         out = run_dir(plan, runs_dir, run)
-        revision = compressor_class(parse_spec(run.spec)[0]).REVISION
         arch = archive_path(plan, archive_dir, run) if archive_dir else None
-        s = load_cached(out, cfg.to_dict(), cfg.rounds, revision) if reuse else None
+        s = load_cached(out, cfg.to_dict(), cfg.rounds) if reuse else None
         where = "the cache"
         if s is None and reuse and arch:
-            s, where = load_archived(arch, cfg.to_dict(), cfg.rounds, revision), "the archive"
+            s, where = load_archived(arch, cfg.to_dict(), cfg.rounds), "the archive"
         if s is not None:
             run.summary = s
             if arch and where == "the cache" and not os.path.exists(arch):
