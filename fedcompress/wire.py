@@ -387,7 +387,7 @@ def tensor_from_bytes(data, dtype: torch.dtype, shape: tuple[int, ...], what: st
     if numel == 0:
         return torch.empty(shape, dtype=dtype)
     # own the memory (the payload may be freed), from torch's allocator: numpy's buffers faulted
-    # afresh on every call in a process that keeps what it decodes (bench/mask_faults.py: a
+    # afresh on every call in a process that keeps what it decodes (bench/decode_faults.py: a
     # 100-client mask decode_mean 12,791 faults and 55 ms, then 0 and 33-42 ms; docs/mask.md)
     out = torch.empty(nbytes, dtype=torch.uint8)
     out.numpy()[:] = np.frombuffer(data, dtype=np.uint8)
