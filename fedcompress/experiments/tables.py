@@ -153,15 +153,16 @@ def sweep_table(plan: Plan, runs: list[Run]) -> str:
 
 
 def not_run_lines(runs: list[Run]) -> list[str]:
-    """One line per (part, row) with runs missing: which budgets, and why (each reason once)."""
-    groups: dict[tuple[str, str], list[Run]] = {}
+    """One line per (part, row, reasons) with runs missing: which budgets, and why (each reason
+    once), so a budget is never listed beside a reason that is another budget's."""
+    groups: dict[tuple[str, str, str], list[Run]] = {}
     for r in runs:
         if r.summary is None:
-            groups.setdefault((r.part, r.row), []).append(r)
+            notes = (r.note or "not run yet").split("; ")
+            why = "; ".join(sorted({re.sub(r"^seed \d+: ", "", n) for n in notes}))  # merge_seeds' "seed S: "
+            groups.setdefault((r.part, r.row, why), []).append(r)
     out = []
-    for (part, row), rs in groups.items():
-        notes = (n for r in rs for n in (r.note or "not run yet").split("; "))
-        why = sorted({re.sub(r"^seed \d+: ", "", n) for n in notes})  # merge_seeds prefixes "seed S: "
+    for (part, row, why), rs in groups.items():
         targets = ", ".join(f"{r.target:g}" + ("" if part == "sweep" else "x") for r in rs)
-        out.append(f"- {part}, {ROW_LABELS.get(row, row)}: {targets} ({'; '.join(why)})")
+        out.append(f"- {part}, {ROW_LABELS.get(row, row)}: {targets} ({why})")
     return out
