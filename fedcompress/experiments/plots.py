@@ -43,7 +43,8 @@ def plots(plan: Plan, runs: list[Run], out: str, part: str) -> list[str]:
             ax.set_ylabel("test accuracy (%)", fontsize=8)
             ax.tick_params(labelsize=7)
             ax.grid(True, alpha=0.3)
-            ax.legend(fontsize=6)
+            if sel:  # a budget with no finished run: an empty panel, no legend
+                ax.legend(fontsize=6)
         fig.tight_layout()
         name = f"results_{part}_acc_vs_{kind}.png"
         fig.savefig(os.path.join(out, name))
