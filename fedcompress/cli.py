@@ -235,7 +235,7 @@ def add_compare(sub) -> None:
         help="the papers' tables (docs/results.md), or several compressors side by side",
         description="Without --compressors: the results tables (rows none, fp16, mask, sz, sz with error "
         "feedback, fedsynth with fixed and trainable labels and at 1/2 resolution from 32x, and the real-subset "
-        "control, at byte budgets "
+        "controls, at byte budgets "
         "8x..256x) for each setting (mnist5k-10, mnist5k-10-dirichlet, fashion-60, the extra mnist5k-60, and "
         "the text setting fortunes-43 at 1.3x..16x, only when --parts names it) "
         "and FedSZ's sz sweep, written to --report-dir/results.md with plots (default: the run cache, "

@@ -72,7 +72,8 @@ SETTINGS: dict[str, Setting] = {
         "14.19; at 1.3x random masking 8.20, FedSynth 8.86; at 2.6x random masking 4.87, FedSynth 4.89",
         row_notes=(("fedsynth-ef", "FedSynth's error feedback aims at the real update, and the text client fits "
                     "the real loss only"),
-                   ("fedsynth-res2", "the text client sends token ids, which have no resolution")),
+                   ("fedsynth-res2", "the text client sends token ids, which have no resolution"),
+                   ("real-subset-res2", "the text client sends token ids, which have no resolution")),
     ),
     "mnist5k-60": Setting(
         "mnist5k", 60, 30, budgets=(16, 64),
@@ -94,6 +95,8 @@ ROWS: dict[str, tuple[str, Any]] = {
     "fedsynth-trainable": ("fedsynth, trainable labels", lambda r: f"fedsynth:ratio={r},labels=trainable"),
     "real-subset": ("control: real subset, not optimised", lambda r: f"fedsynth:ratio={r},outer_steps=0"),
     "fedsynth-res2": ("fedsynth, fixed labels, sent at 1/2 resolution", lambda r: f"fedsynth:ratio={r},res=2"),
+    "real-subset-res2": ("control: real subset at 1/2 resolution, not optimised",
+                         lambda r: f"fedsynth:ratio={r},res=2,outer_steps=0"),
 }
 # row -> (the budgets it runs at, why not the others); a row not named runs at every budget
 ROW_BUDGETS: dict[str, tuple[tuple[float, ...], str]] = {
@@ -101,6 +104,7 @@ ROW_BUDGETS: dict[str, tuple[tuple[float, ...], str]] = {
     # cap of 33 x 11, and a client costs ~3.7x its 64x one (13.6 s against 3.7 s in the proxy)
     "fedsynth-res2": ((32, 64, 128, 256), "below 32x res=2 holds more inputs than the shape rule uses, "
                       "at ~3.7x the client time of 64x"),
+    "real-subset-res2": ((32, 64, 128, 256), "the control of the fedsynth-res2 row, which starts at 32x"),
 }
 ROW_LABELS = {k: v[0] for k, v in ROWS.items()}
 PARTS = (*SETTINGS, "sweep")
