@@ -220,12 +220,12 @@ def build_runs(plan: Plan) -> list[Run]:
             if ROWS[row][1] is None:
                 runs.append(Run(part, row, 1.0 if row == "none" else 2.0, row))
                 continue
+            own, own_why = plan.row_budgets.get(row, (None, ""))
             for r in plan.budgets_of(part):
                 spec = plan.row_spec(part, row, r)
                 if spec.startswith("fedsynth") and plan.fedsynth_keys and "outer_steps=" not in spec:
                     spec += "," + plan.fedsynth_keys
-                own, why = plan.row_budgets.get(row, (None, ""))
-                why = skip.get(row) or (why if own is not None and r not in own else "")
+                why = skip.get(row) or (own_why if own is not None and r not in own else "")
                 runs.append(Run(part, row, float(r), spec, note=f"not run here: {why}" if why else ""))
     missing = {n: compressor_available(n) for n in ("sz", "mask", "fedsynth")}
     for r in runs:
