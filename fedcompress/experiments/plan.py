@@ -100,10 +100,10 @@ ROWS: dict[str, tuple[str, Any]] = {
 }
 # row -> (the budgets it runs at, why not the others); a row not named runs at every budget
 ROW_BUDGETS: dict[str, tuple[tuple[float, ...], str]] = {
-    # docs/fedsynth.md, "Sent resolution": at 16x the 14 x 14 budget holds 363 inputs, the rule's
-    # cap of 33 x 11, and a client costs ~3.7x its 64x one (13.6 s against 3.7 s in the proxy)
-    "fedsynth-res2": ((32, 64, 128, 256), "below 32x res=2 holds more inputs than the shape rule uses, "
-                      "at ~3.7x the client time of 64x"),
+    # the rule's res=2 shapes on the CNN: 18 x 5 at 64x, 36 x 5 at 32x, 33 x 11 at 16x, 37 x 20 at
+    # 8x; docs/fedsynth.md, "Sent resolution": a 16x client costs 13.6 s against 3.7 s at 64x (proxy)
+    "fedsynth-res2": ((32, 64, 128, 256), "below 32x the res=2 set grows to 363 inputs (16x) and 740 (8x); "
+                      "a 16x client costs ~3.7x a 64x one"),
     "real-subset-res2": ((32, 64, 128, 256), "the control of the fedsynth-res2 row, which starts at 32x"),
 }
 ROW_LABELS = {k: v[0] for k, v in ROWS.items()}
