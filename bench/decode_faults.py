@@ -33,6 +33,11 @@ def timed(fn, n: int = 9) -> tuple[float, int]:
     return statistics.median(ts) * 1e3, int(statistics.median(faults))
 
 
+def report(name: str, fn) -> None:
+    ms, faults = timed(fn)
+    print(f"{name:28s} {ms:8.2f} ms  {faults:6d} minor faults per call")
+
+
 def main() -> None:
     g = torch.Generator().manual_seed(1)
     rm = fc.RandomMask(0.1, backend="cpp")
@@ -45,10 +50,6 @@ def main() -> None:
     streams = [sz.encode(x + 1e-4 * k) for k in range(10)]
     report("sz decode 0.58M, alone", lambda: sz.decode(streams[0]))
     report("sz decode x 10, kept", lambda: [sz.decode(b) for b in streams])
-
-def report(name: str, fn) -> None:
-    ms, faults = timed(fn)
-    print(f"{name:28s} {ms:8.2f} ms  {faults:6d} minor faults per call")
 
 
 if __name__ == "__main__":

@@ -40,6 +40,7 @@ class Setting:
 
 # Rounds: the plateau rule is "none's mean accuracy over the last 5 rounds gains < 0.2 pt over the
 # same window 10 rounds earlier", read off one long `none` run (seed 0) per setting.
+_NO_RESOLUTION = "the text client sends token ids, which have no resolution"  # the res=2 rows on text
 _PLATEAU = "plateau rule: none's mean over the last 5 rounds gains < 0.2 pt over the window 10 rounds earlier"
 SETTINGS: dict[str, Setting] = {
     "mnist5k-10": Setting(
@@ -72,8 +73,7 @@ SETTINGS: dict[str, Setting] = {
         "14.19; at 1.3x random masking 8.20, FedSynth 8.86; at 2.6x random masking 4.87, FedSynth 4.89",
         row_notes=(("fedsynth-ef", "FedSynth's error feedback aims at the real update, and the text client fits "
                     "the real loss only"),
-                   ("fedsynth-res2", "the text client sends token ids, which have no resolution"),
-                   ("real-subset-res2", "the text client sends token ids, which have no resolution")),
+                   ("fedsynth-res2", _NO_RESOLUTION), ("real-subset-res2", _NO_RESOLUTION)),
     ),
     "mnist5k-60": Setting(
         "mnist5k", 60, 30, budgets=(16, 64),
@@ -98,13 +98,14 @@ ROWS: dict[str, tuple[str, Any]] = {
     "real-subset-res2": ("control: real subset at 1/2 resolution, not optimised",
                          lambda r: f"fedsynth:ratio={r},res=2,outer_steps=0"),
 }
+_RES2_BUDGETS = (32, 64, 128, 256)
 # row -> (the budgets it runs at, why not the others); a row not named runs at every budget
 ROW_BUDGETS: dict[str, tuple[tuple[float, ...], str]] = {
     # the rule's res=2 shapes on the CNN: 18 x 5 at 64x, 36 x 5 at 32x, 33 x 11 at 16x, 37 x 20 at
     # 8x; docs/fedsynth.md, "Sent resolution": a 16x client costs 13.6 s against 3.7 s at 64x (proxy)
-    "fedsynth-res2": ((32, 64, 128, 256), "below 32x the res=2 set grows to 363 inputs (16x) and 740 (8x); "
+    "fedsynth-res2": (_RES2_BUDGETS, "below 32x the res=2 set grows to 363 inputs (16x) and 740 (8x); "
                       "a 16x client costs ~3.7x a 64x one"),
-    "real-subset-res2": ((32, 64, 128, 256), "the control of the fedsynth-res2 row, which starts at 32x"),
+    "real-subset-res2": (_RES2_BUDGETS, "the control of the fedsynth-res2 row, which starts at 32x"),
 }
 ROW_LABELS = {k: v[0] for k, v in ROWS.items()}
 PARTS = (*SETTINGS, "sweep")
