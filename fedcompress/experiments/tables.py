@@ -121,7 +121,8 @@ def setting_table(plan: Plan, runs: list[Run], part: str, measure: str = FINAL) 
 
 
 def timing_table(plan: Plan, runs: list[Run]) -> str:
-    """Per setting: the runs' summed wall time, and per row the mean codec_overhead and train time."""
+    """Per setting: how many runs (a merged cell counts its seeds), their summed wall time, and per row
+    the mean codec_overhead."""
     lines = ["| setting | runs | wall (sum, min) | codec_overhead by row (mean over runs) |", "|---|---:|---:|---|"]
     for part in plan.parts:
         mine = [r for r in runs if r.part == part and r.summary]
@@ -134,7 +135,8 @@ def timing_table(plan: Plan, runs: list[Run]) -> str:
             if v is not None:
                 by_row.setdefault(r.row, []).append(v)
         ovh = ", ".join(f"{row} {100 * sum(v) / len(v):.2f} %" for row, v in by_row.items() if row != "none")
-        lines.append(f"| {part} | {len(mine)} | {wall:.1f} | {ovh or '—'} |")
+        n = sum(r.seeds_done for r in mine)
+        lines.append(f"| {part} | {n} | {wall:.1f} | {ovh or '—'} |")
     return "\n".join(lines) + "\n"
 
 
