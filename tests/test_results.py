@@ -27,8 +27,8 @@ def test_plan_runs_and_specs():
     one_seed = [r for r in runs if r.seed == 0]
     budgets = R.SETTINGS["mnist5k-10"].budgets
     assert budgets == (8, 16, 32, 64, 128, 256)
-    # none + fp16, 10 budgeted rows x 6 budgets, the sweep's 2 targets x 4 bounds
-    assert len(one_seed) == 2 + 10 * 6 + 2 * 4 and len(runs) == 2 * len(one_seed)
+    # none + fp16, 11 budgeted rows x 6 budgets, the sweep's 2 targets x 4 bounds
+    assert len(one_seed) == 2 + 11 * 6 + 2 * 4 and len(runs) == 2 * len(one_seed)
     spec = {(r.part, r.row, r.target): r.spec for r in one_seed}
     assert spec[("mnist5k-10", "mask", 64)] == "mask:ratio=64"
     assert spec[("mnist5k-10", "sz-ef", 8)] == "sz:ratio=8,ef=1"
@@ -40,11 +40,12 @@ def test_plan_runs_and_specs():
     # the 1/2-resolution row runs from 32x only (ROW_BUDGETS): its cheap budgets carry the reason
     note = {(r.row, r.target): r.note for r in one_seed}
     assert spec[("mnist5k-10", "fedsynth-res2", 64)] == "fedsynth:ratio=64,res=2"
+    assert spec[("mnist5k-10", "fedsynth-res2-ef", 64)] == "fedsynth:ratio=64,res=2,ef=1"
     assert spec[("mnist5k-10", "real-subset-res2", 64)] == "fedsynth:ratio=64,res=2,outer_steps=0"
-    for row in ("fedsynth-res2", "real-subset-res2"):
+    for row in ("fedsynth-res2", "fedsynth-res2-ef", "real-subset-res2"):
         assert [b for b in budgets if not note[(row, b)]] == [32, 64, 128, 256]
     assert note[("fedsynth-res2", 16)].startswith("not run here: below 32x")
-    assert not any(n for (row, _), n in note.items() if not row.endswith("-res2"))
+    assert not any(n for (row, _), n in note.items() if "-res2" not in row)
     assert spec[("sweep", "sz-weights", 1e-3)] == "sz:rel=0.001,target=weights"
     # FedSynth (the slowest) after everything else, for every seed
     first_fs = min(i for i, r in enumerate(runs) if r.spec.startswith("fedsynth"))
@@ -445,6 +446,8 @@ def test_merge_seeds_and_report_mean_std(tmp_path):
     assert cell in text, text
     assert d < -0.5 and "none of these" in text  # the mean is what the iso column judges
     assert "seeds 0, 1, 2" in text and "goals judged on the mean" in text
+    # the time table counts runs, not merged cells: 2 rows x 3 seeds
+    assert "| mnist5k-10 | 6 |" in text.split("## Time per part")[1]
     res = json.loads((tmp_path / "results.json").read_text())
     assert sorted(r["seed"] for r in res["runs"]) == [0, 0, 1, 1, 2, 2]
     assert {r["row"]: r["final_accuracy"] for r in res["mean_over_seeds"]}["sz"] == pytest.approx(np.mean(accs["sz"]))

@@ -73,7 +73,8 @@ SETTINGS: dict[str, Setting] = {
         "14.19; at 1.3x random masking 8.20, FedSynth 8.86; at 2.6x random masking 4.87, FedSynth 4.89",
         row_notes=(("fedsynth-ef", "FedSynth's error feedback aims at the real update, and the text client fits "
                     "the real loss only"),
-                   ("fedsynth-res2", _NO_RESOLUTION), ("real-subset-res2", _NO_RESOLUTION)),
+                   ("fedsynth-res2", _NO_RESOLUTION), ("fedsynth-res2-ef", _NO_RESOLUTION),
+                   ("real-subset-res2", _NO_RESOLUTION)),
     ),
     "mnist5k-60": Setting(
         "mnist5k", 60, 30, budgets=(16, 64),
@@ -95,6 +96,8 @@ ROWS: dict[str, tuple[str, Any]] = {
     "fedsynth-trainable": ("fedsynth, trainable labels", lambda r: f"fedsynth:ratio={r},labels=trainable"),
     "real-subset": ("control: real subset, not optimised", lambda r: f"fedsynth:ratio={r},outer_steps=0"),
     "fedsynth-res2": ("fedsynth, fixed labels, sent at 1/2 resolution", lambda r: f"fedsynth:ratio={r},res=2"),
+    "fedsynth-res2-ef": ("fedsynth, fixed labels, 1/2 resolution + error feedback",
+                         lambda r: f"fedsynth:ratio={r},res=2,ef=1"),
     "real-subset-res2": ("control: real subset at 1/2 resolution, not optimised",
                          lambda r: f"fedsynth:ratio={r},res=2,outer_steps=0"),
 }
@@ -105,6 +108,7 @@ ROW_BUDGETS: dict[str, tuple[tuple[float, ...], str]] = {
     # 8x; docs/fedsynth.md, "Sent resolution": a 16x client costs 13.6 s against 3.7 s at 64x (proxy)
     "fedsynth-res2": (_RES2_BUDGETS, "below 32x the res=2 set grows to 363 inputs (16x) and 740 (8x); "
                       "a 16x client costs ~3.7x a 64x one"),
+    "fedsynth-res2-ef": (_RES2_BUDGETS, "error feedback on the fedsynth-res2 row, which starts at 32x"),
     "real-subset-res2": (_RES2_BUDGETS, "the control of the fedsynth-res2 row, which starts at 32x"),
 }
 ROW_LABELS = {k: v[0] for k, v in ROWS.items()}
