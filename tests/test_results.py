@@ -606,11 +606,15 @@ def test_not_run_lines_group_budgets_and_reasons():
     runs = [R.Run("mnist5k-10", "sz", 8, "sz:ratio=8", note="seed 0: failed: boom; seed 1: failed: boom"),
             R.Run("mnist5k-10", "sz", 32, "sz:ratio=32"), _fake("mnist5k-10", "sz", 16, 0.9, 16.1),
             R.Run("mnist5k-10", "sz", 64, "sz:ratio=64"),
-            R.Run("sweep", "sz-update", 1e-3, "sz:rel=0.001", note="not available: x")]  # fmt: skip
+            R.Run("sweep", "sz-update", 1e-3, "sz:rel=0.001", note="not available: x"),
+            # a reason holding "; " itself (ROW_BUDGETS' res2 reason) stays as written
+            R.Run("mnist5k-10", "mask", 8, "mask:ratio=8",
+                  note="seed 0: b first; a second; seed 1: b first; a second")]  # fmt: skip
     assert not_run_lines(runs) == [  # budgets with the same reasons share a line, and only those
         "- mnist5k-10, sz (bound searched per update): 8x (failed: boom)",
         "- mnist5k-10, sz (bound searched per update): 32x, 64x (not run yet)",
         "- sweep, sz-update: 0.001 (not available: x)",
+        "- mnist5k-10, mask (unbiased): 8x (b first; a second)",
     ]
 
 

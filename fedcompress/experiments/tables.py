@@ -160,8 +160,9 @@ def not_run_lines(runs: list[Run]) -> list[str]:
     groups: dict[tuple[str, str, str], list[Run]] = {}
     for r in runs:
         if r.summary is None:
-            notes = (r.note or "not run yet").split("; ")
-            why = "; ".join(sorted({re.sub(r"^seed \d+: ", "", n) for n in notes}))  # merge_seeds' "seed S: "
+            # merge_seeds joins "seed S: <note>" with "; "; a note may hold "; " itself
+            notes = re.split(r"; (?=seed \d+: )", r.note or "not run yet")
+            why = "; ".join(sorted({re.sub(r"^seed \d+: ", "", n) for n in notes}))
             groups.setdefault((r.part, r.row, why), []).append(r)
     out = []
     for (part, row, why), rs in groups.items():
