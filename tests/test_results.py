@@ -686,3 +686,22 @@ def test_collapsed_runs_are_marked_in_the_table():
     assert _cell(b) == "90.00 (16.3x)"
     (m,) = R.merge_seeds([a, b])
     assert _cell(m).endswith("(16.3x, collapsed in 1 of 2 seeds (round 5))")
+
+
+def test_bench_fedsynth_update_ratio_reads_the_median_from_metrics(tmp_path, capsys):
+    """bench/fedsynth_update_ratio.py: the median of every client's chosen[].update_ratio from the
+    given round on, against numpy's median of the same values (None entries and earlier rounds
+    left out)."""
+    import importlib.util
+
+    path = os.path.join(os.path.dirname(__file__), "..", "bench", "fedsynth_update_ratio.py")
+    spec = importlib.util.spec_from_file_location("fedsynth_update_ratio", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    rows = [(1, [9.0, 8.0]), (2, [0.5, None, 0.2]), (3, [0.4, 0.9])]
+    with open(tmp_path / "metrics.jsonl", "w") as f:
+        for rnd, ratios in rows:
+            f.write(json.dumps({"round": rnd, "chosen": [{"update_ratio": r} for r in ratios]}) + "\n")
+    assert mod.update_ratios(str(tmp_path), 2) == [0.5, 0.2, 0.4, 0.9]
+    mod.main([str(tmp_path), "--from-round", "2"])
+    assert f"| {tmp_path} | 4 | {np.median([0.5, 0.2, 0.4, 0.9]):.3f} |" in capsys.readouterr().out
