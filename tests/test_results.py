@@ -27,8 +27,8 @@ def test_plan_runs_and_specs():
     one_seed = [r for r in runs if r.seed == 0]
     budgets = R.SETTINGS["mnist5k-10"].budgets
     assert budgets == (8, 16, 32, 64, 128, 256)
-    # none + fp16, 11 budgeted rows x 6 budgets, the sweep's 2 targets x 4 bounds
-    assert len(one_seed) == 2 + 11 * 6 + 2 * 4 and len(runs) == 2 * len(one_seed)
+    # none + fp16, 12 budgeted rows x 6 budgets, the sweep's 2 targets x 4 bounds
+    assert len(one_seed) == 2 + 12 * 6 + 2 * 4 and len(runs) == 2 * len(one_seed)
     spec = {(r.part, r.row, r.target): r.spec for r in one_seed}
     assert spec[("mnist5k-10", "mask", 64)] == "mask:ratio=64"
     assert spec[("mnist5k-10", "sz-ef", 8)] == "sz:ratio=8,ef=1"
@@ -41,6 +41,8 @@ def test_plan_runs_and_specs():
     note = {(r.row, r.target): r.note for r in one_seed}
     assert spec[("mnist5k-10", "fedsynth-res2", 64)] == "fedsynth:ratio=64,res=2"
     assert spec[("mnist5k-10", "fedsynth-res2-ef", 64)] == "fedsynth:ratio=64,res=2,ef=1"
+    assert spec[("mnist5k-10", "fedsynth-res2-ef-os30", 64)] == "fedsynth:ratio=64,res=2,ef=1,outer_steps=30"
+    assert [b for b in budgets if not note[("fedsynth-res2-ef-os30", b)]] == [64]
     assert spec[("mnist5k-10", "real-subset-res2", 64)] == "fedsynth:ratio=64,res=2,outer_steps=0"
     for row in ("fedsynth-res2", "fedsynth-res2-ef", "real-subset-res2"):
         assert [b for b in budgets if not note[(row, b)]] == [32, 64, 128, 256]

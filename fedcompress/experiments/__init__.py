@@ -4,10 +4,10 @@ Settings (``plan.SETTINGS``): mnist5k with 10 clients of ~500 images (iid and Di
 Fashion-MNIST with 60 clients of 1,000 images, and the paper's 60-client mnist5k as a labelled extra;
 each runs for as many rounds as ``none`` needs to plateau. Rows (``plan.ROWS``): none, fp16, mask,
 sz, sz with error feedback, FedSynth with fixed and with trainable labels and sent at 1/2 resolution
-(alone and with error feedback, from 32x, ``plan.ROW_BUDGETS``), and the controls "real subset"
-at full and at 1/2 resolution (FedSynth's payload shape filled with the client's own samples, not optimised), at byte
-budgets 8x .. 256x through each compressor's own ``ratio=R`` key (every upload <= dense / R), plus
-FedSZ's REL sweep (1e-1 .. 1e-4, on updates and on weights).
+(alone and with error feedback from 32x, with 30 outer steps as well at 64x; ``plan.ROW_BUDGETS``),
+and the controls "real subset" at full and at 1/2 resolution (FedSynth's payload shape filled with
+the client's own samples, not optimised), at byte budgets 8x .. 256x through each compressor's own
+``ratio=R`` key (every upload <= dense / R), plus FedSZ's REL sweep (1e-1 .. 1e-4, on updates and on weights).
 
 With several seeds (``--seeds 0,1,2``) every run happens once per seed (the seed fixes the split, the
 client sampling and the model init, the same for every row) and the tables show mean ± sample std;
