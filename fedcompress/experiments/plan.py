@@ -98,7 +98,7 @@ ROWS: dict[str, tuple[str, Any]] = {
     "fedsynth-res2": ("fedsynth, fixed labels, sent at 1/2 resolution", lambda r: f"fedsynth:ratio={r},res=2"),
     "fedsynth-res2-ef": ("fedsynth, fixed labels, 1/2 resolution + error feedback",
                          lambda r: f"fedsynth:ratio={r},res=2,ef=1"),
-    "fedsynth-res2-ef-os30": ("fedsynth, 1/2 resolution + error feedback, 30 outer steps",
+    "fedsynth-res2-ef-os30": ("fedsynth, fixed labels, 1/2 resolution + error feedback, 30 outer steps",
                               lambda r: f"fedsynth:ratio={r},res=2,ef=1,outer_steps=30"),
     "real-subset-res2": ("control: real subset at 1/2 resolution, not optimised",
                          lambda r: f"fedsynth:ratio={r},res=2,outer_steps=0"),
@@ -111,8 +111,7 @@ ROW_BUDGETS: dict[str, tuple[tuple[float, ...], str]] = {
     "fedsynth-res2": (_RES2_BUDGETS, "below 32x the res=2 set grows to 363 inputs (16x) and 740 (8x); "
                       "a 16x client costs ~3.7x a 64x one"),
     "fedsynth-res2-ef": (_RES2_BUDGETS, "error feedback on the fedsynth-res2 row, which starts at 32x"),
-    # docs/fedsynth.md, "Closing the 64x gap": 2.1x the client time of fedsynth-res2-ef, run where
-    # the mask target is set
+    # docs/fedsynth.md, "Closing the 64x gap"
     "fedsynth-res2-ef-os30": ((64,), "measured at 64x only (issue 14's mask target); a client costs ~2.1x "
                               "the fedsynth-res2-ef row's"),
     "real-subset-res2": (_RES2_BUDGETS, "the control of the fedsynth-res2 row, which starts at 32x"),
