@@ -40,8 +40,8 @@ class Setting:
 
 # Rounds: the plateau rule is "none's mean accuracy over the last 5 rounds gains < 0.2 pt over the
 # same window 10 rounds earlier", read off one long `none` run (seed 0) per setting.
-_NO_RESOLUTION = "the text client sends token ids, which have no resolution"  # the res=2 rows on text
 _PLATEAU = "plateau rule: none's mean over the last 5 rounds gains < 0.2 pt over the window 10 rounds earlier"
+_NO_RESOLUTION = "the text client sends token ids, which have no resolution"  # the res=2 rows on text
 SETTINGS: dict[str, Setting] = {
     "mnist5k-10": Setting(
         "mnist5k", 10, 40, title="mnist5k, 10 clients (~500 images each), iid",
